@@ -1,0 +1,69 @@
+//! What a device says about itself in the headers of its requests (the `x-ESP32-*` and
+//! `x-ESP8266-*` families of the stock Arduino clients), read into a telemetry report.
+
+use axum::http::HeaderMap;
+use otaforge_store::model::{Telemetry, now_millis};
+
+use crate::error::{ApiError, ApiResult};
+
+/// Device headers, validated: every `x-esp…` header present must be visible ASCII.
+pub struct DeviceHeaders<'a> {
+    headers: &'a HeaderMap,
+}
+
+impl<'a> DeviceHeaders<'a> {
+    pub fn new(headers: &'a HeaderMap) -> ApiResult<Self> {
+        for (name, value) in headers {
+            if name.as_str().starts_with("x-esp") && value.to_str().is_err() {
+                return Err(ApiError::bad_request(format!(
+                    "header {} is not printable ASCII",
+                    name.as_str()
+                )));
+            }
+        }
+        Ok(DeviceHeaders { headers })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// `x-ESP32-<suffix>` or `x-ESP8266-<suffix>`.
+    pub fn esp(&self, suffix: &str) -> Option<&'a str> {
+        self.get(&format!("x-esp32-{suffix}"))
+            .or_else(|| self.get(&format!("x-esp8266-{suffix}")))
+    }
+
+    pub fn sketch_md5(&self) -> Option<&'a str> {
+        self.esp("sketch-md5")
+    }
+
+    /// `sketch`, `spiffs` or `version` (ESP8266 only).
+    pub fn mode(&self) -> Option<&'a str> {
+        self.esp("mode")
+    }
+
+    /// The report these headers make, with `version` from wherever the dialect carries it.
+    pub fn telemetry(&self, version: Option<&str>) -> Telemetry {
+        let number = |s: Option<&str>| s.and_then(|v| v.parse::<i64>().ok());
+        let bounded =
+            |s: Option<&str>, max: usize| s.map(|v| v.chars().take(max).collect::<String>());
+        Telemetry {
+            last_seen: Some(now_millis()),
+            version: bounded(version.or_else(|| self.esp("version")), 64),
+            sketch_md5: self
+                .sketch_md5()
+                .filter(|m| m.len() == 32 && m.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(str::to_ascii_lowercase),
+            sta_mac: bounded(self.esp("sta-mac"), 32),
+            ap_mac: bounded(self.esp("ap-mac"), 32),
+            free_space: number(self.esp("free-space")),
+            chip_size: number(self.esp("chip-size")),
+            sdk_version: bounded(self.esp("sdk-version"), 64),
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The OTAForge HTTP server: the management API, the device dialects (OTAdrive and the
+//! static link of the stock Arduino clients) and the plumbing that serves them.
+//! Only this crate knows HTTP.
+
+#![forbid(unsafe_code)]
+
+mod api;
+pub mod auth;
+mod catalog;
+mod checkin;
+mod config;
+pub mod decision;
+mod delivery;
+mod error;
+mod extract;
+mod openapi;
+mod otadrive;
+pub mod range;
+mod static_link;
+mod telemetry;
+mod upload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::http::Uri;
+use hyper_util::rt::TokioIo;
+use otaforge_store::{BlobStore, Store};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use config::{Config, Secret};
+pub use error::ApiError;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    store: Arc<dyn Store>,
+    blobs: BlobStore,
+    blob_cache: delivery::BlobCache,
+    catalog: catalog::Catalog,
+    telemetry: telemetry::TelemetryBuffer,
+    verified: auth::VerifiedCache,
+}
+
+impl AppState {
+    pub fn new(config: Config, store: Arc<dyn Store>, blobs: BlobStore) -> Self {
+        let blob_cache = delivery::BlobCache::new(config.blob_cache_bytes);
+        AppState {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                blobs,
+                blob_cache,
+                catalog: catalog::Catalog::default(),
+                telemetry: telemetry::TelemetryBuffer::default(),
+                verified: auth::VerifiedCache::default(),
+            }),
+        }
+    }
+
+    /// Opens the store and blob folder named by the configuration.
+    pub async fn open(config: Config) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let url = config.database_url();
+        let store = otaforge_store::open(&url)
+            .await
+            .with_context(|| format!("opening the database {}", redact_url(&url)))?;
+        let blobs = BlobStore::local(&config.blob_dir())
+            .with_context(|| format!("opening the blob folder {}", config.blob_dir().display()))?;
+        Ok(Self::new(config, store, blobs))
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Writes buffered device reports now.
+    pub async fn flush_telemetry(&self) -> otaforge_store::Result<usize> {
+        self.inner.telemetry.flush(&*self.inner.store).await
+    }
+
+    /// If the database has no user yet, creates `admin` with a random password and returns
+    /// that password (shown once).
+    pub async fn ensure_admin(&self) -> anyhow::Result<Option<String>> {
+        if self.inner.store.count_users().await? > 0 {
+            return Ok(None);
+        }
+        let password = auth::random_secret().map_err(|e| anyhow::anyhow!(e.message))?;
+        let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!(e.message))?;
+        match self.inner.store.create_user("admin", &hash, true).await {
+            Ok(_) => Ok(Some(password)),
+            // Another process created it first.
+            Err(otaforge_store::StoreError::Conflict(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Hides the password of a database URL for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Every route of the server. Pure: no I/O happens until a request arrives.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(api::routes())
+        .merge(otadrive::routes())
+        .merge(static_link::routes())
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("handler", "a handler panicked").into_response_boxed()
+        }))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(120),
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let path = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(MatchedPath::as_str)
+                .unwrap_or("-");
+            tracing::debug_span!("request", method = %req.method(), path)
+        }))
+        .with_state(state)
+}
+
+impl ApiError {
+    fn into_response_boxed(self) -> axum::response::Response {
+        axum::response::IntoResponse::into_response(self)
+    }
+}
+
+/// Device paths are matched case-insensitively (`/DeviceApi/Update` is seen in the field):
+/// lowercase the `/deviceapi/...` path before routing.
+fn normalize_device_path(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if path.len() >= 10
+        && path[..10].eq_ignore_ascii_case("/deviceapi")
+        && path.bytes().any(|b| b.is_ascii_uppercase())
+    {
+        let lowered = path.to_ascii_lowercase();
+        let new = match req.uri().query() {
+            Some(q) => format!("{lowered}?{q}"),
+            None => lowered,
+        };
+        if let Ok(uri) = new.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
+}
+
+/// Serves on a bound listener until `shutdown` resolves, then stops accepting, lets
+/// requests in flight finish (up to 30 s) and writes buffered device reports.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let flusher = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(state.inner.config.telemetry_flush_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = state.flush_telemetry().await {
+                    tracing::warn!(error = %e, "writing device reports failed; will retry");
+                }
+            }
+        })
+    };
+
+    let app = router(state.clone());
+    let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        async move {
+            let req = normalize_device_path(req.map(axum::body::Body::new));
+            app.oneshot(req).await
+        }
+    });
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = http.serve_connection(
+                    TokioIo::new(stream),
+                    hyper_util::service::TowerToHyperService::new(service.clone()),
+                );
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing requests in flight");
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still running after 30 s; closing them");
+    }
+    flusher.abort();
+    let written = state.flush_telemetry().await?;
+    tracing::info!(devices = written, "device reports written; bye");
+    Ok(())
+}

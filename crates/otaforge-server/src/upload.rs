@@ -1,0 +1,113 @@
+//! Uploads: the body read under a size limit (refused with 413 before it is buffered
+//! whole), the bytes inspected by the formats crate, then stored content-addressed.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use md5::Md5;
+use sha2::{Digest, Sha256};
+
+use crate::auth::hex;
+use crate::error::{ApiError, ApiResult};
+
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_limited(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Bytes> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the upload is larger than the server's limit of {limit} bytes"),
+        )
+    };
+    if let Some(length) = headers.get(header::CONTENT_LENGTH) {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ApiError::bad_request("Content-Length is not a number"))?;
+        if length > limit {
+            return Err(too_large());
+        }
+    }
+    let mut body = body;
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() as u64 + data.len() as u64 > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    if buf.is_empty() {
+        return Err(ApiError::bad_request("the upload is empty"));
+    }
+    Ok(buf.freeze())
+}
+
+/// Digests of an upload.
+pub struct Digests {
+    pub md5: String,
+    pub sha256: String,
+}
+
+pub fn digests(bytes: &[u8]) -> Digests {
+    Digests {
+        md5: hex(&Md5::digest(bytes)),
+        sha256: hex(&Sha256::digest(bytes)),
+    }
+}
+
+/// What an uploaded firmware file is, as far as its bytes say.
+pub struct Described {
+    pub format: &'static str,
+    pub version: Option<String>,
+    pub metadata: serde_json::Value,
+}
+
+/// Inspects firmware bytes. A file that claims a known format but is corrupted is a 422.
+pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
+    use otaforge_formats::detect::{Inspected, inspect};
+    let inspected = inspect(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("corrupted firmware image: {e}"),
+        )
+    })?;
+    let format = inspected.format_name();
+    let version = inspected
+        .version()
+        .map(str::to_string)
+        .filter(|v| !v.is_empty());
+    let metadata = match &inspected {
+        Inspected::Esp32(image) => {
+            let desc = image.app_desc.as_ref();
+            serde_json::json!({
+                "chip": image.chip.name(),
+                "entry_point": format!("0x{:08x}", image.entry),
+                "segments": image.segments.len(),
+                "hash_appended": image.hash_appended,
+                "project_name": desc.map(|d| d.project_name.clone()),
+                "version": desc.map(|d| d.version.clone()),
+                "idf_version": desc.map(|d| d.idf_version.clone()),
+                "compile_time": desc.map(|d| format!("{} {}", d.date, d.time)),
+                "app_elf_sha256": desc.map(|d| hex(&d.app_elf_sha256)),
+            })
+        }
+        Inspected::W800(image) => serde_json::json!({
+            "chip": "w800",
+            "version": image.header.version.clone(),
+            "xz": image.is_xz(),
+            "run_address": format!("0x{:08x}", image.header.run_addr),
+            "payload_length": image.header.payload_len,
+        }),
+        Inspected::Esp8266(_) => serde_json::json!({ "chip": "esp8266" }),
+        _ => serde_json::json!({}),
+    };
+    Ok(Described {
+        format,
+        version,
+        metadata,
+    })
+}

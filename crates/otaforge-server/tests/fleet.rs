@@ -1,0 +1,889 @@
+//! Stories of operators and devices against a real server on a real port, on SQLite and
+//! on PostgreSQL. Device requests are sent as the exact bytes the stock clients send.
+
+mod support;
+
+use reqwest::Method;
+use serde_json::json;
+use support::{Backend, Server};
+
+fn md5_hex(bytes: &[u8]) -> String {
+    use md5::Digest;
+    md5::Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The OTAdrive library's request: HTTP/1.1, Host, Connection: close, its own headers.
+fn otadrive_request(method: &str, path: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: otadrive.com\r\nUser-Agent: ESP32-http-Update\r\n\
+         x-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\nx-ESP32-free-space: 1310720\r\n\
+         x-ESP32-chip-size: 4194304\r\nx-ESP32-sdk-version: v4.4.7\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Every header line of an answer is `Name: value` with exactly one space after the colon,
+/// and the status line starts `HTTP/1.1 ` (the OTAdrive client reads both at fixed offsets).
+fn assert_fixed_offset_friendly(head: &str) {
+    assert!(head.starts_with("HTTP/1.1 "), "status line: {head}");
+    for line in head.split("\r\n").skip(1) {
+        let (_, value) = line.split_once(':').unwrap();
+        assert!(
+            value.starts_with(' ') && !value.starts_with("  "),
+            "header line {line:?} must have exactly one space after the colon"
+        );
+    }
+}
+
+async fn otadrive_update_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, key, default_group) = server.product("thermostat").await;
+    let image = support::fixture("app-v2.bin");
+    let serial = "3021c40a24";
+    let update = |v: &str| format!("/deviceapi/update?k={key}&v={v}&s={serial}");
+
+    // Unknown device: 401, and it now shows up in Default as New.
+    let r = server
+        .raw(&otadrive_request("HEAD", &update("1.0.0"), ""))
+        .await;
+    assert_eq!(r.status, 401);
+    let (_, devices) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/devices"),
+            None,
+        )
+        .await;
+    let device = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["serial"] == serial)
+        .unwrap();
+    assert_eq!(device["status"], "new");
+    assert_eq!(device["group_id"], default_group);
+
+    // Wrong API key: 401.
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/deviceapi/update?k=wrong&v=1&s={serial}"),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 401);
+
+    // Verified, but no firmware assigned: 404.
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/devices/{serial}"),
+            Some(json!({"status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let r = server
+        .raw(&otadrive_request("GET", &update("1.0.0"), ""))
+        .await;
+    assert_eq!(r.status, 404);
+
+    // Upload the esptool-made image: its version comes from esp_app_desc_t.
+    let (status, fw) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), image.clone())
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(fw["version"], "2.0.0");
+    assert_eq!(fw["format"], "esp32-app");
+    assert_eq!(fw["md5"], md5_hex(&image));
+    assert_eq!(fw["metadata"]["chip"], "esp32c3");
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // The client's sequence: HEAD, then bytes=0-15, then 32 KiB ranges.
+    let head = server
+        .raw(&otadrive_request("HEAD", &update("1.0.0"), ""))
+        .await;
+    assert_eq!(head.status, 200);
+    assert_fixed_offset_friendly(&head.head);
+    assert_eq!(
+        head.header("content-length").unwrap(),
+        image.len().to_string()
+    );
+    assert_eq!(head.header("x-version").unwrap(), "2.0.0");
+    assert!(head.body.is_empty());
+    let first = server
+        .raw(&otadrive_request(
+            "GET",
+            &update("1.0.0"),
+            "Range: bytes=0-15\r\n",
+        ))
+        .await;
+    assert_eq!(first.status, 206);
+    assert_fixed_offset_friendly(&first.head);
+    assert_eq!(first.body.len(), 16);
+    assert_eq!(first.body[0], 0xE9);
+    assert_eq!(first.header("x-md5").unwrap(), md5_hex(&image));
+    assert_eq!(
+        first.header("content-range").unwrap(),
+        format!("bytes 0-15/{}", image.len())
+    );
+    let mut received = Vec::new();
+    while received.len() < image.len() {
+        let start = received.len();
+        let end = (start + 32 * 1024).min(image.len()) - 1;
+        let part = server
+            .raw(&otadrive_request(
+                "GET",
+                &update("1.0.0"),
+                &format!("Range: bytes={start}-{end}\r\n"),
+            ))
+            .await;
+        assert_eq!(part.status, 206);
+        assert_eq!(
+            part.header("content-range").unwrap(),
+            format!("bytes {start}-{end}/{}", image.len())
+        );
+        assert_eq!(
+            part.header("content-length").unwrap(),
+            (end - start + 1).to_string()
+        );
+        assert!(part.header("transfer-encoding").is_none());
+        received.extend_from_slice(&part.body);
+    }
+    assert_eq!(
+        received, image,
+        "the bytes received equal the file uploaded"
+    );
+
+    // Past the end: 416 with the total.
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &update("1.0.0"),
+            &format!("Range: bytes={}-\r\n", image.len()),
+        ))
+        .await;
+    assert_eq!(r.status, 416);
+    assert_eq!(
+        r.header("content-range").unwrap(),
+        format!("bytes */{}", image.len())
+    );
+
+    // Same version: 304. Case-insensitive path as seen in the field.
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/DeviceApi/Update?k={key}&v=2.0.0&s={serial}"),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+
+    // MD5 mode: the running sketch's MD5 decides, not the version string.
+    let md5_headers = format!(
+        "x-check-sketch-md5: 1\r\nx-ESP32-sketch-md5: {}\r\n",
+        md5_hex(&image)
+    );
+    let r = server
+        .raw(&otadrive_request("GET", &update("0.0.1"), &md5_headers))
+        .await;
+    assert_eq!(r.status, 304);
+    let other_md5 =
+        "x-check-sketch-md5: 1\r\nx-ESP32-sketch-md5: 00000000000000000000000000000000\r\n";
+    let r = server
+        .raw(&otadrive_request("HEAD", &update("2.0.0"), other_md5))
+        .await;
+    assert_eq!(r.status, 200);
+
+    // After flashing, alive reports the new version; the server remembers what it heard.
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/deviceapi/alive?k={key}&v=2.0.0&s={serial}"),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    let (_, device) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/devices/{serial}"),
+            None,
+        )
+        .await;
+    assert_eq!(device["version"], "2.0.0");
+    assert_eq!(device["sta_mac"], "24:0A:C4:01:02:03");
+    assert_eq!(device["free_space"], 1310720);
+    assert_eq!(device["chip_size"], 4194304);
+    assert!(device["last_seen"].as_i64().unwrap() > 0);
+
+    // Blocked devices are refused like unverified ones.
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/devices/{serial}"),
+            Some(json!({"status": "blocked"})),
+        )
+        .await;
+    let r = server
+        .raw(&otadrive_request("GET", &update("1.0.0"), ""))
+        .await;
+    assert_eq!(r.status, 401);
+    server.finish().await;
+}
+on_both_backends!(otadrive_update, otadrive_update_story);
+
+/// `HTTPUpdate` on an ESP32: one HTTP/1.0 GET with its x-ESP32-* headers and Basic auth.
+fn http_update_request(
+    path: &str,
+    auth: Option<(&str, &str)>,
+    md5: &str,
+    version: Option<&str>,
+) -> Vec<u8> {
+    use base64::Engine;
+    let mut req = format!(
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: ESP32-http-Update\r\nConnection: close\r\n\
+         x-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\nx-ESP32-AP-MAC: 24:0A:C4:01:02:04\r\n\
+         x-ESP32-free-space: 1310720\r\nx-ESP32-sketch-size: 200000\r\nx-ESP32-sketch-md5: {md5}\r\n\
+         x-ESP32-chip-size: 4194304\r\nx-ESP32-sdk-version: v4.4.7\r\nx-ESP32-mode: sketch\r\n"
+    );
+    if let Some(v) = version {
+        req.push_str(&format!("x-ESP32-version: {v}\r\n"));
+    }
+    if let Some((user, password)) = auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        req.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.into_bytes()
+}
+
+async fn static_link_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, _key, default_group) = server.product("robots").await;
+    let (status, device) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "bot_001", "password": "12345"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{device}");
+    assert_eq!(device["status"], "verified");
+    let link = device["firmware_url"].as_str().unwrap().to_string();
+    assert!(link.starts_with(&server.base), "{link}");
+    let path = link.strip_prefix(&server.base).unwrap().to_string();
+    let old_md5 = "0123456789abcdef0123456789abcdef";
+
+    // Nothing assigned yet: 404.
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_001", "12345")),
+            old_md5,
+            None,
+        ))
+        .await;
+    assert_eq!(r.status, 404);
+
+    let v1 = support::fixture("app-v1.bin");
+    let (_, fw1) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), v1.clone())
+        .await;
+    assert_eq!(fw1["version"], "1.0.0");
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": fw1["id"]})),
+        )
+        .await;
+
+    // The stock client: 200, Content-Length, lowercase x-MD5, never chunked, first byte 0xE9.
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_001", "12345")),
+            old_md5,
+            None,
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length").unwrap(), v1.len().to_string());
+    let md5 = r.header("x-md5").unwrap();
+    assert_eq!(md5, md5_hex(&v1));
+    assert!(
+        md5.len() == 32
+            && md5
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+    assert!(r.header("transfer-encoding").is_none());
+    assert_eq!(r.body, v1);
+    assert_eq!(r.body[0], 0xE9);
+
+    // Running that sketch now: 304, by MD5 and by version header.
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_001", "12345")),
+            &md5_hex(&v1),
+            None,
+        ))
+        .await;
+    assert_eq!(r.status, 304);
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_001", "12345")),
+            old_md5,
+            Some("1.0.0"),
+        ))
+        .await;
+    assert_eq!(r.status, 304);
+
+    // The same link serves the next firmware once it is assigned.
+    let v2 = support::fixture("app-v2.bin");
+    let (_, fw2) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), v2.clone())
+        .await;
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": fw2["id"]})),
+        )
+        .await;
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_001", "12345")),
+            &md5_hex(&v1),
+            None,
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, v2);
+
+    // Wrong or missing credentials: 401; another device's password: 401.
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_001", "54321")),
+            old_md5,
+            None,
+        ))
+        .await;
+    assert_eq!(r.status, 401);
+    let r = server
+        .raw(&http_update_request(&path, None, old_md5, None))
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").unwrap().starts_with("Basic"));
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_002", "12345")),
+            old_md5,
+            None,
+        ))
+        .await;
+    assert_eq!(r.status, 401);
+
+    // ESP8266 asking for the version only.
+    let req = {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode("bot_001:12345");
+        format!(
+            "GET {path} HTTP/1.0\r\nHost: x\r\nUser-Agent: ESP8266-http-Update\r\nx-ESP8266-Chip-ID: 1234567\r\n\
+             x-ESP8266-mode: version\r\nAuthorization: Basic {token}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let r = server.raw(req.as_bytes()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-version").unwrap(), "2.0.0");
+    assert!(r.body.is_empty());
+
+    // Blocked: 403.
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/devices/bot_001"),
+            Some(json!({"status": "blocked"})),
+        )
+        .await;
+    let r = server
+        .raw(&http_update_request(
+            &path,
+            Some(("bot_001", "12345")),
+            old_md5,
+            None,
+        ))
+        .await;
+    assert_eq!(r.status, 403);
+    server.finish().await;
+}
+on_both_backends!(static_link, static_link_story);
+
+async fn config_and_resources_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, key, _) = server.product("sensors").await;
+    let (status, group) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/groups"),
+            Some(json!({"name": "beta"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let gid = group["id"].as_i64().unwrap();
+    server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "8c4b14aabbcc", "group_id": gid})),
+        )
+        .await;
+    let config =
+        json!({"interval": 30, "alarm": {"number": "+100200", "enabled": true}, "name": "lab"});
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{gid}"),
+            Some(json!({"config": config})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let q = format!("k={key}&v=1.0&s=8c4b14aabbcc");
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/deviceapi/getconfig?{q}"),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    let got: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(got, config);
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/deviceapi/config?plain&{q}"),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "alarm.enabled=true",
+            "alarm.number=+100200",
+            "interval=30",
+            "name=lab"
+        ]
+    );
+
+    let (status, res) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/groups/{gid}/resources?name=page.html"),
+            b"<h1>hi</h1>".to_vec(),
+        )
+        .await;
+    assert_eq!(status, 201, "{res}");
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/deviceapi/resource/list?plain&{q}"),
+            "",
+        ))
+        .await;
+    let text = String::from_utf8(r.body).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "page.html",
+            res["fk"].as_str().unwrap(),
+            md5_hex(b"<h1>hi</h1>").as_str()
+        ]
+    );
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!(
+                "/deviceapi/resource/get?fk={}&{q}",
+                res["fk"].as_str().unwrap()
+            ),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"<h1>hi</h1>");
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/deviceapi/resource/get?fk=nope&{q}"),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 404);
+    server.finish().await;
+}
+on_both_backends!(config_and_resources, config_and_resources_story);
+
+async fn uploads_are_checked_story(backend: Backend) {
+    let server = Server::start_with(
+        backend,
+        support::Options {
+            max_upload_bytes: 600 * 1024,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pid, _, _) = server.product("checked").await;
+    let fw_path = format!("/api/v1/products/{pid}/firmware");
+    let mut corrupted = support::fixture("app-v1.bin");
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0x40;
+    let (status, body) = server.upload(&fw_path, corrupted).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("corrupted"),
+        "{body}"
+    );
+
+    // A truncated image names what is wrong too.
+    let truncated = support::fixture("app-v1.bin")[..100].to_vec();
+    let (status, body) = server.upload(&fw_path, truncated).await;
+    assert_eq!(status, 422, "{body}");
+
+    // Raw bytes need an explicit version.
+    let (status, body) = server.upload(&fw_path, b"\x00plain bytes".to_vec()).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("?version"),
+        "{body}"
+    );
+    let (status, body) = server
+        .upload(
+            &format!("{fw_path}?version=0.1-raw"),
+            b"\x00plain bytes".to_vec(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["format"], "raw");
+
+    // Same version again: 409. Empty: 400. Over the limit: 413.
+    let (status, _) = server
+        .upload(&format!("{fw_path}?version=0.1-raw"), b"\x00other".to_vec())
+        .await;
+    assert_eq!(status, 409);
+    let (status, _) = server
+        .upload(&format!("{fw_path}?version=e"), Vec::new())
+        .await;
+    assert_eq!(status, 400);
+    let (status, body) = server
+        .upload(&format!("{fw_path}?version=big"), vec![0u8; 700 * 1024])
+        .await;
+    assert_eq!(status, 413, "{body}");
+
+    // Nothing of the refused uploads stayed: one firmware, one blob.
+    let (_, list) = server.call(Method::GET, &fw_path, None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let blobs = count_files(&server.data_dir.join("blobs"));
+    assert_eq!(blobs, 1, "only the accepted upload's blob is stored");
+    server.finish().await;
+}
+on_both_backends!(uploads_are_checked, uploads_are_checked_story);
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() { count_files(&p) } else { 1 }
+        })
+        .sum()
+}
+
+async fn bad_input_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, key, _) = server.product("bad").await;
+    let send = |method: &str, path: &str, headers: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
+            support::TOKEN,
+            body.len()
+        )
+        .into_bytes()
+    };
+    let json = "Content-Type: application/json\r\n";
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (send("POST", "/api/v1/products", json, "{not json"), 400),
+        (send("POST", "/api/v1/products", json, "{\"name\": 12}"), 422),
+        (send("POST", "/api/v1/products", json, "{\"name\": \"\"}"), 422),
+        (send("POST", "/api/v1/products", json, "{\"name\": \"x\", \"extra\": 1}"), 422),
+        (send("POST", "/api/v1/products", "", "{\"name\": \"x\"}"), 415),
+        (send("GET", "/api/v1/products/abc", "", ""), 400),
+        (send("GET", "/api/v1/products/99999999999999999999999", "", ""), 400),
+        (send("GET", "/api/v1/products/424242", "", ""), 404),
+        (send("GET", "/api/v1/nothing/here", "", ""), 404),
+        (send("PATCH", &format!("/api/v1/products/{pid}/devices/nobody"), json, "{\"status\": \"verified\"}"), 404),
+        (send("PATCH", &format!("/api/v1/products/{pid}/devices/nobody"), json, "{\"status\": \"sleepy\"}"), 422),
+        (send("POST", &format!("/api/v1/products/{pid}/devices"), json, "{\"serial\": \"has space\"}"), 422),
+        (send("POST", &format!("/api/v1/products/{pid}/firmware"), "Content-Length: 99999999999\r\n", ""), 400),
+        (send("GET", &format!("/deviceapi/update?k={key}&v=1"), "", ""), 400),
+        (send("GET", &format!("/deviceapi/update?k={key}&s=abc&v=1"), "Range: bytes=zz\r\n", ""), 401),
+        (b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(), 401),
+        (b"GET /api/v1/products HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n".to_vec(), 401),
+    ];
+    for (request, expected) in cases {
+        let r = server.raw(&request).await;
+        assert_eq!(
+            r.status,
+            expected,
+            "{}\n-> {}",
+            String::from_utf8_lossy(&request),
+            String::from_utf8_lossy(&r.body)
+        );
+        if r.status >= 400 && r.header("content-type") == Some("application/json") {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert!(body["error"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    // Non-UTF-8 device header: 400 naming it.
+    let mut request =
+        format!("GET /deviceapi/update?k={key}&v=1&s=abc HTTP/1.1\r\nHost: x\r\nx-ESP32-version: ")
+            .into_bytes();
+    request.extend_from_slice(&[0xff, 0xfe]);
+    request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let r = server.raw(&request).await;
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("x-esp32-version"));
+
+    // A malformed range on a real download: 400, not the whole file.
+    let (_, fw) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware?version=1"),
+            b"\x00abc".to_vec(),
+        )
+        .await;
+    let r = server
+        .raw(&send(
+            "GET",
+            &format!("/api/v1/products/{pid}/firmware/{}/download", fw["id"]),
+            "Range: bytes=9-2\r\n",
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 400);
+    server.finish().await;
+}
+on_both_backends!(bad_input, bad_input_story);
+
+async fn shutdown_keeps_reports_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, key, _) = server.product("durable").await;
+    server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "d1"})),
+        )
+        .await;
+    let r = server
+        .raw(&otadrive_request(
+            "GET",
+            &format!("/deviceapi/update?k={key}&v=7.7.7&s=d1"),
+            "",
+        ))
+        .await;
+    assert_eq!(r.status, 404);
+    // Stop at once: the report is still in memory and must be written on the way out.
+    let data_dir = server.data_dir.clone();
+    let url = server.state.config().database_url.clone();
+    let (_, _) = server.stop().await;
+    let reopened = Server::start_with(
+        backend,
+        support::Options {
+            data_dir: Some(data_dir),
+            database_url: url,
+            ..Default::default()
+        },
+    )
+    .await;
+    let device = reopened.state.store().get_device(pid, "d1").await.unwrap();
+    assert_eq!(device.telemetry.version.as_deref(), Some("7.7.7"));
+    assert_eq!(
+        device.telemetry.sta_mac.as_deref(),
+        Some("24:0A:C4:01:02:03")
+    );
+    reopened.finish().await;
+}
+on_both_backends!(shutdown_keeps_reports, shutdown_keeps_reports_story);
+
+async fn management_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, _, default_group) = server.product("mgmt").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/products",
+            Some(json!({"name": "mgmt"})),
+        )
+        .await;
+    assert_eq!(status, 409);
+    // The Default group cannot be deleted; another group can, its devices move to Default.
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409);
+    let (_, g) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/groups"),
+            Some(json!({"name": "canary"})),
+        )
+        .await;
+    let gid = g["id"].as_i64().unwrap();
+    server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "c1", "group_id": gid})),
+        )
+        .await;
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/products/{pid}/groups/{gid}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, d) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/devices/c1"),
+            None,
+        )
+        .await;
+    assert_eq!(d["group_id"], default_group);
+    // A device in a group of another product is refused.
+    let (other, _, other_group) = server.product("other").await;
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/devices/c1"),
+            Some(json!({"group_id": other_group})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    // Assigned firmware cannot be deleted until unassigned.
+    let (_, fw) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware?version=9"),
+            b"\x00x".to_vec(),
+        )
+        .await;
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/products/{pid}/firmware/{}", fw["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409);
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": null})),
+        )
+        .await;
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/products/{pid}/firmware/{}", fw["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    // Firmware of another product cannot be assigned.
+    let (_, ofw) = server
+        .upload(
+            &format!("/api/v1/products/{other}/firmware?version=1"),
+            b"\x00y".to_vec(),
+        )
+        .await;
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": ofw["id"]})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    // Deleting a product removes everything in it.
+    let (status, _) = server
+        .call(Method::DELETE, &format!("/api/v1/products/{other}"), None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = server
+        .call(Method::GET, &format!("/api/v1/products/{other}"), None)
+        .await;
+    assert_eq!(status, 404);
+    // Login issues tokens that work.
+    let (status, _) = server
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            Some(json!({"username": "admin", "password": "wrong"})),
+        )
+        .await;
+    assert_eq!(status, 401);
+    // The OpenAPI document describes every management route.
+    let (status, doc) = server.call(Method::GET, "/api/v1/openapi.json", None).await;
+    assert_eq!(status, 200);
+    for path in [
+        "/api/v1/products",
+        "/api/v1/products/{product}/groups/{group}",
+        "/api/v1/products/{product}/devices/{serial}",
+        "/api/v1/products/{product}/firmware",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    server.finish().await;
+}
+on_both_backends!(management, management_story);

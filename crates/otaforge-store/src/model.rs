@@ -1,0 +1,201 @@
+//! The fleet's data model: plain records shared by every storage backend.
+
+use serde::{Deserialize, Serialize};
+
+/// Row id. Opaque to API clients; a 64-bit integer in every backend.
+pub type Id = i64;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Product {
+    pub id: Id,
+    pub name: String,
+    /// SHA-256 (hex) of the product's API key; the key itself is shown once.
+    #[serde(skip)]
+    pub api_key_digest: String,
+    pub default_group_id: Id,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Group {
+    pub id: Id,
+    pub product_id: Id,
+    pub name: String,
+    pub is_default: bool,
+    pub firmware_id: Option<Id>,
+    pub config: serde_json::Value,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    New,
+    Verified,
+    Blocked,
+    Disabled,
+}
+
+impl DeviceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::New => "new",
+            DeviceStatus::Verified => "verified",
+            DeviceStatus::Blocked => "blocked",
+            DeviceStatus::Disabled => "disabled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "new" => Some(DeviceStatus::New),
+            "verified" => Some(DeviceStatus::Verified),
+            "blocked" => Some(DeviceStatus::Blocked),
+            "disabled" => Some(DeviceStatus::Disabled),
+            _ => None,
+        }
+    }
+}
+
+/// What a device last told the server about itself. Every field is optional:
+/// a check-in only overwrites what it carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Telemetry {
+    pub last_seen: Option<Millis>,
+    pub version: Option<String>,
+    pub sketch_md5: Option<String>,
+    pub sta_mac: Option<String>,
+    pub ap_mac: Option<String>,
+    pub free_space: Option<i64>,
+    pub chip_size: Option<i64>,
+    pub sdk_version: Option<String>,
+}
+
+impl Telemetry {
+    /// Fold a newer report into this one: newer fields win, absent ones keep the older value.
+    pub fn merge(&mut self, newer: Telemetry) {
+        fn take<T>(old: &mut Option<T>, new: Option<T>) {
+            if new.is_some() {
+                *old = new;
+            }
+        }
+        take(&mut self.last_seen, newer.last_seen);
+        take(&mut self.version, newer.version);
+        take(&mut self.sketch_md5, newer.sketch_md5);
+        take(&mut self.sta_mac, newer.sta_mac);
+        take(&mut self.ap_mac, newer.ap_mac);
+        take(&mut self.free_space, newer.free_space);
+        take(&mut self.chip_size, newer.chip_size);
+        take(&mut self.sdk_version, newer.sdk_version);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    pub id: Id,
+    pub product_id: Id,
+    pub group_id: Id,
+    pub serial: String,
+    pub status: DeviceStatus,
+    /// Argon2id PHC string of the device's static-link password.
+    #[serde(skip)]
+    pub password_hash: Option<String>,
+    pub created_at: Millis,
+    #[serde(flatten)]
+    pub telemetry: Telemetry,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub product_id: Id,
+    pub group_id: Option<Id>,
+    pub serial: String,
+    pub status: DeviceStatus,
+    pub password_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DevicePatch {
+    pub status: Option<DeviceStatus>,
+    pub group_id: Option<Id>,
+    /// `Some(None)` removes the password.
+    pub password_hash: Option<Option<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Firmware {
+    pub id: Id,
+    pub product_id: Id,
+    pub version: String,
+    pub size: i64,
+    pub md5: String,
+    pub sha256: String,
+    pub format: String,
+    /// What the image says about itself (chip, project, IDF version, ...).
+    pub metadata: serde_json::Value,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewFirmware {
+    pub product_id: Id,
+    pub version: String,
+    pub size: i64,
+    pub md5: String,
+    pub sha256: String,
+    pub format: String,
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GroupPatch {
+    pub name: Option<String>,
+    /// `Some(None)` unassigns the firmware.
+    pub firmware_id: Option<Option<Id>>,
+    pub config: Option<serde_json::Value>,
+}
+
+/// A file assigned to a group, fetched by devices with its file key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resource {
+    pub id: Id,
+    pub group_id: Id,
+    pub name: String,
+    /// File key: what devices pass as `fk` to fetch it.
+    pub fk: String,
+    pub size: i64,
+    pub md5: String,
+    pub sha256: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewResource {
+    pub group_id: Id,
+    pub name: String,
+    pub fk: String,
+    pub size: i64,
+    pub md5: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    pub id: Id,
+    pub username: String,
+    #[serde(skip)]
+    pub password_hash: String,
+    pub is_admin: bool,
+    pub created_at: Millis,
+}

@@ -1,0 +1,840 @@
+//! SQL backends: `SqliteStore` and `PgStore`. Both schemas use the same column types and
+//! `$N` placeholders, so one macro body implements `Store` for each backend's pool type.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use crate::error::{Result, StoreError};
+use crate::model::*;
+use crate::store::Store;
+
+const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_at";
+const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config, created_at";
+const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
+     last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version";
+const FIRMWARE_COLS: &str =
+    "id, product_id, version, size, md5, sha256, format, metadata, created_at";
+const RESOURCE_COLS: &str = "id, group_id, name, fk, size, md5, sha256, created_at";
+const USER_COLS: &str = "id, username, password_hash, is_admin, created_at";
+
+/// Maps a unique-constraint violation to `Conflict` with the given message.
+fn conflict(err: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+    match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(what()),
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            StoreError::Conflict(format!("{}: it is still referenced", what()))
+        }
+        _ => StoreError::Database(err),
+    }
+}
+
+fn parse_json(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| StoreError::Invalid(format!("stored json: {e}")))
+}
+
+macro_rules! sql_store {
+    ($store:ident, $db:ty, $row:ty, $backend:literal, $begin:literal) => {
+        impl $store {
+            fn product(row: &$row) -> Result<Product> {
+                Ok(Product {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    api_key_digest: row.try_get("api_key_digest")?,
+                    default_group_id: row.try_get("default_group_id")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn group(row: &$row) -> Result<Group> {
+                let config: String = row.try_get("config")?;
+                Ok(Group {
+                    id: row.try_get("id")?,
+                    product_id: row.try_get("product_id")?,
+                    name: row.try_get("name")?,
+                    is_default: row.try_get::<i64, _>("is_default")? != 0,
+                    firmware_id: row.try_get("firmware_id")?,
+                    config: parse_json(&config)?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn device(row: &$row) -> Result<Device> {
+                let status: String = row.try_get("status")?;
+                Ok(Device {
+                    id: row.try_get("id")?,
+                    product_id: row.try_get("product_id")?,
+                    group_id: row.try_get("group_id")?,
+                    serial: row.try_get("serial")?,
+                    status: DeviceStatus::parse(&status).ok_or_else(|| {
+                        StoreError::Invalid(format!("stored device status {status:?}"))
+                    })?,
+                    password_hash: row.try_get("password_hash")?,
+                    created_at: row.try_get("created_at")?,
+                    telemetry: Telemetry {
+                        last_seen: row.try_get("last_seen")?,
+                        version: row.try_get("version")?,
+                        sketch_md5: row.try_get("sketch_md5")?,
+                        sta_mac: row.try_get("sta_mac")?,
+                        ap_mac: row.try_get("ap_mac")?,
+                        free_space: row.try_get("free_space")?,
+                        chip_size: row.try_get("chip_size")?,
+                        sdk_version: row.try_get("sdk_version")?,
+                    },
+                })
+            }
+
+            fn firmware(row: &$row) -> Result<Firmware> {
+                let metadata: String = row.try_get("metadata")?;
+                Ok(Firmware {
+                    id: row.try_get("id")?,
+                    product_id: row.try_get("product_id")?,
+                    version: row.try_get("version")?,
+                    size: row.try_get("size")?,
+                    md5: row.try_get("md5")?,
+                    sha256: row.try_get("sha256")?,
+                    format: row.try_get("format")?,
+                    metadata: parse_json(&metadata)?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn resource(row: &$row) -> Result<Resource> {
+                Ok(Resource {
+                    id: row.try_get("id")?,
+                    group_id: row.try_get("group_id")?,
+                    name: row.try_get("name")?,
+                    fk: row.try_get("fk")?,
+                    size: row.try_get("size")?,
+                    md5: row.try_get("md5")?,
+                    sha256: row.try_get("sha256")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn user(row: &$row) -> Result<User> {
+                Ok(User {
+                    id: row.try_get("id")?,
+                    username: row.try_get("username")?,
+                    password_hash: row.try_get("password_hash")?,
+                    is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            async fn begin_write(&self) -> Result<sqlx::Transaction<'static, $db>> {
+                Ok(self.write.begin_with($begin).await?)
+            }
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn create_user(
+                &self,
+                username: &str,
+                password_hash: &str,
+                is_admin: bool,
+            ) -> Result<User> {
+                let row = sqlx::query(&format!(
+                    "INSERT INTO users (username, password_hash, is_admin, created_at) \
+                     VALUES ($1, $2, $3, $4) RETURNING {USER_COLS}"
+                ))
+                .bind(username)
+                .bind(password_hash)
+                .bind(is_admin as i64)
+                .bind(now_millis())
+                .fetch_one(&self.write)
+                .await
+                .map_err(|e| conflict(e, || format!("user {username:?} already exists")))?;
+                Self::user(&row)
+            }
+
+            async fn user_by_name(&self, username: &str) -> Result<Option<User>> {
+                let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE username = $1"))
+                    .bind(username)
+                    .fetch_optional(&self.read)
+                    .await?;
+                row.as_ref().map(Self::user).transpose()
+            }
+
+            async fn count_users(&self) -> Result<i64> {
+                let row = sqlx::query("SELECT COUNT(*) AS n FROM users")
+                    .fetch_one(&self.read)
+                    .await?;
+                Ok(row.try_get("n")?)
+            }
+
+            async fn create_token(&self, digest: &str, user_id: Id) -> Result<()> {
+                sqlx::query("INSERT INTO api_tokens (digest, user_id, created_at) VALUES ($1, $2, $3)")
+                    .bind(digest)
+                    .bind(user_id)
+                    .bind(now_millis())
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn user_by_token(&self, digest: &str) -> Result<Option<User>> {
+                let row = sqlx::query(
+                    "SELECT u.id, u.username, u.password_hash, u.is_admin, u.created_at \
+                     FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.digest = $1",
+                )
+                .bind(digest)
+                .fetch_optional(&self.read)
+                .await?;
+                row.as_ref().map(Self::user).transpose()
+            }
+
+            async fn create_product(&self, name: &str, api_key_digest: &str) -> Result<Product> {
+                let now = now_millis();
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(&format!(
+                    "INSERT INTO products (name, api_key_digest, created_at) VALUES ($1, $2, $3) \
+                     RETURNING {PRODUCT_COLS}"
+                ))
+                .bind(name)
+                .bind(api_key_digest)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| conflict(e, || format!("a product named {name:?} already exists")))?;
+                let mut product = Self::product(&row)?;
+                let group: Id = sqlx::query(
+                    "INSERT INTO device_groups (product_id, name, is_default, config, created_at) \
+                     VALUES ($1, 'Default', 1, '{}', $2) RETURNING id",
+                )
+                .bind(product.id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("id")?;
+                sqlx::query("UPDATE products SET default_group_id = $1 WHERE id = $2")
+                    .bind(group)
+                    .bind(product.id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                product.default_group_id = group;
+                Ok(product)
+            }
+
+            async fn list_products(&self) -> Result<Vec<Product>> {
+                let rows = sqlx::query(&format!("SELECT {PRODUCT_COLS} FROM products ORDER BY id"))
+                    .fetch_all(&self.read)
+                    .await?;
+                rows.iter().map(Self::product).collect()
+            }
+
+            async fn get_product(&self, id: Id) -> Result<Product> {
+                let row = sqlx::query(&format!("SELECT {PRODUCT_COLS} FROM products WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.read)
+                    .await?
+                    .ok_or(StoreError::NotFound("product"))?;
+                Self::product(&row)
+            }
+
+            async fn product_by_key_digest(&self, digest: &str) -> Result<Option<Product>> {
+                let row = sqlx::query(&format!(
+                    "SELECT {PRODUCT_COLS} FROM products WHERE api_key_digest = $1"
+                ))
+                .bind(digest)
+                .fetch_optional(&self.read)
+                .await?;
+                row.as_ref().map(Self::product).transpose()
+            }
+
+            async fn set_product_key(&self, id: Id, api_key_digest: &str) -> Result<Product> {
+                let row = sqlx::query(&format!(
+                    "UPDATE products SET api_key_digest = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
+                ))
+                .bind(api_key_digest)
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await?
+                .ok_or(StoreError::NotFound("product"))?;
+                Self::product(&row)
+            }
+
+            async fn delete_product(&self, id: Id) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                // Children first: the schema's cascades cannot order groups, devices and the
+                // firmware that groups refer to.
+                sqlx::query("DELETE FROM devices WHERE product_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "DELETE FROM resources WHERE group_id IN \
+                     (SELECT id FROM device_groups WHERE product_id = $1)",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM device_groups WHERE product_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM firmware WHERE product_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                let done = sqlx::query("DELETE FROM products WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("product"));
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn create_group(&self, product_id: Id, name: &str) -> Result<Group> {
+                let row = sqlx::query(&format!(
+                    "INSERT INTO device_groups (product_id, name, is_default, config, created_at) \
+                     SELECT id, $2, 0, '{{}}', $3 FROM products WHERE id = $1 RETURNING {GROUP_COLS}"
+                ))
+                .bind(product_id)
+                .bind(name)
+                .bind(now_millis())
+                .fetch_optional(&self.write)
+                .await
+                .map_err(|e| conflict(e, || format!("a group named {name:?} already exists")))?
+                .ok_or(StoreError::NotFound("product"))?;
+                Self::group(&row)
+            }
+
+            async fn list_groups(&self, product_id: Id) -> Result<Vec<Group>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {GROUP_COLS} FROM device_groups WHERE product_id = $1 ORDER BY id"
+                ))
+                .bind(product_id)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::group).collect()
+            }
+
+            async fn get_group(&self, product_id: Id, id: Id) -> Result<Group> {
+                let row = sqlx::query(&format!(
+                    "SELECT {GROUP_COLS} FROM device_groups WHERE product_id = $1 AND id = $2"
+                ))
+                .bind(product_id)
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await?
+                .ok_or(StoreError::NotFound("group"))?;
+                Self::group(&row)
+            }
+
+            async fn update_group(&self, product_id: Id, id: Id, patch: GroupPatch) -> Result<Group> {
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(&format!(
+                    "SELECT {GROUP_COLS} FROM device_groups WHERE product_id = $1 AND id = $2"
+                ))
+                .bind(product_id)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("group"))?;
+                let mut group = Self::group(&row)?;
+                if let Some(Some(firmware_id)) = patch.firmware_id {
+                    let found = sqlx::query("SELECT id FROM firmware WHERE product_id = $1 AND id = $2")
+                        .bind(product_id)
+                        .bind(firmware_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if found.is_none() {
+                        return Err(StoreError::NotFound("firmware"));
+                    }
+                }
+                if let Some(name) = patch.name {
+                    group.name = name;
+                }
+                if let Some(firmware_id) = patch.firmware_id {
+                    group.firmware_id = firmware_id;
+                }
+                if let Some(config) = patch.config {
+                    group.config = config;
+                }
+                let name = group.name.clone();
+                sqlx::query(
+                    "UPDATE device_groups SET name = $1, firmware_id = $2, config = $3 WHERE id = $4",
+                )
+                .bind(&group.name)
+                .bind(group.firmware_id)
+                .bind(group.config.to_string())
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| conflict(e, || format!("a group named {name:?} already exists")))?;
+                tx.commit().await?;
+                Ok(group)
+            }
+
+            async fn delete_group(&self, product_id: Id, id: Id) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(
+                    "SELECT g.is_default, p.default_group_id FROM device_groups g \
+                     JOIN products p ON p.id = g.product_id WHERE g.product_id = $1 AND g.id = $2",
+                )
+                .bind(product_id)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("group"))?;
+                if row.try_get::<i64, _>("is_default")? != 0 {
+                    return Err(StoreError::Conflict("the Default group cannot be deleted".into()));
+                }
+                let default_group: Id = row.try_get("default_group_id")?;
+                sqlx::query("UPDATE devices SET group_id = $1 WHERE group_id = $2")
+                    .bind(default_group)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM resources WHERE group_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM device_groups WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn create_device(&self, new: NewDevice) -> Result<Device> {
+                let serial = new.serial.clone();
+                let row = sqlx::query(&format!(
+                    "INSERT INTO devices (product_id, group_id, serial, status, password_hash, created_at) \
+                     SELECT p.id, COALESCE(g.id, p.default_group_id), $3, $4, $5, $6 \
+                     FROM products p LEFT JOIN device_groups g ON g.product_id = p.id AND g.id = $2 \
+                     WHERE p.id = $1 AND ($2 IS NULL OR g.id IS NOT NULL) RETURNING {DEVICE_COLS}"
+                ))
+                .bind(new.product_id)
+                .bind(new.group_id)
+                .bind(&new.serial)
+                .bind(new.status.as_str())
+                .bind(&new.password_hash)
+                .bind(now_millis())
+                .fetch_optional(&self.write)
+                .await
+                .map_err(|e| conflict(e, || format!("a device with serial {serial:?} already exists")))?;
+                match row {
+                    Some(row) => Self::device(&row),
+                    None => {
+                        self.get_product(new.product_id).await?;
+                        Err(StoreError::NotFound("group"))
+                    }
+                }
+            }
+
+            async fn list_devices(&self, product_id: Id) -> Result<Vec<Device>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 ORDER BY id"
+                ))
+                .bind(product_id)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::device).collect()
+            }
+
+            async fn find_device(&self, product_id: Id, serial: &str) -> Result<Option<Device>> {
+                let row = sqlx::query(&format!(
+                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 AND serial = $2"
+                ))
+                .bind(product_id)
+                .bind(serial)
+                .fetch_optional(&self.read)
+                .await?;
+                row.as_ref().map(Self::device).transpose()
+            }
+
+            async fn get_device(&self, product_id: Id, serial: &str) -> Result<Device> {
+                self.find_device(product_id, serial)
+                    .await?
+                    .ok_or(StoreError::NotFound("device"))
+            }
+
+            async fn update_device(
+                &self,
+                product_id: Id,
+                serial: &str,
+                patch: DevicePatch,
+            ) -> Result<Device> {
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(&format!(
+                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 AND serial = $2"
+                ))
+                .bind(product_id)
+                .bind(serial)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("device"))?;
+                let mut device = Self::device(&row)?;
+                if let Some(group_id) = patch.group_id {
+                    let found = sqlx::query("SELECT id FROM device_groups WHERE product_id = $1 AND id = $2")
+                        .bind(product_id)
+                        .bind(group_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if found.is_none() {
+                        return Err(StoreError::NotFound("group"));
+                    }
+                    device.group_id = group_id;
+                }
+                if let Some(status) = patch.status {
+                    device.status = status;
+                }
+                if let Some(password_hash) = patch.password_hash {
+                    device.password_hash = password_hash;
+                }
+                sqlx::query("UPDATE devices SET group_id = $1, status = $2, password_hash = $3 WHERE id = $4")
+                    .bind(device.group_id)
+                    .bind(device.status.as_str())
+                    .bind(&device.password_hash)
+                    .bind(device.id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(device)
+            }
+
+            async fn delete_device(&self, product_id: Id, serial: &str) -> Result<()> {
+                let done = sqlx::query("DELETE FROM devices WHERE product_id = $1 AND serial = $2")
+                    .bind(product_id)
+                    .bind(serial)
+                    .execute(&self.write)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("device"));
+                }
+                Ok(())
+            }
+
+            async fn register_device(&self, product_id: Id, serial: &str) -> Result<Device> {
+                if let Some(device) = self.find_device(product_id, serial).await? {
+                    return Ok(device);
+                }
+                sqlx::query(
+                    "INSERT INTO devices (product_id, group_id, serial, status, created_at) \
+                     SELECT id, default_group_id, $2, 'new', $3 FROM products WHERE id = $1 \
+                     ON CONFLICT (product_id, serial) DO NOTHING",
+                )
+                .bind(product_id)
+                .bind(serial)
+                .bind(now_millis())
+                .execute(&self.write)
+                .await?;
+                let row = sqlx::query(&format!(
+                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 AND serial = $2"
+                ))
+                .bind(product_id)
+                .bind(serial)
+                .fetch_optional(&self.write)
+                .await?
+                .ok_or(StoreError::NotFound("product"))?;
+                Self::device(&row)
+            }
+
+            async fn record_telemetry(&self, batch: &[(Id, Telemetry)]) -> Result<()> {
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.begin_write().await?;
+                for (id, t) in batch {
+                    sqlx::query(
+                        "UPDATE devices SET last_seen = COALESCE($1, last_seen), \
+                         version = COALESCE($2, version), sketch_md5 = COALESCE($3, sketch_md5), \
+                         sta_mac = COALESCE($4, sta_mac), ap_mac = COALESCE($5, ap_mac), \
+                         free_space = COALESCE($6, free_space), chip_size = COALESCE($7, chip_size), \
+                         sdk_version = COALESCE($8, sdk_version) WHERE id = $9",
+                    )
+                    .bind(t.last_seen)
+                    .bind(&t.version)
+                    .bind(&t.sketch_md5)
+                    .bind(&t.sta_mac)
+                    .bind(&t.ap_mac)
+                    .bind(t.free_space)
+                    .bind(t.chip_size)
+                    .bind(&t.sdk_version)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn create_firmware(&self, new: NewFirmware) -> Result<Firmware> {
+                let version = new.version.clone();
+                let row = sqlx::query(&format!(
+                    "INSERT INTO firmware (product_id, version, size, md5, sha256, format, metadata, created_at) \
+                     SELECT id, $2, $3, $4, $5, $6, $7, $8 FROM products WHERE id = $1 \
+                     RETURNING {FIRMWARE_COLS}"
+                ))
+                .bind(new.product_id)
+                .bind(&new.version)
+                .bind(new.size)
+                .bind(&new.md5)
+                .bind(&new.sha256)
+                .bind(&new.format)
+                .bind(new.metadata.to_string())
+                .bind(now_millis())
+                .fetch_optional(&self.write)
+                .await
+                .map_err(|e| {
+                    conflict(e, || format!("firmware version {version:?} already exists in this product"))
+                })?
+                .ok_or(StoreError::NotFound("product"))?;
+                Self::firmware(&row)
+            }
+
+            async fn list_firmware(&self, product_id: Id) -> Result<Vec<Firmware>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {FIRMWARE_COLS} FROM firmware WHERE product_id = $1 ORDER BY id"
+                ))
+                .bind(product_id)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::firmware).collect()
+            }
+
+            async fn get_firmware(&self, product_id: Id, id: Id) -> Result<Firmware> {
+                let row = sqlx::query(&format!(
+                    "SELECT {FIRMWARE_COLS} FROM firmware WHERE product_id = $1 AND id = $2"
+                ))
+                .bind(product_id)
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await?
+                .ok_or(StoreError::NotFound("firmware"))?;
+                Self::firmware(&row)
+            }
+
+            async fn delete_firmware(&self, product_id: Id, id: Id) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                let users = sqlx::query("SELECT name FROM device_groups WHERE firmware_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if let Some(row) = users.first() {
+                    let name: String = row.try_get("name")?;
+                    return Err(StoreError::Conflict(format!(
+                        "firmware is assigned to group {name:?}; unassign it first"
+                    )));
+                }
+                let done = sqlx::query("DELETE FROM firmware WHERE product_id = $1 AND id = $2")
+                    .bind(product_id)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("firmware"));
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn blob_in_use(&self, sha256: &str) -> Result<bool> {
+                let row = sqlx::query(
+                    "SELECT (SELECT COUNT(*) FROM firmware WHERE sha256 = $1) + \
+                     (SELECT COUNT(*) FROM resources WHERE sha256 = $1) AS n",
+                )
+                .bind(sha256)
+                .fetch_one(&self.write)
+                .await?;
+                Ok(row.try_get::<i64, _>("n")? > 0)
+            }
+
+            async fn create_resource(&self, new: NewResource) -> Result<Resource> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query("DELETE FROM resources WHERE group_id = $1 AND name = $2")
+                    .bind(new.group_id)
+                    .bind(&new.name)
+                    .execute(&mut *tx)
+                    .await?;
+                let row = sqlx::query(&format!(
+                    "INSERT INTO resources (group_id, name, fk, size, md5, sha256, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {RESOURCE_COLS}"
+                ))
+                .bind(new.group_id)
+                .bind(&new.name)
+                .bind(&new.fk)
+                .bind(new.size)
+                .bind(&new.md5)
+                .bind(&new.sha256)
+                .bind(now_millis())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| conflict(e, || "resource file key already in use".to_string()))?;
+                tx.commit().await?;
+                Self::resource(&row)
+            }
+
+            async fn list_resources(&self, group_id: Id) -> Result<Vec<Resource>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {RESOURCE_COLS} FROM resources WHERE group_id = $1 ORDER BY name"
+                ))
+                .bind(group_id)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::resource).collect()
+            }
+
+            async fn resource_by_fk(&self, product_id: Id, fk: &str) -> Result<Option<Resource>> {
+                let row = sqlx::query(
+                    "SELECT r.id, r.group_id, r.name, r.fk, r.size, r.md5, r.sha256, r.created_at \
+                     FROM resources r JOIN device_groups g ON g.id = r.group_id \
+                     WHERE g.product_id = $1 AND r.fk = $2",
+                )
+                .bind(product_id)
+                .bind(fk)
+                .fetch_optional(&self.read)
+                .await?;
+                row.as_ref().map(Self::resource).transpose()
+            }
+
+            async fn delete_resource(&self, group_id: Id, id: Id) -> Result<Resource> {
+                let row = sqlx::query(&format!(
+                    "DELETE FROM resources WHERE group_id = $1 AND id = $2 RETURNING {RESOURCE_COLS}"
+                ))
+                .bind(group_id)
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await?
+                .ok_or(StoreError::NotFound("resource"))?;
+                Self::resource(&row)
+            }
+        }
+    };
+}
+
+/// SQLite in WAL mode: one writer connection (so writers queue in the pool rather than
+/// fight over the lock), several readers, `BEGIN IMMEDIATE` for write transactions.
+pub struct SqliteStore {
+    read: sqlx::SqlitePool,
+    write: sqlx::SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &std::path::Path) -> Result<Self> {
+        use sqlx::sqlite::{
+            SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+        };
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        migrate(
+            &write,
+            include_str!("../migrations/sqlite.sql"),
+            "BEGIN IMMEDIATE",
+        )
+        .await?;
+        Ok(SqliteStore { read, write })
+    }
+}
+
+/// PostgreSQL: one pool for reads and writes.
+pub struct PgStore {
+    read: sqlx::PgPool,
+    write: sqlx::PgPool,
+}
+
+impl PgStore {
+    /// Connects and brings the schema up to date.
+    pub async fn open(url: &str) -> Result<Self> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        migrate(&pool, include_str!("../migrations/postgres.sql"), "BEGIN").await?;
+        Ok(PgStore {
+            read: pool.clone(),
+            write: pool,
+        })
+    }
+}
+
+sql_store!(
+    SqliteStore,
+    sqlx::Sqlite,
+    sqlx::sqlite::SqliteRow,
+    "sqlite",
+    "BEGIN IMMEDIATE"
+);
+sql_store!(
+    PgStore,
+    sqlx::Postgres,
+    sqlx::postgres::PgRow,
+    "postgres",
+    "BEGIN"
+);
+
+/// The schema version this build writes. A database at a higher version is refused.
+const SCHEMA_VERSION: i64 = 1;
+
+async fn migrate<DB>(pool: &sqlx::Pool<DB>, schema: &str, begin: &'static str) -> Result<()>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    i64: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    use sqlx::Executor;
+    pool.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .await?;
+    let mut tx = pool.begin_with(begin).await?;
+    let current: Option<i64> = match (&mut *tx)
+        .fetch_optional("SELECT MAX(version) FROM schema_version")
+        .await?
+    {
+        Some(row) => row.try_get::<Option<i64>, _>(0usize)?,
+        None => None,
+    };
+    let current = current.unwrap_or(0);
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Invalid(format!(
+            "the database schema is version {current}, newer than this build's {SCHEMA_VERSION}"
+        )));
+    }
+    if current < 1 {
+        for statement in schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let statement: String = statement
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if statement.trim().is_empty() {
+                continue;
+            }
+            (&mut *tx).execute(statement.as_str()).await?;
+        }
+        (&mut *tx)
+            .execute(
+                format!("INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION})").as_str(),
+            )
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

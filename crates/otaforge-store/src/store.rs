@@ -1,0 +1,72 @@
+//! The `Store` trait: every query the server makes, one implementation per backend.
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::model::*;
+
+/// Persistent state of the fleet. Implemented once per database backend
+/// (`SqliteStore`, `PgStore`); the server holds an `Arc<dyn Store>` chosen at start-up.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        is_admin: bool,
+    ) -> Result<User>;
+    async fn user_by_name(&self, username: &str) -> Result<Option<User>>;
+    async fn count_users(&self) -> Result<i64>;
+    async fn create_token(&self, digest: &str, user_id: Id) -> Result<()>;
+    async fn user_by_token(&self, digest: &str) -> Result<Option<User>>;
+
+    /// Creates the product and its undeletable Default group in one transaction.
+    async fn create_product(&self, name: &str, api_key_digest: &str) -> Result<Product>;
+    async fn list_products(&self) -> Result<Vec<Product>>;
+    async fn get_product(&self, id: Id) -> Result<Product>;
+    async fn product_by_key_digest(&self, digest: &str) -> Result<Option<Product>>;
+    async fn set_product_key(&self, id: Id, api_key_digest: &str) -> Result<Product>;
+    /// Deletes the product with its groups, devices, firmware and resources.
+    async fn delete_product(&self, id: Id) -> Result<()>;
+
+    async fn create_group(&self, product_id: Id, name: &str) -> Result<Group>;
+    async fn list_groups(&self, product_id: Id) -> Result<Vec<Group>>;
+    async fn get_group(&self, product_id: Id, id: Id) -> Result<Group>;
+    async fn update_group(&self, product_id: Id, id: Id, patch: GroupPatch) -> Result<Group>;
+    /// Refuses the Default group; the group's devices move to Default.
+    async fn delete_group(&self, product_id: Id, id: Id) -> Result<()>;
+
+    async fn create_device(&self, new: NewDevice) -> Result<Device>;
+    async fn list_devices(&self, product_id: Id) -> Result<Vec<Device>>;
+    async fn find_device(&self, product_id: Id, serial: &str) -> Result<Option<Device>>;
+    async fn get_device(&self, product_id: Id, serial: &str) -> Result<Device>;
+    async fn update_device(
+        &self,
+        product_id: Id,
+        serial: &str,
+        patch: DevicePatch,
+    ) -> Result<Device>;
+    async fn delete_device(&self, product_id: Id, serial: &str) -> Result<()>;
+    /// The device, added to the Default group as New when the server has not seen it yet.
+    async fn register_device(&self, product_id: Id, serial: &str) -> Result<Device>;
+    /// Applies a batch of check-in reports in one transaction. Unknown ids are skipped.
+    async fn record_telemetry(&self, batch: &[(Id, Telemetry)]) -> Result<()>;
+
+    /// Refuses a second firmware with the same version in a product.
+    async fn create_firmware(&self, new: NewFirmware) -> Result<Firmware>;
+    async fn list_firmware(&self, product_id: Id) -> Result<Vec<Firmware>>;
+    async fn get_firmware(&self, product_id: Id, id: Id) -> Result<Firmware>;
+    /// Refuses a firmware still assigned to a group.
+    async fn delete_firmware(&self, product_id: Id, id: Id) -> Result<()>;
+    /// Whether any firmware or resource row still refers to the blob with this SHA-256.
+    async fn blob_in_use(&self, sha256: &str) -> Result<bool>;
+
+    /// Adds a resource to a group, replacing one of the same name.
+    async fn create_resource(&self, new: NewResource) -> Result<Resource>;
+    async fn list_resources(&self, group_id: Id) -> Result<Vec<Resource>>;
+    async fn resource_by_fk(&self, product_id: Id, fk: &str) -> Result<Option<Resource>>;
+    async fn delete_resource(&self, group_id: Id, id: Id) -> Result<Resource>;
+}

@@ -1,0 +1,153 @@
+//! `otaforge`: the server (`serve`) and a command-line client of its management API.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use otaforge_server::{AppState, Config, Secret};
+
+#[derive(Parser)]
+#[command(
+    name = "otaforge",
+    version,
+    about = "Over-the-air firmware updates for ESP32, ESP8266 and W800 fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (SQLite and ./otaforge-data unless told otherwise).
+    Serve(ServeArgs),
+    /// Measure check-ins and downloads against this server and, if installed, nginx.
+    Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "OTAFORGE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Data folder: the SQLite database and the blobs live here.
+    #[arg(long, env = "OTAFORGE_DATA_DIR", default_value = "./otaforge-data")]
+    data_dir: PathBuf,
+    /// sqlite://PATH or postgres://USER@HOST/DB (default: SQLite in the data folder).
+    #[arg(long, env = "OTAFORGE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The URL devices reach this server at, used in static firmware links.
+    #[arg(long, env = "OTAFORGE_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Largest accepted upload, in MiB.
+    #[arg(long, env = "OTAFORGE_MAX_UPLOAD_MB", default_value_t = 32)]
+    max_upload_mb: u64,
+}
+
+impl ServeArgs {
+    fn config(self) -> Config {
+        Config {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            database_url: self.database_url,
+            public_url: self.public_url,
+            admin_token: std::env::var("OTAFORGE_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .map(Secret::new),
+            max_upload_bytes: self.max_upload_mb * 1024 * 1024,
+            ..Config::default()
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OTAFORGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
+    let listen = config.listen;
+    let state = AppState::open(config).await?;
+    if let Some(password) = state.ensure_admin().await? {
+        println!("Created the first operator account.");
+        println!("  username: admin");
+        println!("  password: {password}");
+        println!("This password is shown once. Sign in with `otaforge login --username admin`.");
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        database = state.store().backend(),
+        public_url = %state.config().public_url(),
+        "otaforge is serving"
+    );
+    otaforge_server::serve(state, listener, shutdown_signal()).await
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Bench(args) => bench::run(args).await,
+            Command::Client(cmd) => client::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
