@@ -39,12 +39,22 @@ pub(crate) fn put(buf: &mut [u8], offset: usize, src: &[u8]) {
     }
 }
 
-/// A fixed-size C string field: the bytes before the first NUL, decoded as lossy UTF-8, with
-/// surrounding whitespace trimmed.
+/// A fixed-size C string field: the bytes before the first NUL, decoded as lossy UTF-8.
 pub(crate) fn c_string(field: &[u8]) -> String {
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
     let text = field.get(..end).unwrap_or_default();
-    String::from_utf8_lossy(text).trim().into()
+    String::from_utf8_lossy(text).into()
+}
+
+/// [`c_string`] with surrounding whitespace trimmed.
+pub(crate) fn c_string_trimmed(field: &[u8]) -> String {
+    let text = c_string(field);
+    let trimmed = text.trim();
+    if trimmed.len() == text.len() {
+        text
+    } else {
+        trimmed.into()
+    }
 }
 
 /// Copies `text` into a NUL-padded field of `N` bytes, keeping at most `max` bytes of it and
@@ -95,7 +105,8 @@ mod tests {
     #[test]
     fn c_strings() {
         assert_eq!(c_string(b"1.2.3\0\0\0garbage"), "1.2.3");
-        assert_eq!(c_string(b" v5.1 "), "v5.1");
+        assert_eq!(c_string(b" v5.1 "), " v5.1 ");
+        assert_eq!(c_string_trimmed(b" v5.1 \0x"), "v5.1");
         assert_eq!(c_string(b"\xff\xfeab\0"), "\u{fffd}\u{fffd}ab");
         let f: [u8; 8] = c_string_field("abcdefghij", 7);
         assert_eq!(&f, b"abcdefg\0");

@@ -27,7 +27,7 @@ use core::fmt;
 
 use sha2::{Digest, Sha256};
 
-use crate::bytes::{Hex, array, c_string, slice, u8_at, u16_at, u32_at, xor_checksum};
+use crate::bytes::{Hex, array, c_string_trimmed, slice, u8_at, u16_at, u32_at, xor_checksum};
 
 /// First byte of every ESP image.
 pub const IMAGE_MAGIC: u8 = 0xE9;
@@ -208,11 +208,11 @@ impl AppDesc {
         }
         Some(AppDesc {
             secure_version: u32_at(desc, 4)?,
-            version: c_string(slice(desc, 16, 32)?),
-            project_name: c_string(slice(desc, 48, 32)?),
-            time: c_string(slice(desc, 80, 16)?),
-            date: c_string(slice(desc, 96, 16)?),
-            idf_version: c_string(slice(desc, 112, 32)?),
+            version: c_string_trimmed(slice(desc, 16, 32)?),
+            project_name: c_string_trimmed(slice(desc, 48, 32)?),
+            time: c_string_trimmed(slice(desc, 80, 16)?),
+            date: c_string_trimmed(slice(desc, 96, 16)?),
+            idf_version: c_string_trimmed(slice(desc, 112, 32)?),
             app_elf_sha256: array(desc, 144)?,
             min_efuse_blk_rev_full: u16_at(desc, 176)?,
             max_efuse_blk_rev_full: u16_at(desc, 178)?,

@@ -699,7 +699,15 @@ async fn bad_input_story(backend: Backend) {
 on_both_backends!(bad_input, bad_input_story);
 
 async fn shutdown_keeps_reports_story(backend: Backend) {
-    let server = Server::start(backend).await;
+    // A flush interval longer than the test: only the shutdown writes the report.
+    let server = Server::start_with(
+        backend,
+        support::Options {
+            telemetry_flush_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await;
     let (pid, key, _) = server.product("durable").await;
     server
         .call(
@@ -716,7 +724,10 @@ async fn shutdown_keeps_reports_story(backend: Backend) {
         ))
         .await;
     assert_eq!(r.status, 404);
-    // Stop at once: the report is still in memory and must be written on the way out.
+    // The poll touched memory only: the database does not know the version yet.
+    let before = server.state.store().get_device(pid, "d1").await.unwrap();
+    assert_eq!(before.telemetry.version, None);
+    // Stop: the report is still in memory and must be written on the way out.
     let data_dir = server.data_dir.clone();
     let url = server.state.config().database_url.clone();
     let (_, _) = server.stop().await;

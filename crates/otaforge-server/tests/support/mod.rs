@@ -135,6 +135,7 @@ pub struct Options {
     pub max_upload_bytes: u64,
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
+    pub telemetry_flush_interval: Duration,
 }
 
 impl Default for Options {
@@ -143,6 +144,7 @@ impl Default for Options {
             max_upload_bytes: 8 * 1024 * 1024,
             data_dir: None,
             database_url: None,
+            telemetry_flush_interval: Duration::from_millis(200),
         }
     }
 }
@@ -171,7 +173,7 @@ impl Server {
             public_url: None,
             admin_token: Some(Secret::new(TOKEN)),
             max_upload_bytes: options.max_upload_bytes,
-            telemetry_flush_interval: Duration::from_millis(200),
+            telemetry_flush_interval: options.telemetry_flush_interval,
             ..Config::default()
         };
         let state = AppState::open(config)

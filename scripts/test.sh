@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every test of OTAForge on a fresh Debian machine: installs what the tests need,
+# makes sure PostgreSQL is up, then format check, clippy and the whole test suite.
+#
+# Usage: scripts/test.sh            (as root, or with sudo available)
+# Env:   OTAFORGE_TEST_PG  admin URL of the PostgreSQL the tests create databases in
+#                          (default postgres://root@127.0.0.1:5432/postgres)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+as_root() {
+    if [[ "$(id -u)" == 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    log "apt-get install ${missing[*]}"
+    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+}
+
+log "system packages"
+# riscv gcc + python venv: fixture images made by esptool; postgresql-client: pg_isready.
+apt_install gcc-riscv64-unknown-elf python3-venv postgresql-client util-linux
+
+log "PostgreSQL"
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    if command -v pg_ctlcluster >/dev/null 2>&1; then
+        version=$(ls /etc/postgresql | sort -V | tail -n 1)
+        as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    fi
+    for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+    pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running on 127.0.0.1:5432" >&2; exit 1; }
+fi
+
+log "fixture images (esptool elf2image)"
+mkdir -p target/fixtures
+bash scripts/fixtures.sh target/fixtures
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo test"
+cargo test --workspace --locked
