@@ -596,11 +596,9 @@ pub struct Esp8266Image {
     pub trailing_len: usize,
 }
 
-fn parse_esp8266_part(
-    bytes: &[u8],
-    offset: usize,
-    arduino_crc_words: bool,
-) -> Result<Esp8266Part, EspImageError> {
+/// Walks one ESP8266 v1 image at `offset`; returns it with the XOR of its segment data, which
+/// the caller compares with the stored checksum.
+fn walk_esp8266_part(bytes: &[u8], offset: usize) -> Result<(Esp8266Part, u8), EspImageError> {
     let header: [u8; ESP8266_HEADER_LEN] =
         array(bytes, offset).ok_or(EspImageError::TooShortForHeader {
             needed: ESP8266_HEADER_LEN,
@@ -623,22 +621,7 @@ fn parse_esp8266_part(
         file_len: bytes.len(),
     })?;
     let checksum = read_checksum(bytes, checksum_at)?;
-    let matches = checksum == walk.checksum
-        || (arduino_crc_words && {
-            // elf2bin.py computed the XOR before writing the CRC words into the first segment.
-            let words = offset
-                .checked_add(ARDUINO_CRC_LEN_REL)
-                .and_then(|at| slice(bytes, at, 8))
-                .unwrap_or_default();
-            checksum == xor_checksum(walk.checksum, words)
-        });
-    if !matches {
-        return Err(EspImageError::ChecksumMismatch {
-            stored: checksum,
-            computed: walk.checksum,
-        });
-    }
-    Ok(Esp8266Part {
+    let part = Esp8266Part {
         offset,
         entry: u32::from_le_bytes([header[4], header[5], header[6], header[7]]),
         spi_mode: header[2],
@@ -646,7 +629,16 @@ fn parse_esp8266_part(
         segments: walk.segments,
         checksum,
         checksum_offset: checksum_at,
-    })
+    };
+    Ok((part, walk.checksum))
+}
+
+fn verify_checksum(stored: u8, computed: u8) -> Result<(), EspImageError> {
+    if stored == computed {
+        Ok(())
+    } else {
+        Err(EspImageError::ChecksumMismatch { stored, computed })
+    }
 }
 
 /// CRC-32/MPEG-2 (MSB first, polynomial 0x04C11DB7, init 0xFFFFFFFF, no final XOR): the CRC of
@@ -690,7 +682,8 @@ fn crc32_mpeg2_update(mut crc: u32, data: &[u8]) -> u32 {
 /// [`Esp8266Image`]. Verifies headers, segment bounds and the XOR checksums, and the Arduino
 /// CRC when the length word at 0x1010 matches the image.
 pub fn parse_esp8266_image(bytes: &[u8]) -> Result<Esp8266Image, EspImageError> {
-    let first = parse_esp8266_part(bytes, 0, false)?;
+    let (first, computed) = walk_esp8266_part(bytes, 0)?;
+    verify_checksum(first.checksum, computed)?;
     let first_end = first.checksum_offset.saturating_add(1);
     let arduino = first_end <= ARDUINO_APP_OFFSET
         && u8_at(bytes, ARDUINO_APP_OFFSET) == Some(IMAGE_MAGIC);
@@ -704,21 +697,25 @@ pub fn parse_esp8266_image(bytes: &[u8]) -> Result<Esp8266Image, EspImageError> 
         });
     }
 
-    let app = parse_esp8266_part(bytes, ARDUINO_APP_OFFSET, true)
-        .map_err(|e| EspImageError::InArduinoApp(Box::new(e)))?;
+    let in_app = |e| EspImageError::InArduinoApp(Box::new(e));
+    let (app, raw_xor) = walk_esp8266_part(bytes, ARDUINO_APP_OFFSET).map_err(in_app)?;
     let image_len = app.checksum_offset.saturating_add(1);
     let len_at = ARDUINO_APP_OFFSET.saturating_add(ARDUINO_CRC_LEN_REL);
     let val_at = ARDUINO_APP_OFFSET.saturating_add(ARDUINO_CRC_VAL_REL);
-    let crc_len = u32_at(bytes, len_at);
-    let crc_val = u32_at(bytes, val_at);
-    // Only a length word equal to the image length marks a CRC; before core 2.7 these bytes
-    // are ordinary code.
-    let arduino_crc = match (crc_len, crc_val) {
-        (Some(len), Some(stored)) if len as usize == image_len => {
-            let mut crc = crc32_mpeg2_update(
-                0xFFFF_FFFF,
-                bytes.get(..len_at).unwrap_or_default(),
-            );
+    let words = slice(bytes, len_at, 8);
+    let first_segment_holds_words = app
+        .segments
+        .first()
+        .is_some_and(|s| s.data_offset == len_at && s.len >= 8);
+    // Only a length word equal to the image length marks a CRC; before it was introduced
+    // these bytes are ordinary code, covered by the XOR checksum as they are.
+    let crc_present = first_segment_holds_words
+        && u32_at(bytes, len_at).is_some_and(|len| len as usize == image_len);
+    let arduino_crc = match (crc_present, words, u32_at(bytes, val_at)) {
+        (true, Some(words), Some(stored)) => {
+            // elf2bin.py computed the XOR checksum while both words were still zero.
+            verify_checksum(app.checksum, xor_checksum(raw_xor, words)).map_err(in_app)?;
+            let mut crc = crc32_mpeg2_update(0xFFFF_FFFF, bytes.get(..len_at).unwrap_or_default());
             crc = crc32_mpeg2_update(crc, &[0u8; 8]);
             crc = crc32_mpeg2_update(
                 crc,
@@ -734,7 +731,10 @@ pub fn parse_esp8266_image(bytes: &[u8]) -> Result<Esp8266Image, EspImageError> 
             }
             Some(stored)
         }
-        _ => None,
+        _ => {
+            verify_checksum(app.checksum, raw_xor).map_err(in_app)?;
+            None
+        }
     };
     Ok(Esp8266Image {
         first,
