@@ -685,8 +685,14 @@ pub fn parse_esp8266_image(bytes: &[u8]) -> Result<Esp8266Image, EspImageError> 
     let (first, computed) = walk_esp8266_part(bytes, 0)?;
     verify_checksum(first.checksum, computed)?;
     let first_end = first.checksum_offset.saturating_add(1);
+    // An Arduino .bin: eboot, then 0xAA up to 0x1000, then the sketch (starting with 0xE9).
+    // Either sign is enough, so a corrupted magic or padding byte is an error, not "trailing".
+    let arduino_padding = bytes
+        .get(first_end..ARDUINO_APP_OFFSET)
+        .is_some_and(|pad| pad.iter().all(|&b| b == 0xAA));
     let arduino = first_end <= ARDUINO_APP_OFFSET
-        && u8_at(bytes, ARDUINO_APP_OFFSET) == Some(IMAGE_MAGIC);
+        && bytes.len() > ARDUINO_APP_OFFSET
+        && (arduino_padding || u8_at(bytes, ARDUINO_APP_OFFSET) == Some(IMAGE_MAGIC));
     if !arduino {
         return Ok(Esp8266Image {
             first,
@@ -1163,6 +1169,34 @@ mod tests {
             parse_esp8266_image(&bad),
             Err(EspImageError::ArduinoCrcMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn every_byte_of_an_arduino_bin_is_checked() {
+        let bytes = arduino_esp8266_bin(&eboot(), &sketch());
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            assert!(parse_esp8266_image(&bad).is_err(), "flip at {i:#x} accepted");
+        }
+    }
+
+    #[test]
+    fn every_byte_of_a_hashed_image_is_checked() {
+        let bytes = sample(true);
+        for i in 0..bytes.len() {
+            for flip in [0x01, 0x80] {
+                let mut bad = bytes.clone();
+                bad[i] ^= flip;
+                let result = parse_image(&bad);
+                if i == 23 && flip == 0x01 {
+                    // hash_appended 1 -> 0: a valid image without hash, 32 trailing bytes.
+                    assert_eq!(result.unwrap().trailing_len, 32);
+                } else {
+                    assert!(result.is_err(), "flip {flip:#x} at {i:#x} accepted");
+                }
+            }
+        }
     }
 
     #[test]
