@@ -9,6 +9,9 @@
 #   app-v1-nodigest.bin   like app-v1.bin but built with --dont-append-digest
 #   *.info.txt            `esptool image-info` output for each image
 #   *.elf                 the ELF each image was made from
+#   image-info.argv       the esptool image-info command used, one argument per line (append a
+#                         file name to run it on another image)
+#   esptool-version.txt   the esptool version used
 #
 # What it needs, installed only when missing (Debian 12, as root or with sudo):
 #   riscv64-unknown-elf-gcc  (apt: gcc-riscv64-unknown-elf)
@@ -67,6 +70,11 @@ if ! command -v riscv64-unknown-elf-gcc >/dev/null 2>&1; then
 fi
 CC=riscv64-unknown-elf-gcc
 
+# python3 makes the fixture data and runs esptool.
+if ! command -v python3 >/dev/null 2>&1; then
+    apt_install python3 python3-venv
+fi
+
 # --- esptool ---------------------------------------------------------------------------------
 # Prints the major version of an esptool command, or nothing.
 esptool_major() {
@@ -91,9 +99,6 @@ else
     if [[ ${#ESPTOOL_CMD[@]} -eq 0 ]]; then
         VENV="$TOOLS_DIR/venv"
         if [[ ! -x "$VENV/bin/esptool" && ! -x "$VENV/bin/esptool.py" ]]; then
-            if ! command -v python3 >/dev/null 2>&1; then
-                apt_install python3 python3-venv
-            fi
             rm -rf "$VENV"
             if ! python3 -m venv "$VENV" >&2; then
                 rm -rf "$VENV"
@@ -126,7 +131,9 @@ else
     IMAGE_INFO=(image_info --version 2)
 fi
 
-OUTPUTS=(app-v1.bin app-v2.bin app-v1-nodigest.bin app-v1.info.txt app-v2.info.txt app-v1-nodigest.info.txt)
+OUTPUTS=(app-v1.bin app-v2.bin app-v1-nodigest.bin app-v1.info.txt app-v2.info.txt
+    app-v1-nodigest.info.txt app-v1.elf app-v2.elf app-v1-nodigest.elf image-info.argv
+    esptool-version.txt)
 STAMP_VALUE="$(sha256sum "$SCRIPT_PATH" | cut -d' ' -f1) esptool $ESPTOOL_VERSION"
 
 all_present() {
@@ -279,6 +286,8 @@ build app-v1 "1.0.0" 1 4096
 build app-v2 "2.0.0" 2 $((380 * 1024)) --min-rev-full 3 --max-rev-full 199
 build app-v1-nodigest "1.0.0" 1 4096 --dont-append-digest
 
+printf '%s\n' "${ESPTOOL_CMD[@]}" "${IMAGE_INFO[@]}" >"$OUT_DIR/image-info.argv"
+echo "$ESPTOOL_VERSION" >"$OUT_DIR/esptool-version.txt"
 echo "$STAMP_VALUE" >"$STAMP"
 log "built in $OUT_DIR with esptool $ESPTOOL_VERSION (${ESPTOOL_CMD[*]})"
 ls -l "$OUT_DIR"/*.bin >&2

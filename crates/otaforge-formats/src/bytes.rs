@@ -65,7 +65,11 @@ pub(crate) fn c_string_field<const N: usize>(text: &str, max: usize) -> [u8; N] 
         cut = cut.saturating_sub(1);
     }
     let mut field = [0u8; N];
-    put(&mut field, 0, text.as_bytes().get(..cut).unwrap_or_default());
+    put(
+        &mut field,
+        0,
+        text.as_bytes().get(..cut).unwrap_or_default(),
+    );
     field
 }
 

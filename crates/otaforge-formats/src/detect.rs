@@ -111,7 +111,9 @@ impl Inspected {
 mod tests {
     use super::*;
     use crate::esp::Chip;
-    use crate::esp::build::{SegmentSpec, app_desc, arduino_esp8266_bin, esp8266_image, esp32_image};
+    use crate::esp::build::{
+        SegmentSpec, app_desc, arduino_esp8266_bin, esp32_image, esp8266_image,
+    };
     use crate::w800::{W800Header, build_image};
     use alloc::string::ToString;
     use alloc::vec;
@@ -135,7 +137,9 @@ mod tests {
         assert_eq!(got.format_name(), "esp32-app");
         assert_eq!(got.version(), Some("4.5.6"));
         assert_eq!(got.project_name(), Some("thing"));
-        let Inspected::Esp32(img) = got else { unreachable!() };
+        let Inspected::Esp32(img) = got else {
+            unreachable!()
+        };
         assert_eq!(img.chip, Chip::Esp32S3);
     }
 
@@ -144,8 +148,14 @@ mod tests {
         let mut bytes = esp32();
         bytes[0x30] ^= 1;
         let err = inspect(&bytes).unwrap_err();
-        assert!(matches!(err, FormatError::Esp32(EspImageError::ChecksumMismatch { .. })));
-        assert!(err.to_string().starts_with("esp32 app image: checksum mismatch"));
+        assert!(matches!(
+            err,
+            FormatError::Esp32(EspImageError::ChecksumMismatch { .. })
+        ));
+        assert!(
+            err.to_string()
+                .starts_with("esp32 app image: checksum mismatch")
+        );
         let err = inspect(&esp32()[..100]).unwrap_err();
         assert!(matches!(err, FormatError::Esp32(_)), "{err}");
     }
@@ -176,7 +186,10 @@ mod tests {
         let mut bad = bytes.clone();
         bad[0x1020] ^= 1;
         assert!(matches!(inspect(&bad), Err(FormatError::Esp8266(_))));
-        assert!(matches!(inspect(&[0xE9, 1, 2]), Err(FormatError::Esp8266(_))));
+        assert!(matches!(
+            inspect(&[0xE9, 1, 2]),
+            Err(FormatError::Esp8266(_))
+        ));
     }
 
     #[test]

@@ -295,9 +295,18 @@ pub enum EspImageError {
     /// The `hash_appended` byte is neither 0 nor 1.
     BadHashAppended { value: u8 },
     /// A segment header does not fit in the file.
-    SegmentHeaderPastEnd { index: usize, offset: usize, file_len: usize },
+    SegmentHeaderPastEnd {
+        index: usize,
+        offset: usize,
+        file_len: usize,
+    },
     /// A segment's data does not fit in the file.
-    SegmentPastEnd { index: usize, offset: usize, len: u32, file_len: usize },
+    SegmentPastEnd {
+        index: usize,
+        offset: usize,
+        len: u32,
+        file_len: usize,
+    },
     /// A segment length is not a multiple of 4 (ESP32 only).
     SegmentLenNotAligned { index: usize, len: u32 },
     /// A segment length is 16 MiB or more.
@@ -309,7 +318,10 @@ pub enum EspImageError {
     /// The appended SHA-256 does not fit in the file.
     HashPastEnd { offset: usize, file_len: usize },
     /// The appended SHA-256 is not the hash of the image.
-    HashMismatch { stored: [u8; 32], computed: [u8; 32] },
+    HashMismatch {
+        stored: [u8; 32],
+        computed: [u8; 32],
+    },
     /// The Arduino CRC word at 0x1014 does not match the image.
     ArduinoCrcMismatch { stored: u32, computed: u32 },
     /// An error inside the sketch image at 0x1000 of an Arduino ESP8266 `.bin`.
@@ -418,21 +430,20 @@ fn walk_segments(
         ) else {
             return Err(header_past_end);
         };
-        let data_offset = pos
-            .checked_add(SEGMENT_HEADER_LEN)
-            .ok_or(header_past_end)?;
+        let data_offset = pos.checked_add(SEGMENT_HEADER_LEN).ok_or(header_past_end)?;
         if esp32_rules && len % 4 != 0 {
             return Err(EspImageError::SegmentLenNotAligned { index, len });
         }
         if len >= MAX_SEGMENT_LEN {
             return Err(EspImageError::SegmentTooLong { index, len });
         }
-        let data = slice(bytes, data_offset, len as usize).ok_or(EspImageError::SegmentPastEnd {
-            index,
-            offset: data_offset,
-            len,
-            file_len,
-        })?;
+        let data =
+            slice(bytes, data_offset, len as usize).ok_or(EspImageError::SegmentPastEnd {
+                index,
+                offset: data_offset,
+                len,
+                file_len,
+            })?;
         checksum = xor_checksum(checksum, data);
         segments.push(Segment {
             load_addr,
@@ -483,11 +494,10 @@ pub fn looks_like_esp32_header(bytes: &[u8]) -> bool {
 /// lengths, the XOR checksum and, when `hash_appended`, the SHA-256. Bytes after the image are
 /// allowed and reported in `trailing_len`.
 pub fn parse_image(bytes: &[u8]) -> Result<EspImage, EspImageError> {
-    let header: [u8; HEADER_LEN] =
-        array(bytes, 0).ok_or(EspImageError::TooShortForHeader {
-            needed: HEADER_LEN,
-            len: bytes.len(),
-        })?;
+    let header: [u8; HEADER_LEN] = array(bytes, 0).ok_or(EspImageError::TooShortForHeader {
+        needed: HEADER_LEN,
+        len: bytes.len(),
+    })?;
     if header[0] != IMAGE_MAGIC {
         return Err(EspImageError::BadMagic {
             offset: 0,
@@ -1005,7 +1015,10 @@ mod tests {
             panic!("expected checksum mismatch, got {err}");
         };
         assert_eq!(stored ^ computed, 0x01);
-        assert!(err.to_string().starts_with("checksum mismatch: image says 0x"));
+        assert!(
+            err.to_string()
+                .starts_with("checksum mismatch: image says 0x")
+        );
 
         // Hash mismatch: change the checksum padding (covered by the hash, not the XOR).
         let img = parse_image(&good).unwrap();
@@ -1021,7 +1034,10 @@ mod tests {
 
         // Truncated before the checksum.
         let err = parse_image(&good[..img.checksum_offset]).unwrap_err();
-        assert!(matches!(err, EspImageError::ChecksumPastEnd { .. }), "{err}");
+        assert!(
+            matches!(err, EspImageError::ChecksumPastEnd { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1145,14 +1161,20 @@ mod tests {
         assert_eq!(app.segments[0].load_addr, 0x4020_1010);
         assert_eq!(app.segments[0].data_offset, 0x1010);
         assert_eq!(img.image_len, bytes.len());
-        assert_eq!(img.arduino_crc, Some(u32::from_le_bytes(bytes[0x1014..0x1018].try_into().unwrap())));
+        assert_eq!(
+            img.arduino_crc,
+            Some(u32::from_le_bytes(
+                bytes[0x1014..0x1018].try_into().unwrap()
+            ))
+        );
 
         // A flipped byte in the sketch breaks its XOR checksum.
         let mut bad = bytes.clone();
         bad[0x1030] ^= 0x10;
         let err = parse_esp8266_image(&bad).unwrap_err();
         assert!(
-            err.to_string().starts_with("in the sketch image at 0x1000: checksum mismatch"),
+            err.to_string()
+                .starts_with("in the sketch image at 0x1000: checksum mismatch"),
             "{err}"
         );
         // A wrong CRC word is caught by the CRC.
@@ -1177,7 +1199,10 @@ mod tests {
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x01;
-            assert!(parse_esp8266_image(&bad).is_err(), "flip at {i:#x} accepted");
+            assert!(
+                parse_esp8266_image(&bad).is_err(),
+                "flip at {i:#x} accepted"
+            );
         }
     }
 

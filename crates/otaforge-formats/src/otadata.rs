@@ -288,7 +288,10 @@ mod tests {
         let two = OtaSelectEntry::new(2, OtaState::Undefined);
         assert_eq!(select_boot(&[one, erased], 2), Some((0, 0)));
         assert_eq!(select_boot(&[one, two], 2), Some((1, 1)));
-        assert_eq!(select_boot(&[OtaSelectEntry::new(3, OtaState::New), two], 2), Some((0, 0)));
+        assert_eq!(
+            select_boot(&[OtaSelectEntry::new(3, OtaState::New), two], 2),
+            Some((0, 0))
+        );
         // The higher one aborted: fall back to the other.
         assert_eq!(
             select_boot(&[one, OtaSelectEntry::new(2, OtaState::Aborted)], 2),
@@ -297,7 +300,10 @@ mod tests {
         // Tie: entry 0.
         assert_eq!(select_boot(&[two, two], 2), Some((0, 1)));
         // seq 5 with 3 slots boots slot (5-1) % 3 = 1.
-        assert_eq!(select_boot(&[OtaSelectEntry::new(5, OtaState::Valid), erased], 3), Some((0, 1)));
+        assert_eq!(
+            select_boot(&[OtaSelectEntry::new(5, OtaState::Valid), erased], 3),
+            Some((0, 1))
+        );
         // No OTA slots.
         assert_eq!(select_boot(&[one, two], 0), None);
         // seq 0 wraps as in C.

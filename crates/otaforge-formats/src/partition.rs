@@ -148,7 +148,10 @@ pub enum PartitionError {
     /// A row starts with neither `AA 50`, `EB EB` nor is all 0xFF.
     UnknownRowMagic { row: usize, magic: [u8; 2] },
     /// The MD5 row does not hold the MD5 of the rows before it.
-    Md5Mismatch { stored: [u8; 16], computed: [u8; 16] },
+    Md5Mismatch {
+        stored: [u8; 16],
+        computed: [u8; 16],
+    },
     /// No MD5 row and no all-0xFF row within 0xC00 bytes.
     MissingEndMarker,
     /// More rows than fit in 0xC00 bytes with the MD5 row.
@@ -202,10 +205,11 @@ impl PartitionTable {
         let mut entries = Vec::new();
         let mut md5 = Md5::new();
         for (index, chunk) in bytes.chunks(ROW_LEN).enumerate() {
-            let row: &[u8; ROW_LEN] = chunk.try_into().map_err(|_| PartitionError::TruncatedRow {
-                row: index,
-                len: bytes.len(),
-            })?;
+            let row: &[u8; ROW_LEN] =
+                chunk.try_into().map_err(|_| PartitionError::TruncatedRow {
+                    row: index,
+                    len: bytes.len(),
+                })?;
             let magic = [row[0], row[1]];
             if row.iter().all(|&b| b == 0xFF) {
                 return Ok(PartitionTable { entries });
@@ -319,7 +323,13 @@ mod tests {
             ]
         );
         let md5_row = &bin[6 * 32..7 * 32];
-        assert_eq!(&md5_row[..16], &[0xEB, 0xEB, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
+        assert_eq!(
+            &md5_row[..16],
+            &[
+                0xEB, 0xEB, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                0xFF, 0xFF
+            ]
+        );
         assert_eq!(&md5_row[16..], Md5::digest(&bin[..6 * 32]).as_slice());
         assert!(bin[7 * 32..].iter().all(|&b| b == 0xFF));
     }
@@ -367,7 +377,10 @@ mod tests {
         };
         assert!(e.is_encrypted() && e.is_readonly());
         let table = PartitionTable { entries: vec![e] };
-        assert_eq!(PartitionTable::parse(&table.encode().unwrap()).unwrap(), table);
+        assert_eq!(
+            PartitionTable::parse(&table.encode().unwrap()).unwrap(),
+            table
+        );
 
         let long = PartitionTable {
             entries: vec![entry("seventeen_bytes_x", TYPE_DATA, 2, 0, 0)],
@@ -396,7 +409,10 @@ mod tests {
         bad[12] = b'N';
         let err = PartitionTable::parse(&bad).unwrap_err();
         assert!(matches!(err, PartitionError::Md5Mismatch { .. }));
-        assert!(err.to_string().starts_with("partition table md5 mismatch: table says "));
+        assert!(
+            err.to_string()
+                .starts_with("partition table md5 mismatch: table says ")
+        );
 
         let mut bad = bin.clone();
         bad[32] = 0x12;

@@ -140,9 +140,8 @@ impl W800Header {
 
     /// Parses and verifies a header (magic and `hd_checksum`) at the start of `bytes`.
     pub fn parse(bytes: &[u8]) -> Result<W800Header, W800Error> {
-        let h: [u8; HEADER_LEN] = array(bytes, 0).ok_or(W800Error::TooShortForHeader {
-            len: bytes.len(),
-        })?;
+        let h: [u8; HEADER_LEN] =
+            array(bytes, 0).ok_or(W800Error::TooShortForHeader { len: bytes.len() })?;
         let word = |offset: usize| u32_at(&h, offset).unwrap_or_default();
         let magic = word(0);
         if magic != MAGIC {
@@ -249,7 +248,10 @@ impl fmt::Display for W800Error {
                 "payload checksum mismatch: image says {stored:#010x}, computed {computed:#010x}"
             ),
             W800Error::PayloadTooLarge { len } => {
-                write!(f, "payload of {len} bytes does not fit the 32-bit length field")
+                write!(
+                    f,
+                    "payload of {len} bytes does not fit the 32-bit length field"
+                )
             }
         }
     }
@@ -262,12 +264,11 @@ impl core::error::Error for W800Error {}
 pub fn parse_image(bytes: &[u8]) -> Result<W800Image, W800Error> {
     let header = W800Header::parse(bytes)?;
     let available = bytes.len().saturating_sub(HEADER_LEN);
-    let payload = slice(bytes, HEADER_LEN, header.payload_len as usize).ok_or(
-        W800Error::PayloadPastEnd {
+    let payload =
+        slice(bytes, HEADER_LEN, header.payload_len as usize).ok_or(W800Error::PayloadPastEnd {
             payload_len: header.payload_len,
             available,
-        },
-    )?;
+        })?;
     let computed = jamcrc(payload);
     if computed != header.org_checksum {
         return Err(W800Error::PayloadChecksumMismatch {
@@ -334,7 +335,11 @@ mod tests {
         let b = h.encode();
         assert_eq!(&b[0..4], &[0x9F, 0xFF, 0xFF, 0xA0]);
         assert_eq!(&b[4..6], &0u16.to_le_bytes(), "img_type u16");
-        assert_eq!(&b[6..8], &(1u16 << 4).to_le_bytes(), "compress u16 = 1<<4 for xz");
+        assert_eq!(
+            &b[6..8],
+            &(1u16 << 4).to_le_bytes(),
+            "compress u16 = 1<<4 for xz"
+        );
         assert_eq!(&b[8..12], &0x080D_0400u32.to_le_bytes());
         assert_eq!(&b[12..16], &0x1234u32.to_le_bytes());
         assert_eq!(&b[16..20], &0x080D_0000u32.to_le_bytes());

@@ -2,7 +2,9 @@
 //! encode -> parse round trips hold for partition tables, otadata entries and W800 images.
 
 use otaforge_formats::detect::inspect;
-use otaforge_formats::esp::build::{SegmentSpec, app_desc, arduino_esp8266_bin, esp8266_image, esp32_image};
+use otaforge_formats::esp::build::{
+    SegmentSpec, app_desc, arduino_esp8266_bin, esp32_image, esp8266_image,
+};
 use otaforge_formats::esp::{self, Chip};
 use otaforge_formats::otadata::{self, OtaSelectEntry, OtaState};
 use otaforge_formats::partition::{PartitionEntry, PartitionTable};
@@ -43,16 +45,22 @@ fn segments() -> impl Strategy<Value = Vec<SegmentSpec>> {
 
 /// A valid ESP32 image, sometimes with an app description in its first segment.
 fn esp32_bytes() -> impl Strategy<Value = Vec<u8>> {
-    (chip(), any::<u32>(), segments(), any::<bool>(), any::<bool>(), "[ -~]{0,40}").prop_map(
-        |(chip, entry, mut segs, hash, with_desc, version)| {
+    (
+        chip(),
+        any::<u32>(),
+        segments(),
+        any::<bool>(),
+        any::<bool>(),
+        "[ -~]{0,40}",
+    )
+        .prop_map(|(chip, entry, mut segs, hash, with_desc, version)| {
             if with_desc {
                 let mut data = app_desc(&version, "proj", "v5.1");
                 data.extend_from_slice(&segs[0].data);
                 segs[0].data = data;
             }
             esp32_image(chip, entry, &segs, hash)
-        },
-    )
+        })
 }
 
 fn w800_header() -> impl Strategy<Value = W800Header> {
@@ -114,16 +122,22 @@ fn format_prefixed_bytes() -> impl Strategy<Value = Vec<u8>> {
     let prefixes: Vec<Vec<u8>> = vec![
         vec![],
         vec![0xE9],
-        vec![0xE9, 0x03, 0x02, 0x20, 0, 0, 0, 0x42, 0xEE, 0, 0, 0, 0x05, 0x00],
+        vec![
+            0xE9, 0x03, 0x02, 0x20, 0, 0, 0, 0x42, 0xEE, 0, 0, 0, 0x05, 0x00,
+        ],
         vec![0x9F, 0xFF, 0xFF, 0xA0],
         vec![0xAA, 0x50],
         vec![0xEB, 0xEB],
         vec![0x1F, 0x8B],
     ];
-    (proptest::sample::select(prefixes), vec(any::<u8>(), 0..2048)).prop_map(|(mut p, rest)| {
-        p.extend_from_slice(&rest);
-        p
-    })
+    (
+        proptest::sample::select(prefixes),
+        vec(any::<u8>(), 0..2048),
+    )
+        .prop_map(|(mut p, rest)| {
+            p.extend_from_slice(&rest);
+            p
+        })
 }
 
 proptest! {

@@ -209,7 +209,10 @@ pub async fn serve(
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
+    // Title-case header names (`Content-Length`, `Content-Range`), as nginx and Apache send
+    // them: some device parsers compare header names case-sensitively.
+    http.title_case_headers(true)
+        .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
         .max_buf_size(64 * 1024);
     tokio::pin!(shutdown);

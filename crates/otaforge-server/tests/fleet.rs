@@ -898,3 +898,62 @@ async fn management_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(management, management_story);
+
+fn xz(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("xz")
+        .args(["-c", "--check=crc32", "-6"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("xz (xz-utils) is needed to make W800 OTA images");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+async fn w800_uploads_story(backend: Backend) {
+    use otaforge_formats::w800::{COMPRESS_XZ, W800Header, build_image};
+    let server = Server::start(backend).await;
+    let (pid, _, _) = server.product("w800").await;
+    let fw_path = format!("/api/v1/products/{pid}/firmware");
+    let app: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let header = W800Header {
+        version: "2.1.0".into(),
+        ..W800Header::default()
+    };
+    let img = build_image(&header, &app).unwrap();
+    let (status, body) = server.upload(&fw_path, img.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["format"], "w800-img");
+    assert_eq!(body["version"], "2.1.0");
+    assert_eq!(body["metadata"]["chip"], "w800");
+
+    // The OTA image: the xz of the whole .img under a new header marked xz.
+    let ota_header = W800Header {
+        version: "2.2.0".into(),
+        compress_type: COMPRESS_XZ,
+        ..W800Header::default()
+    };
+    let ota = build_image(&ota_header, &xz(&img)).unwrap();
+    let (status, body) = server.upload(&fw_path, ota.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["format"], "w800-xz");
+    assert_eq!(body["metadata"]["xz"], true);
+
+    // A flipped payload byte breaks org_checksum: 422 naming the checksum.
+    let mut bad = img.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let (status, body) = server.upload(&format!("{fw_path}?version=9.9.9"), bad).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("checksum"), "{body}");
+    // A flipped header byte breaks hd_checksum.
+    let mut bad = img;
+    bad[40] ^= 1;
+    let (status, body) = server.upload(&format!("{fw_path}?version=9.9.8"), bad).await;
+    assert_eq!(status, 422, "{body}");
+    server.finish().await;
+}
+on_both_backends!(w800_uploads, w800_uploads_story);
