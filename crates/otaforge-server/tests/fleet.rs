@@ -595,10 +595,33 @@ async fn uploads_are_checked_story(backend: Backend) {
         .upload(&format!("{fw_path}?version=e"), Vec::new())
         .await;
     assert_eq!(status, 400);
-    let (status, body) = server
-        .upload(&format!("{fw_path}?version=big"), vec![0u8; 700 * 1024])
-        .await;
-    assert_eq!(status, 413, "{body}");
+    // Over the limit: 413 from the declared length, before any body byte is read...
+    let head = format!(
+        "POST {fw_path}?version=big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        support::TOKEN,
+        700 * 1024
+    );
+    let r = server.raw(head.as_bytes()).await;
+    assert_eq!(r.status, 413);
+    // ...and, for a chunked body with no length, as soon as the bytes read pass the limit.
+    let r = support::raw_streaming(
+        server.addr,
+        format!(
+            "POST {fw_path}?version=big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            support::TOKEN
+        )
+        .into_bytes(),
+        (0..64).map(|_| {
+            let mut chunk = format!("{:x}\r\n", 64 * 1024).into_bytes();
+            chunk.extend(std::iter::repeat_n(0u8, 64 * 1024));
+            chunk.extend_from_slice(b"\r\n");
+            chunk
+        }),
+    )
+    .await;
+    assert_eq!(r.status, 413);
 
     // Nothing of the refused uploads stayed: one firmware, one blob.
     let (_, list) = server.call(Method::GET, &fw_path, None).await;
@@ -946,13 +969,20 @@ async fn w800_uploads_story(backend: Backend) {
     let mut bad = img.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    let (status, body) = server.upload(&format!("{fw_path}?version=9.9.9"), bad).await;
+    let (status, body) = server
+        .upload(&format!("{fw_path}?version=9.9.9"), bad)
+        .await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("checksum"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("checksum"),
+        "{body}"
+    );
     // A flipped header byte breaks hd_checksum.
     let mut bad = img;
     bad[40] ^= 1;
-    let (status, body) = server.upload(&format!("{fw_path}?version=9.9.8"), bad).await;
+    let (status, body) = server
+        .upload(&format!("{fw_path}?version=9.9.8"), bad)
+        .await;
     assert_eq!(status, 422, "{body}");
     server.finish().await;
 }

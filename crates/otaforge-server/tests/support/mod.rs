@@ -310,6 +310,46 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> RawResp
         .await
         .expect("the server did not close the connection")
         .unwrap();
+    parse_response(buf)
+}
+
+/// Sends a head, then body pieces while reading the answer at the same time: the server may
+/// answer (and close) before the body is all sent, as it does for a refused upload.
+pub async fn raw_streaming(
+    addr: std::net::SocketAddr,
+    head: Vec<u8>,
+    pieces: impl Iterator<Item = Vec<u8>> + Send + 'static,
+) -> RawResponse {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        if writer.write_all(&head).await.is_err() {
+            return;
+        }
+        for piece in pieces {
+            if writer.write_all(&piece).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let read = async {
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .expect("no answer");
+    sender.abort();
+    parse_response(buf)
+}
+
+fn parse_response(buf: Vec<u8>) -> RawResponse {
     let split = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
