@@ -1,0 +1,33 @@
+// npm run build: bundle src/editor.js and vendor htmx + the stylesheet into
+// crates/otaforge-server/assets/, which the server embeds in its binary.
+// Everything comes from node_modules installed from package-lock.json.
+import { build } from "esbuild";
+import { copyFile, mkdir, stat } from "node:fs/promises";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const assets = path.resolve(here, "../crates/otaforge-server/assets");
+await mkdir(assets, { recursive: true });
+
+await build({
+  entryPoints: [path.join(here, "src/editor.js")],
+  outfile: path.join(assets, "editor.js"),
+  bundle: true,
+  minify: true,
+  format: "iife",
+  target: ["es2020"],
+  legalComments: "none",
+  banner: {
+    js: "/* OTAForge editor bundle, built from web/ by `npm run build`. Includes CodeMirror 6 and Lezer (MIT, (c) Marijn Haverbeke and others). */",
+  },
+  logLevel: "warning",
+});
+
+await copyFile(path.join(here, "node_modules/htmx.org/dist/htmx.min.js"), path.join(assets, "htmx.min.js"));
+await copyFile(path.join(here, "src/app.css"), path.join(assets, "app.css"));
+
+for (const f of ["editor.js", "htmx.min.js", "app.css"]) {
+  const { size } = await stat(path.join(assets, f));
+  console.log(`${path.relative(process.cwd(), path.join(assets, f))}  ${size} bytes`);
+}
