@@ -572,54 +572,67 @@ async fn upload_firmware(
 ) -> ApiResult<Response> {
     state.store().get_product(product).await?;
     let bytes = upload::read_limited(&headers, body, state.config().max_upload_bytes).await?;
-    let described = upload::describe(&bytes)?;
-    let version = match (query.version, described.version) {
-        (Some(v), _) => v,
-        (None, Some(v)) => v,
-        (None, None) => {
+    let firmware = state.store_firmware(product, bytes, query.version).await?;
+    Ok(created(json!(firmware)))
+}
+
+impl AppState {
+    /// Checks firmware bytes, stores the blob and the row: all of it or nothing. The version
+    /// is `version`, or else what the image declares.
+    pub async fn store_firmware(
+        &self,
+        product: Id,
+        bytes: bytes::Bytes,
+        version: Option<String>,
+    ) -> ApiResult<Firmware> {
+        let described = upload::describe(&bytes)?;
+        let version = match (version, described.version) {
+            (Some(v), _) => v,
+            (None, Some(v)) => v,
+            (None, None) => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "the file is a {} image that carries no version; pass ?version=V",
+                        described.format
+                    ),
+                ));
+            }
+        };
+        let version = version.trim().to_string();
+        if version.is_empty() || version.len() > 31 || version.chars().any(|c| c.is_control()) {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "the file is a {} image that carries no version; pass ?version=V",
-                    described.format
-                ),
+                "version must be 1 to 31 printable characters",
             ));
         }
-    };
-    let version = version.trim().to_string();
-    if version.is_empty() || version.len() > 31 || version.chars().any(|c| c.is_control()) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "version must be 1 to 31 printable characters",
-        ));
-    }
-    let sums = upload::digests(&bytes);
-    state
-        .inner
-        .blobs
-        .put(&sums.sha256, bytes.clone())
-        .await
-        .map_err(|e| ApiError::internal("storing firmware", e))?;
-    let result = state
-        .store()
-        .create_firmware(NewFirmware {
-            product_id: product,
-            version,
-            size: bytes.len() as i64,
-            md5: sums.md5,
-            sha256: sums.sha256.clone(),
-            format: described.format.to_string(),
-            metadata: described.metadata,
-        })
-        .await;
-    match result {
-        Ok(firmware) => {
-            state.inner.blob_cache.insert(&firmware.sha256, bytes);
-            Ok(created(json!(firmware)))
-        }
-        Err(e) => {
-            release_blob(&state, &sums.sha256).await;
-            Err(e.into())
+        let sums = upload::digests(&bytes);
+        self.inner
+            .blobs
+            .put(&sums.sha256, bytes.clone())
+            .await
+            .map_err(|e| ApiError::internal("storing firmware", e))?;
+        let result = self
+            .store()
+            .create_firmware(NewFirmware {
+                product_id: product,
+                version,
+                size: bytes.len() as i64,
+                md5: sums.md5,
+                sha256: sums.sha256.clone(),
+                format: described.format.to_string(),
+                metadata: described.metadata,
+            })
+            .await;
+        match result {
+            Ok(firmware) => {
+                self.inner.blob_cache.insert(&firmware.sha256, bytes);
+                Ok(firmware)
+            }
+            Err(e) => {
+                release_blob(self, &sums.sha256).await;
+                Err(e.into())
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod client;
+mod device_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,13 @@ enum Command {
     Serve(ServeArgs),
     /// Measure check-ins and downloads against this server and, if installed, nginx.
     Bench(bench::BenchArgs),
+    /// A Linux device agent whose flash is a file laid out like an ESP32's.
+    Agent {
+        #[command(subcommand)]
+        command: device_cmd::AgentCommand,
+    },
+    /// Simulate a fleet of devices updating over real HTTP.
+    Sim(device_cmd::SimArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -140,6 +148,8 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Agent { command } => device_cmd::agent(command).await,
+            Command::Sim(args) => device_cmd::sim(args).await,
             Command::Client(cmd) => client::run(cmd).await,
         }
     });

@@ -1,0 +1,439 @@
+//! The fleet simulator: N virtual devices in one process, each with its own simulated NOR
+//! flash and OTA engine, talking real HTTP to a server with the same client the agent uses.
+//! Scenario knobs: poll interval and jitter, the share of devices whose new firmware fails
+//! its health check (and rolls back), the share that lose power mid-update, network drops.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use otaforge_device::esp::{EspConfig, EspOta, Layout, init_flash};
+use otaforge_device::flash::SimFlash;
+use otaforge_formats::esp::Chip;
+use sha2::{Digest, Sha256};
+
+use crate::client::{Check, DeviceInfo, Endpoint, Faults, Outcome, Policy, Updater};
+use crate::device::{EspSink, refresh_info};
+use crate::http::Url;
+
+/// How the virtual devices reach the server.
+#[derive(Debug, Clone)]
+pub enum SimDialect {
+    /// OTAdrive API with the product's key.
+    OtaDrive { api_key: String },
+    /// Static links `/ota/{product}/{serial}`, every device with this password.
+    StaticLink { product_id: i64, password: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub server: String,
+    pub dialect: SimDialect,
+    /// Device serials; their number is the fleet size.
+    pub serials: Vec<String>,
+    /// The image every device runs at the start (flashed by wire).
+    pub initial_image: Vec<u8>,
+    pub chip: Chip,
+    /// OTA slot size of the simulated flash.
+    pub slot_size: u32,
+    pub poll: Duration,
+    /// Each wait is `poll * (1 ± jitter)`.
+    pub jitter: f64,
+    /// Share of devices whose health check fails on any new firmware (they roll back).
+    pub fail_health: f64,
+    /// Share of devices that lose power once, during their first update.
+    pub power_loss: f64,
+    /// Share of downloaded ranges whose connection drops midway.
+    pub drop_rate: f64,
+    /// Stop after this long...
+    pub duration: Duration,
+    /// ...or as soon as every device runs this version or has rolled back from it.
+    pub until_version: Option<String>,
+    pub seed: u64,
+}
+
+/// What happened, in numbers.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub devices: usize,
+    pub versions: BTreeMap<String, usize>,
+    pub installs: u64,
+    pub rollbacks: u64,
+    pub power_losses: u64,
+    pub failed_downloads: u64,
+    pub bytes: u64,
+    pub requests: u64,
+    pub retries: u64,
+    pub elapsed: Duration,
+    /// Whether `until_version` was reached (always false without one).
+    pub converged: bool,
+}
+
+impl Summary {
+    pub fn requests_per_second(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "devices": self.devices, "versions": self.versions, "installs": self.installs,
+            "rollbacks": self.rollbacks, "power_losses": self.power_losses,
+            "failed_downloads": self.failed_downloads, "bytes": self.bytes,
+            "requests": self.requests, "retries": self.retries,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "requests_per_second": self.requests_per_second(), "converged": self.converged,
+        })
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} devices, {:.1} s",
+            self.devices,
+            self.elapsed.as_secs_f64()
+        )?;
+        for (version, n) in &self.versions {
+            writeln!(f, "  running {version:<16} {n}")?;
+        }
+        writeln!(
+            f,
+            "  installs {}  rollbacks {}  power losses {}  failed downloads {}",
+            self.installs, self.rollbacks, self.power_losses, self.failed_downloads
+        )?;
+        write!(
+            f,
+            "  {:.1} MiB moved in {} requests ({} retries), {:.0} requests/s",
+            self.bytes as f64 / (1024.0 * 1024.0),
+            self.requests,
+            self.retries,
+            self.requests_per_second()
+        )
+    }
+}
+
+/// Live counters, readable while the simulation runs.
+#[derive(Default)]
+pub struct Counters {
+    pub installs: AtomicU64,
+    pub rollbacks: AtomicU64,
+    pub power_losses: AtomicU64,
+    pub failed_downloads: AtomicU64,
+    pub bytes: AtomicU64,
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    /// Devices running `until_version`, or done with it (rolled back).
+    pub settled: AtomicU64,
+    versions: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Counters {
+    fn moved(&self, from: &str, to: &str) {
+        let mut v = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = v.get_mut(from) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                v.remove(from);
+            }
+        }
+        *v.entry(to.to_string()).or_default() += 1;
+    }
+
+    pub fn versions(&self) -> BTreeMap<String, usize> {
+        self.versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A deterministic draw in [0, 1) from a serial and a purpose: the same device makes the
+/// same choice in every run with the same seed.
+pub fn draw(seed: u64, serial: &str, purpose: &str) -> f64 {
+    let digest = Sha256::new()
+        .chain_update(seed.to_le_bytes())
+        .chain_update(serial.as_bytes())
+        .chain_update([0])
+        .chain_update(purpose.as_bytes())
+        .finalize();
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&digest[..8]);
+    (u64::from_le_bytes(n) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Runs the fleet; `progress` is called about once a second with the live counters.
+pub async fn run(
+    config: SimConfig,
+    progress: impl Fn(&Counters, Duration) + Send + 'static,
+) -> anyhow::Result<Summary> {
+    let server = Url::parse(&config.server)?;
+    let config = Arc::new(config);
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let initial_version = {
+        let layout = Layout::small(config.slot_size);
+        let mut flash = SimFlash::new(layout.flash_size)?;
+        init_flash(&mut flash, &layout, Some(&config.initial_image))?;
+        let mut ota = EspOta::open(flash, esp_config(&config))?;
+        ota.boot()?;
+        crate::device::running_identity(&mut ota)?.0
+    };
+    counters
+        .versions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(initial_version, config.serials.len());
+
+    let mut tasks = Vec::with_capacity(config.serials.len());
+    for (i, serial) in config.serials.iter().enumerate() {
+        let (config, counters, stop, server) = (
+            config.clone(),
+            counters.clone(),
+            stop.clone(),
+            server.clone(),
+        );
+        let serial = serial.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = device_life(i, &serial, &config, &server, &counters, &stop).await {
+                tracing::warn!(serial, error = %e, "a simulated device stopped");
+            }
+        }));
+    }
+
+    let total = config.serials.len() as u64;
+    let ticker = {
+        let (counters, stop) = (counters.clone(), stop.clone());
+        let config = config.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                progress(&counters, start.elapsed());
+                let done = config.until_version.is_some()
+                    && counters.settled.load(Ordering::Relaxed) >= total;
+                if done || start.elapsed() >= config.duration {
+                    stop.store(true, Ordering::Relaxed);
+                    return done;
+                }
+            }
+        })
+    };
+    let converged = ticker.await.unwrap_or(false);
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(Summary {
+        devices: config.serials.len(),
+        versions: counters.versions(),
+        installs: counters.installs.load(Ordering::Relaxed),
+        rollbacks: counters.rollbacks.load(Ordering::Relaxed),
+        power_losses: counters.power_losses.load(Ordering::Relaxed),
+        failed_downloads: counters.failed_downloads.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
+        requests: counters.requests.load(Ordering::Relaxed),
+        retries: counters.retries.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+        converged,
+    })
+}
+
+fn esp_config(config: &SimConfig) -> EspConfig {
+    EspConfig {
+        expected_chip: config.chip,
+        rollback: true,
+    }
+}
+
+/// Sleeps up to `d`, waking early when the simulation stops. Returns false on stop.
+async fn nap(d: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        tokio::time::sleep((until - Instant::now()).min(Duration::from_millis(250))).await;
+    }
+    !stop.load(Ordering::Relaxed)
+}
+
+async fn device_life(
+    index: usize,
+    serial: &str,
+    config: &SimConfig,
+    server: &Url,
+    counters: &Counters,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let layout = Layout::small(config.slot_size);
+    let mut flash = SimFlash::new(layout.flash_size)?;
+    init_flash(&mut flash, &layout, Some(&config.initial_image))?;
+    let mut ota = EspOta::open(flash, esp_config(config))?;
+    ota.boot()?;
+    let mut info = DeviceInfo {
+        serial: serial.to_string(),
+        version: String::new(),
+        sketch_md5: None,
+        sta_mac: format!(
+            "02:00:{:02X}:{:02X}:{:02X}:{:02X}",
+            (index >> 24) & 255,
+            (index >> 16) & 255,
+            (index >> 8) & 255,
+            index & 255
+        ),
+        free_space: u64::from(config.slot_size),
+        chip_size: u64::from(layout.flash_size),
+    };
+    refresh_info(&mut ota, &mut info)?;
+    let endpoint = match &config.dialect {
+        SimDialect::OtaDrive { api_key } => Endpoint::OtaDrive {
+            server: server.clone(),
+            api_key: api_key.clone(),
+        },
+        SimDialect::StaticLink {
+            product_id,
+            password,
+        } => Endpoint::StaticLink {
+            url: server.with_path(&format!(
+                "{}/ota/{product_id}/{serial}",
+                server.path.trim_end_matches('/')
+            )),
+            password: password.clone(),
+        },
+    };
+    let policy = Policy {
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(5),
+        faults: Faults {
+            drop_rate: config.drop_rate,
+        },
+        ..Policy::default()
+    };
+    let mut updater = Updater::new(
+        endpoint,
+        policy,
+        config.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    let fails_health = draw(config.seed, serial, "health") < config.fail_health;
+    let mut loses_power = draw(config.seed, serial, "power") < config.power_loss;
+    let mut rejected: Option<String> = None;
+    let mut settled = false;
+    let mark_settled = |settled: &mut bool, version: &str| {
+        if !*settled && config.until_version.as_deref() == Some(version) {
+            *settled = true;
+            counters.settled.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    mark_settled(&mut settled, &info.version.clone());
+
+    // Spread the first polls over one interval.
+    let first = config.poll.mul_f64(draw(config.seed, serial, "phase"));
+    let mut wait = first;
+    loop {
+        if !nap(wait, stop).await {
+            break;
+        }
+        let j = (draw(config.seed ^ updater.stats.requests, serial, "jitter") * 2.0 - 1.0)
+            * config.jitter;
+        wait = config.poll.mul_f64((1.0 + j).max(0.05));
+
+        let before = updater.stats;
+        let check = updater.check(&info).await;
+        let offer = match check {
+            Ok(Check::Offer(offer)) => offer,
+            Ok(_) => {
+                account(counters, before, updater.stats);
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(serial, error = %e, "check failed");
+                account(counters, before, updater.stats);
+                continue;
+            }
+        };
+        if offer.version.is_some() && offer.version == rejected {
+            // This device already rolled this version back: it does not take it again.
+            account(counters, before, updater.stats);
+            continue;
+        }
+        if loses_power {
+            // Cut somewhere inside the update's flash work (erases and writes).
+            let ops = offer.size / 4096 * 2 + 8;
+            let at = (draw(config.seed, serial, "cut-at") * ops as f64) as u64 + 1;
+            ota.flash_mut().set_power_cut(Some(at));
+        }
+        let result = {
+            let mut sink = EspSink::new(&mut ota);
+            updater.download(&info, &offer, &mut sink).await
+        };
+        account(counters, before, updater.stats);
+        if loses_power {
+            loses_power = false;
+            let cut = !ota.flash().is_powered();
+            ota.flash_mut().set_power_cut(None);
+            ota.flash_mut().restore_power();
+            if cut {
+                counters.power_losses.fetch_add(1, Ordering::Relaxed);
+                // Power comes back: the bootloader picks whatever is valid.
+                let old = info.version.clone();
+                ota.boot()?;
+                refresh_info(&mut ota, &mut info)?;
+                counters.moved(&old, &info.version);
+                updater.report(Outcome::Failed {
+                    reason: "power lost during the update".into(),
+                });
+                continue;
+            }
+        }
+        if let Err(e) = result {
+            counters.failed_downloads.fetch_add(1, Ordering::Relaxed);
+            updater.report(Outcome::Failed {
+                reason: e.to_string(),
+            });
+            continue;
+        }
+        // Reboot into the new image, then the health check decides.
+        let old = info.version.clone();
+        ota.boot()?;
+        refresh_info(&mut ota, &mut info)?;
+        if fails_health {
+            let tried = info.version.clone();
+            ota.mark_app_invalid_rollback_and_reboot()?;
+            refresh_info(&mut ota, &mut info)?;
+            counters.rollbacks.fetch_add(1, Ordering::Relaxed);
+            updater.report(Outcome::RolledBack {
+                version: tried.clone(),
+            });
+            mark_settled(&mut settled, &tried);
+            rejected = Some(tried);
+            if info.version != old {
+                counters.moved(&old, &info.version);
+            }
+        } else {
+            ota.mark_app_valid_cancel_rollback()?;
+            counters.installs.fetch_add(1, Ordering::Relaxed);
+            counters.moved(&old, &info.version);
+            updater.report(Outcome::Installed {
+                version: info.version.clone(),
+            });
+            let before = updater.stats;
+            let _ = updater.alive(&info).await;
+            account(counters, before, updater.stats);
+            mark_settled(&mut settled, &info.version.clone());
+        }
+    }
+    Ok(())
+}
+
+fn account(counters: &Counters, before: crate::client::Stats, after: crate::client::Stats) {
+    counters
+        .requests
+        .fetch_add(after.requests - before.requests, Ordering::Relaxed);
+    counters
+        .bytes
+        .fetch_add(after.bytes - before.bytes, Ordering::Relaxed);
+    counters
+        .retries
+        .fetch_add(after.retries - before.retries, Ordering::Relaxed);
+}

@@ -1,0 +1,352 @@
+//! `otaforge agent` (a Linux device with a file as its flash) and `otaforge sim` (a fleet of
+//! virtual devices), over the `otaforge-agent` crate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use otaforge_agent::agent::{Agent, AgentConfig, init_flash_file};
+use otaforge_agent::client::Endpoint;
+use otaforge_agent::device::demo_image;
+use otaforge_agent::http::Url;
+use otaforge_agent::sim::{self, SimConfig, SimDialect};
+use otaforge_device::esp::Layout;
+use otaforge_formats::esp::Chip;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ChipArg {
+    Esp32,
+    Esp32s2,
+    Esp32s3,
+    Esp32c3,
+    Esp32c6,
+}
+
+impl ChipArg {
+    fn chip(self) -> Chip {
+        match self {
+            ChipArg::Esp32 => Chip::Esp32,
+            ChipArg::Esp32s2 => Chip::Esp32S2,
+            ChipArg::Esp32s3 => Chip::Esp32S3,
+            ChipArg::Esp32c3 => Chip::Esp32C3,
+            ChipArg::Esp32c6 => Chip::Esp32C6,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Make a 4 MB flash file laid out like an ESP32's (two OTA slots), with a first image.
+    InitFlash {
+        file: PathBuf,
+        /// The image flashed by wire into the first app slot.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// No factory partition: the first image goes to ota_0.
+        #[arg(long)]
+        no_factory: bool,
+    },
+    /// Poll the server and install updates into the flash file.
+    Run(AgentRunArgs),
+}
+
+#[derive(Args)]
+pub struct AgentRunArgs {
+    #[arg(long)]
+    flash: PathBuf,
+    /// This device's serial number.
+    #[arg(long)]
+    serial: String,
+    /// OTAdrive dialect: the server's base URL (with --api-key).
+    #[arg(long, requires = "api_key", conflicts_with = "link")]
+    server: Option<String>,
+    #[arg(long, env = "OTAFORGE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Static-link dialect: the device's firmware_url (with --password).
+    #[arg(long, requires = "password")]
+    link: Option<String>,
+    #[arg(long, env = "OTAFORGE_DEVICE_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    #[arg(long, value_enum, default_value = "esp32c3")]
+    chip: ChipArg,
+    /// Seconds between polls.
+    #[arg(long, default_value_t = 60)]
+    interval: u64,
+    /// Shell command run after an update boots; exit 0 = healthy.
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// One poll, then exit.
+    #[arg(long)]
+    once: bool,
+}
+
+pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::InitFlash {
+            file,
+            image,
+            no_factory,
+        } => {
+            let image = image
+                .map(|p| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?;
+            let mut layout = Layout::default_4mb();
+            if no_factory {
+                layout.factory = None;
+            }
+            init_flash_file(&file, &layout, image.as_deref())?;
+            println!(
+                "{} made: partition table at 0x8000, otadata at 0xd000, ota_0 0x110000, ota_1 0x210000",
+                file.display()
+            );
+            Ok(())
+        }
+        AgentCommand::Run(args) => {
+            let endpoint = match (args.server, args.api_key, args.link, args.password) {
+                (Some(server), Some(api_key), None, _) => Endpoint::OtaDrive {
+                    server: Url::parse(&server)?,
+                    api_key,
+                },
+                (None, _, Some(link), Some(password)) => Endpoint::StaticLink {
+                    url: Url::parse(&link)?,
+                    password,
+                },
+                _ => bail!(
+                    "give --server URL --api-key KEY (OTAdrive) or --link URL --password P (static link)"
+                ),
+            };
+            let agent = Agent::start(AgentConfig {
+                flash: args.flash,
+                endpoint,
+                serial: args.serial,
+                chip: args.chip.chip(),
+                interval: Duration::from_secs(args.interval.max(1)),
+                health_cmd: args.health_cmd,
+                once: args.once,
+            })
+            .await?;
+            agent.run().await
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SimArgs {
+    /// Number of virtual devices.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// A running server to talk to (with --api-key); without it the simulator starts its own
+    /// server on a temporary SQLite database, registers the devices and assigns --target.
+    #[arg(long, requires = "api_key")]
+    server: Option<String>,
+    #[arg(long, env = "OTAFORGE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Serial prefix of the virtual devices (serials are PREFIX000000, PREFIX000001, ...).
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    /// The image every device starts with (default: a generated 1.0.0 image).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The image rolled out in embedded mode (default: a generated 2.0.0 image).
+    #[arg(long)]
+    target: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "esp32c3")]
+    chip: ChipArg,
+    /// Seconds between polls.
+    #[arg(long, default_value_t = 5.0)]
+    poll: f64,
+    /// Poll jitter, as a share of the interval.
+    #[arg(long, default_value_t = 0.2)]
+    jitter: f64,
+    /// Share of devices whose health check fails on the new firmware.
+    #[arg(long, default_value_t = 0.0)]
+    fail_health: f64,
+    /// Share of devices that lose power during their first update.
+    #[arg(long, default_value_t = 0.0)]
+    power_loss: f64,
+    /// Share of downloaded ranges whose connection drops.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Stop after this many seconds at the latest.
+    #[arg(long, default_value_t = 600)]
+    duration: u64,
+    /// Stop when every device runs (or rolled back) this version (embedded mode: the target's).
+    #[arg(long)]
+    until_version: Option<String>,
+    /// Write the summary as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn read_or(path: &Option<PathBuf>, make: impl FnOnce() -> Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    match path {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display())),
+        None => Ok(make()),
+    }
+}
+
+/// An in-process server with a product, the devices registered and `target` assigned.
+async fn embedded_server(
+    serials: &[String],
+    target: Vec<u8>,
+) -> anyhow::Result<(
+    String,
+    String,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tempdir::Dir,
+)> {
+    use otaforge_store::model::{DeviceStatus, GroupPatch, NewDevice};
+    let dir = tempdir::Dir::new("otaforge-sim")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = otaforge_server::Config {
+        listen: addr,
+        data_dir: dir.path().to_path_buf(),
+        ..otaforge_server::Config::default()
+    };
+    let state = otaforge_server::AppState::open(config).await?;
+    let store = state.store();
+    let key = otaforge_server::auth::random_secret().map_err(|e| anyhow::anyhow!(e.message))?;
+    let product = store
+        .create_product("sim", &otaforge_server::auth::digest(&key))
+        .await?;
+    let firmware = state
+        .store_firmware(product.id, target.into(), None)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let version = firmware.version.clone();
+    store
+        .update_group(
+            product.id,
+            product.default_group_id,
+            GroupPatch {
+                firmware_id: Some(Some(firmware.id)),
+                ..GroupPatch::default()
+            },
+        )
+        .await?;
+    let bar = indicatif::ProgressBar::new(serials.len() as u64).with_message("registering devices");
+    for serial in serials {
+        store
+            .create_device(NewDevice {
+                product_id: product.id,
+                group_id: None,
+                serial: serial.clone(),
+                status: DeviceStatus::Verified,
+                password_hash: None,
+            })
+            .await?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server_state = state.clone();
+    tokio::spawn(async move {
+        let _ = otaforge_server::serve(server_state, listener, async move {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Ok((format!("http://{addr}"), key, version, tx, dir))
+}
+
+mod tempdir {
+    //! A temporary folder removed on drop.
+    pub struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> std::io::Result<Dir> {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let path = std::env::temp_dir().join(format!("{tag}-{}-{nanos}", std::process::id()));
+            std::fs::create_dir_all(&path)?;
+            Ok(Dir(path))
+        }
+
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
+    let chip = args.chip.chip();
+    let initial = read_or(&args.image, || {
+        demo_image(chip, "otaforge-sim", "1.0.0", 48 * 1024)
+    })?;
+    let serials: Vec<String> = (0..args.devices)
+        .map(|i| format!("{}{i:06}", args.prefix))
+        .collect();
+    let (server, api_key, until, _guard) = match (&args.server, &args.api_key) {
+        (Some(server), Some(key)) => (
+            server.clone(),
+            key.clone(),
+            args.until_version.clone(),
+            None,
+        ),
+        _ => {
+            let target = read_or(&args.target, || {
+                demo_image(chip, "otaforge-sim", "2.0.0", 48 * 1024)
+            })?;
+            eprintln!("starting an embedded server with {} devices", serials.len());
+            let (server, key, version, stop, dir) = embedded_server(&serials, target).await?;
+            (
+                server,
+                key,
+                Some(args.until_version.clone().unwrap_or(version)),
+                Some((stop, dir)),
+            )
+        }
+    };
+    let slot_size = (initial.len() as u32 * 4).max(256 * 1024);
+    let config = SimConfig {
+        server,
+        dialect: SimDialect::OtaDrive { api_key },
+        serials,
+        initial_image: initial,
+        chip,
+        slot_size,
+        poll: Duration::from_secs_f64(args.poll.max(0.05)),
+        jitter: args.jitter.clamp(0.0, 1.0),
+        fail_health: args.fail_health.clamp(0.0, 1.0),
+        power_loss: args.power_loss.clamp(0.0, 1.0),
+        drop_rate: args.drop_rate.clamp(0.0, 1.0),
+        duration: Duration::from_secs(args.duration),
+        until_version: until,
+        seed: args.seed,
+    };
+    let total = config.serials.len();
+    let summary = sim::run(config, move |c, t| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let versions: Vec<String> = c.versions().iter().map(|(v, n)| format!("{v}: {n}")).collect();
+        eprintln!(
+            "[{:>5.0}s] {} | settled {}/{total} | installs {} rollbacks {} power losses {} | {:.1} MiB, {} requests",
+            t.as_secs_f64(),
+            versions.join(", "),
+            c.settled.load(Relaxed),
+            c.installs.load(Relaxed),
+            c.rollbacks.load(Relaxed),
+            c.power_losses.load(Relaxed),
+            c.bytes.load(Relaxed) as f64 / 1048576.0,
+            c.requests.load(Relaxed),
+        );
+    })
+    .await?;
+    println!("{summary}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary.to_json())?)?;
+    }
+    Ok(())
+}
