@@ -171,13 +171,9 @@ pub fn init_flash<F: Flash + ?Sized>(
     flash.write(TABLE_OFFSET, &table)?;
     erase_range(flash, layout.otadata.offset, layout.otadata.size)?;
     if let Some(image) = first_image {
-        let target = layout.factory.unwrap_or_else(|| {
-            layout
-                .ota
-                .first()
-                .copied()
-                .unwrap_or(Region::new(0, 0))
-        });
+        let target = layout
+            .factory
+            .unwrap_or_else(|| layout.ota.first().copied().unwrap_or(Region::new(0, 0)));
         let len = u32::try_from(image.len())
             .ok()
             .filter(|&l| l <= target.size)
@@ -377,20 +373,13 @@ impl<F: Flash> EspOta<F> {
             }
         }
         let factory = table.factory().map(region_of);
-        let layout = Layout {
-            flash_size: flash.size(),
-            nvs: Region::new(0x9000, 0x1000),
-            otadata,
-            phy_init: Region::new(0xF000, 0x1000),
-            factory,
-            ota: slots.clone(),
-        };
+        let flash_size = u64::from(flash.size());
         // Check the partitions OTA touches: aligned, inside the flash, not overlapping.
         let mut touched = vec![Region::new(TABLE_OFFSET, SECTOR_SIZE), otadata];
         touched.extend(factory);
         touched.extend(slots.iter().copied());
         for (i, r) in touched.iter().enumerate() {
-            if !r.is_sector_aligned() || r.size == 0 || r.end() > u64::from(layout.flash_size) {
+            if !r.is_sector_aligned() || r.size == 0 || r.end() > flash_size {
                 return Err(EspError::InvalidLayout {
                     reason: format!(
                         "partition at {:#x} ({:#x} bytes) is not whole sectors inside the flash",
@@ -398,7 +387,11 @@ impl<F: Flash> EspOta<F> {
                     ),
                 });
             }
-            if touched.iter().skip(i.saturating_add(1)).any(|o| o.overlaps(r)) {
+            if touched
+                .iter()
+                .skip(i.saturating_add(1))
+                .any(|o| o.overlaps(r))
+            {
                 return Err(EspError::InvalidLayout {
                     reason: "app or otadata partitions overlap".into(),
                 });
@@ -621,8 +614,9 @@ impl<F: Flash> EspOta<F> {
             }
         }
         let [e0, e1] = entries;
-        let select_invalid =
-            |e: &OtaSelectEntry| e.seq == u32::MAX || matches!(e.state, OtaState::Invalid | OtaState::Aborted);
+        let select_invalid = |e: &OtaSelectEntry| {
+            e.seq == u32::MAX || matches!(e.state, OtaState::Invalid | OtaState::Aborted)
+        };
         let empty_or_corrupt = |e: &OtaSelectEntry| e.seq == u32::MAX || !e.crc_ok();
         let mut initial_contents = false;
         // Index -1 is the factory app, 0.. the OTA slots (ESP-IDF's FACTORY_INDEX and up).

@@ -476,7 +476,11 @@ mod tests {
         f.restore_power();
         let mut buf = [0u8; 8];
         f.read(0x1000, &mut buf).unwrap();
-        assert_eq!(buf, [0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF], "first half written");
+        assert_eq!(
+            buf,
+            [0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF],
+            "first half written"
+        );
         // A cut erase with `Untouched` leaves the sector as it was.
         f.set_power_cut(Some(0));
         assert_eq!(f.erase_sector(0), Err(FlashError::PowerLoss));
@@ -516,7 +520,11 @@ mod tests {
     fn sparse_storage_stays_sparse() {
         let mut f = SimFlash::new(16 * 1024 * 1024).unwrap();
         f.write(0x80_0000, &[0xFF; 8192]).unwrap();
-        assert_eq!(f.resident_bytes(), 0, "writing 0xFF over erased flash stores nothing");
+        assert_eq!(
+            f.resident_bytes(),
+            0,
+            "writing 0xFF over erased flash stores nothing"
+        );
         f.write(0x80_0000, &[1]).unwrap();
         assert_eq!(f.resident_bytes(), 4096);
         f.erase_sector(0x80_0000).unwrap();

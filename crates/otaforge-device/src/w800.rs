@@ -21,8 +21,8 @@
 //! Memory: the decoder holds the dictionary buffer (the stream's dictionary size, at most the
 //! `app` size, refused above [`W800Config::max_dict_size`]) plus
 //! [`xz::FIXED_STATE_BYTES`](crate::xz::FIXED_STATE_BYTES), and the copy holds one 4 KiB sector;
-//! see [`copy_memory_bound`]. For `bin2img.py`'s 32 KiB dictionary that is about 66 KiB,
-//! whatever the image size.
+//! see [`copy_memory_bound`]. For `bin2img.py`'s 32 KiB dictionary that is 66,172 bytes
+//! (32 KiB + 29,308 + 4 KiB), whatever the image size.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -559,7 +559,9 @@ impl<F: Flash> W800Ota<F> {
             Err(e) => return Err(e.into()),
         }
         let Sink::Header(bytes) = io.sink else {
-            return Err(W800OtaError::InnerImage(W800Error::TooShortForHeader { len: 0 }));
+            return Err(W800OtaError::InnerImage(W800Error::TooShortForHeader {
+                len: 0,
+            }));
         };
         let raw: [u8; HEADER_LEN] = bytes
             .get(..HEADER_LEN)

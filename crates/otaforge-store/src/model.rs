@@ -112,6 +112,11 @@ pub struct Device {
     #[serde(skip)]
     pub password_hash: Option<String>,
     pub created_at: Millis,
+    /// Firmware assigned to this device alone (a workspace build); it wins over the group's.
+    pub firmware_id: Option<Id>,
+    /// Sealed (encrypted) device secrets: Wi-Fi credentials for its setup firmware.
+    #[serde(skip)]
+    pub secrets: Option<String>,
     #[serde(flatten)]
     pub telemetry: Telemetry,
 }
@@ -198,4 +203,97 @@ pub struct User {
     pub password_hash: String,
     pub is_admin: bool,
     pub created_at: Millis,
+}
+
+/// A signed-in browser: an operator (`user_id`) or a bot, bound to one device (`device_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub user_id: Option<Id>,
+    pub device_id: Option<Id>,
+    /// The token forms must echo back (CSRF protection).
+    pub csrf: String,
+    pub expires_at: Millis,
+}
+
+/// One saved state of a device's sketch: every file, and the board it targets.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SketchRevision {
+    pub id: Id,
+    pub device_id: Id,
+    pub fqbn: String,
+    /// File name -> content.
+    pub files: std::collections::BTreeMap<String, String>,
+    pub author: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl BuildStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Queued => "queued",
+            BuildStatus::Running => "running",
+            BuildStatus::Succeeded => "succeeded",
+            BuildStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "queued" => Some(BuildStatus::Queued),
+            "running" => Some(BuildStatus::Running),
+            "succeeded" => Some(BuildStatus::Succeeded),
+            "failed" => Some(BuildStatus::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn is_done(self) -> bool {
+        matches!(self, BuildStatus::Succeeded | BuildStatus::Failed)
+    }
+}
+
+/// A compiler diagnostic at a place in a sketch file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: u32,
+    pub column: u32,
+    pub severity: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Build {
+    pub id: Id,
+    pub product_id: Option<Id>,
+    pub device_id: Option<Id>,
+    pub fqbn: String,
+    pub files: std::collections::BTreeMap<String, String>,
+    pub status: BuildStatus,
+    pub log: String,
+    pub diagnostics: Vec<Diagnostic>,
+    pub firmware_id: Option<Id>,
+    pub worker: Option<String>,
+    pub requested_by: String,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewBuild {
+    pub product_id: Option<Id>,
+    pub device_id: Option<Id>,
+    pub fqbn: String,
+    pub files: std::collections::BTreeMap<String, String>,
+    pub requested_by: String,
 }

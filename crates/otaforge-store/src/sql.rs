@@ -11,7 +11,11 @@ use crate::store::Store;
 const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_at";
 const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
-     last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version";
+     last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
+     firmware_id, secrets";
+const REVISION_COLS: &str = "id, device_id, fqbn, files, author, created_at";
+const BUILD_COLS: &str = "id, product_id, device_id, fqbn, files, status, log, diagnostics, \
+     firmware_id, worker, requested_by, created_at, started_at, finished_at";
 const FIRMWARE_COLS: &str =
     "id, product_id, version, size, md5, sha256, format, metadata, created_at";
 const RESOURCE_COLS: &str = "id, group_id, name, fk, size, md5, sha256, created_at";
@@ -26,6 +30,14 @@ fn conflict(err: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
         }
         _ => StoreError::Database(err),
     }
+}
+
+fn parse_typed<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Invalid(format!("stored json: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_string())
 }
 
 fn parse_json(text: &str) -> Result<serde_json::Value> {
@@ -70,6 +82,8 @@ macro_rules! sql_store {
                     })?,
                     password_hash: row.try_get("password_hash")?,
                     created_at: row.try_get("created_at")?,
+                    firmware_id: row.try_get("firmware_id")?,
+                    secrets: row.try_get("secrets")?,
                     telemetry: Telemetry {
                         last_seen: row.try_get("last_seen")?,
                         version: row.try_get("version")?,
@@ -118,6 +132,42 @@ macro_rules! sql_store {
                     password_hash: row.try_get("password_hash")?,
                     is_admin: row.try_get::<i64, _>("is_admin")? != 0,
                     created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn revision(row: &$row) -> Result<SketchRevision> {
+                let files: String = row.try_get("files")?;
+                Ok(SketchRevision {
+                    id: row.try_get("id")?,
+                    device_id: row.try_get("device_id")?,
+                    fqbn: row.try_get("fqbn")?,
+                    files: parse_typed(&files)?,
+                    author: row.try_get("author")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn build(row: &$row) -> Result<Build> {
+                let files: String = row.try_get("files")?;
+                let diagnostics: String = row.try_get("diagnostics")?;
+                let status: String = row.try_get("status")?;
+                Ok(Build {
+                    id: row.try_get("id")?,
+                    product_id: row.try_get("product_id")?,
+                    device_id: row.try_get("device_id")?,
+                    fqbn: row.try_get("fqbn")?,
+                    files: parse_typed(&files)?,
+                    status: BuildStatus::parse(&status).ok_or_else(|| {
+                        StoreError::Invalid(format!("stored build status {status:?}"))
+                    })?,
+                    log: row.try_get("log")?,
+                    diagnostics: parse_typed(&diagnostics)?,
+                    firmware_id: row.try_get("firmware_id")?,
+                    worker: row.try_get("worker")?,
+                    requested_by: row.try_get("requested_by")?,
+                    created_at: row.try_get("created_at")?,
+                    started_at: row.try_get("started_at")?,
+                    finished_at: row.try_get("finished_at")?,
                 })
             }
 
@@ -710,6 +760,239 @@ macro_rules! sql_store {
                 .ok_or(StoreError::NotFound("resource"))?;
                 Self::resource(&row)
             }
+
+            async fn create_session(&self, digest: &str, session: &Session) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO sessions (digest, user_id, device_id, csrf, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(digest)
+                .bind(session.user_id)
+                .bind(session.device_id)
+                .bind(&session.csrf)
+                .bind(now_millis())
+                .bind(session.expires_at)
+                .execute(&self.write)
+                .await?;
+                Ok(())
+            }
+
+            async fn session(&self, digest: &str) -> Result<Option<Session>> {
+                let row = sqlx::query(
+                    "SELECT user_id, device_id, csrf, expires_at FROM sessions \
+                     WHERE digest = $1 AND expires_at > $2",
+                )
+                .bind(digest)
+                .bind(now_millis())
+                .fetch_optional(&self.read)
+                .await?;
+                match row {
+                    Some(row) => Ok(Some(Session {
+                        user_id: row.try_get("user_id")?,
+                        device_id: row.try_get("device_id")?,
+                        csrf: row.try_get("csrf")?,
+                        expires_at: row.try_get("expires_at")?,
+                    })),
+                    None => Ok(None),
+                }
+            }
+
+            async fn delete_session(&self, digest: &str) -> Result<()> {
+                sqlx::query("DELETE FROM sessions WHERE digest = $1 OR expires_at <= $2")
+                    .bind(digest)
+                    .bind(now_millis())
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn device_by_id(&self, id: Id) -> Result<Device> {
+                let row = sqlx::query(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.read)
+                    .await?
+                    .ok_or(StoreError::NotFound("device"))?;
+                Self::device(&row)
+            }
+
+            async fn devices_by_serial(&self, serial: &str) -> Result<Vec<Device>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {DEVICE_COLS} FROM devices WHERE serial = $1 ORDER BY id"
+                ))
+                .bind(serial)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::device).collect()
+            }
+
+            async fn set_device_firmware(&self, device_id: Id, firmware_id: Option<Id>) -> Result<()> {
+                let done = sqlx::query(
+                    "UPDATE devices SET firmware_id = $1 WHERE id = $2 AND ($1 IS NULL OR EXISTS \
+                     (SELECT 1 FROM firmware f WHERE f.id = $1 AND f.product_id = devices.product_id))",
+                )
+                .bind(firmware_id)
+                .bind(device_id)
+                .execute(&self.write)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("device or firmware"));
+                }
+                Ok(())
+            }
+
+            async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()> {
+                let done = sqlx::query("UPDATE devices SET secrets = $1 WHERE id = $2")
+                    .bind(sealed)
+                    .bind(device_id)
+                    .execute(&self.write)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("device"));
+                }
+                Ok(())
+            }
+
+            async fn save_revision(
+                &self,
+                device_id: Id,
+                fqbn: &str,
+                files: &std::collections::BTreeMap<String, String>,
+                author: &str,
+            ) -> Result<SketchRevision> {
+                let row = sqlx::query(&format!(
+                    "INSERT INTO sketch_revisions (device_id, fqbn, files, author, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING {REVISION_COLS}"
+                ))
+                .bind(device_id)
+                .bind(fqbn)
+                .bind(to_json(files))
+                .bind(author)
+                .bind(now_millis())
+                .fetch_one(&self.write)
+                .await
+                .map_err(|e| conflict(e, || "device".to_string()))?;
+                Self::revision(&row)
+            }
+
+            async fn list_revisions(&self, device_id: Id, limit: i64) -> Result<Vec<SketchRevision>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {REVISION_COLS} FROM sketch_revisions WHERE device_id = $1 \
+                     ORDER BY id DESC LIMIT $2"
+                ))
+                .bind(device_id)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::revision).collect()
+            }
+
+            async fn get_revision(&self, device_id: Id, id: Id) -> Result<SketchRevision> {
+                let row = sqlx::query(&format!(
+                    "SELECT {REVISION_COLS} FROM sketch_revisions WHERE device_id = $1 AND id = $2"
+                ))
+                .bind(device_id)
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await?
+                .ok_or(StoreError::NotFound("revision"))?;
+                Self::revision(&row)
+            }
+
+            async fn create_build(&self, new: NewBuild) -> Result<Build> {
+                let row = sqlx::query(&format!(
+                    "INSERT INTO builds (product_id, device_id, fqbn, files, status, log, diagnostics, \
+                     requested_by, created_at) VALUES ($1, $2, $3, $4, 'queued', '', '[]', $5, $6) \
+                     RETURNING {BUILD_COLS}"
+                ))
+                .bind(new.product_id)
+                .bind(new.device_id)
+                .bind(&new.fqbn)
+                .bind(to_json(&new.files))
+                .bind(&new.requested_by)
+                .bind(now_millis())
+                .fetch_one(&self.write)
+                .await?;
+                Self::build(&row)
+            }
+
+            async fn get_build(&self, id: Id) -> Result<Build> {
+                let row = sqlx::query(&format!("SELECT {BUILD_COLS} FROM builds WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.write)
+                    .await?
+                    .ok_or(StoreError::NotFound("build"))?;
+                Self::build(&row)
+            }
+
+            async fn list_builds(&self, device_id: Id, limit: i64) -> Result<Vec<Build>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {BUILD_COLS} FROM builds WHERE device_id = $1 ORDER BY id DESC LIMIT $2"
+                ))
+                .bind(device_id)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::build).collect()
+            }
+
+            async fn claim_build(&self, worker: &str) -> Result<Option<Build>> {
+                // The status test in the UPDATE makes the claim atomic: of two workers that
+                // picked the same id, one updates no row and tries again later.
+                let row = sqlx::query(&format!(
+                    "UPDATE builds SET status = 'running', worker = $1, started_at = $2 \
+                     WHERE status = 'queued' AND id = \
+                     (SELECT id FROM builds WHERE status = 'queued' ORDER BY id LIMIT 1) \
+                     RETURNING {BUILD_COLS}"
+                ))
+                .bind(worker)
+                .bind(now_millis())
+                .fetch_optional(&self.write)
+                .await?;
+                row.as_ref().map(Self::build).transpose()
+            }
+
+            async fn append_build_log(&self, id: Id, text: &str) -> Result<()> {
+                sqlx::query("UPDATE builds SET log = log || $1 WHERE id = $2")
+                    .bind(text)
+                    .bind(id)
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn finish_build(
+                &self,
+                id: Id,
+                status: BuildStatus,
+                diagnostics: &[Diagnostic],
+                firmware_id: Option<Id>,
+            ) -> Result<()> {
+                sqlx::query(
+                    "UPDATE builds SET status = $1, diagnostics = $2, firmware_id = $3, finished_at = $4 \
+                     WHERE id = $5",
+                )
+                .bind(status.as_str())
+                .bind(to_json(&diagnostics))
+                .bind(firmware_id)
+                .bind(now_millis())
+                .bind(id)
+                .execute(&self.write)
+                .await?;
+                Ok(())
+            }
+
+            async fn fail_stale_builds(&self, before: Millis) -> Result<u64> {
+                let done = sqlx::query(
+                    "UPDATE builds SET status = 'failed', finished_at = $1, \
+                     log = log || '\nthe worker running this build stopped; queue it again\n' \
+                     WHERE status = 'running' AND started_at < $2",
+                )
+                .bind(now_millis())
+                .bind(before)
+                .execute(&self.write)
+                .await?;
+                Ok(done.rows_affected())
+            }
         }
     };
 }
@@ -738,16 +1021,11 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
+        migrate(&write, SQLITE_MIGRATIONS, "BEGIN IMMEDIATE", None).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        migrate(
-            &write,
-            include_str!("../migrations/sqlite.sql"),
-            "BEGIN IMMEDIATE",
-        )
-        .await?;
         Ok(SqliteStore { read, write })
     }
 }
@@ -766,7 +1044,13 @@ impl PgStore {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await?;
-        migrate(&pool, include_str!("../migrations/postgres.sql"), "BEGIN").await?;
+        migrate(
+            &pool,
+            POSTGRES_MIGRATIONS,
+            "BEGIN",
+            Some("SELECT pg_advisory_xact_lock(7305736)"),
+        )
+        .await?;
         Ok(PgStore {
             read: pool.clone(),
             write: pool,
@@ -789,10 +1073,24 @@ sql_store!(
     "BEGIN"
 );
 
-/// The schema version this build writes. A database at a higher version is refused.
-const SCHEMA_VERSION: i64 = 1;
+/// Each backend's migrations, in order: version N is the N-th file.
+const SQLITE_MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite.sql"),
+    include_str!("../migrations/sqlite_2.sql"),
+];
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres.sql"),
+    include_str!("../migrations/postgres_2.sql"),
+];
 
-async fn migrate<DB>(pool: &sqlx::Pool<DB>, schema: &str, begin: &'static str) -> Result<()>
+/// Brings the schema up to date, one transaction per version; a database at a higher
+/// version than this build knows is refused.
+async fn migrate<DB>(
+    pool: &sqlx::Pool<DB>,
+    migrations: &[&str],
+    begin: &'static str,
+    lock: Option<&'static str>,
+) -> Result<()>
 where
     DB: sqlx::Database,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -812,12 +1110,30 @@ where
         None => None,
     };
     let current = current.unwrap_or(0);
-    if current > SCHEMA_VERSION {
+    let latest = migrations.len() as i64;
+    if current > latest {
         return Err(StoreError::Invalid(format!(
-            "the database schema is version {current}, newer than this build's {SCHEMA_VERSION}"
+            "the database schema is version {current}, newer than this build's {latest}"
         )));
     }
-    if current < 1 {
+    tx.commit().await?;
+    for (index, schema) in migrations.iter().enumerate().skip(current as usize) {
+        let version = index as i64 + 1;
+        let mut tx = pool.begin_with(begin).await?;
+        if let Some(lock) = lock {
+            (&mut *tx).execute(lock).await?;
+        }
+        // Another process may have applied it meanwhile.
+        let done: Option<i64> = match (&mut *tx)
+            .fetch_optional("SELECT MAX(version) FROM schema_version")
+            .await?
+        {
+            Some(row) => row.try_get::<Option<i64>, _>(0usize)?,
+            None => None,
+        };
+        if done.unwrap_or(0) >= version {
+            continue;
+        }
         for statement in schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             let statement: String = statement
                 .lines()
@@ -830,11 +1146,9 @@ where
             (&mut *tx).execute(statement.as_str()).await?;
         }
         (&mut *tx)
-            .execute(
-                format!("INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION})").as_str(),
-            )
+            .execute(format!("INSERT INTO schema_version (version) VALUES ({version})").as_str())
             .await?;
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(())
 }

@@ -69,4 +69,44 @@ pub trait Store: Send + Sync + 'static {
     async fn list_resources(&self, group_id: Id) -> Result<Vec<Resource>>;
     async fn resource_by_fk(&self, product_id: Id, fk: &str) -> Result<Option<Resource>>;
     async fn delete_resource(&self, group_id: Id, id: Id) -> Result<Resource>;
+
+    async fn create_session(&self, digest: &str, session: &Session) -> Result<()>;
+    /// The session, if it exists and has not expired.
+    async fn session(&self, digest: &str) -> Result<Option<Session>>;
+    async fn delete_session(&self, digest: &str) -> Result<()>;
+
+    async fn device_by_id(&self, id: Id) -> Result<Device>;
+    /// Devices of every product with this serial (bot login does not name the product).
+    async fn devices_by_serial(&self, serial: &str) -> Result<Vec<Device>>;
+    /// Assigns firmware to one device (`None` falls back to its group's).
+    async fn set_device_firmware(&self, device_id: Id, firmware_id: Option<Id>) -> Result<()>;
+    async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()>;
+
+    async fn save_revision(
+        &self,
+        device_id: Id,
+        fqbn: &str,
+        files: &std::collections::BTreeMap<String, String>,
+        author: &str,
+    ) -> Result<SketchRevision>;
+    /// Newest first.
+    async fn list_revisions(&self, device_id: Id, limit: i64) -> Result<Vec<SketchRevision>>;
+    async fn get_revision(&self, device_id: Id, id: Id) -> Result<SketchRevision>;
+
+    async fn create_build(&self, new: NewBuild) -> Result<Build>;
+    async fn get_build(&self, id: Id) -> Result<Build>;
+    /// Newest first.
+    async fn list_builds(&self, device_id: Id, limit: i64) -> Result<Vec<Build>>;
+    /// Takes the oldest queued build for `worker`, if any. Two workers never get the same one.
+    async fn claim_build(&self, worker: &str) -> Result<Option<Build>>;
+    async fn append_build_log(&self, id: Id, text: &str) -> Result<()>;
+    async fn finish_build(
+        &self,
+        id: Id,
+        status: BuildStatus,
+        diagnostics: &[Diagnostic],
+        firmware_id: Option<Id>,
+    ) -> Result<()>;
+    /// Marks builds left running by a worker that died (started before `before`) as failed.
+    async fn fail_stale_builds(&self, before: Millis) -> Result<u64>;
 }

@@ -52,9 +52,7 @@ impl FileFlash {
             .map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let size = u32::try_from(len).map_err(|_| {
-            FlashError::Io(std::format!(
-                "flash file is {len} bytes, larger than 4 GiB"
-            ))
+            FlashError::Io(std::format!("flash file is {len} bytes, larger than 4 GiB"))
         })?;
         if !is_aligned(size) {
             return Err(FlashError::Misaligned { offset: size });

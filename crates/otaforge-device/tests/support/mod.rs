@@ -70,9 +70,7 @@ pub fn fixture(name: &str) -> Vec<u8> {
 /// from `seed`.
 pub fn esp_app(chip: Chip, version: &str, code_len: usize, seed: u8) -> Vec<u8> {
     let mut drom = app_desc(version, "otaforge-test", "v5.1");
-    drom.extend(
-        (0..code_len / 2).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)),
-    );
+    drom.extend((0..code_len / 2).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
     let code: Vec<u8> = (0..code_len / 2)
         .map(|i| (i as u8).wrapping_mul(7) ^ seed)
         .collect();
