@@ -143,12 +143,19 @@ impl Catalog {
         Ok(firmware)
     }
 
-    /// The firmware assigned to the device's group now, if any.
+    /// The firmware assigned to the device now: its own (a workspace build), else its group's.
     pub async fn assigned_firmware(
         &self,
         store: &dyn Store,
         device: &Device,
     ) -> Result<Option<Firmware>> {
+        if let Some(id) = device.firmware_id {
+            match self.firmware(store, device.product_id, id).await {
+                Ok(firmware) => return Ok(Some(firmware)),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let group = match self.group(store, device.product_id, device.group_id).await {
             Ok(group) => group,
             Err(StoreError::NotFound(_)) => return Ok(None),

@@ -42,6 +42,8 @@ pub struct Config {
     pub telemetry_flush_interval: Duration,
     /// Bytes of firmware kept in memory for serving.
     pub blob_cache_bytes: usize,
+    /// Compilers, sandbox and build workers.
+    pub compile: crate::compile::CompileConfig,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             max_upload_bytes: 32 * 1024 * 1024,
             telemetry_flush_interval: Duration::from_secs(2),
             blob_cache_bytes: 256 * 1024 * 1024,
+            compile: crate::compile::CompileConfig::default(),
         }
     }
 }

@@ -6,19 +6,25 @@
 
 mod api;
 pub mod auth;
+pub mod builds;
 mod catalog;
 mod checkin;
+pub mod compile;
 mod config;
 pub mod decision;
 mod delivery;
+mod diagnostics;
 mod error;
 mod extract;
 mod openapi;
 mod otadrive;
 pub mod range;
+mod secrets;
+mod setup;
 mod static_link;
 mod telemetry;
 mod upload;
+mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,11 +57,35 @@ struct Inner {
     catalog: catalog::Catalog,
     telemetry: telemetry::TelemetryBuffer,
     verified: auth::VerifiedCache,
+    login_limiter: web::LoginLimiter,
+    sealer: secrets::Sealer,
+    compile: compile::CompileConfig,
+    /// Woken when a build is queued.
+    builds_ready: tokio::sync::Notify,
+    /// One build at a time per board: builds of a board share its cache folder.
+    board_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Inner {
+    fn board_lock(&self, fqbn: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.board_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(fqbn.to_string())
+            .or_default()
+            .clone()
+    }
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<dyn Store>, blobs: BlobStore) -> Self {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        blobs: BlobStore,
+        sealer: secrets::Sealer,
+    ) -> Self {
         let blob_cache = delivery::BlobCache::new(config.blob_cache_bytes);
+        let compile = config.compile.clone();
         AppState {
             inner: Arc::new(Inner {
                 config,
@@ -65,6 +95,11 @@ impl AppState {
                 catalog: catalog::Catalog::default(),
                 telemetry: telemetry::TelemetryBuffer::default(),
                 verified: auth::VerifiedCache::default(),
+                login_limiter: web::LoginLimiter::default(),
+                sealer,
+                compile,
+                builds_ready: tokio::sync::Notify::new(),
+                board_locks: Default::default(),
             }),
         }
     }
@@ -78,7 +113,8 @@ impl AppState {
             .with_context(|| format!("opening the database {}", redact_url(&url)))?;
         let blobs = BlobStore::local(&config.blob_dir())
             .with_context(|| format!("opening the blob folder {}", config.blob_dir().display()))?;
-        Ok(Self::new(config, store, blobs))
+        let sealer = secrets::Sealer::load(&config.data_dir)?;
+        Ok(Self::new(config, store, blobs, sealer))
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -129,6 +165,8 @@ pub fn redact_url(url: &str) -> String {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api::routes())
+        .merge(builds::routes())
+        .merge(web::routes())
         .merge(otadrive::routes())
         .merge(static_link::routes())
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
@@ -198,14 +236,17 @@ pub async fn serve(
         })
     };
 
+    let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
+    let workers: Vec<_> = (0..state.inner.compile.workers)
+        .map(|i| {
+            tokio::spawn(builds::worker(
+                state.clone(),
+                format!("serve-{}-{i}", std::process::id()),
+                workers_stop.clone(),
+            ))
+        })
+        .collect();
     let app = router(state.clone());
-    let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let app = app.clone();
-        async move {
-            let req = normalize_device_path(req.map(axum::body::Body::new));
-            app.oneshot(req).await
-        }
-    });
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -219,7 +260,7 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -228,9 +269,18 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let app = app.clone();
+                    async move {
+                        let mut req = normalize_device_path(req.map(axum::body::Body::new));
+                        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                        app.oneshot(req).await
+                    }
+                });
                 let conn = http.serve_connection(
                     TokioIo::new(stream),
-                    hyper_util::service::TowerToHyperService::new(service.clone()),
+                    hyper_util::service::TowerToHyperService::new(service),
                 );
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -251,6 +301,11 @@ pub async fn serve(
         tracing::warn!("requests still running after 30 s; closing them");
     }
     flusher.abort();
+    let _ = stop_workers.send(true);
+    for worker in workers {
+        // A build in progress finishes (its compiler is bounded by the wall-time cap).
+        let _ = worker.await;
+    }
     let written = state.flush_telemetry().await?;
     tracing::info!(devices = written, "device reports written; bye");
     Ok(())

@@ -210,6 +210,14 @@ macro_rules! sql_store {
                 row.as_ref().map(Self::user).transpose()
             }
 
+            async fn user_by_id(&self, id: Id) -> Result<Option<User>> {
+                let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.read)
+                    .await?;
+                row.as_ref().map(Self::user).transpose()
+            }
+
             async fn count_users(&self) -> Result<i64> {
                 let row = sqlx::query("SELECT COUNT(*) AS n FROM users")
                     .fetch_one(&self.read)

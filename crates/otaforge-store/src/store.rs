@@ -19,6 +19,7 @@ pub trait Store: Send + Sync + 'static {
         is_admin: bool,
     ) -> Result<User>;
     async fn user_by_name(&self, username: &str) -> Result<Option<User>>;
+    async fn user_by_id(&self, id: Id) -> Result<Option<User>>;
     async fn count_users(&self) -> Result<i64>;
     async fn create_token(&self, digest: &str, user_id: Id) -> Result<()>;
     async fn user_by_token(&self, digest: &str) -> Result<Option<User>>;

@@ -37,6 +37,8 @@ enum Command {
     },
     /// Simulate a fleet of devices updating over real HTTP.
     Sim(device_cmd::SimArgs),
+    /// Compile queued builds (a worker process sharing the server's database and data folder).
+    Worker(ServeArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -58,6 +60,45 @@ struct ServeArgs {
     /// Largest accepted upload, in MiB.
     #[arg(long, env = "OTAFORGE_MAX_UPLOAD_MB", default_value_t = 32)]
     max_upload_mb: u64,
+    #[command(flatten)]
+    compile: CompileArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct CompileArgs {
+    /// Builds compiled at once by this process (0: leave them to `otaforge worker`).
+    #[arg(long, env = "OTAFORGE_BUILD_WORKERS", default_value_t = 1)]
+    build_workers: usize,
+    /// arduino-cli to use (default: found on PATH).
+    #[arg(long, env = "OTAFORGE_ARDUINO_CLI")]
+    arduino_cli: Option<PathBuf>,
+    /// arduino-builder to use for arduino:avr boards (default: found on PATH).
+    #[arg(long, env = "OTAFORGE_ARDUINO_BUILDER")]
+    arduino_builder: Option<PathBuf>,
+    /// Run builds without the bubblewrap sandbox when bwrap is missing (not recommended).
+    #[arg(long, env = "OTAFORGE_ALLOW_UNSANDBOXED_BUILDS")]
+    allow_unsandboxed_builds: bool,
+    /// Wall-time cap of one build, in seconds.
+    #[arg(long, env = "OTAFORGE_BUILD_TIMEOUT", default_value_t = 600)]
+    build_timeout: u64,
+}
+
+impl CompileArgs {
+    fn config(&self) -> otaforge_server::compile::CompileConfig {
+        let mut c = otaforge_server::compile::CompileConfig {
+            workers: self.build_workers,
+            allow_unsandboxed: self.allow_unsandboxed_builds,
+            ..Default::default()
+        };
+        if let Some(p) = &self.arduino_cli {
+            c.arduino_cli = Some(p.clone());
+        }
+        if let Some(p) = &self.arduino_builder {
+            c.arduino_builder = Some(p.clone());
+        }
+        c.limits.wall = std::time::Duration::from_secs(self.build_timeout.max(10));
+        c
+    }
 }
 
 impl ServeArgs {
@@ -72,6 +113,7 @@ impl ServeArgs {
                 .filter(|t| !t.trim().is_empty())
                 .map(Secret::new),
             max_upload_bytes: self.max_upload_mb * 1024 * 1024,
+            compile: self.compile.config(),
             ..Config::default()
         }
     }
@@ -131,6 +173,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     otaforge_server::serve(state, listener, shutdown_signal()).await
 }
 
+async fn worker(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = args.config();
+    config.compile.workers = config.compile.workers.max(1);
+    let workers = config.compile.workers;
+    let state = AppState::open(config).await?;
+    if !state.config().compile.has_compiler() {
+        anyhow::bail!(
+            "no compiler found: install arduino-cli (or arduino-builder for arduino:avr boards)"
+        );
+    }
+    tracing::info!(
+        workers,
+        database = state.store().backend(),
+        "otaforge worker is compiling queued builds"
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..workers)
+        .map(|i| {
+            tokio::spawn(otaforge_server::builds::worker(
+                state.clone(),
+                format!("worker-{}-{i}", std::process::id()),
+                stopped.clone(),
+            ))
+        })
+        .collect();
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -150,6 +225,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Agent { command } => device_cmd::agent(command).await,
             Command::Sim(args) => device_cmd::sim(args).await,
+            Command::Worker(args) => worker(args).await,
             Command::Client(cmd) => client::run(cmd).await,
         }
     });

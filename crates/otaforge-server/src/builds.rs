@@ -1,0 +1,273 @@
+//! The build queue: `POST /api/v1/builds` and `GET /api/v1/builds/{id}`, and the workers
+//! (inside `otaforge serve`, or `otaforge worker` processes sharing the database) that claim
+//! queued builds, compile them in the sandbox, stream the log into the database, store the
+//! binary as firmware and assign it to the build's device.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use otaforge_store::model::*;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::auth::Operator;
+use crate::compile::{self, Job};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/builds", post(create))
+        .route("/api/v1/builds/{id}", get(show))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBuildBody {
+    fqbn: String,
+    files: BTreeMap<String, String>,
+    /// The device the result is assigned to (its serial), with `product_id`.
+    device: Option<String>,
+    product_id: Option<Id>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiJson(body): ApiJson<NewBuildBody>,
+) -> ApiResult<Response> {
+    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    compile::check_fqbn(&body.fqbn).map_err(unprocessable)?;
+    if body.files.is_empty() || body.files.len() > 32 {
+        return Err(unprocessable("files must hold 1 to 32 sketch files".into()));
+    }
+    for (name, content) in &body.files {
+        compile::check_file_name(name).map_err(unprocessable)?;
+        if content.len() > 512 * 1024 {
+            return Err(unprocessable(format!("{name} is larger than 512 KiB")));
+        }
+    }
+    compile::main_file(&body.files).map_err(unprocessable)?;
+    let device = match (&body.device, body.product_id) {
+        (Some(serial), Some(product)) => Some(state.store().get_device(product, serial).await?),
+        (Some(_), None) => return Err(unprocessable("device needs product_id".into())),
+        (None, Some(product)) => {
+            state.store().get_product(product).await?;
+            None
+        }
+        (None, None) => None,
+    };
+    let build = state
+        .store()
+        .create_build(NewBuild {
+            product_id: body.product_id,
+            device_id: device.as_ref().map(|d| d.id),
+            fqbn: body.fqbn,
+            files: body.files,
+            requested_by: op.0.username,
+        })
+        .await?;
+    state.inner.builds_ready.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "id": build.id, "status": build.status })),
+    )
+        .into_response())
+}
+
+async fn show(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath(id): ApiPath<Id>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    let b = state.store().get_build(id).await?;
+    Ok(axum::Json(json!({
+        "id": b.id, "status": b.status, "fqbn": b.fqbn, "log": b.log,
+        "diagnostics": b.diagnostics, "firmware_id": b.firmware_id,
+        "created_at": b.created_at, "started_at": b.started_at, "finished_at": b.finished_at,
+    })))
+}
+
+/// Runs queued builds until `stop` fires.
+pub async fn worker(state: AppState, name: String, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut stop = stop;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match state.store().claim_build(&name).await {
+            Ok(Some(build)) => run(&state, build).await,
+            Ok(None) => {
+                tokio::select! {
+                    _ = state.inner.builds_ready.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming a build failed");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Compiles one claimed build and records the outcome.
+pub async fn run(state: &AppState, build: Build) {
+    let span = tracing::info_span!("build", id = build.id, fqbn = %build.fqbn);
+    let _guard = span.enter();
+    let (status, diagnostics, firmware_id) = match compile_build(state, &build).await {
+        Ok((diagnostics, firmware_id)) => (BuildStatus::Succeeded, diagnostics, firmware_id),
+        Err((message, diagnostics)) => {
+            let _ = state
+                .store()
+                .append_build_log(build.id, &format!("\nbuild failed: {message}\n"))
+                .await;
+            (BuildStatus::Failed, diagnostics, None)
+        }
+    };
+    if let Err(e) = state
+        .store()
+        .finish_build(build.id, status, &diagnostics, firmware_id)
+        .await
+    {
+        tracing::error!(error = %e, "recording the build result failed");
+    }
+    tracing::info!(status = status.as_str(), "build done");
+}
+
+type Failure = (String, Vec<Diagnostic>);
+
+async fn compile_build(
+    state: &AppState,
+    build: &Build,
+) -> Result<(Vec<Diagnostic>, Option<Id>), Failure> {
+    let plain = |m: String| (m, Vec::new());
+    let device = match build.device_id {
+        Some(id) => Some(
+            state
+                .store()
+                .device_by_id(id)
+                .await
+                .map_err(|e| plain(e.to_string()))?,
+        ),
+        None => None,
+    };
+    // Boards that update over Wi-Fi keep the update code in every build.
+    let (extra_files, build_properties) = match &device {
+        Some(device)
+            if crate::setup::is_ota_board(&build.fqbn)
+                && !build.files.contains_key("otaforge_ota.h") =>
+        {
+            let config = crate::setup::personal_config(state, device, &format!("b{}", build.id))
+                .map_err(plain)?;
+            crate::setup::keep_update_ability(config)
+        }
+        _ => (BTreeMap::new(), Vec::new()),
+    };
+    let config = state.inner.compile.clone();
+    let data_dir = state.config().data_dir.clone();
+    let cache = data_dir
+        .join("build-cache")
+        .join(build.fqbn.replace([':', '=', ',', '/'], "_"));
+    let work = data_dir.join("builds").join(build.id.to_string());
+    let fqbn = build.fqbn.clone();
+    let files = build.files.clone();
+    let lock = state.inner.board_lock(&fqbn);
+
+    // Log chunks go to the database every 300 ms while the compiler runs.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let store_state = state.clone();
+    let id = build.id;
+    let writer = tokio::spawn(async move {
+        let mut pending = String::new();
+        loop {
+            let closed = tokio::select! {
+                chunk = rx.recv() => match chunk {
+                    Some(c) => { pending.push_str(&c); false }
+                    None => true,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(300)) => false,
+            };
+            if !pending.is_empty() {
+                let _ = store_state.store().append_build_log(id, &pending).await;
+                pending.clear();
+            }
+            if closed {
+                return;
+            }
+        }
+    });
+    let result = {
+        let _board = lock.lock().await;
+        let work_dir = work.clone();
+        tokio::task::spawn_blocking(move || {
+            let job = Job {
+                fqbn: &fqbn,
+                files: &files,
+                extra_files,
+                build_properties,
+                work: &work_dir,
+                cache: &cache,
+            };
+            let mut log = |s: &str| {
+                let _ = tx.send(s.to_string());
+            };
+            compile::compile(&config, &job, &mut log)
+        })
+        .await
+    };
+    let _ = writer.await;
+    let _ = std::fs::remove_dir_all(&work);
+    let compiled = match result {
+        Ok(Ok(c)) => c,
+        Ok(Err(f)) => return Err((f.message, f.diagnostics)),
+        Err(e) => return Err(plain(format!("the build task failed: {e}"))),
+    };
+    let Some(product) = build.product_id else {
+        return Ok((compiled.diagnostics, None));
+    };
+    let firmware = state
+        .store_firmware(
+            product,
+            compiled.binary.into(),
+            Some(format!("build-{}", build.id)),
+        )
+        .await
+        .map_err(|e| plain(e.message))?;
+    let _ = state
+        .store()
+        .append_build_log(
+            build.id,
+            &format!(
+                "firmware build-{} stored ({} bytes, md5 {})\n",
+                build.id, firmware.size, firmware.md5
+            ),
+        )
+        .await;
+    if let Some(device) = &device {
+        state
+            .store()
+            .set_device_firmware(device.id, Some(firmware.id))
+            .await
+            .map_err(|e| plain(e.to_string()))?;
+        state.inner.catalog.invalidate();
+        let _ = state
+            .store()
+            .append_build_log(
+                build.id,
+                &format!(
+                    "assigned to {}: served on its firmware link\n",
+                    device.serial
+                ),
+            )
+            .await;
+    }
+    Ok((compiled.diagnostics, Some(firmware.id)))
+}

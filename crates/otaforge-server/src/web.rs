@@ -1,0 +1,1343 @@
+//! Server-rendered pages: sign-in (operators and bots), product dashboards, the device
+//! workspace (editor, compile, build log, Wi-Fi form, setup firmware). Sessions live in an
+//! HttpOnly SameSite=Strict cookie; every form carries the session's CSRF token; failed
+//! sign-ins are rate limited. Every control is a plain form: JS only enhances.
+
+// Handlers answer refusals with a whole page, so `Result<_, Response>` is the natural shape.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use askama::Template;
+use axum::Router;
+use axum::extract::{ConnectInfo, FromRequestParts, Multipart, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use otaforge_store::model::*;
+use serde::Deserialize;
+
+use crate::auth::{digest, random_secret, verify_password};
+use crate::error::ApiError;
+use crate::extract::ApiPath;
+use crate::{AppState, compile};
+
+const COOKIE: &str = "otaforge_session";
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(home))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/assets/{name}", get(asset))
+        .route("/products", post(create_product))
+        .route("/products/{product}", get(product_page))
+        .route("/products/{product}/groups", post(create_group))
+        .route("/products/{product}/groups/{group}/assign", post(assign))
+        .route("/products/{product}/devices", post(create_device))
+        .route(
+            "/products/{product}/devices/{serial}/status",
+            post(set_status),
+        )
+        .route(
+            "/products/{product}/firmware",
+            post(upload_firmware).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/workspace/{product}/{serial}", get(workspace))
+        .route("/workspace/{product}/{serial}/save", post(save))
+        .route("/workspace/{product}/{serial}/files", post(add_file))
+        .route("/workspace/{product}/{serial}/wifi", post(save_wifi))
+        .route("/workspace/{product}/{serial}/setup", post(setup_firmware))
+        .route(
+            "/workspace/{product}/{serial}/builds/{file}",
+            get(build_status),
+        )
+}
+
+// ---- pages as values ----
+
+fn page(t: impl Template) -> Response {
+    match t.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => ApiError::internal("rendering a page", e).into_response(),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "message.html")]
+struct Message<'a> {
+    title: &'a str,
+    paragraphs: Vec<String>,
+    code: Option<String>,
+    back: &'a str,
+}
+
+fn message(status: StatusCode, title: &str, text: impl Into<String>, back: &str) -> Response {
+    let mut r = page(Message {
+        title,
+        paragraphs: vec![text.into()],
+        code: None,
+        back,
+    });
+    *r.status_mut() = status;
+    r
+}
+
+// ---- sessions ----
+
+/// Who is looking at a page.
+pub enum Viewer {
+    Operator(User),
+    Bot(Box<Device>),
+}
+
+pub struct Web {
+    pub viewer: Viewer,
+    pub csrf: String,
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+impl Web {
+    async fn from_headers(state: &AppState, headers: &HeaderMap) -> Option<Web> {
+        let token = session_cookie(headers)?;
+        let session = state.store().session(&digest(&token)).await.ok()??;
+        let viewer = match (session.user_id, session.device_id) {
+            (Some(user), _) => {
+                let users = state.store().user_by_id(user).await.ok()??;
+                Viewer::Operator(users)
+            }
+            (None, Some(device)) => {
+                Viewer::Bot(Box::new(state.store().device_by_id(device).await.ok()?))
+            }
+            _ => return None,
+        };
+        Some(Web {
+            viewer,
+            csrf: session.csrf,
+        })
+    }
+
+    fn name(&self) -> String {
+        match &self.viewer {
+            Viewer::Operator(u) => u.username.clone(),
+            Viewer::Bot(d) => format!("bot {}", d.serial),
+        }
+    }
+
+    fn operator(&self) -> Result<&User, Response> {
+        match &self.viewer {
+            Viewer::Operator(u) => Ok(u),
+            Viewer::Bot(d) => Err(message(
+                StatusCode::FORBIDDEN,
+                "Not allowed",
+                "a bot login opens only its own device's workspace",
+                &format!("/workspace/{}/{}", d.product_id, d.serial),
+            )),
+        }
+    }
+
+    /// May this viewer open the device's workspace?
+    fn may_open(&self, device: &Device) -> bool {
+        match &self.viewer {
+            Viewer::Operator(_) => true,
+            Viewer::Bot(d) => d.id == device.id,
+        }
+    }
+
+    fn check_csrf(&self, token: &str) -> Result<(), Response> {
+        if !token.is_empty()
+            && token.len() == self.csrf.len()
+            && token
+                .as_bytes()
+                .iter()
+                .zip(self.csrf.as_bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
+        {
+            Ok(())
+        } else {
+            Err(message(
+                StatusCode::FORBIDDEN,
+                "Form expired",
+                "the form's security token did not match your session; reload the page and try again",
+                "/",
+            ))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Web {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        match Web::from_headers(state, &parts.headers).await {
+            Some(web) => Ok(web),
+            None => Err(Redirect::to("/login").into_response()),
+        }
+    }
+}
+
+/// Failed sign-ins per client address and name: 5 in 5 minutes, then 429 until the window ends.
+#[derive(Default)]
+pub struct LoginLimiter {
+    failures: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl LoginLimiter {
+    const WINDOW: Duration = Duration::from_secs(300);
+    const MAX: u32 = 5;
+
+    fn blocked(&self, key: &str) -> bool {
+        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(map.get(key), Some((since, n)) if since.elapsed() < Self::WINDOW && *n >= Self::MAX)
+    }
+
+    fn failed(&self, key: &str) {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, (since, _)| since.elapsed() < Self::WINDOW);
+        }
+        let entry = map.entry(key.to_string()).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Self::WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+async fn start_session(
+    state: &AppState,
+    user: Option<Id>,
+    device: Option<Id>,
+    to: &str,
+) -> Response {
+    let (token, csrf) = match (random_secret(), random_secret()) {
+        (Ok(t), Ok(c)) => (t, c),
+        (Err(e), _) | (_, Err(e)) => return e.into_response(),
+    };
+    let session = Session {
+        user_id: user,
+        device_id: device,
+        csrf,
+        expires_at: now_millis() + SESSION_TTL.as_millis() as i64,
+    };
+    if let Err(e) = state
+        .store()
+        .create_session(&digest(&token), &session)
+        .await
+    {
+        return ApiError::from(e).into_response();
+    }
+    let mut response = Redirect::to(to).into_response();
+    let cookie = format!(
+        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    response
+}
+
+// ---- sign-in ----
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    error: Option<String>,
+    kind: String,
+    username: String,
+}
+
+async fn login_page() -> Response {
+    page(LoginPage {
+        error: None,
+        kind: "operator".into(),
+        username: String::new(),
+    })
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    kind: Option<String>,
+    username: String,
+    password: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    let kind = form.kind.unwrap_or_else(|| "operator".into());
+    let key = format!("{}|{}|{}", peer.ip(), kind, form.username);
+    let refuse = |status: StatusCode, msg: &str| {
+        let mut r = page(LoginPage {
+            error: Some(msg.to_string()),
+            kind: kind.clone(),
+            username: form.username.clone(),
+        });
+        *r.status_mut() = status;
+        r
+    };
+    if state.inner.login_limiter.blocked(&key) {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed sign-ins; wait five minutes and try again",
+        );
+    }
+    let password = form.password.clone();
+    if kind == "bot" {
+        // Device IDs are unique per product: try each device with this ID.
+        let devices = state
+            .store()
+            .devices_by_serial(form.username.trim())
+            .await
+            .unwrap_or_default();
+        for device in devices {
+            if let Some(phc) = device.password_hash.clone()
+                && state.inner.verified.verify(&password, &phc).await
+            {
+                if device.status == DeviceStatus::Blocked || device.status == DeviceStatus::Disabled
+                {
+                    return refuse(StatusCode::FORBIDDEN, "this device is blocked or disabled");
+                }
+                state.inner.login_limiter.succeeded(&key);
+                let to = format!("/workspace/{}/{}", device.product_id, device.serial);
+                return start_session(&state, None, Some(device.id), &to).await;
+            }
+        }
+    } else if let Ok(Some(user)) = state.store().user_by_name(form.username.trim()).await {
+        let phc = user.password_hash.clone();
+        let ok = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+            .await
+            .unwrap_or(false);
+        if ok {
+            state.inner.login_limiter.succeeded(&key);
+            return start_session(&state, Some(user.id), None, "/").await;
+        }
+    }
+    state.inner.login_limiter.failed(&key);
+    refuse(StatusCode::UNAUTHORIZED, "wrong name or password")
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    web: Web,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<CsrfForm>,
+) -> Response {
+    if let Err(r) = web.check_csrf(&form.csrf) {
+        return r;
+    }
+    if let Some(token) = session_cookie(&headers) {
+        let _ = state.store().delete_session(&digest(&token)).await;
+    }
+    let mut r = Redirect::to("/login").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("otaforge_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    r
+}
+
+// ---- assets ----
+
+async fn asset(ApiPath(name): ApiPath<String>) -> Response {
+    let (body, kind): (&'static [u8], &str) = match name.as_str() {
+        "editor.js" => (include_bytes!("../assets/editor.js"), "text/javascript"),
+        "htmx.min.js" => (include_bytes!("../assets/htmx.min.js"), "text/javascript"),
+        "app.css" => (include_bytes!("../assets/app.css"), "text/css"),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+// ---- dashboards ----
+
+fn when(ms: Option<i64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(ms) => {
+            let ago = (now_millis() - ms).max(0) / 1000;
+            match ago {
+                0..=59 => format!("{ago} s ago"),
+                60..=3599 => format!("{} min ago", ago / 60),
+                3600..=86399 => format!("{} h ago", ago / 3600),
+                _ => format!("{} days ago", ago / 86400),
+            }
+        }
+    }
+}
+
+struct ProductRow {
+    id: Id,
+    name: String,
+    devices: usize,
+    firmware: usize,
+    created: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard.html")]
+struct Dashboard {
+    username: String,
+    csrf: String,
+    notice: Option<String>,
+    products: Vec<ProductRow>,
+}
+
+#[derive(Deserialize, Default)]
+struct Notice {
+    notice: Option<String>,
+}
+
+async fn home(State(state): State<AppState>, web: Web, Query(q): Query<Notice>) -> Response {
+    if let Viewer::Bot(d) = &web.viewer {
+        return Redirect::to(&format!("/workspace/{}/{}", d.product_id, d.serial)).into_response();
+    }
+    let store = state.store();
+    let mut products = Vec::new();
+    for p in store.list_products().await.unwrap_or_default() {
+        products.push(ProductRow {
+            devices: store.list_devices(p.id).await.map(|d| d.len()).unwrap_or(0),
+            firmware: store
+                .list_firmware(p.id)
+                .await
+                .map(|f| f.len())
+                .unwrap_or(0),
+            created: when(Some(p.created_at)),
+            id: p.id,
+            name: p.name,
+        });
+    }
+    page(Dashboard {
+        username: web.name(),
+        csrf: web.csrf,
+        notice: q.notice,
+        products,
+    })
+}
+
+#[derive(Deserialize)]
+struct NameForm {
+    csrf: String,
+    name: String,
+}
+
+fn notice_url(path: &str, notice: &str) -> String {
+    let encoded: String = notice
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            b' ' => "+".to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("{path}?notice={encoded}")
+}
+
+async fn create_product(
+    State(state): State<AppState>,
+    web: Web,
+    axum::Form(form): axum::Form<NameForm>,
+) -> Response {
+    if let Err(r) = web
+        .operator()
+        .map(|_| ())
+        .and_then(|_| web.check_csrf(&form.csrf))
+    {
+        return r;
+    }
+    let name = form.name.trim();
+    if name.is_empty() || name.len() > 100 {
+        return message(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid name",
+            "a product name is 1 to 100 characters",
+            "/",
+        );
+    }
+    let key = match random_secret() {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    match state.store().create_product(name, &digest(&key)).await {
+        Ok(p) => {
+            state.inner.catalog.invalidate();
+            page(Message {
+                title: "Product created",
+                paragraphs: vec![format!(
+                    "{} is ready. Its API key is shown once; devices send it as k=.",
+                    p.name
+                )],
+                code: Some(key),
+                back: &format!("/products/{}", p.id),
+            })
+        }
+        Err(e) => message(StatusCode::CONFLICT, "Not created", e.to_string(), "/"),
+    }
+}
+
+struct GroupRow {
+    id: Id,
+    name: String,
+    devices: usize,
+    firmware: String,
+    /// (firmware id, version, assigned here)
+    options: Vec<(Id, String, bool)>,
+}
+
+struct DeviceRow {
+    serial: String,
+    status: &'static str,
+    statuses: Vec<(&'static str, bool)>,
+    group: String,
+    version: String,
+    last_seen: String,
+}
+
+#[derive(Template)]
+#[template(path = "product.html")]
+struct ProductPage {
+    id: Id,
+    name: String,
+    username: String,
+    csrf: String,
+    notice: Option<String>,
+    groups: Vec<GroupRow>,
+    devices: Vec<DeviceRow>,
+    firmware: Vec<Firmware>,
+}
+
+async fn product_page(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    Query(q): Query<Notice>,
+) -> Response {
+    if let Err(r) = web.operator() {
+        return r;
+    }
+    let store = state.store();
+    let _ = state.flush_telemetry().await;
+    let Ok(p) = store.get_product(product).await else {
+        return message(StatusCode::NOT_FOUND, "Not found", "no such product", "/");
+    };
+    let groups = store.list_groups(product).await.unwrap_or_default();
+    let devices = store.list_devices(product).await.unwrap_or_default();
+    let firmware = store.list_firmware(product).await.unwrap_or_default();
+    let version_of = |id: Option<Id>| {
+        id.and_then(|id| firmware.iter().find(|f| f.id == id))
+            .map(|f| f.version.clone())
+            .unwrap_or_else(|| "none".into())
+    };
+    page(ProductPage {
+        id: p.id,
+        name: p.name,
+        username: web.name(),
+        csrf: web.csrf.clone(),
+        notice: q.notice,
+        groups: groups
+            .iter()
+            .map(|g| GroupRow {
+                id: g.id,
+                name: g.name.clone(),
+                devices: devices.iter().filter(|d| d.group_id == g.id).count(),
+                firmware: version_of(g.firmware_id),
+                options: firmware
+                    .iter()
+                    .map(|f| (f.id, f.version.clone(), Some(f.id) == g.firmware_id))
+                    .collect(),
+            })
+            .collect(),
+        devices: devices
+            .iter()
+            .map(|d| DeviceRow {
+                serial: d.serial.clone(),
+                status: d.status.as_str(),
+                statuses: ["new", "verified", "blocked", "disabled"]
+                    .into_iter()
+                    .map(|s| (s, s == d.status.as_str()))
+                    .collect(),
+                group: groups
+                    .iter()
+                    .find(|g| g.id == d.group_id)
+                    .map(|g| g.name.clone())
+                    .unwrap_or_default(),
+                version: d.telemetry.version.clone().unwrap_or_else(|| "-".into()),
+                last_seen: when(d.telemetry.last_seen),
+            })
+            .collect(),
+        firmware,
+    })
+}
+
+async fn create_group(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<NameForm>,
+) -> Response {
+    if let Err(r) = web
+        .operator()
+        .map(|_| ())
+        .and_then(|_| web.check_csrf(&form.csrf))
+    {
+        return r;
+    }
+    let back = format!("/products/{product}");
+    match state.store().create_group(product, form.name.trim()).await {
+        Ok(g) => {
+            state.inner.catalog.invalidate();
+            Redirect::to(&notice_url(&back, &format!("group {} created", g.name))).into_response()
+        }
+        Err(e) => message(StatusCode::CONFLICT, "Not created", e.to_string(), &back),
+    }
+}
+
+#[derive(Deserialize)]
+struct AssignForm {
+    csrf: String,
+    firmware_id: String,
+}
+
+async fn assign(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, group)): ApiPath<(Id, Id)>,
+    axum::Form(form): axum::Form<AssignForm>,
+) -> Response {
+    if let Err(r) = web
+        .operator()
+        .map(|_| ())
+        .and_then(|_| web.check_csrf(&form.csrf))
+    {
+        return r;
+    }
+    let back = format!("/products/{product}");
+    let firmware_id = match form.firmware_id.trim() {
+        "" => None,
+        id => match id.parse() {
+            Ok(id) => Some(id),
+            Err(_) => {
+                return message(
+                    StatusCode::BAD_REQUEST,
+                    "Invalid firmware",
+                    "pick a firmware from the list",
+                    &back,
+                );
+            }
+        },
+    };
+    let patch = GroupPatch {
+        firmware_id: Some(firmware_id),
+        ..GroupPatch::default()
+    };
+    match state.store().update_group(product, group, patch).await {
+        Ok(_) => {
+            state.inner.catalog.invalidate();
+            Redirect::to(&notice_url(&back, "firmware assigned")).into_response()
+        }
+        Err(e) => message(StatusCode::NOT_FOUND, "Not assigned", e.to_string(), &back),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeviceForm {
+    csrf: String,
+    serial: String,
+    password: Option<String>,
+}
+
+async fn create_device(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<DeviceForm>,
+) -> Response {
+    if let Err(r) = web
+        .operator()
+        .map(|_| ())
+        .and_then(|_| web.check_csrf(&form.csrf))
+    {
+        return r;
+    }
+    let back = format!("/products/{product}");
+    let serial = match crate::api::check_serial(form.serial.trim()) {
+        Ok(s) => s,
+        Err(e) => {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid device ID",
+                e.message,
+                &back,
+            );
+        }
+    };
+    let password_hash = match form.password.filter(|p| !p.is_empty()) {
+        Some(p) => {
+            match tokio::task::spawn_blocking(move || crate::auth::hash_password(&p)).await {
+                Ok(Ok(h)) => Some(h),
+                _ => {
+                    return message(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Not registered",
+                        "hashing failed",
+                        &back,
+                    );
+                }
+            }
+        }
+        None => None,
+    };
+    let new = NewDevice {
+        product_id: product,
+        group_id: None,
+        serial,
+        status: DeviceStatus::Verified,
+        password_hash,
+    };
+    match state.store().create_device(new).await {
+        Ok(d) => {
+            state.inner.catalog.invalidate();
+            Redirect::to(&notice_url(
+                &back,
+                &format!("device {} registered", d.serial),
+            ))
+            .into_response()
+        }
+        Err(e) => message(StatusCode::CONFLICT, "Not registered", e.to_string(), &back),
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusForm {
+    csrf: String,
+    status: String,
+}
+
+async fn set_status(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+    axum::Form(form): axum::Form<StatusForm>,
+) -> Response {
+    if let Err(r) = web
+        .operator()
+        .map(|_| ())
+        .and_then(|_| web.check_csrf(&form.csrf))
+    {
+        return r;
+    }
+    let back = format!("/products/{product}");
+    let Some(status) = DeviceStatus::parse(&form.status) else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Invalid status",
+            "new, verified, blocked or disabled",
+            &back,
+        );
+    };
+    let patch = DevicePatch {
+        status: Some(status),
+        ..DevicePatch::default()
+    };
+    match state.store().update_device(product, &serial, patch).await {
+        Ok(_) => {
+            state.inner.catalog.invalidate();
+            Redirect::to(&notice_url(
+                &back,
+                &format!("{serial} is now {}", status.as_str()),
+            ))
+            .into_response()
+        }
+        Err(e) => message(StatusCode::NOT_FOUND, "Not changed", e.to_string(), &back),
+    }
+}
+
+async fn upload_firmware(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    mut multipart: Multipart,
+) -> Response {
+    if let Err(r) = web.operator() {
+        return r;
+    }
+    let back = format!("/products/{product}");
+    let (mut csrf, mut version, mut bytes) = (String::new(), None, None);
+    let limit = state.config().max_upload_bytes as usize;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                return message(
+                    StatusCode::BAD_REQUEST,
+                    "Upload failed",
+                    e.body_text(),
+                    &back,
+                );
+            }
+        };
+        match field.name() {
+            Some("csrf") => csrf = field.text().await.unwrap_or_default(),
+            Some("version") => version = field.text().await.ok().filter(|v| !v.trim().is_empty()),
+            Some("file") => {
+                let mut field = field;
+                let mut buf = Vec::new();
+                loop {
+                    match field.chunk().await {
+                        Ok(Some(chunk)) => {
+                            if buf.len() + chunk.len() > limit {
+                                return message(
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    "Too large",
+                                    format!("the limit is {limit} bytes"),
+                                    &back,
+                                );
+                            }
+                            buf.extend_from_slice(&chunk);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            return message(
+                                StatusCode::BAD_REQUEST,
+                                "Upload failed",
+                                e.body_text(),
+                                &back,
+                            );
+                        }
+                    }
+                }
+                bytes = Some(buf);
+            }
+            _ => {}
+        }
+    }
+    if let Err(r) = web.check_csrf(&csrf) {
+        return r;
+    }
+    let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "No file",
+            "choose a firmware file",
+            &back,
+        );
+    };
+    match state.store_firmware(product, bytes.into(), version).await {
+        Ok(f) => Redirect::to(&notice_url(
+            &back,
+            &format!("firmware {} uploaded", f.version),
+        ))
+        .into_response(),
+        Err(e) => message(e.status, "Upload refused", e.message, &back),
+    }
+}
+
+// ---- the workspace ----
+
+/// Boards offered in the workspace (any FQBN works through the API).
+const BOARDS: &[(&str, &str)] = &[
+    ("esp32:esp32:esp32", "ESP32 Dev Module"),
+    ("esp32:esp32:esp32s3", "ESP32-S3 Dev Module"),
+    ("esp32:esp32:esp32c3", "ESP32-C3 Dev Module"),
+    ("esp8266:esp8266:nodemcuv2", "NodeMCU 1.0 (ESP8266)"),
+    ("arduino:avr:uno", "Arduino Uno"),
+];
+
+const STARTER: &str = "// Your sketch. The platform keeps the OTA update code in every build.\n\nvoid setup() {\n  pinMode(LED_BUILTIN, OUTPUT);\n}\n\nvoid loop() {\n  digitalWrite(LED_BUILTIN, HIGH);\n  delay(500);\n  digitalWrite(LED_BUILTIN, LOW);\n  delay(500);\n}\n";
+
+struct HistoryRow {
+    id: Id,
+    when: String,
+    author: String,
+}
+
+#[derive(Template)]
+#[template(path = "workspace.html")]
+struct WorkspacePage {
+    product_id: Id,
+    product_name: String,
+    serial: String,
+    who: String,
+    operator: bool,
+    csrf: String,
+    notice: Option<String>,
+    error: Option<String>,
+    has_compiler: bool,
+    /// (name, shown now)
+    files: Vec<(String, bool)>,
+    current_file: String,
+    content: String,
+    /// (fqbn, label, chosen)
+    boards: Vec<(String, String, bool)>,
+    firmware_url: String,
+    assigned: String,
+    build: Option<Build>,
+    builds: Vec<Build>,
+    history: Vec<HistoryRow>,
+    wifi_summary: String,
+}
+
+/// The device, if the viewer may open its workspace; else the page to show instead.
+async fn open_device(
+    state: &AppState,
+    web: &Web,
+    product: Id,
+    serial: &str,
+) -> Result<Device, Response> {
+    match state.store().find_device(product, serial).await {
+        Ok(Some(d)) if web.may_open(&d) => Ok(d),
+        Ok(Some(_)) => Err(message(
+            StatusCode::FORBIDDEN,
+            "Not your device",
+            "a bot login opens only its own device's workspace",
+            "/",
+        )),
+        _ => Err(message(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "no such device",
+            "/",
+        )),
+    }
+}
+
+/// The latest saved sketch, or the starter sketch.
+async fn current_sketch(state: &AppState, device: &Device) -> (String, BTreeMap<String, String>) {
+    match state
+        .store()
+        .list_revisions(device.id, 1)
+        .await
+        .ok()
+        .and_then(|mut v| v.pop())
+    {
+        Some(r) => (r.fqbn, r.files),
+        None => (
+            BOARDS[0].0.to_string(),
+            BTreeMap::from([("sketch.ino".to_string(), STARTER.to_string())]),
+        ),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct WorkspaceQuery {
+    file: Option<String>,
+    build: Option<Id>,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+async fn workspace(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+    Query(q): Query<WorkspaceQuery>,
+) -> Response {
+    let device = match open_device(&state, &web, product, &serial).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let store = state.store();
+    let product_name = store
+        .get_product(product)
+        .await
+        .map(|p| p.name)
+        .unwrap_or_default();
+    let (fqbn, files) = current_sketch(&state, &device).await;
+    let current_file = q
+        .file
+        .filter(|f| files.contains_key(f))
+        .or_else(|| compile::main_file(&files).ok().map(str::to_string))
+        .unwrap_or_else(|| "sketch.ino".into());
+    let builds = store.list_builds(device.id, 10).await.unwrap_or_default();
+    let build = match q.build {
+        Some(id) => store
+            .get_build(id)
+            .await
+            .ok()
+            .filter(|b| b.device_id == Some(device.id)),
+        None => builds.first().cloned(),
+    };
+    let assigned = match state.inner.catalog.assigned_firmware(store, &device).await {
+        Ok(Some(f)) => format!("{} ({} bytes)", f.version, f.size),
+        _ => "nothing yet".into(),
+    };
+    let wifi_summary = match device
+        .secrets
+        .as_deref()
+        .and_then(|s| crate::setup::open_secrets(&state, s))
+    {
+        Some(s) => format!(
+            "Saved: network {} , password {}",
+            mask(&s.wifi_ssid),
+            if s.wifi_password.is_empty() {
+                "none"
+            } else {
+                "********"
+            }
+        ),
+        None => "No Wi-Fi saved yet.".into(),
+    };
+    let mut boards: Vec<(String, String, bool)> = BOARDS
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string(), *a == fqbn))
+        .collect();
+    if !boards.iter().any(|(_, _, chosen)| *chosen) {
+        boards.push((fqbn.clone(), fqbn.clone(), true));
+    }
+    let history = store
+        .list_revisions(device.id, 10)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| HistoryRow {
+            id: r.id,
+            when: when(Some(r.created_at)),
+            author: r.author,
+        })
+        .collect();
+    page(WorkspacePage {
+        product_id: product,
+        product_name,
+        firmware_url: crate::api::static_link(&state, &device),
+        serial: device.serial.clone(),
+        who: web.name(),
+        operator: matches!(web.viewer, Viewer::Operator(_)),
+        csrf: web.csrf.clone(),
+        notice: q.notice,
+        error: q.error,
+        has_compiler: state.inner.compile.has_compiler(),
+        content: files.get(&current_file).cloned().unwrap_or_default(),
+        files: files
+            .keys()
+            .map(|f| (f.clone(), *f == current_file))
+            .collect(),
+        current_file,
+        boards,
+        assigned,
+        build,
+        builds,
+        history,
+        wifi_summary,
+    })
+}
+
+/// Shows the first and last character only.
+fn mask(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    match chars.len() {
+        0 => String::new(),
+        1 | 2 => "*".repeat(chars.len()),
+        n => format!("{}{}{}", chars[0], "*".repeat(n - 2), chars[n - 1]),
+    }
+}
+
+#[derive(Deserialize)]
+struct SaveForm {
+    csrf: String,
+    file: String,
+    sketch: String,
+    fqbn: String,
+    action: Option<String>,
+}
+
+async fn save(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+    axum::Form(form): axum::Form<SaveForm>,
+) -> Response {
+    if let Err(r) = web.check_csrf(&form.csrf) {
+        return r;
+    }
+    let device = match open_device(&state, &web, product, &serial).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let back = format!("/workspace/{product}/{serial}");
+    let with = |key: &str, text: &str| {
+        notice_url(&back, text).replacen(
+            "?notice=",
+            &format!("?file={}&{key}=", form.file),
+            1,
+        )
+    };
+    if let Err(e) =
+        compile::check_fqbn(&form.fqbn).and_then(|_| compile::check_file_name(&form.file))
+    {
+        return Redirect::to(&with("error", &e)).into_response();
+    }
+    if form.sketch.len() > 512 * 1024 {
+        return Redirect::to(&with("error", "a file may have at most 512 KiB")).into_response();
+    }
+    let (_, mut files) = current_sketch(&state, &device).await;
+    files.insert(form.file.clone(), form.sketch.replace("\r\n", "\n"));
+    if let Err(e) = state
+        .store()
+        .save_revision(device.id, &form.fqbn, &files, &web.name())
+        .await
+    {
+        return ApiError::from(e).into_response();
+    }
+    if form.action.as_deref() != Some("compile") {
+        return Redirect::to(&with("notice", "saved")).into_response();
+    }
+    let build = state
+        .store()
+        .create_build(NewBuild {
+            product_id: Some(product),
+            device_id: Some(device.id),
+            fqbn: form.fqbn.clone(),
+            files,
+            requested_by: web.name(),
+        })
+        .await;
+    match build {
+        Ok(b) => {
+            state.inner.builds_ready.notify_one();
+            Redirect::to(&format!("{back}?file={}&build={}", form.file, b.id)).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn add_file(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+    axum::Form(form): axum::Form<NameForm>,
+) -> Response {
+    if let Err(r) = web.check_csrf(&form.csrf) {
+        return r;
+    }
+    let device = match open_device(&state, &web, product, &serial).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let back = format!("/workspace/{product}/{serial}");
+    let name = form.name.trim().to_string();
+    if let Err(e) = compile::check_file_name(&name) {
+        return Redirect::to(&notice_url(&back, &e).replacen("?notice=", "?error=", 1))
+            .into_response();
+    }
+    let (fqbn, mut files) = current_sketch(&state, &device).await;
+    if files.len() >= 32 {
+        return Redirect::to(
+            &notice_url(&back, "a sketch has at most 32 files").replacen("?notice=", "?error=", 1),
+        )
+        .into_response();
+    }
+    files.entry(name.clone()).or_default();
+    if let Err(e) = state
+        .store()
+        .save_revision(device.id, &fqbn, &files, &web.name())
+        .await
+    {
+        return ApiError::from(e).into_response();
+    }
+    Redirect::to(&format!("{back}?file={name}")).into_response()
+}
+
+/// `GET .../builds/{id}.json?file=F`: the build's status, log and the diagnostics of file F.
+async fn build_status(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial, file)): ApiPath<(Id, String, String)>,
+    Query(q): Query<WorkspaceQuery>,
+) -> Response {
+    let device = match open_device(&state, &web, product, &serial).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let Some(id) = file
+        .strip_suffix(".json")
+        .and_then(|s| s.parse::<Id>().ok())
+    else {
+        return ApiError::not_found("no such build").into_response();
+    };
+    match state.store().get_build(id).await {
+        Ok(b) if b.device_id == Some(device.id) => {
+            let diagnostics: Vec<&Diagnostic> = b
+                .diagnostics
+                .iter()
+                .filter(|d| q.file.as_deref().is_none_or(|f| d.file == f))
+                .collect();
+            axum::Json(serde_json::json!({
+                "id": b.id, "status": b.status, "log": b.log, "diagnostics": diagnostics,
+                "firmware_id": b.firmware_id,
+            }))
+            .into_response()
+        }
+        _ => ApiError::not_found("no such build").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct WifiForm {
+    csrf: String,
+    ssid: String,
+    wifi_password: String,
+    device_password: String,
+}
+
+async fn save_wifi(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+    axum::Form(form): axum::Form<WifiForm>,
+) -> Response {
+    if let Err(r) = web.check_csrf(&form.csrf) {
+        return r;
+    }
+    let device = match open_device(&state, &web, product, &serial).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let back = format!("/workspace/{product}/{serial}");
+    let refuse = |e: &str| {
+        Redirect::to(&notice_url(&back, e).replacen("?notice=", "?error=", 1)).into_response()
+    };
+    if form.ssid.is_empty() || form.ssid.len() > 32 || form.wifi_password.len() > 64 {
+        return refuse("an SSID has 1 to 32 bytes and a Wi-Fi password at most 64");
+    }
+    if form
+        .ssid
+        .chars()
+        .chain(form.wifi_password.chars())
+        .chain(form.device_password.chars())
+        .any(char::is_control)
+    {
+        return refuse("control characters are not allowed");
+    }
+    // The device password must be the one the server knows.
+    let ok = match device.password_hash.as_deref() {
+        Some(phc) => {
+            state
+                .inner
+                .verified
+                .verify(&form.device_password, phc)
+                .await
+        }
+        None => false,
+    };
+    if !ok {
+        return refuse(
+            "that is not this device's password (an operator sets it when registering the device)",
+        );
+    }
+    let secrets = crate::setup::DeviceSecrets {
+        wifi_ssid: form.ssid,
+        wifi_password: form.wifi_password,
+        device_password: form.device_password,
+    };
+    match crate::setup::seal_secrets(&state, &secrets) {
+        Ok(sealed) => match state
+            .store()
+            .set_device_secrets(device.id, Some(&sealed))
+            .await
+        {
+            Ok(()) => Redirect::to(&notice_url(&back, "Wi-Fi saved (encrypted)")).into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        },
+        Err(e) => ApiError::internal("sealing", e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct SetupForm {
+    csrf: String,
+    what: String,
+}
+
+async fn setup_firmware(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+    axum::Form(form): axum::Form<SetupForm>,
+) -> Response {
+    if let Err(r) = web.check_csrf(&form.csrf) {
+        return r;
+    }
+    let device = match open_device(&state, &web, product, &serial).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let back = format!("/workspace/{product}/{serial}");
+    let config = match crate::setup::personal_config(&state, &device, "setup") {
+        Ok(c) => c,
+        Err(e) => {
+            return Redirect::to(&notice_url(&back, &e).replacen("?notice=", "?error=", 1))
+                .into_response();
+        }
+    };
+    if form.what == "compile" {
+        let files = crate::setup::setup_sketch(config);
+        let build = state
+            .store()
+            .create_build(NewBuild {
+                product_id: Some(product),
+                device_id: Some(device.id),
+                fqbn: "esp32:esp32:esp32".into(),
+                files,
+                requested_by: web.name(),
+            })
+            .await;
+        return match build {
+            Ok(b) => {
+                state.inner.builds_ready.notify_one();
+                Redirect::to(&format!("{back}?build={}", b.id)).into_response()
+            }
+            Err(e) => ApiError::from(e).into_response(),
+        };
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/x-c; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"otaforge_config.h\"",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        config,
+    )
+        .into_response()
+}
