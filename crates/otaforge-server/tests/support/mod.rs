@@ -136,6 +136,7 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
     pub telemetry_flush_interval: Duration,
+    pub compile: Option<otaforge_server::compile::CompileConfig>,
 }
 
 impl Default for Options {
@@ -145,6 +146,7 @@ impl Default for Options {
             data_dir: None,
             database_url: None,
             telemetry_flush_interval: Duration::from_millis(200),
+            compile: None,
         }
     }
 }
@@ -174,6 +176,7 @@ impl Server {
             admin_token: Some(Secret::new(TOKEN)),
             max_upload_bytes: options.max_upload_bytes,
             telemetry_flush_interval: options.telemetry_flush_interval,
+            compile: options.compile.clone().unwrap_or_default(),
             ..Config::default()
         };
         let state = AppState::open(config)

@@ -1,0 +1,404 @@
+//! The seed 000 platform end to end: the build queue over the REST API (a real compile of an
+//! Arduino Uno sketch inside the sandbox, on SQLite and PostgreSQL), and the pages in a real
+//! headless Chromium driven over WebDriver: operator sign-in, bot login, edit, compile, the
+//! live log and diagnostics, the firmware behind the static link, and refusals.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{Backend, Server};
+
+const BLINK: &str = "void setup() {\n  pinMode(13, OUTPUT);\n}\n\nvoid loop() {\n  digitalWrite(13, HIGH);\n  delay(200);\n  digitalWrite(13, LOW);\n  delay(200);\n}\n";
+
+async fn wait_build(server: &Server, id: i64) -> Value {
+    let start = Instant::now();
+    loop {
+        let (status, b) = server.call(Method::GET, &format!("/api/v1/builds/{id}"), None).await;
+        assert_eq!(status, 200, "{b}");
+        if b["status"] == "succeeded" || b["status"] == "failed" {
+            return b;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "build {id} did not finish: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+async fn build_queue_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, _, _) = server.product("robots").await;
+    let (status, _) = server
+        .call(Method::POST, &format!("/api/v1/products/{pid}/devices"), Some(json!({"serial": "bot_001", "password": "12345"})))
+        .await;
+    assert_eq!(status, 201);
+
+    // A real compile for arduino:avr:uno, assigned to the device.
+    let (status, queued) = server
+        .call(
+            Method::POST,
+            "/api/v1/builds",
+            Some(json!({"fqbn": "arduino:avr:uno", "files": {"blink.ino": BLINK}, "product_id": pid, "device": "bot_001"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    assert_eq!(queued["status"], "queued");
+    let done = wait_build(&server, queued["id"].as_i64().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{}", done["log"]);
+    assert!(done["log"].as_str().unwrap().contains("Sketch uses"), "{}", done["log"]);
+    let firmware_id = done["firmware_id"].as_i64().unwrap();
+    let (_, fw) = server.call(Method::GET, &format!("/api/v1/products/{pid}/firmware/{firmware_id}"), None).await;
+
+    // The device's unchanged static link now serves that binary.
+    let r = server
+        .raw(
+            format!(
+                "GET /ota/{pid}/bot_001 HTTP/1.0\r\nHost: x\r\nUser-Agent: ESP32-http-Update\r\nAuthorization: Basic {}\r\nConnection: close\r\n\r\n",
+                basic("bot_001", "12345")
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len() as i64, fw["size"].as_i64().unwrap());
+    assert_eq!(r.header("x-md5").unwrap(), fw["md5"].as_str().unwrap());
+
+    // Errors come back at their lines, in the user's file names.
+    let (_, queued) = server
+        .call(
+            Method::POST,
+            "/api/v1/builds",
+            Some(json!({"fqbn": "arduino:avr:uno", "files": {"main.ino": "void setup() {\n}\n\nvoid loop() {\n  foo();\n}\n", "util.h": "int x;\n"}})),
+        )
+        .await;
+    let failed = wait_build(&server, queued["id"].as_i64().unwrap()).await;
+    assert_eq!(failed["status"], "failed");
+    let d = &failed["diagnostics"][0];
+    assert_eq!((d["file"].as_str(), d["line"].as_i64(), d["severity"].as_str()), (Some("main.ino"), Some(5), Some("error")), "{failed}");
+
+    // Reading the host's files is refused with a clear message.
+    let (_, queued) = server
+        .call(
+            Method::POST,
+            "/api/v1/builds",
+            Some(json!({"fqbn": "arduino:avr:uno", "files": {"x.ino": "#include \"/etc/passwd\"\nvoid setup() {}\nvoid loop() {}\n"}})),
+        )
+        .await;
+    let refused = wait_build(&server, queued["id"].as_i64().unwrap()).await;
+    assert_eq!(refused["status"], "failed");
+    assert!(refused["log"].as_str().unwrap().contains("may include only its own files"), "{}", refused["log"]);
+
+    // Bad requests: 4xx naming the problem.
+    for (body, expect) in [
+        (json!({"fqbn": "uno", "files": {"a.ino": ""}}), 422),
+        (json!({"fqbn": "arduino:avr:uno", "files": {"../a.ino": ""}}), 422),
+        (json!({"fqbn": "arduino:avr:uno", "files": {"a.h": ""}}), 422),
+        (json!({"fqbn": "arduino:avr:uno", "files": {}}), 422),
+        (json!({"fqbn": "arduino:avr:uno", "files": {"a.ino": ""}, "device": "nobody", "product_id": pid}), 404),
+    ] {
+        let (status, answer) = server.call(Method::POST, "/api/v1/builds", Some(body)).await;
+        assert_eq!(status, expect, "{answer}");
+        assert!(answer["error"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    server.finish().await;
+}
+on_both_backends!(build_queue, build_queue_story);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_compiler_the_platform_still_works_and_says_how_to_install_one() {
+    let server = Server::start_with(
+        Backend::Sqlite,
+        support::Options {
+            compile: Some(otaforge_server::compile::CompileConfig {
+                arduino_cli: None,
+                arduino_builder: None,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, queued) = server
+        .call(Method::POST, "/api/v1/builds", Some(json!({"fqbn": "esp32:esp32:esp32", "files": {"a.ino": BLINK}})))
+        .await;
+    assert_eq!(status, 202);
+    let b = wait_build(&server, queued["id"].as_i64().unwrap()).await;
+    assert_eq!(b["status"], "failed");
+    assert!(b["log"].as_str().unwrap().contains("arduino-cli core install esp32:esp32"), "{}", b["log"]);
+    server.finish().await;
+}
+
+// ---- the browser ----
+
+/// A minimal WebDriver client for chromedriver.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    _driver: std::process::Child,
+    shots: std::path::PathBuf,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    async fn start() -> Browser {
+        let driver = otaforge_server::compile::find_on_path("chromedriver")
+            .expect("chromedriver is needed for the browser tests (apt-get install chromium chromium-driver)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting chromedriver");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let start = Instant::now();
+        while http.get(format!("{base}/status")).send().await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = support::temp_dir("chrome");
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", "--window-size=1280,900", format!("--user-data-dir={}", profile.display())]
+        }}}});
+        let answer: Value = http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
+        let session = answer["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {answer}")).to_string();
+        let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        Browser { http, base, session, _driver: child, shots }
+    }
+
+    async fn cmd(&self, method: Method, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let req = self.http.request(method.clone(), url);
+        let req = if method == Method::GET { req } else { req.json(&body) };
+        let answer: Value = req.send().await.unwrap().json().await.unwrap();
+        if answer["value"]["error"].is_string() {
+            panic!("webdriver {path}: {}", answer["value"]);
+        }
+        answer["value"].clone()
+    }
+
+    async fn go(&self, url: &str) {
+        self.cmd(Method::POST, "/url", json!({"url": url})).await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let url = format!("{}/session/{}/element", self.base, self.session);
+            let answer: Value = self.http.post(url).json(&json!({"using": "css selector", "value": css})).send().await.unwrap().json().await.unwrap();
+            if let Some(id) = answer["value"][ELEMENT].as_str() {
+                return id.to_string();
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "no element {css}: {}", self.text("body").await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn exists(&self, css: &str) -> bool {
+        let url = format!("{}/session/{}/elements", self.base, self.session);
+        let answer: Value = self.http.post(url).json(&json!({"using": "css selector", "value": css})).send().await.unwrap().json().await.unwrap();
+        answer["value"].as_array().is_some_and(|a| !a.is_empty())
+    }
+
+    /// The element's text ("" when there is none), read again if the page changed under it.
+    async fn text(&self, css: &str) -> String {
+        for _ in 0..50 {
+            let url = format!("{}/session/{}/element", self.base, self.session);
+            let answer: Value = self.http.post(url).json(&json!({"using": "css selector", "value": css})).send().await.unwrap().json().await.unwrap();
+            let Some(id) = answer["value"][ELEMENT].as_str() else { return String::new() };
+            let url = format!("{}/session/{}/element/{id}/text", self.base, self.session);
+            let answer: Value = self.http.get(url).send().await.unwrap().json().await.unwrap();
+            if let Some(text) = answer["value"].as_str() {
+                return text.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{css} kept changing under the reader")
+    }
+
+    /// Waits until the element's text contains `expected`; returns the text.
+    async fn wait_text(&self, css: &str, expected: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.text(css).await;
+            if text.contains(expected) {
+                return text;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{css} never said {expected:?}; it says {text:?}; the page: {}",
+                self.text("body").await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.cmd(Method::POST, &format!("/element/{id}/clear"), json!({})).await;
+        self.cmd(Method::POST, &format!("/element/{id}/value"), json!({"text": text})).await;
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.cmd(Method::POST, &format!("/element/{id}/click"), json!({})).await;
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.cmd(Method::POST, "/execute/sync", json!({"script": script, "args": []})).await
+    }
+
+    async fn url(&self) -> String {
+        self.cmd(Method::GET, "/url", Value::Null).await.as_str().unwrap_or("").to_string()
+    }
+
+    async fn shot(&self, name: &str) {
+        use base64::Engine;
+        let png = self.cmd(Method::GET, "/screenshot", Value::Null).await;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        std::fs::write(self.shots.join(format!("{name}.png")), bytes).unwrap();
+    }
+
+    async fn wait_for(&self, what: &str, script: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let v = self.script(script).await;
+            if !v.is_null() && v != Value::Bool(false) {
+                return v;
+            }
+            assert!(start.elapsed() < Duration::from_secs(90), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn quit(self) {
+        let _ = self.http.delete(format!("{}/session/{}", self.base, self.session)).send().await;
+        let mut driver = self._driver;
+        let _ = driver.kill();
+        let _ = driver.wait();
+    }
+}
+
+async fn sign_in(browser: &Browser, server: &Server, kind: &str, user: &str, password: &str) {
+    browser.go(&server.url("/login")).await;
+    browser.click(&format!("input[name=kind][value={kind}]")).await;
+    browser.type_into("#username", user).await;
+    browser.type_into("#password", password).await;
+    browser.click("#signin").await;
+}
+
+/// Replaces the editor's text by typing, as a person does.
+async fn type_sketch(browser: &Browser, code: &str) {
+    browser.click(".cm-content").await;
+    let id = browser.find(".cm-content").await;
+    // Ctrl+A, Delete, then the code line by line (Enter keeps the editor's indentation).
+    browser.cmd(Method::POST, &format!("/element/{id}/value"), json!({"text": "\u{E009}a\u{E009}\u{E017}"})).await;
+    for line in code.lines() {
+        let text = format!("{}\u{E007}", line.trim_start());
+        browser.cmd(Method::POST, &format!("/element/{id}/value"), json!({"text": text})).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_000_workflow_in_a_real_browser() {
+    let server = Server::start(Backend::Sqlite).await;
+    let store = server.state.store();
+    let hash = otaforge_server::auth::hash_password("operator-pw").unwrap();
+    store.create_user("alice", &hash, true).await.unwrap();
+    let (pid, _, _) = server.product("robots").await;
+    for (serial, pw) in [("bot_001", "12345"), ("bot_002", "67890")] {
+        let (status, _) = server
+            .call(Method::POST, &format!("/api/v1/products/{pid}/devices"), Some(json!({"serial": serial, "password": pw})))
+            .await;
+        assert_eq!(status, 201);
+    }
+    let browser = Browser::start().await;
+
+    // Operator sign-in: a wrong password is refused, the right one opens the dashboard.
+    sign_in(&browser, &server, "operator", "alice", "nope").await;
+    browser.wait_text("#login-error", "wrong name or password").await;
+    sign_in(&browser, &server, "operator", "alice", "operator-pw").await;
+    browser.wait_text("main h1", "Products").await;
+    assert!(browser.text("main").await.contains("robots"));
+    browser.shot("dashboard").await;
+    browser.go(&server.url(&format!("/products/{pid}"))).await;
+    browser.wait_text("#devices", "bot_002").await;
+    browser.shot("product").await;
+    browser.click("nav button").await; // sign out
+    browser.wait_text("main h1", "Sign in").await;
+
+    // Bot login: the wrong password is refused; the right one opens that device's workspace.
+    sign_in(&browser, &server, "bot", "bot_001", "99999").await;
+    browser.wait_text("#login-error", "wrong name or password").await;
+    browser.shot("login-refused").await;
+    sign_in(&browser, &server, "bot", "bot_001", "12345").await;
+    browser.wait_text("#device-id", "bot_001").await;
+    assert!(browser.url().await.ends_with(&format!("/workspace/{pid}/bot_001")), "{}", browser.url().await);
+    let link = browser.text("#firmware-url").await;
+    assert_eq!(link, format!("{}/ota/{pid}/bot_001", server.base));
+
+    // Another device's workspace, and the operator pages, are refused to this bot.
+    browser.go(&server.url(&format!("/workspace/{pid}/bot_002"))).await;
+    browser.wait_text("main", "Not your device").await;
+    browser.go(&server.url(&format!("/products/{pid}"))).await;
+    browser.wait_text("main", "Not allowed").await;
+
+    // Wi-Fi: saved encrypted, never shown back in full.
+    browser.go(&server.url(&format!("/workspace/{pid}/bot_001"))).await;
+    browser.type_into("#wifi-ssid", "HomeNet").await;
+    browser.type_into("input[name=wifi_password]", "wifi-secret-pw").await;
+    browser.type_into("input[name=device_password]", "12345").await;
+    browser.click("#wifi-save").await;
+    let saved = browser.wait_text("#wifi-saved", "Saved").await;
+    assert!(saved.contains("H*****t") && !saved.contains("HomeNet") && !browser.text("main").await.contains("wifi-secret-pw"), "{saved}");
+    let device = store.get_device(pid, "bot_001").await.unwrap();
+    let sealed = device.secrets.unwrap();
+    assert!(!sealed.contains("HomeNet") && !sealed.contains("wifi-secret"), "sealed at rest");
+
+    // Edit with an error, pick the Uno, compile: the log streams and the error shows at its line.
+    browser.click("#fqbn option[value='arduino:avr:uno']").await;
+    type_sketch(&browser, "void setup() {\n}\nvoid loop() {\nfoo();\n}\n").await;
+    browser.click("#compile").await;
+    browser
+        .wait_for("the failed build", "return document.querySelector('#build-log')?.dataset.status === 'failed'")
+        .await;
+    assert!(browser.text("#build-log").await.contains("'foo' was not declared"));
+    browser
+        .wait_for("the lint marker", "return document.querySelectorAll('.cm-lintRange-error, .cm-lint-marker-error').length > 0")
+        .await;
+    browser.shot("workspace-error").await;
+
+    // Fix it and compile again: the firmware lands behind the unchanged static link.
+    type_sketch(&browser, BLINK).await;
+    browser.click("#compile").await;
+    browser
+        .wait_for("the good build", "return document.querySelector('#build-log')?.dataset.status === 'succeeded'")
+        .await;
+    let log = browser.text("#build-log").await;
+    assert!(log.contains("assigned to bot_001"), "{log}");
+    browser.go(&server.url(&format!("/workspace/{pid}/bot_001"))).await;
+    browser.wait_text("#assigned", "build-").await;
+    assert!(browser.exists(".history li").await);
+    browser.shot("workspace-built").await;
+    let path = link.strip_prefix(&server.base).unwrap();
+    let r = server
+        .raw(format!("GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Basic {}\r\nConnection: close\r\n\r\n", basic("bot_001", "12345")).as_bytes())
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(!r.body.is_empty());
+    browser.quit().await;
+    server.finish().await;
+}
