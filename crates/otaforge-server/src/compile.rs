@@ -191,7 +191,12 @@ pub fn compile(
     // Arduino wants the main file named after its folder: sketch/sketch.ino.
     let sketch_dir = job.work.join("sketch");
     let out_dir = job.work.join("out");
-    for dir in [&sketch_dir, &out_dir, &job.cache.to_path_buf()] {
+    for dir in [
+        &sketch_dir,
+        &out_dir,
+        &job.work.join("build"),
+        &job.cache.to_path_buf(),
+    ] {
         std::fs::create_dir_all(dir)
             .map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
     }
@@ -208,7 +213,8 @@ pub fn compile(
         rename.insert(on_disk, name.clone());
     }
 
-    let sandbox = Sandbox::new(config, job)?;
+    warm_cache(config, &backend, job, log)?;
+    let sandbox = Sandbox::new(config, job, false)?;
     let (program, args): (PathBuf, Vec<String>) = match &backend {
         Backend::ArduinoBuilder(builder) => (
             builder.clone(),
@@ -219,13 +225,20 @@ pub fn compile(
                 "-hardware".into(),
                 "/usr/share/arduino-builder".into(),
                 "-tools".into(),
-                "/usr/bin".into(),
+                "/usr/share/arduino-builder".into(),
                 "-fqbn".into(),
                 job.fqbn.into(),
                 "-prefs".into(),
                 "build.extra_flags=-DDECIMAL_DIG=17".into(),
-                "-build-path".into(),
+                // A flood of errors would make the builder buffer them until it runs out of memory.
+                "-prefs".into(),
+                "compiler.cpp.extra_flags=-fmax-errors=20".into(),
+                "-prefs".into(),
+                "compiler.c.extra_flags=-fmax-errors=20".into(),
+                "-build-cache".into(),
                 sandbox.cache_path(),
+                "-build-path".into(),
+                sandbox.build_path(),
                 format!("{}/sketch.ino", sandbox.sketch_path()),
             ],
         ),
@@ -237,6 +250,8 @@ pub fn compile(
                 "--output-dir".into(),
                 sandbox.out_path(),
                 "--build-path".into(),
+                sandbox.build_path(),
+                "--build-cache-path".into(),
                 sandbox.cache_path(),
                 "--format".into(),
                 "json".into(),
@@ -259,7 +274,7 @@ pub fn compile(
     ));
 
     let sketch_prefix = format!("{}/", sandbox.sketch_path());
-    let build_prefix = format!("{}/sketch/", sandbox.cache_path());
+    let build_prefix = format!("{}/sketch/", sandbox.build_path());
     let map = |path: &str| -> Option<String> {
         let name = path
             .strip_prefix(&sketch_prefix)
@@ -310,7 +325,7 @@ pub fn compile(
         Backend::ArduinoCli(_) => std::fs::read(out_dir.join("sketch.ino.bin"))
             .map_err(|e| fail(format!("the compiler made no sketch.ino.bin: {e}")))?,
         Backend::ArduinoBuilder(_) => {
-            let elf = job.cache.join("sketch.ino.elf");
+            let elf = job.work.join("build").join("sketch.ino.elf");
             let bin = out_dir.join("sketch.ino.bin");
             let status = Command::new("avr-objcopy")
                 .args(["-O", "binary", "-R", ".eeprom"])
@@ -333,6 +348,107 @@ pub fn compile(
     })
 }
 
+/// Builds an empty sketch once per board with the cache writable, so that user builds can
+/// reuse the compiled core from a cache they can only read (no build can poison it for the
+/// next one).
+fn warm_cache(
+    config: &CompileConfig,
+    backend: &Backend,
+    job: &Job,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), CompileFailure> {
+    let marker = job.cache.join(".warm");
+    if marker.exists() {
+        return Ok(());
+    }
+    let fail = |message: String| CompileFailure {
+        message,
+        diagnostics: Vec::new(),
+    };
+    let work = job.work.join("warm");
+    for dir in ["sketch", "out", "build"] {
+        std::fs::create_dir_all(work.join(dir))
+            .map_err(|e| fail(format!("creating the warm-up folder: {e}")))?;
+    }
+    std::fs::write(
+        work.join("sketch/sketch.ino"),
+        "void setup() {}\nvoid loop() {}\n",
+    )
+    .map_err(|e| fail(format!("writing the warm-up sketch: {e}")))?;
+    let warm_job = Job {
+        fqbn: job.fqbn,
+        files: job.files,
+        extra_files: BTreeMap::new(),
+        build_properties: Vec::new(),
+        work: &work,
+        cache: job.cache,
+    };
+    let sandbox = Sandbox::new(config, &warm_job, true)?;
+    let (program, args) = match backend {
+        Backend::ArduinoBuilder(builder) => (
+            builder.clone(),
+            vec![
+                "-compile",
+                "-hardware",
+                "/usr/share/arduino/hardware",
+                "-hardware",
+                "/usr/share/arduino-builder",
+                "-tools",
+                "/usr/share/arduino-builder",
+                "-fqbn",
+                job.fqbn,
+                "-prefs",
+                "build.extra_flags=-DDECIMAL_DIG=17",
+                "-prefs",
+                "compiler.cpp.extra_flags=-fmax-errors=20",
+                "-prefs",
+                "compiler.c.extra_flags=-fmax-errors=20",
+                "-build-cache",
+                JAIL_CACHE,
+                "-build-path",
+                JAIL_BUILD,
+                "/build/sketch/sketch.ino",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+        ),
+        Backend::ArduinoCli(cli) => (
+            cli.clone(),
+            vec![
+                "compile",
+                "--fqbn",
+                job.fqbn,
+                "--output-dir",
+                JAIL_OUT,
+                "--build-path",
+                JAIL_BUILD,
+                "--build-cache-path",
+                JAIL_CACHE,
+                "/build/sketch",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+        ),
+    };
+    log(&format!(
+        "preparing the {} core cache (first build for this board)\n",
+        job.fqbn
+    ));
+    let out = sandbox.run(&program, &args, &mut |_| {}).map_err(fail)?;
+    let _ = std::fs::remove_dir_all(&work);
+    if !out.success {
+        log(&out.text);
+        return Err(fail(format!(
+            "the {} toolchain cannot build an empty sketch; is the board's core installed?",
+            job.fqbn
+        )));
+    }
+    std::fs::write(&marker, b"").map_err(|e| fail(format!("marking the cache: {e}")))?;
+    Ok(())
+}
+
 struct RunOutput {
     success: bool,
     /// stdout and stderr interleaved as they came.
@@ -348,15 +464,23 @@ struct Sandbox {
     limits: Limits,
     sketch: PathBuf,
     out: PathBuf,
+    build: PathBuf,
     cache: PathBuf,
+    /// Only the trusted warm-up build may write the shared cache.
+    cache_writable: bool,
 }
 
 const JAIL_SKETCH: &str = "/build/sketch";
 const JAIL_OUT: &str = "/build/out";
+const JAIL_BUILD: &str = "/build/work";
 const JAIL_CACHE: &str = "/build/cache";
 
 impl Sandbox {
-    fn new(config: &CompileConfig, job: &Job) -> Result<Sandbox, CompileFailure> {
+    fn new(
+        config: &CompileConfig,
+        job: &Job,
+        cache_writable: bool,
+    ) -> Result<Sandbox, CompileFailure> {
         if config.bwrap.is_none() && !config.allow_unsandboxed {
             return Err(CompileFailure {
                 message: "builds run inside bubblewrap, which is not installed: apt-get install bubblewrap".into(),
@@ -368,7 +492,9 @@ impl Sandbox {
             limits: config.limits,
             sketch: job.work.join("sketch"),
             out: job.work.join("out"),
+            build: job.work.join("build"),
             cache: job.cache.to_path_buf(),
+            cache_writable,
         })
     }
 
@@ -397,6 +523,14 @@ impl Sandbox {
             JAIL_CACHE.into()
         } else {
             self.cache.display().to_string()
+        }
+    }
+
+    fn build_path(&self) -> String {
+        if self.jailed() {
+            JAIL_BUILD.into()
+        } else {
+            self.build.display().to_string()
         }
     }
 
@@ -448,7 +582,15 @@ impl Sandbox {
         cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
         cmd.arg("--ro-bind").arg(&self.sketch).arg(JAIL_SKETCH);
         cmd.arg("--bind").arg(&self.out).arg(JAIL_OUT);
-        cmd.arg("--bind").arg(&self.cache).arg(JAIL_CACHE);
+        cmd.arg("--bind").arg(&self.build).arg(JAIL_BUILD);
+        cmd.arg(if self.cache_writable {
+            "--bind"
+        } else {
+            "--ro-bind"
+        })
+        .arg(&self.cache)
+        .arg(JAIL_CACHE);
+        cmd.args(["--remount-ro", "/"]);
         cmd.args([
             "--setenv",
             "HOME",
@@ -616,11 +758,14 @@ mod tests {
         for d in [
             base.join("work/sketch"),
             base.join("work/out"),
+            base.join("work/build"),
             base.join("cache"),
         ] {
             std::fs::create_dir_all(d).unwrap();
         }
-        let sandbox = Sandbox::new(&config, &job).map_err(|f| f.message).unwrap();
+        let sandbox = Sandbox::new(&config, &job, false)
+            .map_err(|f| f.message)
+            .unwrap();
         let out = sandbox
             .run(
                 Path::new("/bin/bash"),
@@ -646,7 +791,7 @@ mod tests {
         let out = jailed("cat /etc/passwd", Limits::default());
         assert!(!out.success, "{}", out.text);
         let out = jailed(
-            "ls /root /work /home 2>&1; touch /usr/x 2>&1; echo ok > /build/out/x && cat /build/out/x",
+            "ls /root /work /home 2>&1; touch /usr/x /build/cache/x 2>&1; echo ok > /build/out/x && cat /build/out/x",
             Limits::default(),
         );
         assert!(

@@ -1094,11 +1094,7 @@ async fn save(
     };
     let back = format!("/workspace/{product}/{serial}");
     let with = |key: &str, text: &str| {
-        notice_url(&back, text).replacen(
-            "?notice=",
-            &format!("?file={}&{key}=", form.file),
-            1,
-        )
+        notice_url(&back, text).replacen("?notice=", &format!("?file={}&{key}=", form.file), 1)
     };
     if let Err(e) =
         compile::check_fqbn(&form.fqbn).and_then(|_| compile::check_file_name(&form.file))

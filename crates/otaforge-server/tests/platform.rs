@@ -16,12 +16,17 @@ const BLINK: &str = "void setup() {\n  pinMode(13, OUTPUT);\n}\n\nvoid loop() {\
 async fn wait_build(server: &Server, id: i64) -> Value {
     let start = Instant::now();
     loop {
-        let (status, b) = server.call(Method::GET, &format!("/api/v1/builds/{id}"), None).await;
+        let (status, b) = server
+            .call(Method::GET, &format!("/api/v1/builds/{id}"), None)
+            .await;
         assert_eq!(status, 200, "{b}");
         if b["status"] == "succeeded" || b["status"] == "failed" {
             return b;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "build {id} did not finish: {b}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "build {id} did not finish: {b}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -35,7 +40,11 @@ async fn build_queue_story(backend: Backend) {
     let server = Server::start(backend).await;
     let (pid, _, _) = server.product("robots").await;
     let (status, _) = server
-        .call(Method::POST, &format!("/api/v1/products/{pid}/devices"), Some(json!({"serial": "bot_001", "password": "12345"})))
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "bot_001", "password": "12345"})),
+        )
         .await;
     assert_eq!(status, 201);
 
@@ -51,9 +60,19 @@ async fn build_queue_story(backend: Backend) {
     assert_eq!(queued["status"], "queued");
     let done = wait_build(&server, queued["id"].as_i64().unwrap()).await;
     assert_eq!(done["status"], "succeeded", "{}", done["log"]);
-    assert!(done["log"].as_str().unwrap().contains("Sketch uses"), "{}", done["log"]);
+    assert!(
+        done["log"].as_str().unwrap().contains("Sketch uses"),
+        "{}",
+        done["log"]
+    );
     let firmware_id = done["firmware_id"].as_i64().unwrap();
-    let (_, fw) = server.call(Method::GET, &format!("/api/v1/products/{pid}/firmware/{firmware_id}"), None).await;
+    let (_, fw) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/firmware/{firmware_id}"),
+            None,
+        )
+        .await;
 
     // The device's unchanged static link now serves that binary.
     let r = server
@@ -80,7 +99,15 @@ async fn build_queue_story(backend: Backend) {
     let failed = wait_build(&server, queued["id"].as_i64().unwrap()).await;
     assert_eq!(failed["status"], "failed");
     let d = &failed["diagnostics"][0];
-    assert_eq!((d["file"].as_str(), d["line"].as_i64(), d["severity"].as_str()), (Some("main.ino"), Some(5), Some("error")), "{failed}");
+    assert_eq!(
+        (
+            d["file"].as_str(),
+            d["line"].as_i64(),
+            d["severity"].as_str()
+        ),
+        (Some("main.ino"), Some(5), Some("error")),
+        "{failed}"
+    );
 
     // Reading the host's files is refused with a clear message.
     let (_, queued) = server
@@ -92,17 +119,35 @@ async fn build_queue_story(backend: Backend) {
         .await;
     let refused = wait_build(&server, queued["id"].as_i64().unwrap()).await;
     assert_eq!(refused["status"], "failed");
-    assert!(refused["log"].as_str().unwrap().contains("may include only its own files"), "{}", refused["log"]);
+    assert!(
+        refused["log"]
+            .as_str()
+            .unwrap()
+            .contains("may include only its own files"),
+        "{}",
+        refused["log"]
+    );
 
     // Bad requests: 4xx naming the problem.
     for (body, expect) in [
         (json!({"fqbn": "uno", "files": {"a.ino": ""}}), 422),
-        (json!({"fqbn": "arduino:avr:uno", "files": {"../a.ino": ""}}), 422),
-        (json!({"fqbn": "arduino:avr:uno", "files": {"a.h": ""}}), 422),
+        (
+            json!({"fqbn": "arduino:avr:uno", "files": {"../a.ino": ""}}),
+            422,
+        ),
+        (
+            json!({"fqbn": "arduino:avr:uno", "files": {"a.h": ""}}),
+            422,
+        ),
         (json!({"fqbn": "arduino:avr:uno", "files": {}}), 422),
-        (json!({"fqbn": "arduino:avr:uno", "files": {"a.ino": ""}, "device": "nobody", "product_id": pid}), 404),
+        (
+            json!({"fqbn": "arduino:avr:uno", "files": {"a.ino": ""}, "device": "nobody", "product_id": pid}),
+            404,
+        ),
     ] {
-        let (status, answer) = server.call(Method::POST, "/api/v1/builds", Some(body)).await;
+        let (status, answer) = server
+            .call(Method::POST, "/api/v1/builds", Some(body))
+            .await;
         assert_eq!(status, expect, "{answer}");
         assert!(answer["error"].as_str().is_some_and(|m| !m.is_empty()));
     }
@@ -125,12 +170,23 @@ async fn without_a_compiler_the_platform_still_works_and_says_how_to_install_one
     )
     .await;
     let (status, queued) = server
-        .call(Method::POST, "/api/v1/builds", Some(json!({"fqbn": "esp32:esp32:esp32", "files": {"a.ino": BLINK}})))
+        .call(
+            Method::POST,
+            "/api/v1/builds",
+            Some(json!({"fqbn": "esp32:esp32:esp32", "files": {"a.ino": BLINK}})),
+        )
         .await;
     assert_eq!(status, 202);
     let b = wait_build(&server, queued["id"].as_i64().unwrap()).await;
     assert_eq!(b["status"], "failed");
-    assert!(b["log"].as_str().unwrap().contains("arduino-cli core install esp32:esp32"), "{}", b["log"]);
+    assert!(
+        b["log"]
+            .as_str()
+            .unwrap()
+            .contains("arduino-cli core install esp32:esp32"),
+        "{}",
+        b["log"]
+    );
     server.finish().await;
 }
 
@@ -151,7 +207,11 @@ impl Browser {
     async fn start() -> Browser {
         let driver = otaforge_server::compile::find_on_path("chromedriver")
             .expect("chromedriver is needed for the browser tests (apt-get install chromium chromium-driver)");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = std::process::Command::new(driver)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
@@ -162,7 +222,10 @@ impl Browser {
         let http = reqwest::Client::new();
         let start = Instant::now();
         while http.get(format!("{base}/status")).send().await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let profile = support::temp_dir("chrome");
@@ -172,17 +235,39 @@ impl Browser {
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      "--disable-dev-shm-usage", "--window-size=1280,900", format!("--user-data-dir={}", profile.display())]
         }}}});
-        let answer: Value = http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
-        let session = answer["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {answer}")).to_string();
-        let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
+        let answer: Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = answer["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {answer}"))
+            .to_string();
+        let shots =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
         std::fs::create_dir_all(&shots).unwrap();
-        Browser { http, base, session, _driver: child, shots }
+        Browser {
+            http,
+            base,
+            session,
+            _driver: child,
+            shots,
+        }
     }
 
     async fn cmd(&self, method: Method, path: &str, body: Value) -> Value {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let req = self.http.request(method.clone(), url);
-        let req = if method == Method::GET { req } else { req.json(&body) };
+        let req = if method == Method::GET {
+            req
+        } else {
+            req.json(&body)
+        };
         let answer: Value = req.send().await.unwrap().json().await.unwrap();
         if answer["value"]["error"].is_string() {
             panic!("webdriver {path}: {}", answer["value"]);
@@ -198,18 +283,40 @@ impl Browser {
         let start = Instant::now();
         loop {
             let url = format!("{}/session/{}/element", self.base, self.session);
-            let answer: Value = self.http.post(url).json(&json!({"using": "css selector", "value": css})).send().await.unwrap().json().await.unwrap();
+            let answer: Value = self
+                .http
+                .post(url)
+                .json(&json!({"using": "css selector", "value": css}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if let Some(id) = answer["value"][ELEMENT].as_str() {
                 return id.to_string();
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "no element {css}: {}", self.text("body").await);
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no element {css}: {}",
+                self.text("body").await
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn exists(&self, css: &str) -> bool {
         let url = format!("{}/session/{}/elements", self.base, self.session);
-        let answer: Value = self.http.post(url).json(&json!({"using": "css selector", "value": css})).send().await.unwrap().json().await.unwrap();
+        let answer: Value = self
+            .http
+            .post(url)
+            .json(&json!({"using": "css selector", "value": css}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         answer["value"].as_array().is_some_and(|a| !a.is_empty())
     }
 
@@ -217,10 +324,29 @@ impl Browser {
     async fn text(&self, css: &str) -> String {
         for _ in 0..50 {
             let url = format!("{}/session/{}/element", self.base, self.session);
-            let answer: Value = self.http.post(url).json(&json!({"using": "css selector", "value": css})).send().await.unwrap().json().await.unwrap();
-            let Some(id) = answer["value"][ELEMENT].as_str() else { return String::new() };
+            let answer: Value = self
+                .http
+                .post(url)
+                .json(&json!({"using": "css selector", "value": css}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let Some(id) = answer["value"][ELEMENT].as_str() else {
+                return String::new();
+            };
             let url = format!("{}/session/{}/element/{id}/text", self.base, self.session);
-            let answer: Value = self.http.get(url).send().await.unwrap().json().await.unwrap();
+            let answer: Value = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if let Some(text) = answer["value"].as_str() {
                 return text.to_string();
             }
@@ -248,27 +374,45 @@ impl Browser {
 
     async fn type_into(&self, css: &str, text: &str) {
         let id = self.find(css).await;
-        self.cmd(Method::POST, &format!("/element/{id}/clear"), json!({})).await;
-        self.cmd(Method::POST, &format!("/element/{id}/value"), json!({"text": text})).await;
+        self.cmd(Method::POST, &format!("/element/{id}/clear"), json!({}))
+            .await;
+        self.cmd(
+            Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": text}),
+        )
+        .await;
     }
 
     async fn click(&self, css: &str) {
         let id = self.find(css).await;
-        self.cmd(Method::POST, &format!("/element/{id}/click"), json!({})).await;
+        self.cmd(Method::POST, &format!("/element/{id}/click"), json!({}))
+            .await;
     }
 
     async fn script(&self, script: &str) -> Value {
-        self.cmd(Method::POST, "/execute/sync", json!({"script": script, "args": []})).await
+        self.cmd(
+            Method::POST,
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
     }
 
     async fn url(&self) -> String {
-        self.cmd(Method::GET, "/url", Value::Null).await.as_str().unwrap_or("").to_string()
+        self.cmd(Method::GET, "/url", Value::Null)
+            .await
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     async fn shot(&self, name: &str) {
         use base64::Engine;
         let png = self.cmd(Method::GET, "/screenshot", Value::Null).await;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
         std::fs::write(self.shots.join(format!("{name}.png")), bytes).unwrap();
     }
 
@@ -279,13 +423,20 @@ impl Browser {
             if !v.is_null() && v != Value::Bool(false) {
                 return v;
             }
-            assert!(start.elapsed() < Duration::from_secs(90), "timed out waiting for {what}");
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "timed out waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     async fn quit(self) {
-        let _ = self.http.delete(format!("{}/session/{}", self.base, self.session)).send().await;
+        let _ = self
+            .http
+            .delete(format!("{}/session/{}", self.base, self.session))
+            .send()
+            .await;
         let mut driver = self._driver;
         let _ = driver.kill();
         let _ = driver.wait();
@@ -294,7 +445,9 @@ impl Browser {
 
 async fn sign_in(browser: &Browser, server: &Server, kind: &str, user: &str, password: &str) {
     browser.go(&server.url("/login")).await;
-    browser.click(&format!("input[name=kind][value={kind}]")).await;
+    browser
+        .click(&format!("input[name=kind][value={kind}]"))
+        .await;
     browser.type_into("#username", user).await;
     browser.type_into("#password", password).await;
     browser.click("#signin").await;
@@ -305,10 +458,22 @@ async fn type_sketch(browser: &Browser, code: &str) {
     browser.click(".cm-content").await;
     let id = browser.find(".cm-content").await;
     // Ctrl+A, Delete, then the code line by line (Enter keeps the editor's indentation).
-    browser.cmd(Method::POST, &format!("/element/{id}/value"), json!({"text": "\u{E009}a\u{E009}\u{E017}"})).await;
+    browser
+        .cmd(
+            Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": "\u{E009}a\u{E009}\u{E017}"}),
+        )
+        .await;
     for line in code.lines() {
         let text = format!("{}\u{E007}", line.trim_start());
-        browser.cmd(Method::POST, &format!("/element/{id}/value"), json!({"text": text})).await;
+        browser
+            .cmd(
+                Method::POST,
+                &format!("/element/{id}/value"),
+                json!({"text": text}),
+            )
+            .await;
     }
 }
 
@@ -321,7 +486,11 @@ async fn the_seed_000_workflow_in_a_real_browser() {
     let (pid, _, _) = server.product("robots").await;
     for (serial, pw) in [("bot_001", "12345"), ("bot_002", "67890")] {
         let (status, _) = server
-            .call(Method::POST, &format!("/api/v1/products/{pid}/devices"), Some(json!({"serial": serial, "password": pw})))
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(json!({"serial": serial, "password": pw})),
+            )
             .await;
         assert_eq!(status, 201);
     }
@@ -329,7 +498,9 @@ async fn the_seed_000_workflow_in_a_real_browser() {
 
     // Operator sign-in: a wrong password is refused, the right one opens the dashboard.
     sign_in(&browser, &server, "operator", "alice", "nope").await;
-    browser.wait_text("#login-error", "wrong name or password").await;
+    browser
+        .wait_text("#login-error", "wrong name or password")
+        .await;
     sign_in(&browser, &server, "operator", "alice", "operator-pw").await;
     browser.wait_text("main h1", "Products").await;
     assert!(browser.text("main").await.contains("robots"));
@@ -342,40 +513,73 @@ async fn the_seed_000_workflow_in_a_real_browser() {
 
     // Bot login: the wrong password is refused; the right one opens that device's workspace.
     sign_in(&browser, &server, "bot", "bot_001", "99999").await;
-    browser.wait_text("#login-error", "wrong name or password").await;
+    browser
+        .wait_text("#login-error", "wrong name or password")
+        .await;
     browser.shot("login-refused").await;
     sign_in(&browser, &server, "bot", "bot_001", "12345").await;
     browser.wait_text("#device-id", "bot_001").await;
-    assert!(browser.url().await.ends_with(&format!("/workspace/{pid}/bot_001")), "{}", browser.url().await);
+    assert!(
+        browser
+            .url()
+            .await
+            .ends_with(&format!("/workspace/{pid}/bot_001")),
+        "{}",
+        browser.url().await
+    );
     let link = browser.text("#firmware-url").await;
     assert_eq!(link, format!("{}/ota/{pid}/bot_001", server.base));
 
     // Another device's workspace, and the operator pages, are refused to this bot.
-    browser.go(&server.url(&format!("/workspace/{pid}/bot_002"))).await;
+    browser
+        .go(&server.url(&format!("/workspace/{pid}/bot_002")))
+        .await;
     browser.wait_text("main", "Not your device").await;
     browser.go(&server.url(&format!("/products/{pid}"))).await;
     browser.wait_text("main", "Not allowed").await;
 
     // Wi-Fi: saved encrypted, never shown back in full.
-    browser.go(&server.url(&format!("/workspace/{pid}/bot_001"))).await;
+    browser
+        .go(&server.url(&format!("/workspace/{pid}/bot_001")))
+        .await;
     browser.type_into("#wifi-ssid", "HomeNet").await;
-    browser.type_into("input[name=wifi_password]", "wifi-secret-pw").await;
-    browser.type_into("input[name=device_password]", "12345").await;
+    browser
+        .type_into("input[name=wifi_password]", "wifi-secret-pw")
+        .await;
+    browser
+        .type_into("input[name=device_password]", "12345")
+        .await;
     browser.click("#wifi-save").await;
     let saved = browser.wait_text("#wifi-saved", "Saved").await;
-    assert!(saved.contains("H*****t") && !saved.contains("HomeNet") && !browser.text("main").await.contains("wifi-secret-pw"), "{saved}");
+    assert!(
+        saved.contains("H*****t")
+            && !saved.contains("HomeNet")
+            && !browser.text("main").await.contains("wifi-secret-pw"),
+        "{saved}"
+    );
     let device = store.get_device(pid, "bot_001").await.unwrap();
     let sealed = device.secrets.unwrap();
-    assert!(!sealed.contains("HomeNet") && !sealed.contains("wifi-secret"), "sealed at rest");
+    assert!(
+        !sealed.contains("HomeNet") && !sealed.contains("wifi-secret"),
+        "sealed at rest"
+    );
 
     // Edit with an error, pick the Uno, compile: the log streams and the error shows at its line.
     browser.click("#fqbn option[value='arduino:avr:uno']").await;
     type_sketch(&browser, "void setup() {\n}\nvoid loop() {\nfoo();\n}\n").await;
     browser.click("#compile").await;
     browser
-        .wait_for("the failed build", "return document.querySelector('#build-log')?.dataset.status === 'failed'")
+        .wait_for(
+            "the failed build",
+            "return document.querySelector('#build-log')?.dataset.status === 'failed'",
+        )
         .await;
-    assert!(browser.text("#build-log").await.contains("'foo' was not declared"));
+    assert!(
+        browser
+            .text("#build-log")
+            .await
+            .contains("'foo' was not declared")
+    );
     browser
         .wait_for("the lint marker", "return document.querySelectorAll('.cm-lintRange-error, .cm-lint-marker-error').length > 0")
         .await;
@@ -385,11 +589,16 @@ async fn the_seed_000_workflow_in_a_real_browser() {
     type_sketch(&browser, BLINK).await;
     browser.click("#compile").await;
     browser
-        .wait_for("the good build", "return document.querySelector('#build-log')?.dataset.status === 'succeeded'")
+        .wait_for(
+            "the good build",
+            "return document.querySelector('#build-log')?.dataset.status === 'succeeded'",
+        )
         .await;
     let log = browser.text("#build-log").await;
     assert!(log.contains("assigned to bot_001"), "{log}");
-    browser.go(&server.url(&format!("/workspace/{pid}/bot_001"))).await;
+    browser
+        .go(&server.url(&format!("/workspace/{pid}/bot_001")))
+        .await;
     browser.wait_text("#assigned", "build-").await;
     assert!(browser.exists(".history li").await);
     browser.shot("workspace-built").await;
