@@ -611,3 +611,68 @@ async fn the_seed_000_workflow_in_a_real_browser() {
     browser.quit().await;
     server.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_is_rate_limited_and_pages_need_a_session() {
+    let server = Server::start(Backend::Sqlite).await;
+    let hash = otaforge_server::auth::hash_password("right").unwrap();
+    server
+        .state
+        .store()
+        .create_user("bob", &hash, true)
+        .await
+        .unwrap();
+    let attempt = |password: &str| {
+        let body = format!("kind=operator&username=bob&password={password}");
+        format!(
+            "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for _ in 0..5 {
+        assert_eq!(server.raw(attempt("wrong").as_bytes()).await.status, 401);
+    }
+    // Five failures: even the right password waits now.
+    let r = server.raw(attempt("right").as_bytes()).await;
+    assert_eq!(r.status, 429);
+    assert!(String::from_utf8_lossy(&r.body).contains("too many failed sign-ins"));
+
+    // Pages without a session go to the sign-in page; a forged form is refused.
+    let r = server
+        .raw(b"GET /products/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/login"));
+    let r = server
+        .raw(b"POST /products HTTP/1.1\r\nHost: x\r\nCookie: otaforge_session=forged\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 17\r\nConnection: close\r\n\r\ncsrf=x&name=evil1")
+        .await;
+    assert_eq!(r.status, 303, "no valid session: back to sign-in");
+
+    // A real session, but a form without its CSRF token: refused.
+    let hash = otaforge_server::auth::hash_password("pw-carol").unwrap();
+    server
+        .state
+        .store()
+        .create_user("carol", &hash, true)
+        .await
+        .unwrap();
+    let body = "kind=operator&username=carol&password=pw-carol";
+    let r = server
+        .raw(format!("POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+        .await;
+    assert_eq!(r.status, 303);
+    let cookie = r.header("set-cookie").unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap();
+    let forged = "csrf=0123456789abcdef0123456789abcdef&name=evil2";
+    let r = server
+        .raw(format!("POST /products HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{forged}", forged.len()).as_bytes())
+        .await;
+    assert_eq!(r.status, 403);
+    let (_, products) = server.call(Method::GET, "/api/v1/products", None).await;
+    assert_eq!(products.as_array().unwrap().len(), 0);
+    server.finish().await;
+}
