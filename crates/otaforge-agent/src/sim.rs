@@ -40,7 +40,8 @@ pub struct SimConfig {
     pub poll: Duration,
     /// Each wait is `poll * (1 ± jitter)`.
     pub jitter: f64,
-    /// Share of devices whose health check fails on any new firmware (they roll back).
+    /// Share of devices whose health check fails on any firmware other than the initial one
+    /// (they roll back).
     pub fail_health: f64,
     /// Share of devices that lose power once, during their first update.
     pub power_loss: f64,
@@ -51,6 +52,8 @@ pub struct SimConfig {
     /// ...or as soon as every device runs this version or has rolled back from it.
     pub until_version: Option<String>,
     pub seed: u64,
+    /// Set from outside to end the run early.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// What happened, in numbers.
@@ -213,7 +216,11 @@ pub async fn run(
                 progress(&counters, start.elapsed());
                 let done = config.until_version.is_some()
                     && counters.settled.load(Ordering::Relaxed) >= total;
-                if done || start.elapsed() >= config.duration {
+                let told = config
+                    .stop
+                    .as_ref()
+                    .is_some_and(|s| s.load(Ordering::Relaxed));
+                if done || told || start.elapsed() >= config.duration {
                     stop.store(true, Ordering::Relaxed);
                     return done;
                 }
@@ -271,6 +278,7 @@ async fn device_life(
     init_flash(&mut flash, &layout, Some(&config.initial_image))?;
     let mut ota = EspOta::open(flash, esp_config(config))?;
     ota.boot()?;
+    let initial_version = crate::device::running_identity(&mut ota)?.0;
     let mut info = DeviceInfo {
         serial: serial.to_string(),
         version: String::new(),
@@ -397,7 +405,7 @@ async fn device_life(
         let old = info.version.clone();
         ota.boot()?;
         refresh_info(&mut ota, &mut info)?;
-        if fails_health {
+        if fails_health && info.version != initial_version {
             let tried = info.version.clone();
             ota.mark_app_invalid_rollback_and_reboot()?;
             refresh_info(&mut ota, &mut info)?;

@@ -32,6 +32,7 @@ impl Server {
             data_dir: dir.clone(),
             admin_token: Some(Secret::new("t")),
             telemetry_flush_interval: Duration::from_millis(100),
+            rollout_tick: Duration::from_millis(200),
             ..Config::default()
         };
         let state = AppState::open(config).await.unwrap();
@@ -128,6 +129,7 @@ async fn fleet_updates_through_power_loss_rollbacks_and_drops() {
         duration: Duration::from_secs(90),
         until_version: Some("2.0.0".into()),
         seed: 7,
+        stop: None,
     };
     let summary = sim::run(config, |_, _| {}).await.unwrap();
     let failing: Vec<&String> = serials

@@ -168,6 +168,10 @@ async fn create_product(
     let key = random_secret()?;
     let product = state.store().create_product(&name, &digest(&key)).await?;
     state.inner.catalog.invalidate();
+    let _ = state
+        .store()
+        .audit(&_op.0.username, "created product", &name, "")
+        .await;
     Ok(created(product_json(&product, Some(&key))))
 }
 
@@ -320,6 +324,15 @@ async fn patch_group(
     };
     let group = state.store().update_group(product, group, patch).await?;
     state.inner.catalog.invalidate();
+    let _ = state
+        .store()
+        .audit(
+            &_op.0.username,
+            "changed group",
+            &format!("group {}", group.name),
+            &format!("firmware {:?}", group.firmware_id),
+        )
+        .await;
     Ok(Json(json!(group)))
 }
 
@@ -541,6 +554,15 @@ async fn patch_device(
     };
     let device = state.store().update_device(product, &serial, patch).await?;
     state.inner.catalog.invalidate();
+    let _ = state
+        .store()
+        .audit(
+            &_op.0.username,
+            "changed device",
+            &format!("device {serial}"),
+            device.status.as_str(),
+        )
+        .await;
     Ok(Json(device_json(&state, &device)))
 }
 

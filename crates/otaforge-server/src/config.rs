@@ -44,6 +44,8 @@ pub struct Config {
     pub blob_cache_bytes: usize,
     /// Compilers, sandbox and build workers.
     pub compile: crate::compile::CompileConfig,
+    /// How often rollout gates are evaluated.
+    pub rollout_tick: Duration,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             telemetry_flush_interval: Duration::from_secs(2),
             blob_cache_bytes: 256 * 1024 * 1024,
             compile: crate::compile::CompileConfig::default(),
+            rollout_tick: Duration::from_secs(2),
         }
     }
 }

@@ -83,6 +83,17 @@ pub struct Delivery<'a> {
     pub filename: &'a str,
 }
 
+/// Whether the answer to this request will carry the body's last byte (the download is then
+/// complete, from the server's side).
+pub fn serves_last_byte(request: &HeaderMap, len: u64) -> bool {
+    let header = request.get(header::RANGE).and_then(|v| v.to_str().ok());
+    match range::parse(header, len) {
+        Ok(RangeRequest::Full) => true,
+        Ok(RangeRequest::Partial { end, .. }) => end + 1 == len,
+        _ => false,
+    }
+}
+
 /// A 200 with the whole body, a 206 with the requested range, or 416.
 pub fn respond(request: &HeaderMap, body: Bytes, meta: &Delivery) -> ApiResult<Response> {
     let len = body.len() as u64;

@@ -3,6 +3,8 @@
 //! Only this crate knows HTTP.
 
 #![forbid(unsafe_code)]
+// The OpenAPI document is one large json! literal.
+#![recursion_limit = "512"]
 
 mod api;
 pub mod auth;
@@ -19,9 +21,12 @@ mod extract;
 mod openapi;
 mod otadrive;
 pub mod range;
+pub mod rollout_plan;
+mod rollouts;
 mod secrets;
 mod setup;
 mod static_link;
+mod svg;
 mod telemetry;
 mod upload;
 mod web;
@@ -64,6 +69,7 @@ struct Inner {
     builds_ready: tokio::sync::Notify,
     /// One build at a time per board: builds of a board share its cache folder.
     board_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    rollouts: rollouts::RolloutBook,
 }
 
 impl Inner {
@@ -100,6 +106,7 @@ impl AppState {
                 compile,
                 builds_ready: tokio::sync::Notify::new(),
                 board_locks: Default::default(),
+                rollouts: rollouts::RolloutBook::default(),
             }),
         }
     }
@@ -114,7 +121,14 @@ impl AppState {
         let blobs = BlobStore::local(&config.blob_dir())
             .with_context(|| format!("opening the blob folder {}", config.blob_dir().display()))?;
         let sealer = secrets::Sealer::load(&config.data_dir)?;
-        Ok(Self::new(config, store, blobs, sealer))
+        let state = Self::new(config, store, blobs, sealer);
+        state
+            .inner
+            .rollouts
+            .load(state.store())
+            .await
+            .context("loading the live rollouts")?;
+        Ok(state)
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -166,6 +180,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api::routes())
         .merge(builds::routes())
+        .merge(rollouts::routes())
         .merge(web::routes())
         .merge(otadrive::routes())
         .merge(static_link::routes())
@@ -236,6 +251,21 @@ pub async fn serve(
         })
     };
 
+    let gates = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(state.inner.config.rollout_tick);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Reports first: the gates judge what devices said.
+                let _ = state.flush_telemetry().await;
+                if let Err(e) = state.evaluate_rollouts().await {
+                    tracing::warn!(error = %e, "evaluating rollouts failed; will retry");
+                }
+            }
+        })
+    };
     let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
     let workers: Vec<_> = (0..state.inner.compile.workers)
         .map(|i| {
@@ -301,6 +331,7 @@ pub async fn serve(
         tracing::warn!("requests still running after 30 s; closing them");
     }
     flusher.abort();
+    gates.abort();
     let _ = stop_workers.send(true);
     for worker in workers {
         // A build in progress finishes (its compiler is bounded by the wall-time cap).

@@ -149,6 +149,61 @@ pub fn spec() -> Value {
             },
             "/api/v1/products/{product}/firmware/{firmware}/download": {
                 "get": params(op("download the firmware file (Range supported)", "200"), &firmware)
+            },
+            "/api/v1/builds": {
+                "post": with_body(op("queue a compile; the result is assigned to the device when one is named", "202"),
+                    json!({ "type": "object", "required": ["fqbn", "files"], "properties": {
+                        "fqbn": { "type": "string", "examples": ["arduino:avr:uno", "esp32:esp32:esp32"] },
+                        "files": { "type": "object", "additionalProperties": { "type": "string" } },
+                        "product_id": { "type": "integer" },
+                        "device": { "type": "string", "description": "serial of the device in product_id" }
+                    } }))
+            },
+            "/api/v1/builds/{id}": {
+                "get": params(op("a build: status (queued, running, succeeded, failed), log, diagnostics, firmware_id", "200"),
+                    &[("id", "path", id)])
+            },
+            "/api/v1/products/{product}/rollouts": {
+                "get": params(op("list rollouts with per-stage counts", "200"), &product),
+                "post": params(with_body(op("start a staged rollout (or preview it with dry_run: who is in each stage, bytes to move)", "201"),
+                    json!({ "type": "object", "required": ["firmware_id", "stages"], "properties": {
+                        "firmware_id": { "type": "integer" },
+                        "target": { "type": "object", "properties": {
+                            "group_id": { "type": "integer" },
+                            "status": { "enum": ["new", "verified", "blocked", "disabled"] },
+                            "version": { "type": "string" }
+                        } },
+                        "stages": { "type": "array", "items": { "type": "object", "required": ["size"], "properties": {
+                            "size": { "oneOf": [
+                                { "type": "object", "properties": { "count": { "type": "integer", "minimum": 1 } } },
+                                { "type": "object", "properties": { "percent": { "type": "number" } } },
+                                { "const": "rest" }
+                            ] },
+                            "success_threshold": { "type": "number", "default": 0.95 },
+                            "failure_threshold": { "type": "number", "default": 0.1 },
+                            "window_secs": { "type": "integer", "default": 0 },
+                            "auto_advance": { "type": "boolean", "default": true },
+                            "auto_rollback": { "type": "boolean", "default": false }
+                        } } },
+                        "rate_per_minute": { "type": "integer", "minimum": 1 },
+                        "dry_run": { "type": "boolean" }
+                    } })), &product)
+            },
+            "/api/v1/products/{product}/rollouts/{rollout}": {
+                "get": params(op("a rollout with per-stage counts", "200"), &[("product", "path", id), ("rollout", "path", id)])
+            },
+            "/api/v1/products/{product}/rollouts/{rollout}/devices": {
+                "get": params(op("each member's stage and state", "200"), &[("product", "path", id), ("rollout", "path", id)])
+            },
+            "/api/v1/products/{product}/rollouts/{rollout}/{action}": {
+                "post": params(op("pause, resume, approve or cancel", "200"),
+                    &[("product", "path", id), ("rollout", "path", id), ("action", "path", "string")])
+            },
+            "/api/v1/products/{product}/devices/{serial}/events": {
+                "get": params(op("the device's update timeline (offered, downloaded, installed, rolled back, feedback)", "200"), &device)
+            },
+            "/api/v1/audit": {
+                "get": op("who did what, newest first", "200")
             }
         }
     })

@@ -94,16 +94,14 @@ async fn identify(
 
 async fn update(
     State(state): State<AppState>,
+    method: axum::http::Method,
     ApiQuery(params): ApiQuery<Params>,
     headers: HeaderMap,
 ) -> Result<Response, Response> {
     let caller = identify(&state, &params, &headers).await?;
     let device_headers = DeviceHeaders::new(&headers).map_err(IntoResponse::into_response)?;
-    let store = state.store();
     let assigned = state
-        .inner
-        .catalog
-        .assigned_firmware(store, &caller.device)
+        .target_firmware(&caller.device)
         .await
         .map_err(|e| ApiError::from(e).into_response())?;
     let by_md5 = device_headers.get("x-check-sketch-md5") == Some("1");
@@ -112,6 +110,13 @@ async fn update(
         sketch_md5: device_headers.sketch_md5(),
         by_md5,
     };
+    state
+        .observe(
+            &caller.device,
+            &running,
+            device_headers.get("x-otaforge-update-result"),
+        )
+        .await;
     match decide(caller.device.status, assigned.as_ref(), &running) {
         Decision::NotAllowed(status) => Err(text(
             StatusCode::UNAUTHORIZED,
@@ -130,6 +135,11 @@ async fn update(
                 .get(&state.inner.blobs, &firmware.sha256)
                 .await
                 .map_err(IntoResponse::into_response)?;
+            if method != axum::http::Method::HEAD
+                && delivery::serves_last_byte(&headers, bytes.len() as u64)
+            {
+                state.served_whole(&caller.device, &firmware).await;
+            }
             delivery::respond(
                 &headers,
                 bytes,
@@ -260,6 +270,19 @@ async fn alive(
     ApiQuery(params): ApiQuery<Params>,
     headers: HeaderMap,
 ) -> Result<Response, Response> {
-    identify(&state, &params, &headers).await?;
+    let caller = identify(&state, &params, &headers).await?;
+    let device_headers = DeviceHeaders::new(&headers).map_err(IntoResponse::into_response)?;
+    let running = Running {
+        version: params.get("v").map(String::as_str),
+        sketch_md5: device_headers.sketch_md5(),
+        by_md5: false,
+    };
+    state
+        .observe(
+            &caller.device,
+            &running,
+            device_headers.get("x-otaforge-update-result"),
+        )
+        .await;
     Ok(text(StatusCode::OK, "ok"))
 }

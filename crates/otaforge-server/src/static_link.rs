@@ -41,6 +41,7 @@ fn challenge(message: &str) -> Response {
 
 async fn fetch(
     State(state): State<AppState>,
+    method: axum::http::Method,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     headers: HeaderMap,
 ) -> Result<Response, Response> {
@@ -88,10 +89,20 @@ async fn fetch(
             "no filesystem image is assigned",
         ));
     }
+    let running = Running {
+        version: device_headers.esp("version"),
+        sketch_md5: device_headers.sketch_md5(),
+        by_md5: false,
+    };
+    state
+        .observe(
+            &device,
+            &running,
+            device_headers.get("x-otaforge-update-result"),
+        )
+        .await;
     let firmware = state
-        .inner
-        .catalog
-        .assigned_firmware(store, &device)
+        .target_firmware(&device)
         .await
         .map_err(|e| ApiError::from(e).into_response())?
         .ok_or_else(|| {
@@ -112,11 +123,6 @@ async fn fetch(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
         return Ok(response);
     }
-    let running = Running {
-        version: device_headers.esp("version"),
-        sketch_md5: device_headers.sketch_md5(),
-        by_md5: false,
-    };
     if runs(&firmware, &running) {
         return Ok(StatusCode::NOT_MODIFIED.into_response());
     }
@@ -126,6 +132,11 @@ async fn fetch(
         .get(&state.inner.blobs, &firmware.sha256)
         .await
         .map_err(IntoResponse::into_response)?;
+    if method != axum::http::Method::HEAD
+        && delivery::serves_last_byte(&headers, bytes.len() as u64)
+    {
+        state.served_whole(&device, &firmware).await;
+    }
     delivery::respond(
         &headers,
         bytes,

@@ -48,6 +48,12 @@ pub fn routes() -> Router<AppState> {
             "/products/{product}/firmware",
             post(upload_firmware).layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        .route("/products/{product}/rollouts/{rollout}", get(rollout_page))
+        .route(
+            "/products/{product}/rollouts/{rollout}/{action}",
+            post(rollout_action),
+        )
+        .route("/audit", get(audit_page))
         .route("/workspace/{product}/{serial}", get(workspace))
         .route("/workspace/{product}/{serial}/save", post(save))
         .route("/workspace/{product}/{serial}/files", post(add_file))
@@ -542,6 +548,9 @@ struct ProductPage {
     groups: Vec<GroupRow>,
     devices: Vec<DeviceRow>,
     firmware: Vec<Firmware>,
+    versions_chart: String,
+    /// (id, firmware version, state, stage "n of m")
+    rollouts: Vec<(Id, String, String, String)>,
 }
 
 async fn product_page(
@@ -561,6 +570,65 @@ async fn product_page(
     let groups = store.list_groups(product).await.unwrap_or_default();
     let devices = store.list_devices(product).await.unwrap_or_default();
     let firmware = store.list_firmware(product).await.unwrap_or_default();
+    let versions_chart = {
+        use crate::svg::{Bar, stacked_bars};
+        const COLORS: [&str; 6] = [
+            "#2563eb", "#16a34a", "#f59e0b", "#9333ea", "#dc2626", "#64748b",
+        ];
+        let mut versions: Vec<String> = devices
+            .iter()
+            .map(|d| {
+                d.telemetry
+                    .version
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into())
+            })
+            .collect();
+        versions.sort();
+        versions.dedup();
+        let names: Vec<&String> = versions.iter().take(6).collect();
+        let bars: Vec<Bar> = groups
+            .iter()
+            .map(|g| Bar {
+                label: g.name.clone(),
+                segments: names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        let n = devices
+                            .iter()
+                            .filter(|d| {
+                                d.group_id == g.id
+                                    && d.telemetry.version.as_deref().unwrap_or("unknown")
+                                        == v.as_str()
+                            })
+                            .count() as u64;
+                        (n, COLORS[i % COLORS.len()], (*v).clone())
+                    })
+                    .collect(),
+            })
+            .collect();
+        stacked_bars("devices per running version", &bars)
+    };
+    let rollouts = store
+        .list_rollouts(product)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            let fw = firmware
+                .iter()
+                .find(|f| f.id == r.firmware_id)
+                .map(|f| f.version.clone())
+                .unwrap_or_default();
+            (
+                r.id,
+                fw,
+                r.state.as_str().to_string(),
+                format!("{} of {}", r.current_stage + 1, r.stages.len()),
+            )
+        })
+        .collect();
     let version_of = |id: Option<Id>| {
         id.and_then(|id| firmware.iter().find(|f| f.id == id))
             .map(|f| f.version.clone())
@@ -604,6 +672,165 @@ async fn product_page(
             })
             .collect(),
         firmware,
+        versions_chart,
+        rollouts,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "rollout.html")]
+struct RolloutPage {
+    id: Id,
+    product_id: Id,
+    product_name: String,
+    username: String,
+    csrf: String,
+    firmware: String,
+    state: String,
+    message: String,
+    current_stage: i64,
+    stage_count: usize,
+    rate: Option<i64>,
+    created_by: String,
+    created: String,
+    chart: String,
+    stages: Vec<(usize, crate::rollout_plan::StageCounts, String)>,
+    actions: Vec<&'static str>,
+}
+
+async fn rollout_page(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, rollout)): ApiPath<(Id, Id)>,
+) -> Response {
+    if let Err(r) = web.operator() {
+        return r;
+    }
+    let store = state.store();
+    let back = format!("/products/{product}");
+    let r = match store.get_rollout(rollout).await {
+        Ok(r) if r.product_id == product => r,
+        _ => return message(StatusCode::NOT_FOUND, "Not found", "no such rollout", &back),
+    };
+    let members = store.rollout_members(r.id).await.unwrap_or_default();
+    let counts = crate::rollout_plan::count(members.iter().map(|m| (m.stage, m.state)));
+    let firmware = store
+        .get_firmware(product, r.firmware_id)
+        .await
+        .map(|f| f.version)
+        .unwrap_or_default();
+    let mut bars = Vec::new();
+    let mut stages = Vec::new();
+    for (i, spec) in r.stages.iter().enumerate() {
+        let c = counts.get(&(i as i64)).copied().unwrap_or_default();
+        bars.push(crate::svg::Bar {
+            label: format!("stage {}", i + 1),
+            segments: vec![
+                (c.succeeded, "#16a34a", "succeeded".into()),
+                (c.downloaded, "#22d3ee", "downloaded".into()),
+                (c.offered, "#2563eb", "offered".into()),
+                (c.pending, "#cbd5e1", "pending".into()),
+                (c.rolled_back, "#dc2626", "rolled back".into()),
+                (c.failed, "#f59e0b", "failed".into()),
+            ],
+        });
+        let gates = format!(
+            "succeed {:.0}%, halt at {:.0}%{}{}{}",
+            spec.success_threshold * 100.0,
+            spec.failure_threshold * 100.0,
+            if spec.window_secs > 0 {
+                format!(", soak {} s", spec.window_secs)
+            } else {
+                String::new()
+            },
+            if spec.auto_advance {
+                ""
+            } else {
+                ", needs approval"
+            },
+            if r.rolled_back_stages.contains(&(i as i64)) {
+                ", rolled back"
+            } else if spec.auto_rollback {
+                ", auto-rollback"
+            } else {
+                ""
+            },
+        );
+        stages.push((i + 1, c, gates));
+    }
+    use RolloutState::*;
+    let actions = match r.state {
+        Running => vec!["pause", "cancel"],
+        AwaitingApproval => vec!["approve", "pause", "cancel"],
+        Paused | Halted => vec!["resume", "cancel"],
+        Cancelled | Completed => vec![],
+    };
+    page(RolloutPage {
+        id: r.id,
+        product_id: product,
+        product_name: store
+            .get_product(product)
+            .await
+            .map(|p| p.name)
+            .unwrap_or_default(),
+        username: web.name(),
+        csrf: web.csrf.clone(),
+        firmware,
+        state: r.state.as_str().into(),
+        message: r.message.clone(),
+        current_stage: r.current_stage + 1,
+        stage_count: r.stages.len(),
+        rate: r.rate_per_minute,
+        created_by: r.created_by.clone(),
+        created: when(Some(r.created_at)),
+        chart: crate::svg::stacked_bars("devices per stage", &bars),
+        stages,
+        actions,
+    })
+}
+
+async fn rollout_action(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
+    axum::Form(form): axum::Form<CsrfForm>,
+) -> Response {
+    if let Err(r) = web
+        .operator()
+        .map(|_| ())
+        .and_then(|_| web.check_csrf(&form.csrf))
+    {
+        return r;
+    }
+    let back = format!("/products/{product}/rollouts/{rollout}");
+    match crate::rollouts::apply_action(&state, &web.name(), product, rollout, &action).await {
+        Ok(_) => Redirect::to(&back).into_response(),
+        Err(e) => message(e.status, "Not done", e.message, &back),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "audit.html")]
+struct AuditPage {
+    username: String,
+    entries: Vec<(String, String, String, String, String)>,
+}
+
+async fn audit_page(State(state): State<AppState>, web: Web) -> Response {
+    if let Err(r) = web.operator() {
+        return r;
+    }
+    let entries = state
+        .store()
+        .audit_log(500)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| (when(Some(a.at)), a.actor, a.action, a.subject, a.detail))
+        .collect();
+    page(AuditPage {
+        username: web.name(),
+        entries,
     })
 }
 
@@ -914,6 +1141,8 @@ struct WorkspacePage {
     builds: Vec<Build>,
     history: Vec<HistoryRow>,
     wifi_summary: String,
+    /// (when, kind, detail), newest first
+    timeline: Vec<(String, String, String)>,
 }
 
 /// The device, if the viewer may open its workspace; else the page to show instead.
@@ -1034,7 +1263,15 @@ async fn workspace(
             author: r.author,
         })
         .collect();
+    let timeline = store
+        .device_events(device.id, 30)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (when(Some(e.at)), e.kind, e.detail))
+        .collect();
     page(WorkspacePage {
+        timeline,
         product_id: product,
         product_name,
         firmware_url: crate::api::static_link(&state, &device),

@@ -303,3 +303,210 @@ pub struct NewBuild {
     pub files: std::collections::BTreeMap<String, String>,
     pub requested_by: String,
 }
+
+/// How big a rollout stage is.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageSize {
+    /// This many devices.
+    Count(u64),
+    /// This share of all the rollout's devices (0 to 100).
+    Percent(f64),
+    /// Every device not in an earlier stage.
+    Rest,
+}
+
+/// One stage of a rollout and its gates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSpec {
+    pub size: StageSize,
+    /// Share (0..=1) of the stage's devices that must run the new firmware to pass.
+    #[serde(default = "default_success")]
+    pub success_threshold: f64,
+    /// Share (0..=1) of the stage's devices rolled back or failed that halts the rollout.
+    #[serde(default = "default_failure")]
+    pub failure_threshold: f64,
+    /// The stage runs at least this long before it may advance.
+    #[serde(default)]
+    pub window_secs: u64,
+    /// Advance on its own when the gates pass (else wait for approval).
+    #[serde(default = "default_true")]
+    pub auto_advance: bool,
+    /// On halt, return this stage's devices to the previous firmware.
+    #[serde(default)]
+    pub auto_rollback: bool,
+}
+
+fn default_success() -> f64 {
+    0.95
+}
+
+fn default_failure() -> f64 {
+    0.1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Which devices a rollout is for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutTarget {
+    pub group_id: Option<Id>,
+    pub status: Option<DeviceStatus>,
+    /// Only devices reporting this version.
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Running,
+    /// The stage passed its gates and waits for an operator.
+    AwaitingApproval,
+    Paused,
+    /// A failure threshold was crossed.
+    Halted,
+    Cancelled,
+    Completed,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::AwaitingApproval => "awaiting_approval",
+            RolloutState::Paused => "paused",
+            RolloutState::Halted => "halted",
+            RolloutState::Cancelled => "cancelled",
+            RolloutState::Completed => "completed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            RolloutState::Running,
+            RolloutState::AwaitingApproval,
+            RolloutState::Paused,
+            RolloutState::Halted,
+            RolloutState::Cancelled,
+            RolloutState::Completed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+
+    /// Still steering devices (offers, rollbacks).
+    pub fn is_live(self) -> bool {
+        !matches!(self, RolloutState::Completed)
+    }
+}
+
+impl std::fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rollout {
+    pub id: Id,
+    pub product_id: Id,
+    pub firmware_id: Id,
+    pub target: RolloutTarget,
+    pub stages: Vec<StageSpec>,
+    pub rate_per_minute: Option<i64>,
+    pub state: RolloutState,
+    pub current_stage: i64,
+    pub stage_started_at: Millis,
+    /// Stages returned to the previous firmware.
+    pub rolled_back_stages: Vec<i64>,
+    pub message: String,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRollout {
+    pub product_id: Id,
+    pub firmware_id: Id,
+    pub target: RolloutTarget,
+    pub stages: Vec<StageSpec>,
+    pub rate_per_minute: Option<i64>,
+    pub created_by: String,
+}
+
+/// Where one device is in a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Not offered yet.
+    Pending,
+    Offered,
+    /// The whole image was served.
+    Downloaded,
+    /// Checked in running the new firmware.
+    Succeeded,
+    /// Came back on the old firmware after downloading the new one (or said so).
+    RolledBack,
+    /// Said the update failed.
+    Failed,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Pending => "pending",
+            MemberState::Offered => "offered",
+            MemberState::Downloaded => "downloaded",
+            MemberState::Succeeded => "succeeded",
+            MemberState::RolledBack => "rolled_back",
+            MemberState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            MemberState::Pending,
+            MemberState::Offered,
+            MemberState::Downloaded,
+            MemberState::Succeeded,
+            MemberState::RolledBack,
+            MemberState::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RolloutMember {
+    pub rollout_id: Id,
+    pub device_id: Id,
+    pub stage: i64,
+    pub state: MemberState,
+    pub from_version: Option<String>,
+    pub offered_at: Option<Millis>,
+    pub updated_at: Millis,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceEvent {
+    pub id: Id,
+    pub device_id: Id,
+    pub at: Millis,
+    pub kind: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub id: Id,
+    pub at: Millis,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub detail: String,
+}

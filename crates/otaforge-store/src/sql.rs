@@ -13,6 +13,10 @@ const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config,
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
      firmware_id, secrets";
+const ROLLOUT_COLS: &str = "id, product_id, firmware_id, target, stages, rate_per_minute, state, \
+     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at";
+const MEMBER_COLS: &str =
+    "rollout_id, device_id, stage, state, from_version, offered_at, updated_at, message";
 const REVISION_COLS: &str = "id, device_id, fqbn, files, author, created_at";
 const BUILD_COLS: &str = "id, product_id, device_id, fqbn, files, status, log, diagnostics, \
      firmware_id, worker, requested_by, created_at, started_at, finished_at";
@@ -144,6 +148,47 @@ macro_rules! sql_store {
                     files: parse_typed(&files)?,
                     author: row.try_get("author")?,
                     created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn rollout(row: &$row) -> Result<Rollout> {
+                let target: String = row.try_get("target")?;
+                let stages: String = row.try_get("stages")?;
+                let rolled: String = row.try_get("rolled_back_stages")?;
+                let state: String = row.try_get("state")?;
+                Ok(Rollout {
+                    id: row.try_get("id")?,
+                    product_id: row.try_get("product_id")?,
+                    firmware_id: row.try_get("firmware_id")?,
+                    target: parse_typed(&target)?,
+                    stages: parse_typed(&stages)?,
+                    rate_per_minute: row.try_get("rate_per_minute")?,
+                    state: RolloutState::parse(&state).ok_or_else(|| {
+                        StoreError::Invalid(format!("stored rollout state {state:?}"))
+                    })?,
+                    current_stage: row.try_get("current_stage")?,
+                    stage_started_at: row.try_get("stage_started_at")?,
+                    rolled_back_stages: parse_typed(&rolled)?,
+                    message: row.try_get("message")?,
+                    created_by: row.try_get("created_by")?,
+                    created_at: row.try_get("created_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                })
+            }
+
+            fn member(row: &$row) -> Result<RolloutMember> {
+                let state: String = row.try_get("state")?;
+                Ok(RolloutMember {
+                    rollout_id: row.try_get("rollout_id")?,
+                    device_id: row.try_get("device_id")?,
+                    stage: row.try_get("stage")?,
+                    state: MemberState::parse(&state).ok_or_else(|| {
+                        StoreError::Invalid(format!("stored member state {state:?}"))
+                    })?,
+                    from_version: row.try_get("from_version")?,
+                    offered_at: row.try_get("offered_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                    message: row.try_get("message")?,
                 })
             }
 
@@ -1001,6 +1046,206 @@ macro_rules! sql_store {
                 .await?;
                 Ok(done.rows_affected())
             }
+
+            async fn create_rollout(
+                &self,
+                new: NewRollout,
+                members: &[(Id, i64, Option<String>)],
+            ) -> Result<Rollout> {
+                let now = now_millis();
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(&format!(
+                    "INSERT INTO rollouts (product_id, firmware_id, target, stages, rate_per_minute, state, \
+                     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, 'running', 0, $6, '[]', '', $7, $6, $6) RETURNING {ROLLOUT_COLS}"
+                ))
+                .bind(new.product_id)
+                .bind(new.firmware_id)
+                .bind(to_json(&new.target))
+                .bind(to_json(&new.stages))
+                .bind(new.rate_per_minute)
+                .bind(now)
+                .bind(&new.created_by)
+                .fetch_one(&mut *tx)
+                .await?;
+                let rollout = Self::rollout(&row)?;
+                for (device, stage, version) in members {
+                    sqlx::query(
+                        "INSERT INTO rollout_devices (rollout_id, device_id, stage, state, from_version, updated_at, message) \
+                         VALUES ($1, $2, $3, 'pending', $4, $5, '')",
+                    )
+                    .bind(rollout.id)
+                    .bind(device)
+                    .bind(stage)
+                    .bind(version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(rollout)
+            }
+
+            async fn get_rollout(&self, id: Id) -> Result<Rollout> {
+                let row = sqlx::query(&format!("SELECT {ROLLOUT_COLS} FROM rollouts WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.write)
+                    .await?
+                    .ok_or(StoreError::NotFound("rollout"))?;
+                Self::rollout(&row)
+            }
+
+            async fn list_rollouts(&self, product_id: Id) -> Result<Vec<Rollout>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {ROLLOUT_COLS} FROM rollouts WHERE product_id = $1 ORDER BY id DESC"
+                ))
+                .bind(product_id)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::rollout).collect()
+            }
+
+            async fn live_rollouts(&self) -> Result<Vec<Rollout>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {ROLLOUT_COLS} FROM rollouts WHERE state <> 'completed' ORDER BY id"
+                ))
+                .fetch_all(&self.write)
+                .await?;
+                rows.iter().map(Self::rollout).collect()
+            }
+
+            async fn update_rollout(&self, rollout: &Rollout) -> Result<()> {
+                sqlx::query(
+                    "UPDATE rollouts SET state = $1, current_stage = $2, stage_started_at = $3, \
+                     rolled_back_stages = $4, message = $5, updated_at = $6 WHERE id = $7",
+                )
+                .bind(rollout.state.as_str())
+                .bind(rollout.current_stage)
+                .bind(rollout.stage_started_at)
+                .bind(to_json(&rollout.rolled_back_stages))
+                .bind(&rollout.message)
+                .bind(now_millis())
+                .bind(rollout.id)
+                .execute(&self.write)
+                .await?;
+                Ok(())
+            }
+
+            async fn rollout_members(&self, rollout_id: Id) -> Result<Vec<RolloutMember>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {MEMBER_COLS} FROM rollout_devices WHERE rollout_id = $1 ORDER BY stage, device_id"
+                ))
+                .bind(rollout_id)
+                .fetch_all(&self.write)
+                .await?;
+                rows.iter().map(Self::member).collect()
+            }
+
+            async fn move_member(
+                &self,
+                rollout_id: Id,
+                device_id: Id,
+                from: &[MemberState],
+                to: MemberState,
+                message: &str,
+            ) -> Result<bool> {
+                let list = from
+                    .iter()
+                    .map(|s| format!("'{}'", s.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let now = now_millis();
+                let done = sqlx::query(&format!(
+                    "UPDATE rollout_devices SET state = $1, updated_at = $2, message = $3, \
+                     offered_at = CASE WHEN offered_at IS NULL AND $1 <> 'pending' THEN $2 ELSE offered_at END \
+                     WHERE rollout_id = $4 AND device_id = $5 AND state IN ({list})"
+                ))
+                .bind(to.as_str())
+                .bind(now)
+                .bind(message)
+                .bind(rollout_id)
+                .bind(device_id)
+                .execute(&self.write)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn offers_since(&self, rollout_id: Id, since: Millis) -> Result<i64> {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM rollout_devices WHERE rollout_id = $1 AND offered_at >= $2",
+                )
+                .bind(rollout_id)
+                .bind(since)
+                .fetch_one(&self.write)
+                .await?;
+                Ok(row.try_get("n")?)
+            }
+
+            async fn add_device_event(&self, device_id: Id, kind: &str, detail: &str) -> Result<()> {
+                sqlx::query("INSERT INTO device_events (device_id, at, kind, detail) VALUES ($1, $2, $3, $4)")
+                    .bind(device_id)
+                    .bind(now_millis())
+                    .bind(kind)
+                    .bind(detail)
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn device_events(&self, device_id: Id, limit: i64) -> Result<Vec<DeviceEvent>> {
+                let rows = sqlx::query(
+                    "SELECT id, device_id, at, kind, detail FROM device_events WHERE device_id = $1 \
+                     ORDER BY id DESC LIMIT $2",
+                )
+                .bind(device_id)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(DeviceEvent {
+                            id: row.try_get("id")?,
+                            device_id: row.try_get("device_id")?,
+                            at: row.try_get("at")?,
+                            kind: row.try_get("kind")?,
+                            detail: row.try_get("detail")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn audit(&self, actor: &str, action: &str, subject: &str, detail: &str) -> Result<()> {
+                sqlx::query("INSERT INTO audit_log (at, actor, action, subject, detail) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(now_millis())
+                    .bind(actor)
+                    .bind(action)
+                    .bind(subject)
+                    .bind(detail)
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+                let rows = sqlx::query(
+                    "SELECT id, at, actor, action, subject, detail FROM audit_log ORDER BY id DESC LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(AuditEntry {
+                            id: row.try_get("id")?,
+                            at: row.try_get("at")?,
+                            actor: row.try_get("actor")?,
+                            action: row.try_get("action")?,
+                            subject: row.try_get("subject")?,
+                            detail: row.try_get("detail")?,
+                        })
+                    })
+                    .collect()
+            }
         }
     };
 }
@@ -1085,10 +1330,12 @@ sql_store!(
 const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite.sql"),
     include_str!("../migrations/sqlite_2.sql"),
+    include_str!("../migrations/sqlite_3.sql"),
 ];
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres.sql"),
     include_str!("../migrations/postgres_2.sql"),
+    include_str!("../migrations/postgres_3.sql"),
 ];
 
 /// Brings the schema up to date, one transaction per version; a database at a higher

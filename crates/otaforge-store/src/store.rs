@@ -110,4 +110,37 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     /// Marks builds left running by a worker that died (started before `before`) as failed.
     async fn fail_stale_builds(&self, before: Millis) -> Result<u64>;
+
+    /// Creates the rollout and its members (device, stage, version it runs) in one transaction.
+    async fn create_rollout(
+        &self,
+        new: NewRollout,
+        members: &[(Id, i64, Option<String>)],
+    ) -> Result<Rollout>;
+    async fn get_rollout(&self, id: Id) -> Result<Rollout>;
+    async fn list_rollouts(&self, product_id: Id) -> Result<Vec<Rollout>>;
+    /// Rollouts not completed, of every product.
+    async fn live_rollouts(&self) -> Result<Vec<Rollout>>;
+    /// Saves state, stage, rolled-back stages and message.
+    async fn update_rollout(&self, rollout: &Rollout) -> Result<()>;
+    async fn rollout_members(&self, rollout_id: Id) -> Result<Vec<RolloutMember>>;
+    /// Moves a member from one of `from` to `to`; false when it was in none of them (so a
+    /// transition is counted once, whatever retries and restarts happen).
+    async fn move_member(
+        &self,
+        rollout_id: Id,
+        device_id: Id,
+        from: &[MemberState],
+        to: MemberState,
+        message: &str,
+    ) -> Result<bool>;
+    /// Members first offered at or after `since`.
+    async fn offers_since(&self, rollout_id: Id, since: Millis) -> Result<i64>;
+
+    async fn add_device_event(&self, device_id: Id, kind: &str, detail: &str) -> Result<()>;
+    /// Newest first.
+    async fn device_events(&self, device_id: Id, limit: i64) -> Result<Vec<DeviceEvent>>;
+    async fn audit(&self, actor: &str, action: &str, subject: &str, detail: &str) -> Result<()>;
+    /// Newest first.
+    async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
 }

@@ -326,6 +326,7 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs(args.duration),
         until_version: until,
         seed: args.seed,
+        stop: None,
     };
     let total = config.serials.len();
     let summary = sim::run(config, move |c, t| {

@@ -1,0 +1,267 @@
+//! Rollouts as plain functions: who is in which stage (deterministic, visible before the
+//! start) and what a stage's gates say. No I/O, no clock: time comes in as numbers.
+
+use std::collections::HashMap;
+
+use otaforge_store::model::{Id, MemberState, StageSize, StageSpec};
+use sha2::{Digest, Sha256};
+
+/// Splits devices into stages. The order inside the rollout is a hash of the rollout's seed
+/// and each serial, so membership is stable, spread over the fleet, and the same in a dry run
+/// and in the real run. Returns, per stage, the chosen device ids (stages may be empty).
+pub fn plan(seed: &str, devices: &[(Id, String)], stages: &[StageSpec]) -> Vec<Vec<Id>> {
+    let mut order: Vec<([u8; 32], Id)> = devices
+        .iter()
+        .map(|(id, serial)| {
+            let mut h = Sha256::new();
+            h.update(seed.as_bytes());
+            h.update([0]);
+            h.update(serial.as_bytes());
+            (h.finalize().into(), *id)
+        })
+        .collect();
+    order.sort();
+    let total = order.len();
+    let mut next = 0usize;
+    let mut out = Vec::with_capacity(stages.len());
+    for stage in stages {
+        let remaining = total - next;
+        let want = match stage.size {
+            StageSize::Count(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            StageSize::Percent(p) => ((p.clamp(0.0, 100.0) / 100.0) * total as f64).ceil() as usize,
+            StageSize::Rest => remaining,
+        }
+        .min(remaining);
+        out.push(order[next..next + want].iter().map(|(_, id)| *id).collect());
+        next += want;
+    }
+    out
+}
+
+/// Checks a stage list before a rollout starts; the message names the problem.
+pub fn check_stages(stages: &[StageSpec]) -> Result<(), String> {
+    if stages.is_empty() || stages.len() > 20 {
+        return Err("a rollout has 1 to 20 stages".into());
+    }
+    for (i, s) in stages.iter().enumerate() {
+        let n = i + 1;
+        if let StageSize::Percent(p) = s.size
+            && !(p > 0.0 && p <= 100.0)
+        {
+            return Err(format!("stage {n}: percent must be in (0, 100]"));
+        }
+        if let StageSize::Count(0) = s.size {
+            return Err(format!("stage {n}: count must be at least 1"));
+        }
+        if matches!(s.size, StageSize::Rest) && n != stages.len() {
+            return Err(format!("stage {n}: \"rest\" can only be the last stage"));
+        }
+        for (name, v) in [
+            ("success_threshold", s.success_threshold),
+            ("failure_threshold", s.failure_threshold),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("stage {n}: {name} must be between 0 and 1"));
+            }
+        }
+        if s.failure_threshold == 0.0 {
+            return Err(format!(
+                "stage {n}: failure_threshold 0 would halt before any device updates"
+            ));
+        }
+        if s.window_secs > 30 * 24 * 3600 {
+            return Err(format!("stage {n}: window_secs is at most 30 days"));
+        }
+    }
+    Ok(())
+}
+
+/// Member counts of one stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageCounts {
+    pub total: u64,
+    pub pending: u64,
+    pub offered: u64,
+    pub downloaded: u64,
+    pub succeeded: u64,
+    pub rolled_back: u64,
+    pub failed: u64,
+}
+
+impl StageCounts {
+    pub fn add(&mut self, state: MemberState) {
+        self.total += 1;
+        match state {
+            MemberState::Pending => self.pending += 1,
+            MemberState::Offered => self.offered += 1,
+            MemberState::Downloaded => self.downloaded += 1,
+            MemberState::Succeeded => self.succeeded += 1,
+            MemberState::RolledBack => self.rolled_back += 1,
+            MemberState::Failed => self.failed += 1,
+        }
+    }
+
+    pub fn bad(&self) -> u64 {
+        self.rolled_back + self.failed
+    }
+}
+
+/// Counts per stage from members' (stage, state).
+pub fn count(members: impl IntoIterator<Item = (i64, MemberState)>) -> HashMap<i64, StageCounts> {
+    let mut out: HashMap<i64, StageCounts> = HashMap::new();
+    for (stage, state) in members {
+        out.entry(stage).or_default().add(state);
+    }
+    out
+}
+
+/// What the gates of the running stage say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Keep going.
+    Wait,
+    /// Gates passed: move to the next stage (or finish after the last).
+    Advance,
+    /// Gates passed but the stage wants an operator's approval.
+    AwaitApproval,
+    /// Too many failures: stop, rolling the stage back if it says so.
+    Halt { rollback: bool, reason: String },
+}
+
+/// Judges a stage: halt when rolled-back plus failed devices reach the failure threshold;
+/// advance when the success share is reached and the stage has run for its window. An empty
+/// stage passes at once.
+pub fn evaluate(spec: &StageSpec, counts: &StageCounts, elapsed_secs: u64) -> Verdict {
+    if counts.total == 0 {
+        return if spec.auto_advance {
+            Verdict::Advance
+        } else {
+            Verdict::AwaitApproval
+        };
+    }
+    let total = counts.total as f64;
+    let bad = counts.bad() as f64 / total;
+    if bad >= spec.failure_threshold {
+        return Verdict::Halt {
+            rollback: spec.auto_rollback,
+            reason: format!(
+                "{} of {} devices rolled back or failed ({:.0}% >= {:.0}%)",
+                counts.bad(),
+                counts.total,
+                bad * 100.0,
+                spec.failure_threshold * 100.0
+            ),
+        };
+    }
+    let good = counts.succeeded as f64 / total;
+    if good >= spec.success_threshold && elapsed_secs >= spec.window_secs {
+        if spec.auto_advance {
+            Verdict::Advance
+        } else {
+            Verdict::AwaitApproval
+        }
+    } else {
+        Verdict::Wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(size: StageSize) -> StageSpec {
+        StageSpec {
+            size,
+            success_threshold: 0.9,
+            failure_threshold: 0.2,
+            window_secs: 60,
+            auto_advance: true,
+            auto_rollback: true,
+        }
+    }
+
+    fn fleet(n: usize) -> Vec<(Id, String)> {
+        (0..n).map(|i| (i as Id, format!("dev{i}"))).collect()
+    }
+
+    #[test]
+    fn ten_then_three_hundred_then_the_rest() {
+        let stages = [
+            spec(StageSize::Count(10)),
+            spec(StageSize::Count(300)),
+            spec(StageSize::Rest),
+        ];
+        let plan1 = plan("r1", &fleet(2000), &stages);
+        assert_eq!(
+            plan1.iter().map(Vec::len).collect::<Vec<_>>(),
+            [10, 300, 1690]
+        );
+        let mut all: Vec<Id> = plan1.concat();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..2000).collect::<Vec<Id>>(),
+            "every device exactly once"
+        );
+        // Deterministic, and a different rollout picks a different first ten.
+        assert_eq!(plan("r1", &fleet(2000), &stages), plan1);
+        assert_ne!(plan("r2", &fleet(2000), &stages)[0], plan1[0]);
+        // Small fleets: stages shrink, none overflows.
+        let small = plan("r1", &fleet(15), &stages);
+        assert_eq!(small.iter().map(Vec::len).collect::<Vec<_>>(), [10, 5, 0]);
+        let pct = plan(
+            "r1",
+            &fleet(1000),
+            &[
+                spec(StageSize::Percent(1.0)),
+                spec(StageSize::Percent(25.0)),
+                spec(StageSize::Rest),
+            ],
+        );
+        assert_eq!(pct.iter().map(Vec::len).collect::<Vec<_>>(), [10, 250, 740]);
+    }
+
+    #[test]
+    fn gates() {
+        let s = spec(StageSize::Count(10));
+        let mut c = StageCounts {
+            total: 10,
+            succeeded: 9,
+            pending: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            evaluate(&s, &c, 30),
+            Verdict::Wait,
+            "the window has not passed"
+        );
+        assert_eq!(evaluate(&s, &c, 60), Verdict::Advance);
+        c.succeeded = 7;
+        c.rolled_back = 2;
+        c.pending = 1;
+        assert!(matches!(
+            evaluate(&s, &c, 0),
+            Verdict::Halt { rollback: true, .. }
+        ));
+        let manual = StageSpec {
+            auto_advance: false,
+            ..s.clone()
+        };
+        let ok = StageCounts {
+            total: 10,
+            succeeded: 10,
+            ..Default::default()
+        };
+        assert_eq!(evaluate(&manual, &ok, 100), Verdict::AwaitApproval);
+        assert_eq!(evaluate(&s, &StageCounts::default(), 0), Verdict::Advance);
+    }
+
+    #[test]
+    fn stage_checks() {
+        assert!(check_stages(&[spec(StageSize::Rest), spec(StageSize::Count(1))]).is_err());
+        assert!(check_stages(&[spec(StageSize::Percent(0.0))]).is_err());
+        assert!(check_stages(&[spec(StageSize::Count(0))]).is_err());
+        assert!(check_stages(&[]).is_err());
+        assert!(check_stages(&[spec(StageSize::Count(10)), spec(StageSize::Rest)]).is_ok());
+    }
+}

@@ -1,0 +1,747 @@
+//! Staged rollouts at run time: the in-memory book of live rollouts and their members (read
+//! on every check-in), the check-in hooks that offer the new firmware to released stages and
+//! observe what devices come back running, the gate evaluator, and the management API.
+//! Every member transition is a conditional database update, so a device is counted once
+//! whatever retries, restarts or crashes happen; counts are always read from the rows.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use otaforge_store::model::*;
+use otaforge_store::{Store, StoreError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::Operator;
+use crate::decision::{Running, runs};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath};
+use crate::rollout_plan::{self, Verdict};
+
+#[derive(Debug, Clone)]
+struct Member {
+    rollout: Id,
+    stage: i64,
+    state: MemberState,
+}
+
+#[derive(Default)]
+struct Book {
+    rollouts: HashMap<Id, Rollout>,
+    firmware: HashMap<Id, Firmware>,
+    members: HashMap<Id, Member>,
+    offers: HashMap<Id, VecDeque<Instant>>,
+}
+
+/// Live rollouts and their members, mirrored from the database.
+#[derive(Default)]
+pub struct RolloutBook {
+    book: RwLock<Book>,
+}
+
+impl RolloutBook {
+    /// Loads every live rollout (at start-up, and after a restart mid-rollout).
+    pub async fn load(&self, store: &dyn Store) -> otaforge_store::Result<()> {
+        let mut fresh = Book::default();
+        for r in store.live_rollouts().await? {
+            if r.state == RolloutState::Cancelled {
+                continue;
+            }
+            let fw = store.get_firmware(r.product_id, r.firmware_id).await?;
+            for m in store.rollout_members(r.id).await? {
+                fresh.members.insert(
+                    m.device_id,
+                    Member {
+                        rollout: r.id,
+                        stage: m.stage,
+                        state: m.state,
+                    },
+                );
+            }
+            fresh.firmware.insert(r.id, fw);
+            fresh.rollouts.insert(r.id, r);
+        }
+        *self.book.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn set_state(&self, device: Id, state: MemberState) {
+        if let Some(m) = self
+            .book
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .members
+            .get_mut(&device)
+        {
+            m.state = state;
+        }
+    }
+
+    fn put_rollout(&self, r: Rollout) {
+        let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
+        if r.state == RolloutState::Completed || r.state == RolloutState::Cancelled {
+            let id = r.id;
+            book.rollouts.remove(&id);
+            book.firmware.remove(&id);
+            book.members.retain(|_, m| m.rollout != id);
+        } else {
+            book.rollouts.insert(r.id, r);
+        }
+    }
+
+    /// Room under the rate cap for one more first offer (and takes it).
+    fn take_offer_slot(&self, rollout: &Rollout) -> bool {
+        let Some(cap) = rollout.rate_per_minute else {
+            return true;
+        };
+        let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
+        let window = book.offers.entry(rollout.id).or_default();
+        while window
+            .front()
+            .is_some_and(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            window.pop_front();
+        }
+        if (window.len() as i64) < cap {
+            window.push_back(Instant::now());
+            true
+        } else {
+            false
+        }
+    }
+
+    fn give_back_offer_slot(&self, rollout: Id) {
+        let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = book.offers.get_mut(&rollout) {
+            w.pop_back();
+        }
+    }
+}
+
+/// What a rollout says about one device's firmware.
+enum Steer {
+    /// Not in a live rollout, or returned to the previous firmware: the usual assignment.
+    Usual,
+    /// Serve this firmware.
+    Serve(Box<Firmware>),
+}
+
+impl AppState {
+    fn steer(&self, device: &Device) -> Option<(Member, Rollout, Firmware)> {
+        let book = self
+            .inner
+            .rollouts
+            .book
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let member = book.members.get(&device.id)?.clone();
+        let rollout = book.rollouts.get(&member.rollout)?.clone();
+        let firmware = book.firmware.get(&member.rollout)?.clone();
+        Some((member, rollout, firmware))
+    }
+
+    /// The firmware a device should run now: a live rollout's for released stages (offering
+    /// it for the first time under the rate cap), else the usual device or group assignment.
+    pub(crate) async fn target_firmware(
+        &self,
+        device: &Device,
+    ) -> otaforge_store::Result<Option<Firmware>> {
+        if let Steer::Serve(fw) = self.steer_device(device).await? {
+            return Ok(Some(*fw));
+        }
+        self.inner
+            .catalog
+            .assigned_firmware(self.store(), device)
+            .await
+    }
+
+    async fn steer_device(&self, device: &Device) -> otaforge_store::Result<Steer> {
+        let Some((member, rollout, firmware)) = self.steer(device) else {
+            return Ok(Steer::Usual);
+        };
+        if rollout.rolled_back_stages.contains(&member.stage) {
+            return Ok(Steer::Usual);
+        }
+        if member.state != MemberState::Pending {
+            // Offered once: it keeps the offer (it may be mid-download), whatever the state.
+            return Ok(Steer::Serve(Box::new(firmware)));
+        }
+        let released =
+            rollout.state == RolloutState::Running && member.stage <= rollout.current_stage;
+        if !released || !self.inner.rollouts.take_offer_slot(&rollout) {
+            return Ok(Steer::Usual);
+        }
+        let moved = self
+            .store()
+            .move_member(
+                rollout.id,
+                device.id,
+                &[MemberState::Pending],
+                MemberState::Offered,
+                "",
+            )
+            .await?;
+        if moved {
+            self.inner
+                .rollouts
+                .set_state(device.id, MemberState::Offered);
+            let _ = self
+                .store()
+                .add_device_event(
+                    device.id,
+                    "offered",
+                    &format!("rollout {}: firmware {}", rollout.id, firmware.version),
+                )
+                .await;
+            Ok(Steer::Serve(Box::new(firmware)))
+        } else {
+            self.inner.rollouts.give_back_offer_slot(rollout.id);
+            // Another process moved it: read it back next time.
+            Ok(Steer::Usual)
+        }
+    }
+
+    /// After a check-in: what the device runs (and says) moves its rollout membership.
+    pub(crate) async fn observe(
+        &self,
+        device: &Device,
+        running: &Running<'_>,
+        feedback: Option<&str>,
+    ) {
+        if let Some(text) = feedback {
+            let _ = self
+                .store()
+                .add_device_event(device.id, "feedback", text)
+                .await;
+        }
+        let Some((member, rollout, firmware)) = self.steer(device) else {
+            return;
+        };
+        let store = self.store();
+        let (from, to, kind, detail): (&[MemberState], MemberState, &str, String) =
+            if runs(&firmware, running) {
+                (
+                    &[
+                        MemberState::Offered,
+                        MemberState::Downloaded,
+                        MemberState::RolledBack,
+                        MemberState::Failed,
+                    ],
+                    MemberState::Succeeded,
+                    "installed",
+                    format!("running {}", firmware.version),
+                )
+            } else if feedback.is_some_and(|f| f.starts_with("rolled-back"))
+                || (member.state == MemberState::Downloaded
+                    && !rollout.rolled_back_stages.contains(&member.stage))
+            {
+                (
+                    &[MemberState::Offered, MemberState::Downloaded],
+                    MemberState::RolledBack,
+                    "rolled-back",
+                    format!(
+                        "back on {} after {}",
+                        running.version.unwrap_or("?"),
+                        firmware.version
+                    ),
+                )
+            } else if let Some(reason) = feedback.and_then(|f| f.strip_prefix("failed")) {
+                (
+                    &[MemberState::Offered, MemberState::Downloaded],
+                    MemberState::Failed,
+                    "failed",
+                    reason.trim().to_string(),
+                )
+            } else {
+                return;
+            };
+        if member.state == to {
+            return;
+        }
+        match store
+            .move_member(rollout.id, device.id, from, to, &detail)
+            .await
+        {
+            Ok(true) => {
+                self.inner.rollouts.set_state(device.id, to);
+                let _ = store.add_device_event(device.id, kind, &detail).await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "recording a rollout transition failed"),
+        }
+    }
+
+    /// The whole image of a rollout's firmware was served to the device.
+    pub(crate) async fn served_whole(&self, device: &Device, firmware: &Firmware) {
+        let Some((member, rollout, rollout_fw)) = self.steer(device) else {
+            return;
+        };
+        if rollout_fw.id != firmware.id || member.state != MemberState::Offered {
+            return;
+        }
+        if let Ok(true) = self
+            .store()
+            .move_member(
+                rollout.id,
+                device.id,
+                &[MemberState::Offered],
+                MemberState::Downloaded,
+                "",
+            )
+            .await
+        {
+            self.inner
+                .rollouts
+                .set_state(device.id, MemberState::Downloaded);
+            let _ = self
+                .store()
+                .add_device_event(device.id, "downloaded", &firmware.version)
+                .await;
+        }
+    }
+
+    /// One pass of the gates over every running rollout.
+    pub async fn evaluate_rollouts(&self) -> otaforge_store::Result<()> {
+        let store = self.store();
+        for mut rollout in store.live_rollouts().await? {
+            if rollout.state != RolloutState::Running {
+                continue;
+            }
+            let Some(spec) = rollout.stages.get(rollout.current_stage as usize).cloned() else {
+                continue;
+            };
+            let members = store.rollout_members(rollout.id).await?;
+            let counts = rollout_plan::count(members.iter().map(|m| (m.stage, m.state)));
+            let stage = counts
+                .get(&rollout.current_stage)
+                .copied()
+                .unwrap_or_default();
+            let elapsed = ((now_millis() - rollout.stage_started_at).max(0) / 1000) as u64;
+            let action = match rollout_plan::evaluate(&spec, &stage, elapsed) {
+                Verdict::Wait => continue,
+                Verdict::Advance if (rollout.current_stage as usize) + 1 < rollout.stages.len() => {
+                    rollout.current_stage += 1;
+                    rollout.stage_started_at = now_millis();
+                    format!("advanced to stage {}", rollout.current_stage + 1)
+                }
+                Verdict::Advance => {
+                    rollout.state = RolloutState::Completed;
+                    if let Some(group) = rollout.target.group_id {
+                        let patch = GroupPatch {
+                            firmware_id: Some(Some(rollout.firmware_id)),
+                            ..GroupPatch::default()
+                        };
+                        store.update_group(rollout.product_id, group, patch).await?;
+                    }
+                    "completed".to_string()
+                }
+                Verdict::AwaitApproval => {
+                    rollout.state = RolloutState::AwaitingApproval;
+                    format!(
+                        "stage {} passed; waiting for approval",
+                        rollout.current_stage + 1
+                    )
+                }
+                Verdict::Halt { rollback, reason } => {
+                    rollout.state = RolloutState::Halted;
+                    if rollback && !rollout.rolled_back_stages.contains(&rollout.current_stage) {
+                        rollout.rolled_back_stages.push(rollout.current_stage);
+                    }
+                    rollout.message = reason.clone();
+                    format!(
+                        "halted in stage {}{}: {reason}",
+                        rollout.current_stage + 1,
+                        if rollback {
+                            ", stage rolled back to the previous firmware"
+                        } else {
+                            ""
+                        }
+                    )
+                }
+            };
+            store.update_rollout(&rollout).await?;
+            store
+                .audit("gates", &action, &format!("rollout {}", rollout.id), "")
+                .await?;
+            tracing::info!(rollout = rollout.id, "{action}");
+            self.inner.rollouts.put_rollout(rollout);
+            self.inner.catalog.invalidate();
+        }
+        Ok(())
+    }
+}
+
+// ---- management API ----
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/v1/products/{product}/rollouts",
+            get(list).post(create),
+        )
+        .route("/api/v1/products/{product}/rollouts/{rollout}", get(show))
+        .route(
+            "/api/v1/products/{product}/rollouts/{rollout}/devices",
+            get(members),
+        )
+        .route(
+            "/api/v1/products/{product}/rollouts/{rollout}/{action}",
+            post(act),
+        )
+        .route(
+            "/api/v1/products/{product}/devices/{serial}/events",
+            get(events),
+        )
+        .route("/api/v1/audit", get(audit))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRolloutBody {
+    firmware_id: Id,
+    #[serde(default)]
+    target: RolloutTarget,
+    stages: Vec<StageSpec>,
+    rate_per_minute: Option<i64>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Devices a target selects, with what they run now.
+async fn select(state: &AppState, product: Id, target: &RolloutTarget) -> ApiResult<Vec<Device>> {
+    if let Some(g) = target.group_id {
+        state.store().get_group(product, g).await?;
+    }
+    state.flush_telemetry().await?;
+    let devices = state.store().list_devices(product).await?;
+    Ok(devices
+        .into_iter()
+        .filter(|d| target.group_id.is_none_or(|g| d.group_id == g))
+        .filter(|d| target.status.is_none_or(|s| d.status == s))
+        .filter(|d| {
+            target
+                .version
+                .as_deref()
+                .is_none_or(|v| d.telemetry.version.as_deref() == Some(v))
+        })
+        .collect())
+}
+
+async fn create(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(product): ApiPath<Id>,
+    ApiJson(body): ApiJson<NewRolloutBody>,
+) -> ApiResult<Response> {
+    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    rollout_plan::check_stages(&body.stages).map_err(unprocessable)?;
+    if body.rate_per_minute.is_some_and(|r| r < 1) {
+        return Err(unprocessable("rate_per_minute must be at least 1".into()));
+    }
+    let firmware = state
+        .store()
+        .get_firmware(product, body.firmware_id)
+        .await?;
+    let devices = select(&state, product, &body.target).await?;
+    // A device is in at most one live rollout.
+    let busy: Vec<&str> = {
+        let book = state
+            .inner
+            .rollouts
+            .book
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        devices
+            .iter()
+            .filter(|d| book.members.contains_key(&d.id))
+            .map(|d| d.serial.as_str())
+            .collect()
+    };
+    if !busy.is_empty() && !body.dry_run {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{} of these devices are already in a live rollout (e.g. {})",
+                busy.len(),
+                busy[0]
+            ),
+        ));
+    }
+    let seed = format!("{product}:{}:{}", firmware.id, now_millis() / 1000);
+    let pairs: Vec<(Id, String)> = devices.iter().map(|d| (d.id, d.serial.clone())).collect();
+    let stages = rollout_plan::plan(&seed, &pairs, &body.stages);
+    let by_id: HashMap<Id, &Device> = devices.iter().map(|d| (d.id, d)).collect();
+    let needs_bytes = |id: &Id| {
+        by_id
+            .get(id)
+            .is_some_and(|d| d.telemetry.version.as_deref() != Some(firmware.version.as_str()))
+    };
+    let preview: Vec<Value> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, ids)| {
+            let updating = ids.iter().filter(|id| needs_bytes(id)).count() as i64;
+            json!({
+                "stage": i + 1,
+                "devices": ids.iter().filter_map(|id| by_id.get(id).map(|d| d.serial.clone())).collect::<Vec<_>>(),
+                "count": ids.len(),
+                "bytes": updating * firmware.size,
+            })
+        })
+        .collect();
+    let total_bytes: i64 = preview
+        .iter()
+        .map(|s| s["bytes"].as_i64().unwrap_or(0))
+        .sum();
+    if body.dry_run {
+        return Ok(axum::Json(json!({
+            "dry_run": true, "firmware": firmware.version, "total_devices": devices.len(),
+            "total_bytes": total_bytes, "stages": preview, "already_in_rollouts": busy.len(),
+        }))
+        .into_response());
+    }
+    let by_id = &by_id;
+    let members: Vec<(Id, i64, Option<String>)> = stages
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ids)| {
+            ids.iter().map(move |id| {
+                (
+                    *id,
+                    i as i64,
+                    by_id.get(id).and_then(|d| d.telemetry.version.clone()),
+                )
+            })
+        })
+        .collect();
+    let rollout = state
+        .store()
+        .create_rollout(
+            NewRollout {
+                product_id: product,
+                firmware_id: firmware.id,
+                target: body.target,
+                stages: body.stages,
+                rate_per_minute: body.rate_per_minute,
+                created_by: op.0.username.clone(),
+            },
+            &members,
+        )
+        .await?;
+    state
+        .store()
+        .audit(
+            &op.0.username,
+            "started rollout",
+            &format!("rollout {}", rollout.id),
+            &format!("firmware {} to {} devices", firmware.version, devices.len()),
+        )
+        .await?;
+    state.inner.rollouts.load(state.store()).await?;
+    state.inner.catalog.invalidate();
+    let mut out = rollout_json(
+        &rollout,
+        &members
+            .iter()
+            .map(|(_, s, _)| (*s, MemberState::Pending))
+            .collect::<Vec<_>>(),
+    );
+    out["total_bytes"] = json!(total_bytes);
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+pub fn rollout_json(r: &Rollout, members: &[(i64, MemberState)]) -> Value {
+    let counts = rollout_plan::count(members.iter().copied());
+    let stages: Vec<Value> = r
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let c = counts.get(&(i as i64)).copied().unwrap_or_default();
+            json!({
+                "stage": i + 1, "spec": spec, "devices": c.total, "pending": c.pending, "offered": c.offered,
+                "downloaded": c.downloaded, "succeeded": c.succeeded, "rolled_back": c.rolled_back,
+                "failed": c.failed, "rolled_back_to_previous": r.rolled_back_stages.contains(&(i as i64)),
+            })
+        })
+        .collect();
+    json!({
+        "id": r.id, "product_id": r.product_id, "firmware_id": r.firmware_id, "target": r.target,
+        "state": r.state, "current_stage": r.current_stage + 1, "rate_per_minute": r.rate_per_minute,
+        "message": r.message, "created_by": r.created_by, "created_at": r.created_at,
+        "updated_at": r.updated_at, "stages": stages,
+    })
+}
+
+async fn list(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath(product): ApiPath<Id>,
+) -> ApiResult<axum::Json<Value>> {
+    state.store().get_product(product).await?;
+    let mut out = Vec::new();
+    for r in state.store().list_rollouts(product).await? {
+        let members = state.store().rollout_members(r.id).await?;
+        out.push(rollout_json(
+            &r,
+            &members
+                .iter()
+                .map(|m| (m.stage, m.state))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    Ok(axum::Json(Value::Array(out)))
+}
+
+async fn owned(state: &AppState, product: Id, rollout: Id) -> ApiResult<Rollout> {
+    let r = state.store().get_rollout(rollout).await?;
+    if r.product_id != product {
+        return Err(StoreError::NotFound("rollout").into());
+    }
+    Ok(r)
+}
+
+async fn show(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath((product, rollout)): ApiPath<(Id, Id)>,
+) -> ApiResult<axum::Json<Value>> {
+    let r = owned(&state, product, rollout).await?;
+    let members = state.store().rollout_members(r.id).await?;
+    Ok(axum::Json(rollout_json(
+        &r,
+        &members
+            .iter()
+            .map(|m| (m.stage, m.state))
+            .collect::<Vec<_>>(),
+    )))
+}
+
+async fn members(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath((product, rollout)): ApiPath<(Id, Id)>,
+) -> ApiResult<axum::Json<Value>> {
+    let r = owned(&state, product, rollout).await?;
+    let devices: HashMap<Id, String> = state
+        .store()
+        .list_devices(product)
+        .await?
+        .into_iter()
+        .map(|d| (d.id, d.serial))
+        .collect();
+    let list: Vec<Value> = state
+        .store()
+        .rollout_members(r.id)
+        .await?
+        .into_iter()
+        .map(|m| {
+            json!({
+                "serial": devices.get(&m.device_id), "stage": m.stage + 1, "state": m.state,
+                "from_version": m.from_version, "offered_at": m.offered_at, "updated_at": m.updated_at,
+                "message": m.message,
+            })
+        })
+        .collect();
+    Ok(axum::Json(Value::Array(list)))
+}
+
+/// pause, resume, cancel, approve.
+pub async fn apply_action(
+    state: &AppState,
+    actor: &str,
+    product: Id,
+    rollout: Id,
+    action: &str,
+) -> ApiResult<Rollout> {
+    let mut r = owned(state, product, rollout).await?;
+    use RolloutState::*;
+    let conflict = |m: String| ApiError::new(StatusCode::CONFLICT, m);
+    r.state = match (action, r.state) {
+        ("pause", Running | AwaitingApproval) => Paused,
+        ("resume", Paused | Halted) => {
+            r.message.clear();
+            Running
+        }
+        ("approve", AwaitingApproval) => {
+            if (r.current_stage as usize) + 1 < r.stages.len() {
+                r.current_stage += 1;
+                r.stage_started_at = now_millis();
+                Running
+            } else {
+                if let Some(group) = r.target.group_id {
+                    let patch = GroupPatch {
+                        firmware_id: Some(Some(r.firmware_id)),
+                        ..GroupPatch::default()
+                    };
+                    state.store().update_group(product, group, patch).await?;
+                }
+                Completed
+            }
+        }
+        ("cancel", Running | AwaitingApproval | Paused | Halted) => Cancelled,
+        ("pause" | "resume" | "approve" | "cancel", s) => {
+            return Err(conflict(format!("cannot {action} a rollout that is {s}")));
+        }
+        _ => {
+            return Err(ApiError::not_found(format!(
+                "no action {action:?}: pause, resume, approve or cancel"
+            )));
+        }
+    };
+    state.store().update_rollout(&r).await?;
+    state
+        .store()
+        .audit(
+            actor,
+            action,
+            &format!("rollout {}", r.id),
+            &format!("now {}", r.state),
+        )
+        .await?;
+    state.inner.rollouts.put_rollout(r.clone());
+    if r.state == Cancelled {
+        // Members of a cancelled rollout keep what they run; nobody new is offered anything.
+        state.inner.rollouts.load(state.store()).await?;
+    }
+    state.inner.catalog.invalidate();
+    Ok(r)
+}
+
+async fn act(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let r = apply_action(&state, &op.0.username, product, rollout, &action).await?;
+    let members = state.store().rollout_members(r.id).await?;
+    Ok(axum::Json(rollout_json(
+        &r,
+        &members
+            .iter()
+            .map(|m| (m.stage, m.state))
+            .collect::<Vec<_>>(),
+    )))
+}
+
+async fn events(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let device = state.store().get_device(product, &serial).await?;
+    Ok(axum::Json(json!(
+        state.store().device_events(device.id, 200).await?
+    )))
+}
+
+async fn audit(State(state): State<AppState>, _op: Operator) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(json!(state.store().audit_log(500).await?)))
+}
