@@ -30,7 +30,30 @@ struct Fleet {
     dir: std::path::PathBuf,
 }
 
+/// A fresh PostgreSQL database (the test fails loudly when PostgreSQL is not reachable).
+async fn pg_database(tag: &str) -> String {
+    use sqlx::Executor;
+    let admin = std::env::var("OTAFORGE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into());
+    let name = format!("otaforge_ro_{tag}_{}", std::process::id());
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not reachable ({e})"));
+    pool.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    pool.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    pool.close().await;
+    format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
+}
+
 async fn fleet(tag: &str, devices: usize) -> Fleet {
+    fleet_on(tag, devices, None).await
+}
+
+async fn fleet_on(tag: &str, devices: usize, database_url: Option<String>) -> Fleet {
     let dir = std::env::temp_dir().join(format!("otaforge-rollout-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -41,6 +64,7 @@ async fn fleet(tag: &str, devices: usize) -> Fleet {
         admin_token: Some(Secret::new("t")),
         telemetry_flush_interval: Duration::from_millis(100),
         rollout_tick: Duration::from_millis(200),
+        database_url,
         ..Config::default()
     };
     let state = AppState::open(config).await.unwrap();
@@ -158,7 +182,15 @@ fn stage(size: StageSize, success_threshold: f64, failure_threshold: f64) -> ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_firmware_goes_through_every_stage_to_1000_devices() {
-    let fleet = fleet("ok", 1000).await;
+    healthy(fleet("ok", 1000).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_firmware_goes_through_every_stage_on_postgres() {
+    healthy(fleet_on("okpg", 1000, Some(pg_database("ok").await)).await).await;
+}
+
+async fn healthy(fleet: Fleet) {
     // Every device of a stage must succeed before the next starts.
     let stages = json!([
         stage(StageSize::Count(10), 1.0, 0.1),
@@ -327,7 +359,15 @@ async fn a_healthy_firmware_goes_through_every_stage_to_1000_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firmware_that_30_percent_roll_back_halts_in_stage_one_and_is_rolled_back() {
-    let fleet = fleet("bad", 1000).await;
+    failing(fleet("bad", 1000).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_firmware_halts_and_rolls_back_on_postgres() {
+    failing(fleet_on("badpg", 1000, Some(pg_database("bad").await)).await).await;
+}
+
+async fn failing(fleet: Fleet) {
     let stages = json!([
         stage(StageSize::Count(50), 0.95, 0.15),
         stage(StageSize::Count(300), 0.95, 0.15),

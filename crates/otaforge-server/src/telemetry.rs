@@ -10,6 +10,8 @@ use otaforge_store::model::{Id, Telemetry};
 #[derive(Default)]
 pub struct TelemetryBuffer {
     pending: Mutex<HashMap<Id, Telemetry>>,
+    /// One flush at a time: concurrent batches would lock the same rows in two orders.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl TelemetryBuffer {
@@ -22,10 +24,14 @@ impl TelemetryBuffer {
     /// Writes everything pending. On failure the batch goes back into the buffer, under
     /// any newer reports, so nothing is lost.
     pub async fn flush(&self, store: &dyn Store) -> otaforge_store::Result<usize> {
-        let batch: Vec<(Id, Telemetry)> = {
+        let _one_at_a_time = self.flushing.lock().await;
+        let mut batch: Vec<(Id, Telemetry)> = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::take(&mut *pending).into_iter().collect()
         };
+        // Rows in id order, so that any other writer locking several devices cannot deadlock
+        // with this batch.
+        batch.sort_unstable_by_key(|(id, _)| *id);
         if batch.is_empty() {
             return Ok(0);
         }
