@@ -333,13 +333,7 @@ impl AppState {
                 }
                 Verdict::Advance => {
                     rollout.state = RolloutState::Completed;
-                    if let Some(group) = rollout.target.group_id {
-                        let patch = GroupPatch {
-                            firmware_id: Some(Some(rollout.firmware_id)),
-                            ..GroupPatch::default()
-                        };
-                        store.update_group(rollout.product_id, group, patch).await?;
-                    }
+                    hand_over_to_group(store, &rollout).await?;
                     "completed".to_string()
                 }
                 Verdict::AwaitApproval => {
@@ -376,6 +370,18 @@ impl AppState {
         }
         Ok(())
     }
+}
+
+/// A completed rollout of a group leaves its firmware assigned to the group.
+async fn hand_over_to_group(store: &dyn Store, rollout: &Rollout) -> otaforge_store::Result<()> {
+    if let Some(group) = rollout.target.group_id {
+        let patch = GroupPatch {
+            firmware_id: Some(Some(rollout.firmware_id)),
+            ..GroupPatch::default()
+        };
+        store.update_group(rollout.product_id, group, patch).await?;
+    }
+    Ok(())
 }
 
 // ---- management API ----
@@ -676,13 +682,7 @@ pub async fn apply_action(
                 r.stage_started_at = now_millis();
                 Running
             } else {
-                if let Some(group) = r.target.group_id {
-                    let patch = GroupPatch {
-                        firmware_id: Some(Some(r.firmware_id)),
-                        ..GroupPatch::default()
-                    };
-                    state.store().update_group(product, group, patch).await?;
-                }
+                hand_over_to_group(state.store(), &r).await?;
                 Completed
             }
         }

@@ -1169,6 +1169,25 @@ async fn open_device(
     }
 }
 
+/// A workspace form: the CSRF token checked, the device opened for this viewer, and the
+/// workspace URL to send the browser back to.
+async fn workspace_form(
+    state: &AppState,
+    web: &Web,
+    product: Id,
+    serial: &str,
+    csrf: &str,
+) -> Result<(Device, String), Response> {
+    web.check_csrf(csrf)?;
+    let device = open_device(state, web, product, serial).await?;
+    Ok((device, format!("/workspace/{product}/{serial}")))
+}
+
+/// Back to `path` with an error line shown.
+fn redirect_error(path: &str, error: &str) -> Response {
+    Redirect::to(&notice_url(path, error).replacen("?notice=", "?error=", 1)).into_response()
+}
+
 /// The latest saved sketch, or the starter sketch.
 async fn current_sketch(state: &AppState, device: &Device) -> (String, BTreeMap<String, String>) {
     match state
@@ -1322,14 +1341,10 @@ async fn save(
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     axum::Form(form): axum::Form<SaveForm>,
 ) -> Response {
-    if let Err(r) = web.check_csrf(&form.csrf) {
-        return r;
-    }
-    let device = match open_device(&state, &web, product, &serial).await {
-        Ok(d) => d,
+    let (device, back) = match workspace_form(&state, &web, product, &serial, &form.csrf).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
-    let back = format!("/workspace/{product}/{serial}");
     let with = |key: &str, text: &str| {
         notice_url(&back, text).replacen("?notice=", &format!("?file={}&{key}=", form.file), 1)
     };
@@ -1378,25 +1393,17 @@ async fn add_file(
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     axum::Form(form): axum::Form<NameForm>,
 ) -> Response {
-    if let Err(r) = web.check_csrf(&form.csrf) {
-        return r;
-    }
-    let device = match open_device(&state, &web, product, &serial).await {
-        Ok(d) => d,
+    let (device, back) = match workspace_form(&state, &web, product, &serial, &form.csrf).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
-    let back = format!("/workspace/{product}/{serial}");
     let name = form.name.trim().to_string();
     if let Err(e) = compile::check_file_name(&name) {
-        return Redirect::to(&notice_url(&back, &e).replacen("?notice=", "?error=", 1))
-            .into_response();
+        return redirect_error(&back, &e);
     }
     let (fqbn, mut files) = current_sketch(&state, &device).await;
     if files.len() >= 32 {
-        return Redirect::to(
-            &notice_url(&back, "a sketch has at most 32 files").replacen("?notice=", "?error=", 1),
-        )
-        .into_response();
+        return redirect_error(&back, "a sketch has at most 32 files");
     }
     files.entry(name.clone()).or_default();
     if let Err(e) = state
@@ -1457,17 +1464,11 @@ async fn save_wifi(
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     axum::Form(form): axum::Form<WifiForm>,
 ) -> Response {
-    if let Err(r) = web.check_csrf(&form.csrf) {
-        return r;
-    }
-    let device = match open_device(&state, &web, product, &serial).await {
-        Ok(d) => d,
+    let (device, back) = match workspace_form(&state, &web, product, &serial, &form.csrf).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
-    let back = format!("/workspace/{product}/{serial}");
-    let refuse = |e: &str| {
-        Redirect::to(&notice_url(&back, e).replacen("?notice=", "?error=", 1)).into_response()
-    };
+    let refuse = |e: &str| redirect_error(&back, e);
     if form.ssid.is_empty() || form.ssid.len() > 32 || form.wifi_password.len() > 64 {
         return refuse("an SSID has 1 to 32 bytes and a Wi-Fi password at most 64");
     }
@@ -1526,19 +1527,14 @@ async fn setup_firmware(
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     axum::Form(form): axum::Form<SetupForm>,
 ) -> Response {
-    if let Err(r) = web.check_csrf(&form.csrf) {
-        return r;
-    }
-    let device = match open_device(&state, &web, product, &serial).await {
-        Ok(d) => d,
+    let (device, back) = match workspace_form(&state, &web, product, &serial, &form.csrf).await {
+        Ok(found) => found,
         Err(r) => return r,
     };
-    let back = format!("/workspace/{product}/{serial}");
     let config = match crate::setup::personal_config(&state, &device, "setup") {
         Ok(c) => c,
         Err(e) => {
-            return Redirect::to(&notice_url(&back, &e).replacen("?notice=", "?error=", 1))
-                .into_response();
+            return redirect_error(&back, &e);
         }
     };
     if form.what == "compile" {
