@@ -285,6 +285,8 @@ pub async fn serve(
     http.title_case_headers(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
+        // Firmware bodies go out as they are (vectored writes), not copied into a buffer.
+        .writev(true)
         .max_buf_size(64 * 1024);
     tokio::pin!(shutdown);
     loop {
