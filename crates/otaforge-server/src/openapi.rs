@@ -186,7 +186,8 @@ pub fn spec() -> Value {
                             "auto_rollback": { "type": "boolean", "default": false }
                         } } },
                         "rate_per_minute": { "type": "integer", "minimum": 1 },
-                        "dry_run": { "type": "boolean" }
+                        "dry_run": { "type": "boolean" },
+                        "seed": { "type": "string", "description": "orders the fleet into stages; same request, same stages" }
                     } })), &product)
             },
             "/api/v1/products/{product}/rollouts/{rollout}": {

@@ -418,6 +418,9 @@ struct NewRolloutBody {
     rate_per_minute: Option<i64>,
     #[serde(default)]
     dry_run: bool,
+    /// Orders the fleet into stages; the same request (and seed) gives the same stages, so a
+    /// dry run shows exactly who the real run will pick.
+    seed: Option<String>,
 }
 
 /// Devices a target selects, with what they run now.
@@ -480,7 +483,13 @@ async fn create(
             ),
         ));
     }
-    let seed = format!("{product}:{}:{}", firmware.id, now_millis() / 1000);
+    let seed = body.seed.clone().unwrap_or_else(|| {
+        format!(
+            "{product}:{}:{}",
+            firmware.id,
+            serde_json::to_string(&body.target).unwrap_or_default()
+        )
+    });
     let pairs: Vec<(Id, String)> = devices.iter().map(|d| (d.id, d.serial.clone())).collect();
     let stages = rollout_plan::plan(&seed, &pairs, &body.stages);
     let by_id: HashMap<Id, &Device> = devices.iter().map(|d| (d.id, d)).collect();
