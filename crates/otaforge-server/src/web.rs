@@ -165,6 +165,12 @@ impl Web {
         }
     }
 
+    /// An operator's form with its CSRF token.
+    fn operator_form(&self, csrf: &str) -> Result<(), Response> {
+        self.operator()?;
+        self.check_csrf(csrf)
+    }
+
     fn check_csrf(&self, token: &str) -> Result<(), Response> {
         if !token.is_empty()
             && token.len() == self.csrf.len()
@@ -482,11 +488,7 @@ async fn create_product(
     web: Web,
     axum::Form(form): axum::Form<NameForm>,
 ) -> Response {
-    if let Err(r) = web
-        .operator()
-        .map(|_| ())
-        .and_then(|_| web.check_csrf(&form.csrf))
-    {
+    if let Err(r) = web.operator_form(&form.csrf) {
         return r;
     }
     let name = form.name.trim();
@@ -795,11 +797,7 @@ async fn rollout_action(
     ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
     axum::Form(form): axum::Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = web
-        .operator()
-        .map(|_| ())
-        .and_then(|_| web.check_csrf(&form.csrf))
-    {
+    if let Err(r) = web.operator_form(&form.csrf) {
         return r;
     }
     let back = format!("/products/{product}/rollouts/{rollout}");
@@ -840,11 +838,7 @@ async fn create_group(
     ApiPath(product): ApiPath<Id>,
     axum::Form(form): axum::Form<NameForm>,
 ) -> Response {
-    if let Err(r) = web
-        .operator()
-        .map(|_| ())
-        .and_then(|_| web.check_csrf(&form.csrf))
-    {
+    if let Err(r) = web.operator_form(&form.csrf) {
         return r;
     }
     let back = format!("/products/{product}");
@@ -869,11 +863,7 @@ async fn assign(
     ApiPath((product, group)): ApiPath<(Id, Id)>,
     axum::Form(form): axum::Form<AssignForm>,
 ) -> Response {
-    if let Err(r) = web
-        .operator()
-        .map(|_| ())
-        .and_then(|_| web.check_csrf(&form.csrf))
-    {
+    if let Err(r) = web.operator_form(&form.csrf) {
         return r;
     }
     let back = format!("/products/{product}");
@@ -917,11 +907,7 @@ async fn create_device(
     ApiPath(product): ApiPath<Id>,
     axum::Form(form): axum::Form<DeviceForm>,
 ) -> Response {
-    if let Err(r) = web
-        .operator()
-        .map(|_| ())
-        .and_then(|_| web.check_csrf(&form.csrf))
-    {
+    if let Err(r) = web.operator_form(&form.csrf) {
         return r;
     }
     let back = format!("/products/{product}");
@@ -984,11 +970,7 @@ async fn set_status(
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     axum::Form(form): axum::Form<StatusForm>,
 ) -> Response {
-    if let Err(r) = web
-        .operator()
-        .map(|_| ())
-        .and_then(|_| web.check_csrf(&form.csrf))
-    {
+    if let Err(r) = web.operator_form(&form.csrf) {
         return r;
     }
     let back = format!("/products/{product}");
