@@ -64,8 +64,7 @@ async fn create(
         (None, None) => None,
     };
     let build = state
-        .store()
-        .create_build(NewBuild {
+        .queue_build(NewBuild {
             product_id: body.product_id,
             device_id: device.as_ref().map(|d| d.id),
             fqbn: body.fqbn,
@@ -73,7 +72,6 @@ async fn create(
             requested_by: op.0.username,
         })
         .await?;
-    state.inner.builds_ready.notify_one();
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(json!({ "id": build.id, "status": build.status })),
@@ -92,6 +90,15 @@ async fn show(
         "diagnostics": b.diagnostics, "firmware_id": b.firmware_id,
         "created_at": b.created_at, "started_at": b.started_at, "finished_at": b.finished_at,
     })))
+}
+
+impl AppState {
+    /// Queues a build and wakes a worker.
+    pub(crate) async fn queue_build(&self, new: NewBuild) -> otaforge_store::Result<Build> {
+        let build = self.store().create_build(new).await?;
+        self.inner.builds_ready.notify_one();
+        Ok(build)
+    }
 }
 
 /// Runs queued builds until `stop` fires.

@@ -1351,8 +1351,7 @@ async fn save(
         return Redirect::to(&with("notice", "saved")).into_response();
     }
     let build = state
-        .store()
-        .create_build(NewBuild {
+        .queue_build(NewBuild {
             product_id: Some(product),
             device_id: Some(device.id),
             fqbn: form.fqbn.clone(),
@@ -1361,10 +1360,7 @@ async fn save(
         })
         .await;
     match build {
-        Ok(b) => {
-            state.inner.builds_ready.notify_one();
-            Redirect::to(&format!("{back}?file={}&build={}", form.file, b.id)).into_response()
-        }
+        Ok(b) => Redirect::to(&format!("{back}?file={}&build={}", form.file, b.id)).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -1522,8 +1518,7 @@ async fn setup_firmware(
     if form.what == "compile" {
         let files = crate::setup::setup_sketch(config);
         let build = state
-            .store()
-            .create_build(NewBuild {
+            .queue_build(NewBuild {
                 product_id: Some(product),
                 device_id: Some(device.id),
                 fqbn: "esp32:esp32:esp32".into(),
@@ -1532,10 +1527,7 @@ async fn setup_firmware(
             })
             .await;
         return match build {
-            Ok(b) => {
-                state.inner.builds_ready.notify_one();
-                Redirect::to(&format!("{back}?build={}", b.id)).into_response()
-            }
+            Ok(b) => Redirect::to(&format!("{back}?build={}", b.id)).into_response(),
             Err(e) => ApiError::from(e).into_response(),
         };
     }
