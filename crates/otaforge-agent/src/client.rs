@@ -31,29 +31,9 @@ pub struct DeviceInfo {
     pub chip_size: u64,
 }
 
-/// How the outcome of the last update attempt is told to the server on the next check-in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Installed { version: String },
-    RolledBack { version: String },
-    Failed { reason: String },
-}
-
-impl Outcome {
-    fn header(&self) -> String {
-        let clean = |s: &str| {
-            s.chars()
-                .filter(|c| c.is_ascii_graphic() || *c == ' ')
-                .take(120)
-                .collect::<String>()
-        };
-        match self {
-            Outcome::Installed { version } => format!("installed {}", clean(version)),
-            Outcome::RolledBack { version } => format!("rolled-back {}", clean(version)),
-            Outcome::Failed { reason } => format!("failed {}", clean(reason)),
-        }
-    }
-}
+/// How the outcome of the last update attempt is told to the server on the next check-in:
+/// the protocol crate's one definition, shared with the server.
+pub use otaforge_protocol::UpdateResult as Outcome;
 
 /// Network fault injection, for the simulator: the share of body reads cut short.
 #[derive(Debug, Clone, Copy, Default)]
@@ -228,7 +208,10 @@ impl Updater {
             h.push(("Authorization".to_string(), format!("Basic {token}")));
         }
         if let Some(outcome) = &self.pending {
-            h.push(("x-OTAForge-Update-Result".to_string(), outcome.header()));
+            h.push((
+                otaforge_protocol::UPDATE_RESULT_HEADER.to_string(),
+                outcome.to_string(),
+            ));
         }
         h
     }

@@ -305,9 +305,37 @@ async fn healthy(fleet: Fleet) {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
+    // The sign-in page first, for its CSRF cookie and token, as a browser does.
+    let form = web
+        .get(format!("{}/login", fleet.base))
+        .send()
+        .await
+        .unwrap();
+    let login_cookie = form.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let html = form.text().await.unwrap();
+    let token = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
     let login = web
         .post(format!("{}/login", fleet.base))
-        .form(&[("kind", "operator"), ("username", "op"), ("password", "pw")])
+        .header("cookie", login_cookie)
+        .form(&[
+            ("csrf", token.as_str()),
+            ("kind", "operator"),
+            ("username", "op"),
+            ("password", "pw"),
+        ])
         .send()
         .await
         .unwrap();

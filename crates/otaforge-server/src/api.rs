@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,7 +12,7 @@ use otaforge_store::model::*;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::{Operator, digest, hash_password, random_secret, verify_password};
+use crate::auth::{Operator, digest, random_secret};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::{AppState, delivery, upload};
@@ -77,31 +77,7 @@ fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// Names must be non-empty, at most 100 characters, with no control characters.
-fn check_name(what: &str, name: &str) -> ApiResult<String> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{what} must be 1 to 100 printable characters"),
-        ));
-    }
-    Ok(name.to_string())
-}
-
-/// Serials are what devices send: printable ASCII without spaces or `/`, at most 64 bytes.
-pub fn check_serial(serial: &str) -> ApiResult<String> {
-    if serial.is_empty()
-        || serial.len() > 64
-        || !serial.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "serial must be 1 to 64 printable ASCII characters without spaces or '/'",
-        ));
-    }
-    Ok(serial.to_string())
-}
+use crate::core::fleet::{DeviceChange, DeviceSpec, GroupChange, check_name};
 
 // ---- auth ----
 
@@ -114,25 +90,27 @@ struct Login {
 
 async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     ApiJson(body): ApiJson<Login>,
 ) -> ApiResult<Response> {
-    let store = state.store();
-    let user = store.user_by_name(&body.username).await?;
-    let ok = match &user {
-        Some(user) => {
-            let (password, phc) = (body.password.clone(), user.password_hash.clone());
-            tokio::task::spawn_blocking(move || verify_password(&password, &phc))
-                .await
-                .unwrap_or(false)
+    use crate::core::accounts::SignInRefusal;
+    use crate::core::passwords::Refused;
+    let user = match state
+        .sign_in_operator(&body.username, &body.password, peer.ip())
+        .await?
+    {
+        Ok(user) => user,
+        Err(refusal) => {
+            let status = match refusal {
+                SignInRefusal::Refused(Refused::RateLimited) => StatusCode::TOO_MANY_REQUESTS,
+                SignInRefusal::Refused(Refused::Busy) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return Err(ApiError::new(status, refusal.message()));
         }
-        None => false,
-    };
-    let user = match (ok, user) {
-        (true, Some(user)) => user,
-        _ => return Err(ApiError::unauthorized("wrong username or password")),
     };
     let token = random_secret()?;
-    store.create_token(&digest(&token), user.id).await?;
+    state.store().create_token(&digest(&token), user.id).await?;
     Ok(created(
         json!({ "token": token, "username": user.username }),
     ))
@@ -161,17 +139,10 @@ fn product_json(product: &Product, api_key: Option<&str>) -> Value {
 
 async fn create_product(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiJson(body): ApiJson<NewProductBody>,
 ) -> ApiResult<Response> {
-    let name = check_name("name", &body.name)?;
-    let key = random_secret()?;
-    let product = state.store().create_product(&name, &digest(&key)).await?;
-    state.inner.catalog.invalidate();
-    let _ = state
-        .store()
-        .audit(&_op.0.username, "created product", &name, "")
-        .await;
+    let (product, key) = state.create_product(&op.actor(), &body.name).await?;
     Ok(created(product_json(&product, Some(&key))))
 }
 
@@ -195,52 +166,20 @@ async fn get_product(
 
 async fn rotate_key(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath(product): ApiPath<Id>,
 ) -> ApiResult<Json<Value>> {
-    let key = random_secret()?;
-    let product = state
-        .store()
-        .set_product_key(product, &digest(&key))
-        .await?;
-    state.inner.catalog.invalidate();
+    let (product, key) = state.rotate_product_key(&op.actor(), product).await?;
     Ok(Json(product_json(&product, Some(&key))))
 }
 
 async fn delete_product(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath(product): ApiPath<Id>,
 ) -> ApiResult<Response> {
-    let store = state.store();
-    let firmware = store.list_firmware(product).await?;
-    let mut resources = Vec::new();
-    for group in store.list_groups(product).await? {
-        resources.extend(store.list_resources(group.id).await?);
-    }
-    store.delete_product(product).await?;
-    state.inner.catalog.invalidate();
-    for sha in firmware
-        .iter()
-        .map(|f| &f.sha256)
-        .chain(resources.iter().map(|r| &r.sha256))
-    {
-        release_blob(&state, sha).await;
-    }
+    state.delete_product(&op.actor(), product).await?;
     Ok(no_content())
-}
-
-/// Deletes a blob no row refers to any more. Failures only leave garbage, never break data.
-async fn release_blob(state: &AppState, sha256: &str) {
-    match state.store().blob_in_use(sha256).await {
-        Ok(false) => {
-            if let Err(e) = state.inner.blobs.delete(sha256).await {
-                tracing::warn!(error = %e, sha256, "could not delete an unused blob");
-            }
-        }
-        Ok(true) => {}
-        Err(e) => tracing::warn!(error = %e, sha256, "could not check whether a blob is in use"),
-    }
 }
 
 // ---- groups ----
@@ -253,13 +192,11 @@ struct NewGroupBody {
 
 async fn create_group(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath(product): ApiPath<Id>,
     ApiJson(body): ApiJson<NewGroupBody>,
 ) -> ApiResult<Response> {
-    let name = check_name("name", &body.name)?;
-    let group = state.store().create_group(product, &name).await?;
-    state.inner.catalog.invalidate();
+    let group = state.create_group(&op.actor(), product, &body.name).await?;
     Ok(created(json!(group)))
 }
 
@@ -300,57 +237,27 @@ struct GroupPatchBody {
 
 async fn patch_group(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
     ApiJson(body): ApiJson<GroupPatchBody>,
 ) -> ApiResult<Json<Value>> {
-    let name = body
-        .name
-        .as_deref()
-        .map(|n| check_name("name", n))
-        .transpose()?;
-    if let Some(config) = &body.config
-        && !config.is_object()
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "config must be a JSON object",
-        ));
-    }
-    let patch = GroupPatch {
-        name,
+    let change = GroupChange {
+        name: body.name,
         firmware_id: body.firmware_id,
         config: body.config,
     };
-    let group = state.store().update_group(product, group, patch).await?;
-    state.inner.catalog.invalidate();
-    let _ = state
-        .store()
-        .audit(
-            &_op.0.username,
-            "changed group",
-            &format!("group {}", group.name),
-            &format!("firmware {:?}", group.firmware_id),
-        )
-        .await;
+    let group = state
+        .change_group(&op.actor(), product, group, change)
+        .await?;
     Ok(Json(json!(group)))
 }
 
 async fn delete_group(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
 ) -> ApiResult<Response> {
-    let resources = state
-        .store()
-        .list_resources(group)
-        .await
-        .unwrap_or_default();
-    state.store().delete_group(product, group).await?;
-    state.inner.catalog.invalidate();
-    for r in resources {
-        release_blob(&state, &r.sha256).await;
-    }
+    state.delete_group(&op.actor(), product, group).await?;
     Ok(no_content())
 }
 
@@ -364,49 +271,19 @@ struct ResourceQuery {
 
 async fn upload_resource(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
     ApiQuery(query): ApiQuery<ResourceQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let name = check_name("name", &query.name)?;
-    if name.contains('/') || name.contains('\\') {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "a resource name is a file name, without '/' or '\\'",
-        ));
-    }
+    check_name("name", &query.name)?;
     state.store().get_group(product, group).await?;
     let bytes = upload::read_limited(&headers, body, state.config().max_upload_bytes).await?;
-    let sums = upload::digests(&bytes);
-    state
-        .inner
-        .blobs
-        .put(&sums.sha256, bytes.clone())
-        .await
-        .map_err(|e| ApiError::internal("storing a resource", e))?;
-    let result = state
-        .store()
-        .create_resource(NewResource {
-            group_id: group,
-            name,
-            fk: random_secret()?,
-            size: bytes.len() as i64,
-            md5: sums.md5,
-            sha256: sums.sha256.clone(),
-        })
-        .await;
-    match result {
-        Ok(resource) => {
-            state.inner.catalog.invalidate();
-            Ok(created(json!(resource)))
-        }
-        Err(e) => {
-            release_blob(&state, &sums.sha256).await;
-            Err(e.into())
-        }
-    }
+    let resource = state
+        .add_resource(&op.actor(), product, group, &query.name, bytes)
+        .await?;
+    Ok(created(json!(resource)))
 }
 
 async fn list_resources(
@@ -420,12 +297,12 @@ async fn list_resources(
 
 async fn delete_resource(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath((product, group, resource)): ApiPath<(Id, Id, Id)>,
 ) -> ApiResult<Response> {
-    state.store().get_group(product, group).await?;
-    let gone = state.store().delete_resource(group, resource).await?;
-    release_blob(&state, &gone.sha256).await;
+    state
+        .delete_resource(&op.actor(), product, group, resource)
+        .await?;
     Ok(no_content())
 }
 
@@ -456,47 +333,19 @@ struct NewDeviceBody {
     status: Option<DeviceStatus>,
 }
 
-fn check_password(password: &str) -> ApiResult<()> {
-    if password.is_empty() || password.len() > 128 {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "password must be 1 to 128 bytes",
-        ));
-    }
-    Ok(())
-}
-
-async fn hash_off_thread(password: String) -> ApiResult<String> {
-    tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| ApiError::internal("hashing", e))?
-}
-
 async fn create_device(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath(product): ApiPath<Id>,
     ApiJson(body): ApiJson<NewDeviceBody>,
 ) -> ApiResult<Response> {
-    let serial = check_serial(&body.serial)?;
-    let password_hash = match body.password {
-        Some(p) => {
-            check_password(&p)?;
-            Some(hash_off_thread(p).await?)
-        }
-        None => None,
+    let spec = DeviceSpec {
+        serial: body.serial,
+        group_id: body.group_id,
+        password: body.password,
+        status: body.status.unwrap_or(DeviceStatus::Verified),
     };
-    let device = state
-        .store()
-        .create_device(NewDevice {
-            product_id: product,
-            group_id: body.group_id,
-            serial,
-            status: body.status.unwrap_or(DeviceStatus::Verified),
-            password_hash,
-        })
-        .await?;
-    state.inner.catalog.invalidate();
+    let device = state.register_device(&op.actor(), product, spec).await?;
     Ok(created(device_json(&state, &device)))
 }
 
@@ -535,44 +384,27 @@ struct DevicePatchBody {
 
 async fn patch_device(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     ApiJson(body): ApiJson<DevicePatchBody>,
 ) -> ApiResult<Json<Value>> {
-    let password_hash = match body.password {
-        Some(Some(p)) => {
-            check_password(&p)?;
-            Some(Some(hash_off_thread(p).await?))
-        }
-        Some(None) => Some(None),
-        None => None,
-    };
-    let patch = DevicePatch {
+    let change = DeviceChange {
         status: body.status,
         group_id: body.group_id,
-        password_hash,
+        password: body.password,
     };
-    let device = state.store().update_device(product, &serial, patch).await?;
-    state.inner.catalog.invalidate();
-    let _ = state
-        .store()
-        .audit(
-            &_op.0.username,
-            "changed device",
-            &format!("device {serial}"),
-            device.status.as_str(),
-        )
-        .await;
+    let device = state
+        .change_device(&op.actor(), product, &serial, change)
+        .await?;
     Ok(Json(device_json(&state, &device)))
 }
 
 async fn delete_device(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
 ) -> ApiResult<Response> {
-    state.store().delete_device(product, &serial).await?;
-    state.inner.catalog.invalidate();
+    state.delete_device(&op.actor(), product, &serial).await?;
     Ok(no_content())
 }
 
@@ -586,7 +418,7 @@ struct FirmwareQuery {
 
 async fn upload_firmware(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath(product): ApiPath<Id>,
     ApiQuery(query): ApiQuery<FirmwareQuery>,
     headers: HeaderMap,
@@ -594,69 +426,10 @@ async fn upload_firmware(
 ) -> ApiResult<Response> {
     state.store().get_product(product).await?;
     let bytes = upload::read_limited(&headers, body, state.config().max_upload_bytes).await?;
-    let firmware = state.store_firmware(product, bytes, query.version).await?;
+    let firmware = state
+        .upload_firmware(&op.actor(), product, bytes, query.version)
+        .await?;
     Ok(created(json!(firmware)))
-}
-
-impl AppState {
-    /// Checks firmware bytes, stores the blob and the row: all of it or nothing. The version
-    /// is `version`, or else what the image declares.
-    pub async fn store_firmware(
-        &self,
-        product: Id,
-        bytes: bytes::Bytes,
-        version: Option<String>,
-    ) -> ApiResult<Firmware> {
-        let described = upload::describe(&bytes)?;
-        let version = match (version, described.version) {
-            (Some(v), _) => v,
-            (None, Some(v)) => v,
-            (None, None) => {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!(
-                        "the file is a {} image that carries no version; pass ?version=V",
-                        described.format
-                    ),
-                ));
-            }
-        };
-        let version = version.trim().to_string();
-        if version.is_empty() || version.len() > 31 || version.chars().any(|c| c.is_control()) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "version must be 1 to 31 printable characters",
-            ));
-        }
-        let sums = upload::digests(&bytes);
-        self.inner
-            .blobs
-            .put(&sums.sha256, bytes.clone())
-            .await
-            .map_err(|e| ApiError::internal("storing firmware", e))?;
-        let result = self
-            .store()
-            .create_firmware(NewFirmware {
-                product_id: product,
-                version,
-                size: bytes.len() as i64,
-                md5: sums.md5,
-                sha256: sums.sha256.clone(),
-                format: described.format.to_string(),
-                metadata: described.metadata,
-            })
-            .await;
-        match result {
-            Ok(firmware) => {
-                self.inner.blob_cache.insert(&firmware.sha256, bytes);
-                Ok(firmware)
-            }
-            Err(e) => {
-                release_blob(self, &sums.sha256).await;
-                Err(e.into())
-            }
-        }
-    }
 }
 
 async fn list_firmware(
@@ -704,12 +477,11 @@ async fn download_firmware(
 
 async fn delete_firmware(
     State(state): State<AppState>,
-    _op: Operator,
+    op: Operator,
     ApiPath((product, firmware)): ApiPath<(Id, Id)>,
 ) -> ApiResult<Response> {
-    let found = state.store().get_firmware(product, firmware).await?;
-    state.store().delete_firmware(product, firmware).await?;
-    state.inner.catalog.invalidate();
-    release_blob(&state, &found.sha256).await;
+    state
+        .delete_firmware(&op.actor(), product, firmware)
+        .await?;
     Ok(no_content())
 }

@@ -1,9 +1,6 @@
 //! Secrets: argon2id password hashes, SHA-256 digests of random tokens and API keys,
 //! the bearer-token extractor for the management API, and HTTP Basic credentials.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::extract::FromRequestParts;
@@ -46,13 +43,7 @@ pub fn random_secret() -> Result<String, ApiError> {
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 15) as usize] as char);
-    }
-    out
+    hex::encode(bytes)
 }
 
 /// SHA-256 (hex) of a high-entropy secret: how API keys and bearer tokens are stored and
@@ -61,58 +52,29 @@ pub fn digest(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
 }
 
-/// Remembers passwords that verified against a given stored hash, so that a device polling
-/// every few seconds costs one argon2 run, not one per request. Keyed by a SHA-256 over the
-/// stored hash and the password: a changed password (new stored hash) misses.
-#[derive(Default)]
-pub struct VerifiedCache {
-    seen: Mutex<HashMap<[u8; 32], ()>>,
-}
-
-impl VerifiedCache {
-    const MAX: usize = 100_000;
-
-    fn key(password: &str, phc: &str) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(phc.as_bytes());
-        h.update([0]);
-        h.update(password.as_bytes());
-        h.finalize().into()
-    }
-
-    pub async fn verify(&self, password: &str, phc: &str) -> bool {
-        let key = Self::key(password, phc);
-        if self
-            .seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&key)
-        {
-            return true;
-        }
-        let (password_owned, phc_owned) = (password.to_string(), phc.to_string());
-        let ok = tokio::task::spawn_blocking(move || verify_password(&password_owned, &phc_owned))
-            .await
-            .unwrap_or(false);
-        if ok {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.len() >= Self::MAX {
-                seen.clear();
-            }
-            seen.insert(key, ());
-        }
-        ok
-    }
-}
-
 /// An operator authenticated by `Authorization: Bearer <token>`: a token issued by
 /// `POST /api/v1/auth/login`, or the `OTAFORGE_ADMIN_TOKEN` of the server's environment.
-pub struct Operator(pub User);
+pub struct Operator(pub User, pub Option<std::net::IpAddr>);
+
+impl Operator {
+    /// The operator as the actor of a fleet operation.
+    pub fn actor(&self) -> crate::core::fleet::Actor {
+        crate::core::fleet::Actor {
+            name: self.0.username.clone(),
+            user_id: (self.0.id != 0).then_some(self.0.id),
+            address: self.1,
+        }
+    }
+}
 
 impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let address = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -131,23 +93,28 @@ impl FromRequestParts<AppState> for Operator {
         if let Some(admin) = &state.inner.config.admin_token
             && constant_time_eq(admin.expose().as_bytes(), token.as_bytes())
         {
-            return Ok(Operator(User {
-                id: 0,
-                username: "admin-token".into(),
-                password_hash: String::new(),
-                is_admin: true,
-                created_at: 0,
-            }));
+            return Ok(Operator(
+                User {
+                    id: 0,
+                    username: "admin-token".into(),
+                    password_hash: String::new(),
+                    is_admin: true,
+                    created_at: 0,
+                },
+                address,
+            ));
         }
         match state.inner.store.user_by_token(&digest(token)).await? {
-            Some(user) => Ok(Operator(user)),
+            Some(user) => Ok(Operator(user, address)),
             None => Err(ApiError::unauthorized("invalid or revoked token")),
         }
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Equal in constant time (for equal lengths).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 /// `Authorization: Basic` decoded to `user:password`, if the header is present and well

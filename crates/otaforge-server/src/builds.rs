@@ -166,7 +166,9 @@ async fn compile_build(
         ),
         None => None,
     };
-    // Boards that update over Wi-Fi keep the update code in every build.
+    // Boards that update over Wi-Fi keep the update code in every build; that code carries
+    // the device's secrets, so the firmware is personal to the device.
+    let mut personal_to = None;
     let (extra_files, build_properties) = match &device {
         Some(device)
             if crate::setup::is_ota_board(&build.fqbn)
@@ -174,6 +176,7 @@ async fn compile_build(
         {
             let config = crate::setup::personal_config(state, device, &format!("b{}", build.id))
                 .map_err(plain)?;
+            personal_to = Some(device.id);
             crate::setup::keep_update_ability(config)
         }
         _ => (BTreeMap::new(), Vec::new()),
@@ -240,11 +243,20 @@ async fn compile_build(
     let Some(product) = build.product_id else {
         return Ok((compiled.diagnostics, None));
     };
+    let personal_to = personal_to.or_else(|| {
+        // The setup sketch brings its own personalised config.
+        build
+            .files
+            .contains_key("otaforge_config.h")
+            .then_some(build.device_id)
+            .flatten()
+    });
     let firmware = state
-        .store_firmware(
+        .store_firmware_for(
             product,
             compiled.binary.into(),
             Some(format!("build-{}", build.id)),
+            personal_to,
         )
         .await
         .map_err(|e| plain(e.message))?;

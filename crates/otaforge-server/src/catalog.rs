@@ -54,6 +54,9 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
 
 pub struct Catalog {
     products: TtlMap<String, Option<Product>>,
+    products_by_id: TtlMap<Id, Product>,
+    /// (device, firmware) pairs whose wrong-chip refusal is already on the timeline.
+    refusals: std::sync::Mutex<std::collections::HashSet<(Id, Id)>>,
     devices: TtlMap<(Id, String), Device>,
     groups: TtlMap<(Id, Id), Group>,
     firmware: TtlMap<(Id, Id), Firmware>,
@@ -63,6 +66,8 @@ impl Default for Catalog {
     fn default() -> Self {
         Catalog {
             products: TtlMap::new(),
+            products_by_id: TtlMap::new(),
+            refusals: Default::default(),
             devices: TtlMap::new(),
             groups: TtlMap::new(),
             firmware: TtlMap::new(),
@@ -74,6 +79,7 @@ impl Catalog {
     /// Forgets everything; called after every management write.
     pub fn invalidate(&self) {
         self.products.clear();
+        self.products_by_id.clear();
         self.devices.clear();
         self.groups.clear();
         self.firmware.clear();
@@ -90,6 +96,24 @@ impl Catalog {
         let found = store.product_by_key_digest(digest).await?;
         self.products.put(digest.to_string(), found.clone());
         Ok(found)
+    }
+
+    pub async fn product(&self, store: &dyn Store, id: Id) -> Result<Product> {
+        if let Some(found) = self.products_by_id.get(&id) {
+            return Ok(found);
+        }
+        let found = store.get_product(id).await?;
+        self.products_by_id.put(id, found.clone());
+        Ok(found)
+    }
+
+    /// True the first time this pair is refused (bounded: forgets everything past 100,000).
+    pub fn first_refusal(&self, device: Id, firmware: Id) -> bool {
+        let mut seen = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= 100_000 {
+            seen.clear();
+        }
+        seen.insert((device, firmware))
     }
 
     /// The device, registered as New in the Default group if it is unknown.
@@ -144,14 +168,22 @@ impl Catalog {
     }
 
     /// The firmware assigned to the device now: its own (a workspace build), else its group's.
+    /// A personal build (it embeds the device's secrets) counts only when the device proved
+    /// itself with its own password (`by_password`); otherwise the group's firmware is used.
     pub async fn assigned_firmware(
         &self,
         store: &dyn Store,
         device: &Device,
+        by_password: bool,
     ) -> Result<Option<Firmware>> {
         if let Some(id) = device.firmware_id {
             match self.firmware(store, device.product_id, id).await {
-                Ok(firmware) => return Ok(Some(firmware)),
+                Ok(firmware)
+                    if by_password || crate::decision::personal_to(&firmware).is_none() =>
+                {
+                    return Ok(Some(firmware));
+                }
+                Ok(_) => {}
                 Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }

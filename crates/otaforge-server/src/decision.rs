@@ -1,4 +1,6 @@
-//! The update decision of seed 002 as a plain function: who gets 401, 404, 304 or the file.
+//! The update decision as a plain function: given who the device is, what it runs and what
+//! it asks for, and the firmware picked for it, what the answer is. Every device dialect
+//! reaches it through `core::checkin`; none decides on its own.
 
 use otaforge_store::model::{DeviceStatus, Firmware};
 
@@ -11,38 +13,141 @@ pub struct Running<'a> {
     pub by_md5: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the device asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The application image (`x-ESP8266-mode: sketch`, or nothing said).
+    #[default]
+    App,
+    /// A filesystem image (`spiffs`): the model has none yet, so never the app image.
+    Filesystem,
+    /// Only the version available (`x-ESP8266-mode: version`, `getAvailableVersion()`).
+    VersionOnly,
+}
+
+/// A chip family, as far as images and device headers tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// ESP32 and its variants (S2, S3, C2, C3, C6, H2, P4): one image format.
+    Esp32,
+    Esp8266,
+    W800,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Esp32 => "esp32",
+            Family::Esp8266 => "esp8266",
+            Family::W800 => "w800",
+        }
+    }
+
+    /// The family of a chip name as the formats crate writes it ("esp32c3", "esp8266", ...).
+    pub fn of_chip(chip: &str) -> Option<Family> {
+        if chip == "esp8266" {
+            Some(Family::Esp8266)
+        } else if chip.starts_with("esp32") {
+            Some(Family::Esp32)
+        } else if chip == "w800" {
+            Some(Family::W800)
+        } else {
+            None
+        }
+    }
+
+    /// The family a firmware's image was built for, when its format says.
+    pub fn of_firmware(firmware: &Firmware) -> Option<Family> {
+        firmware
+            .metadata
+            .get("chip")
+            .and_then(|c| c.as_str())
+            .and_then(Family::of_chip)
+    }
+}
+
+/// The decision carries the firmware it is about, so no caller needs to look it up again.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// The device may not update: not verified, blocked or disabled.
     NotAllowed(DeviceStatus),
-    /// No firmware is assigned to the device's group.
-    NoFirmware,
-    /// The device already runs the assigned firmware.
-    UpToDate,
-    /// Send this firmware.
-    Update,
+    /// Nothing is assigned for what the device asked (no firmware, or no filesystem image).
+    NothingAssigned(Mode),
+    /// The picked image is for another chip family than the device announces.
+    WrongChip {
+        firmware: Firmware,
+        image: Family,
+        device: Family,
+    },
+    /// Tell the version available, send nothing else.
+    VersionOnly(Firmware),
+    /// The device already runs the picked firmware.
+    UpToDate(Firmware),
+    /// Send the picked firmware.
+    Update(Firmware),
 }
 
 /// Decides for a device whose credentials already checked out.
-pub fn decide(status: DeviceStatus, assigned: Option<&Firmware>, running: &Running) -> Decision {
+pub fn decide(
+    status: DeviceStatus,
+    target: Option<Firmware>,
+    running: &Running,
+    mode: Mode,
+    chip: Option<Family>,
+) -> Decision {
     if status != DeviceStatus::Verified {
         return Decision::NotAllowed(status);
     }
-    let Some(firmware) = assigned else {
-        return Decision::NoFirmware;
-    };
-    if runs(firmware, running) {
-        Decision::UpToDate
-    } else {
-        Decision::Update
+    if mode == Mode::Filesystem {
+        return Decision::NothingAssigned(Mode::Filesystem);
     }
+    let Some(firmware) = target else {
+        return Decision::NothingAssigned(mode);
+    };
+    if let (Some(image), Some(device)) = (Family::of_firmware(&firmware), chip)
+        && image != device
+    {
+        return Decision::WrongChip {
+            firmware,
+            image,
+            device,
+        };
+    }
+    if mode == Mode::VersionOnly {
+        return Decision::VersionOnly(firmware);
+    }
+    if runs(&firmware, running) {
+        Decision::UpToDate(firmware)
+    } else {
+        Decision::Update(firmware)
+    }
+}
+
+/// The MD5 a board reports (`x-…-sketch-md5`) once it runs this firmware: the MD5 of the
+/// installed bytes, which differs from the file's for a signed ESP8266 image (signature and
+/// length are not installed) and for a gzip upload (the board installs the inflated image).
+pub fn installed_md5(firmware: &Firmware) -> &str {
+    firmware
+        .metadata
+        .get("installed_md5")
+        .and_then(|v| v.as_str())
+        .unwrap_or(&firmware.md5)
+}
+
+/// The device whose secrets this firmware embeds (a personal build), if any.
+pub fn personal_to(firmware: &Firmware) -> Option<i64> {
+    firmware
+        .metadata
+        .get("personal_to")
+        .and_then(|v| v.as_i64())
 }
 
 /// Whether the device reports running exactly this firmware.
 pub fn runs(firmware: &Firmware, running: &Running) -> bool {
-    let md5_matches = running
-        .sketch_md5
-        .is_some_and(|md5| md5.trim().eq_ignore_ascii_case(&firmware.md5));
+    let md5_matches = running.sketch_md5.is_some_and(|md5| {
+        let md5 = md5.trim();
+        md5.eq_ignore_ascii_case(installed_md5(firmware)) || md5.eq_ignore_ascii_case(&firmware.md5)
+    });
     if running.by_md5 {
         return md5_matches;
     }
@@ -70,33 +175,103 @@ mod tests {
         }
     }
 
+    fn old() -> Running<'static> {
+        Running {
+            version: Some("1.1.0"),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn seed_002_table() {
         let fw = firmware();
-        let old = Running {
-            version: Some("1.1.0"),
+        let same = Running {
+            version: Some("1.2.0"),
             ..Default::default()
         };
+        let app = Mode::App;
+        assert_eq!(
+            decide(DeviceStatus::New, Some(fw.clone()), &old(), app, None),
+            Decision::NotAllowed(DeviceStatus::New)
+        );
+        assert_eq!(
+            decide(DeviceStatus::Verified, None, &old(), app, None),
+            Decision::NothingAssigned(Mode::App)
+        );
+        assert_eq!(
+            decide(DeviceStatus::Verified, Some(fw.clone()), &same, app, None),
+            Decision::UpToDate(fw.clone())
+        );
+        assert_eq!(
+            decide(DeviceStatus::Verified, Some(fw.clone()), &old(), app, None),
+            Decision::Update(fw.clone())
+        );
+    }
+
+    #[test]
+    fn modes() {
+        let fw = firmware();
+        let v = DeviceStatus::Verified;
+        // A filesystem request never gets the app image.
+        assert_eq!(
+            decide(v, Some(fw.clone()), &old(), Mode::Filesystem, None),
+            Decision::NothingAssigned(Mode::Filesystem)
+        );
+        // Version-only answers also when the device is current.
         let same = Running {
             version: Some("1.2.0"),
             ..Default::default()
         };
         assert_eq!(
-            decide(DeviceStatus::New, Some(&fw), &old),
-            Decision::NotAllowed(DeviceStatus::New)
+            decide(v, Some(fw.clone()), &same, Mode::VersionOnly, None),
+            Decision::VersionOnly(fw.clone())
         );
         assert_eq!(
-            decide(DeviceStatus::Verified, None, &old),
-            Decision::NoFirmware
+            decide(v, None, &same, Mode::VersionOnly, None),
+            Decision::NothingAssigned(Mode::VersionOnly)
+        );
+    }
+
+    #[test]
+    fn chip_families_must_match() {
+        let mut fw = firmware();
+        fw.metadata = serde_json::json!({"chip": "esp32c3"});
+        let v = DeviceStatus::Verified;
+        assert_eq!(
+            decide(
+                v,
+                Some(fw.clone()),
+                &old(),
+                Mode::App,
+                Some(Family::Esp8266)
+            ),
+            Decision::WrongChip {
+                firmware: fw.clone(),
+                image: Family::Esp32,
+                device: Family::Esp8266
+            }
         );
         assert_eq!(
-            decide(DeviceStatus::Verified, Some(&fw), &same),
-            Decision::UpToDate
+            decide(v, Some(fw.clone()), &old(), Mode::App, Some(Family::Esp32)),
+            Decision::Update(fw.clone())
         );
+        // A device that does not say, or an image that does not say, is not refused.
         assert_eq!(
-            decide(DeviceStatus::Verified, Some(&fw), &old),
-            Decision::Update
+            decide(v, Some(fw.clone()), &old(), Mode::App, None),
+            Decision::Update(fw.clone())
         );
+    }
+
+    #[test]
+    fn installed_md5_counts_as_running() {
+        let mut fw = firmware();
+        fw.metadata = serde_json::json!({"installed_md5": "ffffffffffffffffffffffffffffffff"});
+        let running = Running {
+            version: Some("0.0.1"),
+            sketch_md5: Some("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"),
+            by_md5: true,
+        };
+        assert!(runs(&fw, &running));
     }
 
     #[test]
@@ -108,8 +283,14 @@ mod tests {
             by_md5: true,
         };
         assert_eq!(
-            decide(DeviceStatus::Verified, Some(&fw), &running),
-            Decision::Update
+            decide(
+                DeviceStatus::Verified,
+                Some(fw.clone()),
+                &running,
+                Mode::App,
+                None
+            ),
+            Decision::Update(fw.clone())
         );
         let running = Running {
             version: Some("0.0.1"),
@@ -117,8 +298,14 @@ mod tests {
             by_md5: true,
         };
         assert_eq!(
-            decide(DeviceStatus::Verified, Some(&fw), &running),
-            Decision::UpToDate
+            decide(
+                DeviceStatus::Verified,
+                Some(fw.clone()),
+                &running,
+                Mode::App,
+                None
+            ),
+            Decision::UpToDate(fw.clone())
         );
     }
 }

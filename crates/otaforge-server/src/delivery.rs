@@ -83,28 +83,66 @@ pub struct Delivery<'a> {
     pub filename: &'a str,
 }
 
-/// Whether the answer to this request will carry the body's last byte (the download is then
-/// complete, from the server's side).
-pub fn serves_last_byte(request: &HeaderMap, len: u64) -> bool {
-    let header = request.get(header::RANGE).and_then(|v| v.to_str().ok());
-    match range::parse(header, len) {
-        Ok(RangeRequest::Full) => true,
-        Ok(RangeRequest::Partial { end, .. }) => end + 1 == len,
-        _ => false,
+/// Bytes of a file, as a request asked for them.
+#[derive(Debug, Clone)]
+pub enum Part {
+    /// No body wanted (`HEAD`): length and headers only.
+    Head,
+    Whole(Bytes),
+    Range {
+        start: u64,
+        end: u64,
+        bytes: Bytes,
+    },
+    Unsatisfiable,
+}
+
+impl Part {
+    /// The part of `body` the `Range` header asks for (parsed here, once).
+    pub fn cut(range_header: Option<&str>, body: Bytes) -> ApiResult<Part> {
+        let len = body.len() as u64;
+        match range::parse(range_header, len).map_err(ApiError::bad_request)? {
+            RangeRequest::Full => Ok(Part::Whole(body)),
+            RangeRequest::Partial { start, end } => Ok(Part::Range {
+                start,
+                end,
+                bytes: body.slice(start as usize..=end as usize),
+            }),
+            RangeRequest::Unsatisfiable => Ok(Part::Unsatisfiable),
+        }
+    }
+
+    /// Whether this answer carries the file's last byte (the download is then complete,
+    /// from the server's side).
+    pub fn ends_file(&self, len: u64) -> bool {
+        match self {
+            Part::Whole(_) => true,
+            Part::Range { end, .. } => end + 1 == len,
+            Part::Head | Part::Unsatisfiable => false,
+        }
+    }
+}
+
+/// The `Range` header of a request, which must be ASCII.
+pub fn range_header(request: &HeaderMap) -> ApiResult<Option<&str>> {
+    match request.get(header::RANGE) {
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request("the Range header is not ASCII")),
+        None => Ok(None),
     }
 }
 
 /// A 200 with the whole body, a 206 with the requested range, or 416.
 pub fn respond(request: &HeaderMap, body: Bytes, meta: &Delivery) -> ApiResult<Response> {
     let len = body.len() as u64;
-    let range_header = match request.get(header::RANGE) {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::bad_request("the Range header is not ASCII"))?,
-        ),
-        None => None,
-    };
-    let wanted = range::parse(range_header, len).map_err(ApiError::bad_request)?;
+    let part = Part::cut(range_header(request)?, body)?;
+    Ok(render(part, len, meta))
+}
+
+/// The response for a part of a file of `len` bytes: `Content-Length` always.
+pub fn render(part: Part, len: u64, meta: &Delivery) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -122,30 +160,36 @@ pub fn respond(request: &HeaderMap, body: Bytes, meta: &Delivery) -> ApiResult<R
             meta.filename.replace('"', "")
         )),
     );
-    match wanted {
-        RangeRequest::Full => {
+    match part {
+        Part::Head => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            Ok((StatusCode::OK, headers, Body::from(body)).into_response())
+            (StatusCode::OK, headers, Body::empty()).into_response()
         }
-        RangeRequest::Partial { start, end } => {
-            let part = body.slice(start as usize..=end as usize);
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part.len() as u64));
+        Part::Whole(body) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            (StatusCode::OK, headers, Body::from(body)).into_response()
+        }
+        Part::Range { start, end, bytes } => {
+            headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(bytes.len() as u64),
+            );
             headers.insert(
                 header::CONTENT_RANGE,
                 text(&format!("bytes {start}-{end}/{len}")),
             );
-            Ok((StatusCode::PARTIAL_CONTENT, headers, Body::from(part)).into_response())
+            (StatusCode::PARTIAL_CONTENT, headers, Body::from(bytes)).into_response()
         }
-        RangeRequest::Unsatisfiable => {
+        Part::Unsatisfiable => {
             let mut headers = HeaderMap::new();
             headers.insert(header::CONTENT_RANGE, text(&format!("bytes */{len}")));
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            Ok((
+            (
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 headers,
                 format!("range not satisfiable: the file has {len} bytes\n"),
             )
-                .into_response())
+                .into_response()
         }
     }
 }

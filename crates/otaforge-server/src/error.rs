@@ -57,13 +57,20 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// Logs the error once, where its response is made.
+    pub fn log(&self) {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, message = %self.message, "request failed");
         } else {
             tracing::debug!(status = %self.status, message = %self.message, "request refused");
         }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
         let mut response = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),

@@ -10,22 +10,21 @@ mod api;
 pub mod auth;
 pub mod builds;
 mod catalog;
-mod checkin;
 pub mod compile;
 mod config;
+pub mod core;
 pub mod decision;
 mod delivery;
+mod device;
 mod diagnostics;
 mod error;
 mod extract;
 mod openapi;
-mod otadrive;
 pub mod range;
 pub mod rollout_plan;
 mod rollouts;
 mod secrets;
 mod setup;
-mod static_link;
 mod svg;
 mod telemetry;
 mod upload;
@@ -61,8 +60,7 @@ struct Inner {
     blob_cache: delivery::BlobCache,
     catalog: catalog::Catalog,
     telemetry: telemetry::TelemetryBuffer,
-    verified: auth::VerifiedCache,
-    login_limiter: web::LoginLimiter,
+    passwords: core::passwords::PasswordGuard,
     sealer: secrets::Sealer,
     compile: compile::CompileConfig,
     /// Woken when a build is queued.
@@ -100,8 +98,7 @@ impl AppState {
                 blob_cache,
                 catalog: catalog::Catalog::default(),
                 telemetry: telemetry::TelemetryBuffer::default(),
-                verified: auth::VerifiedCache::default(),
-                login_limiter: web::LoginLimiter::default(),
+                passwords: core::passwords::PasswordGuard::default(),
                 sealer,
                 compile,
                 builds_ready: tokio::sync::Notify::new(),
@@ -182,8 +179,8 @@ pub fn router(state: AppState) -> Router {
         .merge(builds::routes())
         .merge(rollouts::routes())
         .merge(web::routes())
-        .merge(otadrive::routes())
-        .merge(static_link::routes())
+        .merge(device::otadrive::routes())
+        .merge(device::static_link::routes())
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(CatchPanicLayer::custom(|_| {

@@ -18,6 +18,8 @@ use otaforge_store::{Store, StoreError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use otaforge_protocol::UpdateResult;
+
 use crate::AppState;
 use crate::auth::Operator;
 use crate::decision::{Running, runs};
@@ -152,13 +154,14 @@ impl AppState {
     pub(crate) async fn target_firmware(
         &self,
         device: &Device,
+        by_password: bool,
     ) -> otaforge_store::Result<Option<Firmware>> {
         if let Steer::Serve(fw) = self.steer_device(device).await? {
             return Ok(Some(*fw));
         }
         self.inner
             .catalog
-            .assigned_firmware(self.store(), device)
+            .assigned_firmware(self.store(), device, by_password)
             .await
     }
 
@@ -224,6 +227,7 @@ impl AppState {
         let Some((member, rollout, firmware)) = self.steer(device) else {
             return;
         };
+        let result = feedback.and_then(|f| f.parse::<UpdateResult>().ok());
         let store = self.store();
         let (from, to, kind, detail): (&[MemberState], MemberState, &str, String) =
             if runs(&firmware, running) {
@@ -238,7 +242,7 @@ impl AppState {
                     "installed",
                     format!("running {}", firmware.version),
                 )
-            } else if feedback.is_some_and(|f| f.starts_with("rolled-back"))
+            } else if matches!(result, Some(UpdateResult::RolledBack { .. }))
                 || (member.state == MemberState::Downloaded
                     && !rollout.rolled_back_stages.contains(&member.stage))
             {
@@ -252,7 +256,7 @@ impl AppState {
                         firmware.version
                     ),
                 )
-            } else if let Some(reason) = feedback.and_then(|f| f.strip_prefix("failed")) {
+            } else if let Some(UpdateResult::Failed { reason }) = &result {
                 (
                     &[MemberState::Offered, MemberState::Downloaded],
                     MemberState::Failed,

@@ -102,7 +102,17 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
             "run_address": format!("0x{:08x}", image.header.run_addr),
             "payload_length": image.header.payload_len,
         }),
-        Inspected::Esp8266(_) => serde_json::json!({ "chip": "esp8266" }),
+        Inspected::Esp8266(image) => {
+            let mut m = serde_json::json!({ "chip": "esp8266" });
+            if let Some(unsigned) = esp8266_signed_payload(bytes, image) {
+                // The board installs the image without signature and length, and reports
+                // the MD5 of what it installed.
+                m["signed"] = true.into();
+                m["installed_md5"] = hex(&Md5::digest(unsigned)).into();
+            }
+            m
+        }
+        Inspected::Gzip => gzip_metadata(bytes)?,
         _ => serde_json::json!({}),
     };
     Ok(Described {
@@ -110,4 +120,68 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
         version,
         metadata,
     })
+}
+
+/// The bytes before an ESP8266 signature: a signed image ends with the signature and its
+/// length as a little-endian u32 (`Updater::end` in the ESP8266 core).
+fn esp8266_signed_payload<'a>(
+    bytes: &'a [u8],
+    image: &otaforge_formats::esp::Esp8266Image,
+) -> Option<&'a [u8]> {
+    let trailing = image.trailing_len;
+    if trailing < 5 {
+        return None;
+    }
+    let tail: [u8; 4] = bytes.get(bytes.len() - 4..)?.try_into().ok()?;
+    let sig_len = u32::from_le_bytes(tail) as usize;
+    (sig_len > 0 && sig_len.checked_add(4)? == trailing).then(|| &bytes[..bytes.len() - trailing])
+}
+
+/// The largest image a gzip upload may inflate to (ESP8266 flash is at most 16 MiB).
+const MAX_INFLATED: u64 = 16 * 1024 * 1024;
+
+/// A gzip upload is inflated (bounded) and the image inside inspected: an ESP8266 board
+/// installs the inflated image and reports its MD5, and the chip rule needs its family.
+fn gzip_metadata(bytes: &[u8]) -> ApiResult<serde_json::Value> {
+    use std::io::Read;
+    let mut inflated = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(MAX_INFLATED + 1)
+        .read_to_end(&mut inflated)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("corrupted gzip upload: {e}"),
+            )
+        })?;
+    if inflated.len() as u64 > MAX_INFLATED {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the gzip upload inflates to more than {MAX_INFLATED} bytes"),
+        ));
+    }
+    let mut m = serde_json::json!({
+        "inflated_size": inflated.len(),
+        "installed_md5": hex(&Md5::digest(&inflated)),
+    });
+    match otaforge_formats::detect::inspect(&inflated) {
+        Ok(otaforge_formats::detect::Inspected::Esp8266(image)) => {
+            m["chip"] = "esp8266".into();
+            m["installed_md5"] = hex(&Md5::digest(
+                &inflated[..image.image_len.min(inflated.len())],
+            ))
+            .into();
+        }
+        Ok(otaforge_formats::detect::Inspected::Esp32(image)) => {
+            m["chip"] = image.chip.name().into();
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("corrupted firmware image inside the gzip upload: {e}"),
+            ));
+        }
+    }
+    Ok(m)
 }

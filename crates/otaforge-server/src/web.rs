@@ -6,10 +6,9 @@
 // Handlers answer refusals with a whole page, so `Result<_, Response>` is the natural shape.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use askama::Template;
 use axum::Router;
@@ -21,7 +20,9 @@ use axum::routing::{get, post};
 use otaforge_store::model::*;
 use serde::Deserialize;
 
-use crate::auth::{digest, random_secret, verify_password};
+use crate::auth::{digest, random_secret};
+use crate::core::accounts::SignInRefusal;
+use crate::core::passwords::Refused;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
 use crate::{AppState, compile};
@@ -63,6 +64,7 @@ pub fn routes() -> Router<AppState> {
             "/workspace/{product}/{serial}/builds/{file}",
             get(build_status),
         )
+        .layer(axum::middleware::map_response(page_headers))
 }
 
 // ---- pages as values ----
@@ -105,17 +107,61 @@ pub enum Viewer {
 pub struct Web {
     pub viewer: Viewer,
     pub csrf: String,
+    pub address: Option<std::net::IpAddr>,
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    cookie(headers, COOKIE)
+}
+
+/// The value of the cookie `name`, if the request carries it.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_string())
+}
+
+/// The sign-in form's CSRF cookie (double submit: the form carries the same value).
+const LOGIN_COOKIE: &str = "otaforge_login";
+
+/// Cookie attributes: HttpOnly and SameSite=Strict always, Secure when the server is
+/// reached over https.
+fn cookie_attributes(state: &AppState) -> &'static str {
+    if state.config().public_url().starts_with("https://") {
+        "HttpOnly; SameSite=Strict; Secure"
+    } else {
+        "HttpOnly; SameSite=Strict"
+    }
+}
+
+/// Headers every page carries: no framing, no sniffing, no referrer beyond the origin,
+/// and scripts, styles and images only from the server itself (inline styles allowed:
+/// the editor injects its theme as a `<style>` element; scripts never run inline).
+async fn page_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+             connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    response
 }
 
 impl Web {
@@ -128,13 +174,22 @@ impl Web {
                 Viewer::Operator(users)
             }
             (None, Some(device)) => {
-                Viewer::Bot(Box::new(state.store().device_by_id(device).await.ok()?))
+                let device = state.store().device_by_id(device).await.ok()?;
+                // Re-checked on every request: a blocked or disabled device's bot is out.
+                if matches!(
+                    device.status,
+                    DeviceStatus::Blocked | DeviceStatus::Disabled
+                ) {
+                    return None;
+                }
+                Viewer::Bot(Box::new(device))
             }
             _ => return None,
         };
         Some(Web {
             viewer,
             csrf: session.csrf,
+            address: None,
         })
     }
 
@@ -143,6 +198,16 @@ impl Web {
             Viewer::Operator(u) => u.username.clone(),
             Viewer::Bot(d) => format!("bot {}", d.serial),
         }
+    }
+
+    /// The signed-in operator as the actor of a fleet operation.
+    fn actor(&self) -> Result<crate::core::fleet::Actor, Response> {
+        let user = self.operator()?;
+        Ok(crate::core::fleet::Actor {
+            name: user.username.clone(),
+            user_id: Some(user.id),
+            address: self.address,
+        })
     }
 
     fn operator(&self) -> Result<&User, Response> {
@@ -173,13 +238,7 @@ impl Web {
 
     fn check_csrf(&self, token: &str) -> Result<(), Response> {
         if !token.is_empty()
-            && token.len() == self.csrf.len()
-            && token
-                .as_bytes()
-                .iter()
-                .zip(self.csrf.as_bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
+            && crate::auth::constant_time_eq(token.as_bytes(), self.csrf.as_bytes())
         {
             Ok(())
         } else {
@@ -198,44 +257,15 @@ impl FromRequestParts<AppState> for Web {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         match Web::from_headers(state, &parts.headers).await {
-            Some(web) => Ok(web),
+            Some(mut web) => {
+                web.address = parts
+                    .extensions
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip());
+                Ok(web)
+            }
             None => Err(Redirect::to("/login").into_response()),
         }
-    }
-}
-
-/// Failed sign-ins per client address and name: 5 in 5 minutes, then 429 until the window ends.
-#[derive(Default)]
-pub struct LoginLimiter {
-    failures: Mutex<HashMap<String, (Instant, u32)>>,
-}
-
-impl LoginLimiter {
-    const WINDOW: Duration = Duration::from_secs(300);
-    const MAX: u32 = 5;
-
-    fn blocked(&self, key: &str) -> bool {
-        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        matches!(map.get(key), Some((since, n)) if since.elapsed() < Self::WINDOW && *n >= Self::MAX)
-    }
-
-    fn failed(&self, key: &str) {
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 100_000 {
-            map.retain(|_, (since, _)| since.elapsed() < Self::WINDOW);
-        }
-        let entry = map.entry(key.to_string()).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= Self::WINDOW {
-            *entry = (Instant::now(), 0);
-        }
-        entry.1 += 1;
-    }
-
-    fn succeeded(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
     }
 }
 
@@ -264,7 +294,8 @@ async fn start_session(
     }
     let mut response = Redirect::to(to).into_response();
     let cookie = format!(
-        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{COOKIE}={token}; Path=/; {}; Max-Age={}",
+        cookie_attributes(state),
         SESSION_TTL.as_secs()
     );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
@@ -281,14 +312,28 @@ struct LoginPage {
     error: Option<String>,
     kind: String,
     username: String,
+    csrf: String,
 }
 
-async fn login_page() -> Response {
-    page(LoginPage {
+async fn login_page(State(state): State<AppState>) -> Response {
+    let token = match random_secret() {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let mut response = page(LoginPage {
         error: None,
         kind: "operator".into(),
         username: String::new(),
-    })
+        csrf: token.clone(),
+    });
+    let cookie = format!(
+        "{LOGIN_COOKIE}={token}; Path=/login; {}; Max-Age=3600",
+        cookie_attributes(&state)
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    response
 }
 
 #[derive(Deserialize)]
@@ -296,63 +341,67 @@ struct LoginForm {
     kind: Option<String>,
     username: String,
     password: String,
+    #[serde(default)]
+    csrf: String,
 }
 
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     axum::Form(form): axum::Form<LoginForm>,
 ) -> Response {
     let kind = form.kind.unwrap_or_else(|| "operator".into());
-    let key = format!("{}|{}|{}", peer.ip(), kind, form.username);
     let refuse = |status: StatusCode, msg: &str| {
         let mut r = page(LoginPage {
             error: Some(msg.to_string()),
             kind: kind.clone(),
             username: form.username.clone(),
+            csrf: form.csrf.clone(),
         });
         *r.status_mut() = status;
         r
     };
-    if state.inner.login_limiter.blocked(&key) {
-        return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed sign-ins; wait five minutes and try again",
+    // The form must come from our own sign-in page (its cookie and field match).
+    let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or_default();
+    if form.csrf.is_empty()
+        || !crate::auth::constant_time_eq(form.csrf.as_bytes(), expected.as_bytes())
+    {
+        return message(
+            StatusCode::FORBIDDEN,
+            "Form expired",
+            "the sign-in form's security token did not match; reload the sign-in page and try again",
+            "/login",
         );
     }
-    let password = form.password.clone();
+    let status_of = |refusal: SignInRefusal| match refusal {
+        SignInRefusal::Wrong => StatusCode::UNAUTHORIZED,
+        SignInRefusal::Refused(Refused::RateLimited) => StatusCode::TOO_MANY_REQUESTS,
+        SignInRefusal::Refused(Refused::Busy) => StatusCode::SERVICE_UNAVAILABLE,
+        SignInRefusal::DeviceLocked(_) => StatusCode::FORBIDDEN,
+    };
     if kind == "bot" {
-        // Device IDs are unique per product: try each device with this ID.
-        let devices = state
-            .store()
-            .devices_by_serial(form.username.trim())
+        match state
+            .sign_in_bot(&form.username, &form.password, peer.ip())
             .await
-            .unwrap_or_default();
-        for device in devices {
-            if let Some(phc) = device.password_hash.clone()
-                && state.inner.verified.verify(&password, &phc).await
-            {
-                if device.status == DeviceStatus::Blocked || device.status == DeviceStatus::Disabled
-                {
-                    return refuse(StatusCode::FORBIDDEN, "this device is blocked or disabled");
-                }
-                state.inner.login_limiter.succeeded(&key);
+        {
+            Ok(Ok(device)) => {
                 let to = format!("/workspace/{}/{}", device.product_id, device.serial);
-                return start_session(&state, None, Some(device.id), &to).await;
+                start_session(&state, None, Some(device.id), &to).await
             }
+            Ok(Err(refusal)) => refuse(status_of(refusal), refusal.message()),
+            Err(e) => e.into_response(),
         }
-    } else if let Ok(Some(user)) = state.store().user_by_name(form.username.trim()).await {
-        let phc = user.password_hash.clone();
-        let ok = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+    } else {
+        match state
+            .sign_in_operator(&form.username, &form.password, peer.ip())
             .await
-            .unwrap_or(false);
-        if ok {
-            state.inner.login_limiter.succeeded(&key);
-            return start_session(&state, Some(user.id), None, "/").await;
+        {
+            Ok(Ok(user)) => start_session(&state, Some(user.id), None, "/").await,
+            Ok(Err(refusal)) => refuse(status_of(refusal), refusal.message()),
+            Err(e) => e.into_response(),
         }
     }
-    state.inner.login_limiter.failed(&key);
-    refuse(StatusCode::UNAUTHORIZED, "wrong name or password")
 }
 
 #[derive(Deserialize)]
@@ -488,36 +537,21 @@ async fn create_product(
     web: Web,
     axum::Form(form): axum::Form<NameForm>,
 ) -> Response {
-    if let Err(r) = web.operator_form(&form.csrf) {
-        return r;
-    }
-    let name = form.name.trim();
-    if name.is_empty() || name.len() > 100 {
-        return message(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Invalid name",
-            "a product name is 1 to 100 characters",
-            "/",
-        );
-    }
-    let key = match random_secret() {
-        Ok(k) => k,
-        Err(e) => return e.into_response(),
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
     };
-    match state.store().create_product(name, &digest(&key)).await {
-        Ok(p) => {
-            state.inner.catalog.invalidate();
-            page(Message {
-                title: "Product created",
-                paragraphs: vec![format!(
-                    "{} is ready. Its API key is shown once; devices send it as k=.",
-                    p.name
-                )],
-                code: Some(key),
-                back: &format!("/products/{}", p.id),
-            })
-        }
-        Err(e) => message(StatusCode::CONFLICT, "Not created", e.to_string(), "/"),
+    match state.create_product(&actor, &form.name).await {
+        Ok((p, key)) => page(Message {
+            title: "Product created",
+            paragraphs: vec![format!(
+                "{} is ready. Its API key is shown once; devices send it as k=.",
+                p.name
+            )],
+            code: Some(key),
+            back: &format!("/products/{}", p.id),
+        }),
+        Err(e) => message(e.status, "Not created", e.message, "/"),
     }
 }
 
@@ -838,16 +872,16 @@ async fn create_group(
     ApiPath(product): ApiPath<Id>,
     axum::Form(form): axum::Form<NameForm>,
 ) -> Response {
-    if let Err(r) = web.operator_form(&form.csrf) {
-        return r;
-    }
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let back = format!("/products/{product}");
-    match state.store().create_group(product, form.name.trim()).await {
+    match state.create_group(&actor, product, &form.name).await {
         Ok(g) => {
-            state.inner.catalog.invalidate();
             Redirect::to(&notice_url(&back, &format!("group {} created", g.name))).into_response()
         }
-        Err(e) => message(StatusCode::CONFLICT, "Not created", e.to_string(), &back),
+        Err(e) => message(e.status, "Not created", e.message, &back),
     }
 }
 
@@ -863,9 +897,10 @@ async fn assign(
     ApiPath((product, group)): ApiPath<(Id, Id)>,
     axum::Form(form): axum::Form<AssignForm>,
 ) -> Response {
-    if let Err(r) = web.operator_form(&form.csrf) {
-        return r;
-    }
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let back = format!("/products/{product}");
     let firmware_id = match form.firmware_id.trim() {
         "" => None,
@@ -881,16 +916,13 @@ async fn assign(
             }
         },
     };
-    let patch = GroupPatch {
+    let change = crate::core::fleet::GroupChange {
         firmware_id: Some(firmware_id),
-        ..GroupPatch::default()
+        ..Default::default()
     };
-    match state.store().update_group(product, group, patch).await {
-        Ok(_) => {
-            state.inner.catalog.invalidate();
-            Redirect::to(&notice_url(&back, "firmware assigned")).into_response()
-        }
-        Err(e) => message(StatusCode::NOT_FOUND, "Not assigned", e.to_string(), &back),
+    match state.change_group(&actor, product, group, change).await {
+        Ok(_) => Redirect::to(&notice_url(&back, "firmware assigned")).into_response(),
+        Err(e) => message(e.status, "Not assigned", e.message, &back),
     }
 }
 
@@ -907,54 +939,24 @@ async fn create_device(
     ApiPath(product): ApiPath<Id>,
     axum::Form(form): axum::Form<DeviceForm>,
 ) -> Response {
-    if let Err(r) = web.operator_form(&form.csrf) {
-        return r;
-    }
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let back = format!("/products/{product}");
-    let serial = match crate::api::check_serial(form.serial.trim()) {
-        Ok(s) => s,
-        Err(e) => {
-            return message(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Invalid device ID",
-                e.message,
-                &back,
-            );
-        }
-    };
-    let password_hash = match form.password.filter(|p| !p.is_empty()) {
-        Some(p) => {
-            match tokio::task::spawn_blocking(move || crate::auth::hash_password(&p)).await {
-                Ok(Ok(h)) => Some(h),
-                _ => {
-                    return message(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "Not registered",
-                        "hashing failed",
-                        &back,
-                    );
-                }
-            }
-        }
-        None => None,
-    };
-    let new = NewDevice {
-        product_id: product,
+    let spec = crate::core::fleet::DeviceSpec {
+        serial: form.serial,
         group_id: None,
-        serial,
+        password: form.password.filter(|p| !p.is_empty()),
         status: DeviceStatus::Verified,
-        password_hash,
     };
-    match state.store().create_device(new).await {
-        Ok(d) => {
-            state.inner.catalog.invalidate();
-            Redirect::to(&notice_url(
-                &back,
-                &format!("device {} registered", d.serial),
-            ))
-            .into_response()
-        }
-        Err(e) => message(StatusCode::CONFLICT, "Not registered", e.to_string(), &back),
+    match state.register_device(&actor, product, spec).await {
+        Ok(d) => Redirect::to(&notice_url(
+            &back,
+            &format!("device {} registered", d.serial),
+        ))
+        .into_response(),
+        Err(e) => message(e.status, "Not registered", e.message, &back),
     }
 }
 
@@ -970,9 +972,10 @@ async fn set_status(
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     axum::Form(form): axum::Form<StatusForm>,
 ) -> Response {
-    if let Err(r) = web.operator_form(&form.csrf) {
-        return r;
-    }
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let back = format!("/products/{product}");
     let Some(status) = DeviceStatus::parse(&form.status) else {
         return message(
@@ -982,20 +985,17 @@ async fn set_status(
             &back,
         );
     };
-    let patch = DevicePatch {
+    let change = crate::core::fleet::DeviceChange {
         status: Some(status),
-        ..DevicePatch::default()
+        ..Default::default()
     };
-    match state.store().update_device(product, &serial, patch).await {
-        Ok(_) => {
-            state.inner.catalog.invalidate();
-            Redirect::to(&notice_url(
-                &back,
-                &format!("{serial} is now {}", status.as_str()),
-            ))
-            .into_response()
-        }
-        Err(e) => message(StatusCode::NOT_FOUND, "Not changed", e.to_string(), &back),
+    match state.change_device(&actor, product, &serial, change).await {
+        Ok(_) => Redirect::to(&notice_url(
+            &back,
+            &format!("{serial} is now {}", status.as_str()),
+        ))
+        .into_response(),
+        Err(e) => message(e.status, "Not changed", e.message, &back),
     }
 }
 
@@ -1070,7 +1070,14 @@ async fn upload_firmware(
             &back,
         );
     };
-    match state.store_firmware(product, bytes.into(), version).await {
+    let actor = match web.actor() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match state
+        .upload_firmware(&actor, product, bytes.into(), version)
+        .await
+    {
         Ok(f) => Redirect::to(&notice_url(
             &back,
             &format!("firmware {} uploaded", f.version),
@@ -1226,7 +1233,12 @@ async fn workspace(
             .filter(|b| b.device_id == Some(device.id)),
         None => builds.first().cloned(),
     };
-    let assigned = match state.inner.catalog.assigned_firmware(store, &device).await {
+    let assigned = match state
+        .inner
+        .catalog
+        .assigned_firmware(store, &device, true)
+        .await
+    {
         Ok(Some(f)) => format!("{} ({} bytes)", f.version, f.size),
         _ => "nothing yet".into(),
     };
@@ -1438,6 +1450,7 @@ struct WifiForm {
 
 async fn save_wifi(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     web: Web,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     axum::Form(form): axum::Form<WifiForm>,
@@ -1460,17 +1473,20 @@ async fn save_wifi(
         return refuse("control characters are not allowed");
     }
     // The device password must be the one the server knows.
-    let ok = match device.password_hash.as_deref() {
-        Some(phc) => {
-            state
-                .inner
-                .verified
-                .verify(&form.device_password, phc)
-                .await
-        }
-        None => false,
-    };
-    if !ok {
+    let ok = state
+        .inner
+        .passwords
+        .check(
+            &device.serial,
+            peer.ip(),
+            &form.device_password,
+            device.password_hash.as_deref(),
+        )
+        .await;
+    if let Err(refused) = ok {
+        return refuse(refused.message());
+    }
+    if ok != Ok(true) {
         return refuse(
             "that is not this device's password (an operator sets it when registering the device)",
         );

@@ -400,7 +400,8 @@ async fn static_link_story(backend: Backend) {
         .await;
     assert_eq!(r.status, 401);
 
-    // ESP8266 asking for the version only.
+    // An ESP8266 (its header set says so) is never offered this ESP32-C3 image, not even
+    // its version: a clear refusal instead.
     let req = {
         use base64::Engine;
         let token = base64::engine::general_purpose::STANDARD.encode("bot_001:12345");
@@ -410,9 +411,8 @@ async fn static_link_story(backend: Backend) {
         )
     };
     let r = server.raw(req.as_bytes()).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-version").unwrap(), "2.0.0");
-    assert!(r.body.is_empty());
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("esp32"), "{}", r.text());
 
     // Blocked: 403.
     server
@@ -987,3 +987,246 @@ async fn w800_uploads_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(w800_uploads, w800_uploads_story);
+
+/// An Arduino ESP8266 `.bin` laid out as the core's `elf2bin.py` writes it.
+fn esp8266_bin(fill: u8) -> Vec<u8> {
+    use otaforge_formats::esp::build::{SegmentSpec, arduino_esp8266_bin, esp8266_image};
+    let eboot = esp8266_image(
+        0x4010_F000,
+        &[SegmentSpec {
+            load_addr: 0x4010_F000,
+            data: vec![0x11; 256],
+        }],
+    );
+    let sketch = esp8266_image(
+        0x4010_0000,
+        &[
+            SegmentSpec {
+                load_addr: 0x4020_1010,
+                data: vec![fill; 4096],
+            },
+            SegmentSpec {
+                load_addr: 0x3FFE_8000,
+                data: vec![fill ^ 0x5A; 512],
+            },
+        ],
+    );
+    arduino_esp8266_bin(&eboot, &sketch)
+}
+
+/// `ESP8266httpUpdate`'s request: HTTP/1.0, its x-ESP8266-* header set, Basic auth.
+fn esp8266_request(path: &str, mode: &str, md5: &str, auth: Option<(&str, &str)>) -> Vec<u8> {
+    use base64::Engine;
+    let mut req = format!(
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: ESP8266-http-Update\r\nConnection: close\r\n\
+         x-ESP8266-Chip-ID: 10606726\r\nx-ESP8266-STA-MAC: 5C:CF:7F:A1:D8:86\r\n\
+         x-ESP8266-AP-MAC: 5E:CF:7F:A1:D8:86\r\nx-ESP8266-free-space: 2822144\r\n\
+         x-ESP8266-sketch-size: 319872\r\nx-ESP8266-sketch-md5: {md5}\r\n\
+         x-ESP8266-chip-size: 4194304\r\nx-ESP8266-sdk-version: 2.2.2-dev(38a443e)\r\n\
+         x-ESP8266-mode: {mode}\r\n"
+    );
+    if let Some((user, password)) = auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        req.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.into_bytes()
+}
+
+/// The rules the real ESP8266 client needs, decided once and the same on both dialects:
+/// filesystem requests never get the sketch, version-only requests get the version (also
+/// when current), a signed image counts as installed by the MD5 the board reports, an image
+/// for another chip family is refused visibly, and a personal build reaches only its device.
+async fn esp8266_rules_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, key, default_group) = server.product("plugs").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "10606726", "password": "plug-pw"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let link = format!("/ota/{pid}/10606726");
+    let auth = Some(("10606726", "plug-pw"));
+
+    // A signed image: the .bin, a 256-byte signature, its length as a little-endian u32.
+    let unsigned = esp8266_bin(0x42);
+    let mut signed = unsigned.clone();
+    signed.extend_from_slice(&[0xA5; 256]);
+    signed.extend_from_slice(&256u32.to_le_bytes());
+    let (status, fw) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware?version=1.0.0"),
+            signed.clone(),
+        )
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(fw["metadata"]["chip"], "esp8266");
+    assert_eq!(fw["metadata"]["signed"], true);
+    assert_eq!(fw["metadata"]["installed_md5"], md5_hex(&unsigned));
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+
+    let old_md5 = "0123456789abcdef0123456789abcdef";
+    // mode sketch: the whole signed file, x-MD5 of the bytes sent.
+    let r = server
+        .raw(&esp8266_request(&link, "sketch", old_md5, auth))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, signed);
+    assert_eq!(r.header("x-md5").unwrap(), md5_hex(&signed));
+    // After installing, the board reports the MD5 of the unsigned part: up to date, on
+    // the static link and on OTAdrive's MD5 matcher alike.
+    let r = server
+        .raw(&esp8266_request(&link, "sketch", &md5_hex(&unsigned), auth))
+        .await;
+    assert_eq!(r.status, 304, "{}", r.text());
+    let otadrive = |mode: &str, md5: &str| {
+        format!(
+            "GET /deviceapi/update?k={key}&v=0.9&s=10606726 HTTP/1.1\r\nHost: x\r\n\
+             User-Agent: ESP8266-http-Update\r\nx-ESP8266-Chip-ID: 10606726\r\n\
+             x-ESP8266-sketch-md5: {md5}\r\nx-ESP8266-mode: {mode}\r\nx-check-sketch-md5: 1\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .into_bytes()
+    };
+    let r = server.raw(&otadrive("sketch", &md5_hex(&unsigned))).await;
+    assert_eq!(r.status, 304, "{}", r.text());
+    let r = server.raw(&otadrive("sketch", old_md5)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, signed);
+
+    // mode spiffs: never the sketch, on both dialects.
+    let r = server
+        .raw(&esp8266_request(&link, "spiffs", old_md5, auth))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(r.text().contains("filesystem"), "{}", r.text());
+    let r = server.raw(&otadrive("spiffs", old_md5)).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    // mode version: 200, x-version, no body, also when the device is current.
+    for md5 in [old_md5.to_string(), md5_hex(&unsigned)] {
+        let r = server
+            .raw(&esp8266_request(&link, "version", &md5, auth))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-version").unwrap(), "1.0.0");
+        assert_eq!(r.header("content-length").unwrap(), "0");
+        assert!(r.body.is_empty());
+        let r = server.raw(&otadrive("version", &md5)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-version").unwrap(), "1.0.0");
+        assert!(r.body.is_empty());
+    }
+
+    // An ESP32 client asking for this ESP8266 image: refused on both dialects, and the
+    // refusal is on the device's timeline (once).
+    let esp32 = format!(
+        "GET /deviceapi/update?k={key}&v=0.9&s=10606726 HTTP/1.1\r\nHost: x\r\n\
+         User-Agent: ESP32-http-Update\r\nx-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\n\
+         x-ESP32-sketch-md5: {old_md5}\r\nConnection: close\r\n\r\n"
+    );
+    for _ in 0..3 {
+        let r = server.raw(esp32.as_bytes()).await;
+        assert_eq!(r.status, 409, "{}", r.text());
+        assert!(r.text().contains("esp8266"), "{}", r.text());
+    }
+    let r = server
+        .raw(&http_update_request(&link, auth, old_md5, None))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let (_, events) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/devices/10606726/events"),
+            None,
+        )
+        .await;
+    let refused: Vec<_> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{events}");
+    assert!(
+        refused[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("built for esp8266; the device announces esp32"),
+        "{events}"
+    );
+
+    // A personal build (it embeds the device's secrets) is served on the device's own
+    // authenticated link only; the product key + serial gets the group's firmware.
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "10606727", "password": "other-pw"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let device = server
+        .state
+        .store()
+        .get_device(pid, "10606727")
+        .await
+        .unwrap();
+    let personal_bytes = esp8266_bin(0x77);
+    let personal = server
+        .state
+        .store_firmware_for(
+            pid,
+            personal_bytes.clone().into(),
+            Some("build-1".into()),
+            Some(device.id),
+        )
+        .await
+        .unwrap();
+    server
+        .state
+        .store()
+        .set_device_firmware(device.id, Some(personal.id))
+        .await
+        .unwrap();
+    let r = server
+        .raw(&esp8266_request(
+            &format!("/ota/{pid}/10606727"),
+            "sketch",
+            old_md5,
+            Some(("10606727", "other-pw")),
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, personal_bytes);
+    let by_key = format!(
+        "GET /deviceapi/update?k={key}&v=0.9&s=10606727 HTTP/1.1\r\nHost: x\r\n\
+         x-ESP8266-Chip-ID: 10606727\r\nx-ESP8266-sketch-md5: {old_md5}\r\nConnection: close\r\n\r\n"
+    );
+    let r = server.raw(by_key.as_bytes()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body, signed,
+        "the key and serial must not reach a personal build"
+    );
+    // The personal build cannot be handed to a group either.
+    let (status, body) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{default_group}"),
+            Some(json!({"firmware_id": personal.id})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    server.finish().await;
+}
+on_both_backends!(esp8266_rules, esp8266_rules_story);

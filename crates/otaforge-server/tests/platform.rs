@@ -423,10 +423,12 @@ impl Browser {
             if !v.is_null() && v != Value::Bool(false) {
                 return v;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(90),
-                "timed out waiting for {what}"
-            );
+            if start.elapsed() >= Duration::from_secs(90) {
+                let main = self
+                    .script("return document.querySelector('main')?.innerText")
+                    .await;
+                panic!("timed out waiting for {what}; the page shows: {main}");
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -622,20 +624,58 @@ async fn sign_in_is_rate_limited_and_pages_need_a_session() {
         .create_user("bob", &hash, true)
         .await
         .unwrap();
-    let attempt = |password: &str| {
-        let body = format!("kind=operator&username=bob&password={password}");
+    let (login_cookie, token) = server.login_token().await;
+    let attempt = |username: &str, password: &str, kind: &str, csrf: &str| {
+        let body = format!("csrf={csrf}&kind={kind}&username={username}&password={password}");
         format!(
-            "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "POST /login HTTP/1.1\r\nHost: x\r\nCookie: {login_cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
     };
-    for _ in 0..5 {
-        assert_eq!(server.raw(attempt("wrong").as_bytes()).await.status, 401);
+    // A sign-in form that did not come from the sign-in page: refused before any check.
+    let r = server
+        .raw(attempt("bob", "right", "operator", "forged").as_bytes())
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    // Failures count per normalised name and address, whatever the kind or spacing says.
+    for (name, kind) in [
+        ("bob", "operator"),
+        ("Bob", "bot"),
+        ("+bob+", "operator"),
+        ("BOB", "whatever"),
+        ("b+o+b", "operator"),
+    ] {
+        let r = server
+            .raw(attempt(name, "wrong", kind, &token).as_bytes())
+            .await;
+        assert_eq!(r.status, 401, "{name} {kind}: {}", r.text());
     }
-    // Five failures: even the right password waits now.
-    let r = server.raw(attempt("right").as_bytes()).await;
+    // Five failures: even the right password waits now, on the form and on the REST login.
+    let r = server
+        .raw(attempt("bob", "right", "operator", &token).as_bytes())
+        .await;
     assert_eq!(r.status, 429);
     assert!(String::from_utf8_lossy(&r.body).contains("too many failed sign-ins"));
+    let (status, body) = server
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            Some(serde_json::json!({"username": "bob", "password": "right"})),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    // Every page says how it may be framed and what it may load.
+    let r = server
+        .raw(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(
+        r.header("content-security-policy")
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    assert_eq!(r.header("x-frame-options"), Some("DENY"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(r.header("referrer-policy"), Some("same-origin"));
 
     // Pages without a session go to the sign-in page; a forged form is refused.
     let r = server
@@ -656,9 +696,9 @@ async fn sign_in_is_rate_limited_and_pages_need_a_session() {
         .create_user("carol", &hash, true)
         .await
         .unwrap();
-    let body = "kind=operator&username=carol&password=pw-carol";
+    let body = format!("csrf={token}&kind=operator&username=carol&password=pw-carol");
     let r = server
-        .raw(format!("POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+        .raw(format!("POST /login HTTP/1.1\r\nHost: x\r\nCookie: {login_cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
         .await;
     assert_eq!(r.status, 303);
     let cookie = r.header("set-cookie").unwrap().to_string();

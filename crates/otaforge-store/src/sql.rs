@@ -381,6 +381,11 @@ macro_rules! sql_store {
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
+                // Rollouts (and their members) belong to the product and refer to its firmware.
+                sqlx::query("DELETE FROM rollouts WHERE product_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("DELETE FROM firmware WHERE product_id = $1")
                     .bind(id)
                     .execute(&mut *tx)
@@ -731,6 +736,26 @@ macro_rules! sql_store {
                         "firmware is assigned to group {name:?}; unassign it first"
                     )));
                 }
+                let rollouts = sqlx::query("SELECT id FROM rollouts WHERE firmware_id = $1 ORDER BY id")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if let Some(row) = rollouts.first() {
+                    let rollout: Id = row.try_get("id")?;
+                    return Err(StoreError::Conflict(format!(
+                        "firmware is the target of rollout {rollout}; it stays while the rollout's history does"
+                    )));
+                }
+                let devices = sqlx::query("SELECT serial FROM devices WHERE firmware_id = $1 ORDER BY id")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if let Some(row) = devices.first() {
+                    let serial: String = row.try_get("serial")?;
+                    return Err(StoreError::Conflict(format!(
+                        "firmware is assigned to device {serial:?}; assign it another first"
+                    )));
+                }
                 let done = sqlx::query("DELETE FROM firmware WHERE product_id = $1 AND id = $2")
                     .bind(product_id)
                     .bind(id)
@@ -857,6 +882,18 @@ macro_rules! sql_store {
                     .execute(&self.write)
                     .await?;
                 Ok(())
+            }
+
+            async fn delete_sessions_of(&self, user_id: Option<Id>, device_id: Option<Id>) -> Result<u64> {
+                let done = sqlx::query(
+                    "DELETE FROM sessions WHERE ($1 IS NOT NULL AND user_id = $1) \
+                     OR ($2 IS NOT NULL AND device_id = $2)",
+                )
+                .bind(user_id)
+                .bind(device_id)
+                .execute(&self.write)
+                .await?;
+                Ok(done.rows_affected())
             }
 
             async fn device_by_id(&self, id: Id) -> Result<Device> {

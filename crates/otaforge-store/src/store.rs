@@ -30,7 +30,7 @@ pub trait Store: Send + Sync + 'static {
     async fn get_product(&self, id: Id) -> Result<Product>;
     async fn product_by_key_digest(&self, digest: &str) -> Result<Option<Product>>;
     async fn set_product_key(&self, id: Id, api_key_digest: &str) -> Result<Product>;
-    /// Deletes the product with its groups, devices, firmware and resources.
+    /// Deletes the product with its groups, devices, firmware, resources and rollouts.
     async fn delete_product(&self, id: Id) -> Result<()>;
 
     async fn create_group(&self, product_id: Id, name: &str) -> Result<Group>;
@@ -60,7 +60,7 @@ pub trait Store: Send + Sync + 'static {
     async fn create_firmware(&self, new: NewFirmware) -> Result<Firmware>;
     async fn list_firmware(&self, product_id: Id) -> Result<Vec<Firmware>>;
     async fn get_firmware(&self, product_id: Id, id: Id) -> Result<Firmware>;
-    /// Refuses a firmware still assigned to a group.
+    /// Refuses a firmware still assigned to a group or a device, or the target of a rollout.
     async fn delete_firmware(&self, product_id: Id, id: Id) -> Result<()>;
     /// Whether any firmware or resource row still refers to the blob with this SHA-256.
     async fn blob_in_use(&self, sha256: &str) -> Result<bool>;
@@ -75,6 +75,8 @@ pub trait Store: Send + Sync + 'static {
     /// The session, if it exists and has not expired.
     async fn session(&self, digest: &str) -> Result<Option<Session>>;
     async fn delete_session(&self, digest: &str) -> Result<()>;
+    /// Ends every session of a user or of a device (bot); returns how many ended.
+    async fn delete_sessions_of(&self, user_id: Option<Id>, device_id: Option<Id>) -> Result<u64>;
 
     async fn device_by_id(&self, id: Id) -> Result<Device>;
     /// Devices of every product with this serial (bot login does not name the product).

@@ -281,6 +281,30 @@ impl Server {
     }
 
     /// Sends raw request bytes and reads the whole answer (the connection is closed after).
+    /// The sign-in page's CSRF cookie (`name=value`) and form token, as a browser gets them.
+    pub async fn login_token(&self) -> (String, String) {
+        let r = self
+            .raw(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let cookie = r
+            .header("set-cookie")
+            .expect("the sign-in page sets its CSRF cookie")
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let token = r
+            .text()
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .expect("the sign-in form carries a CSRF token")
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string();
+        (cookie, token)
+    }
+
     pub async fn raw(&self, request: &[u8]) -> RawResponse {
         raw_exchange(self.addr, request).await
     }
@@ -301,6 +325,10 @@ impl RawResponse {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.trim())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 

@@ -1,9 +1,11 @@
 //! What a device says about itself in the headers of its requests (the `x-ESP32-*` and
-//! `x-ESP8266-*` families of the stock Arduino clients), read into a telemetry report.
+//! `x-ESP8266-*` families of the stock Arduino clients, which the OTAdrive library sends
+//! too), read once into the dialect-neutral parts of a `CheckIn`.
 
 use axum::http::HeaderMap;
 use otaforge_store::model::{Telemetry, now_millis};
 
+use crate::decision::{Family, Mode, Running};
 use crate::error::{ApiError, ApiResult};
 
 /// Device headers, validated: every `x-esp…` header present must be visible ASCII.
@@ -42,9 +44,44 @@ impl<'a> DeviceHeaders<'a> {
         self.esp("sketch-md5")
     }
 
-    /// `sketch`, `spiffs` or `version` (ESP8266 only).
-    pub fn mode(&self) -> Option<&'a str> {
-        self.esp("mode")
+    /// `sketch` (or nothing) → app, `spiffs` → filesystem, `version` → version only.
+    pub fn mode(&self) -> Mode {
+        match self.esp("mode").map(str::to_ascii_lowercase).as_deref() {
+            Some("spiffs") | Some("filesystem") => Mode::Filesystem,
+            Some("version") => Mode::VersionOnly,
+            _ => Mode::App,
+        }
+    }
+
+    /// The chip family the header set announces: the ESP8266 and ESP32 clients name every
+    /// header after their chip.
+    pub fn family(&self) -> Option<Family> {
+        let mut names = self.headers.keys().map(|n| n.as_str());
+        let mut family = None;
+        for name in &mut names {
+            if name.starts_with("x-esp8266-") {
+                family = Some(Family::Esp8266);
+                break;
+            }
+            if name.starts_with("x-esp32-") {
+                family = Some(Family::Esp32);
+            }
+        }
+        family
+    }
+
+    /// What the device runs: `version` from wherever the dialect carries it.
+    pub fn running(&self, version: Option<&'a str>, by_md5: bool) -> Running<'a> {
+        Running {
+            version: version.or_else(|| self.esp("version")),
+            sketch_md5: self.sketch_md5(),
+            by_md5,
+        }
+    }
+
+    /// The outcome of the device's last update (`x-OTAForge-Update-Result`).
+    pub fn feedback(&self) -> Option<&'a str> {
+        self.get(otaforge_protocol::UPDATE_RESULT_HEADER)
     }
 
     /// The report these headers make, with `version` from wherever the dialect carries it.

@@ -1,0 +1,283 @@
+//! The one check-in pipeline. Every device dialect turns its wire request into a `CheckIn`
+//! and renders the `Answer` back; in between, and only here, the server identifies the
+//! device, checks its credentials, records what it reports, moves its rollout membership,
+//! picks its firmware (rollout, device assignment, group), decides, and prepares the bytes.
+
+use std::net::IpAddr;
+
+use otaforge_store::model::{Device, DeviceStatus, Firmware, Id, Product, Resource, Telemetry};
+
+use crate::AppState;
+use crate::auth::digest;
+use crate::core::passwords::Refused;
+use crate::decision::{self, Decision, Family, Mode, Running};
+use crate::delivery::Part;
+use crate::error::ApiResult;
+
+/// Who the device says it is, and how it proves it.
+#[derive(Debug, Clone, Copy)]
+pub enum Identity<'a> {
+    /// The product's API key and the device's serial (OTAdrive). A serial the product has
+    /// not seen is registered as New.
+    ProductKey { key: &'a str, serial: &'a str },
+    /// The product, the serial and the device's own password (the static link's Basic auth);
+    /// `None` when the request carried no credentials.
+    DevicePassword {
+        product: Id,
+        serial: &'a str,
+        password: Option<&'a str>,
+    },
+}
+
+/// What the device wants from this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want<'a> {
+    /// The firmware decision with the bytes (`range`: the `Range` header, if any).
+    Firmware { range: Option<&'a str> },
+    /// The firmware decision, no body (`HEAD`).
+    FirmwareHead,
+    /// Nothing to download: a report (`alive`) or a call that needs only the identity.
+    Report,
+}
+
+/// A device request in no dialect's terms.
+#[derive(Debug, Clone)]
+pub struct CheckIn<'a> {
+    pub identity: Identity<'a>,
+    pub peer: IpAddr,
+    pub running: Running<'a>,
+    pub mode: Mode,
+    /// The family the device announces (its header set), if it does.
+    pub chip: Option<Family>,
+    pub report: Telemetry,
+    /// The outcome of its last update, in the device's words (`x-OTAForge-Update-Result`).
+    pub feedback: Option<&'a str>,
+    pub want: Want<'a>,
+}
+
+/// Why a device is not who it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unauthorized {
+    MissingCredentials,
+    /// Unknown product key.
+    UnknownKey,
+    /// Unknown device or wrong password: the same answer, so serials cannot be probed.
+    WrongCredentials,
+    Refused(Refused),
+}
+
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub firmware: Firmware,
+    pub part: Part,
+    /// A name for the file (`Content-Disposition`).
+    pub filename: String,
+}
+
+/// The pipeline's answer, in no dialect's terms.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Unauthorized(Unauthorized),
+    /// Known and authenticated, but not allowed to update (new, blocked, disabled).
+    NotAllowed(DeviceStatus),
+    NothingAssigned(Mode),
+    WrongChip {
+        image: Family,
+        device: Family,
+    },
+    UpToDate(Firmware),
+    VersionOnly(Firmware),
+    Offer(Box<Offer>),
+    /// A report was taken (`Want::Report`).
+    Recorded(Box<Admitted>),
+}
+
+/// A device the pipeline let in, for calls that need only who it is (config, resources).
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub product: Product,
+    pub device: Device,
+}
+
+impl AppState {
+    /// The check-in: identify, authenticate, record, observe, pick, decide, prepare.
+    pub async fn check_in(&self, req: CheckIn<'_>) -> ApiResult<Answer> {
+        let (product, device, by_password) = match self.identify(&req).await? {
+            Ok(found) => found,
+            Err(refusal) => return Ok(Answer::Unauthorized(refusal)),
+        };
+        self.inner.telemetry.record(device.id, req.report.clone());
+        if device.status != DeviceStatus::Verified {
+            return Ok(Answer::NotAllowed(device.status));
+        }
+        // What the device runs now moves its rollout membership before its target is picked,
+        // so a device that just installed is not offered the same image again.
+        self.observe(&device, &req.running, req.feedback).await;
+        if req.want == Want::Report {
+            return Ok(Answer::Recorded(Box::new(Admitted { product, device })));
+        }
+        let target = self.target_firmware(&device, by_password).await?;
+        let firmware =
+            match decision::decide(device.status, target, &req.running, req.mode, req.chip) {
+                Decision::NotAllowed(status) => return Ok(Answer::NotAllowed(status)),
+                Decision::NothingAssigned(mode) => return Ok(Answer::NothingAssigned(mode)),
+                Decision::WrongChip {
+                    firmware,
+                    image,
+                    device: announced,
+                } => {
+                    self.note_wrong_chip(&device, &firmware, image, announced)
+                        .await;
+                    return Ok(Answer::WrongChip {
+                        image,
+                        device: announced,
+                    });
+                }
+                Decision::VersionOnly(firmware) => return Ok(Answer::VersionOnly(firmware)),
+                Decision::UpToDate(firmware) => return Ok(Answer::UpToDate(firmware)),
+                Decision::Update(firmware) => firmware,
+            };
+        let part = match req.want {
+            Want::FirmwareHead | Want::Report => Part::Head,
+            Want::Firmware { range } => {
+                let bytes = self
+                    .inner
+                    .blob_cache
+                    .get(&self.inner.blobs, &firmware.sha256)
+                    .await?;
+                Part::cut(range, bytes)?
+            }
+        };
+        if part.ends_file(firmware.size.max(0) as u64) {
+            self.served_whole(&device, &firmware).await;
+        }
+        Ok(Answer::Offer(Box::new(Offer {
+            filename: format!("{}-{}.bin", product.name, firmware.version),
+            firmware,
+            part,
+        })))
+    }
+
+    /// The group's config for an admitted device.
+    pub async fn device_config(&self, caller: &Admitted) -> ApiResult<serde_json::Value> {
+        let group = self
+            .inner
+            .catalog
+            .group(self.store(), caller.product.id, caller.device.group_id)
+            .await?;
+        Ok(group.config)
+    }
+
+    /// The group's resources for an admitted device.
+    pub async fn device_resources(&self, caller: &Admitted) -> ApiResult<Vec<Resource>> {
+        Ok(self.store().list_resources(caller.device.group_id).await?)
+    }
+
+    /// One of the group's resources, by file key, cut as the `Range` header asks.
+    pub async fn device_resource(
+        &self,
+        caller: &Admitted,
+        fk: &str,
+        range: Option<&str>,
+    ) -> ApiResult<Option<(Resource, Part)>> {
+        let Some(resource) = self
+            .store()
+            .resource_by_fk(caller.product.id, fk)
+            .await?
+            .filter(|r| r.group_id == caller.device.group_id)
+        else {
+            return Ok(None);
+        };
+        let bytes = self
+            .inner
+            .blob_cache
+            .get(&self.inner.blobs, &resource.sha256)
+            .await?;
+        let part = Part::cut(range, bytes)?;
+        Ok(Some((resource, part)))
+    }
+
+    /// The product and device the request names, if its credentials hold; `bool`: the
+    /// device proved itself with its own password.
+    async fn identify(
+        &self,
+        req: &CheckIn<'_>,
+    ) -> ApiResult<Result<(Product, Device, bool), Unauthorized>> {
+        let catalog = &self.inner.catalog;
+        let store = self.store();
+        match req.identity {
+            Identity::ProductKey { key, serial } => {
+                let key = key.trim();
+                if key.is_empty() {
+                    return Ok(Err(Unauthorized::MissingCredentials));
+                }
+                let serial = crate::core::fleet::check_serial(serial.trim())?;
+                let Some(product) = catalog.product_by_key_digest(store, &digest(key)).await?
+                else {
+                    return Ok(Err(Unauthorized::UnknownKey));
+                };
+                let device = catalog
+                    .device_or_register(store, product.id, &serial)
+                    .await?;
+                Ok(Ok((product, device, false)))
+            }
+            Identity::DevicePassword {
+                product,
+                serial,
+                password,
+            } => {
+                let Some(password) = password else {
+                    return Ok(Err(Unauthorized::MissingCredentials));
+                };
+                let device = match crate::core::fleet::check_serial(serial) {
+                    Ok(serial) => catalog.device(store, product, &serial).await?,
+                    Err(_) => None,
+                };
+                let stored = device.as_ref().and_then(|d| d.password_hash.as_deref());
+                match self
+                    .inner
+                    .passwords
+                    .check(serial, req.peer, password, stored)
+                    .await
+                {
+                    Err(refused) => Ok(Err(Unauthorized::Refused(refused))),
+                    Ok(false) => Ok(Err(Unauthorized::WrongCredentials)),
+                    Ok(true) => {
+                        let Some(device) = device else {
+                            return Ok(Err(Unauthorized::WrongCredentials));
+                        };
+                        let product = catalog.product(store, device.product_id).await?;
+                        Ok(Ok((product, device, true)))
+                    }
+                }
+            }
+        }
+    }
+
+    /// A wrong-chip refusal is shown to the operator once per device and firmware (as an
+    /// event on the device's timeline), not once per poll.
+    async fn note_wrong_chip(
+        &self,
+        device: &Device,
+        firmware: &Firmware,
+        image: Family,
+        announced: Family,
+    ) {
+        if !self.inner.catalog.first_refusal(device.id, firmware.id) {
+            return;
+        }
+        let _ = self
+            .store()
+            .add_device_event(
+                device.id,
+                "refused",
+                &format!(
+                    "firmware {} is built for {}; the device announces {}",
+                    firmware.version,
+                    image.as_str(),
+                    announced.as_str()
+                ),
+            )
+            .await;
+    }
+}

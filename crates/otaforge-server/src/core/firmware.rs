@@ -1,0 +1,100 @@
+//! Storing firmware: the one path that checks and stores firmware bytes (uploads from the
+//! API and the pages, builds, the simulator), and the release of blobs no row uses.
+
+use axum::http::StatusCode;
+use otaforge_store::model::{Firmware, Id, NewFirmware};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::upload;
+
+impl AppState {
+    /// Checks firmware bytes, stores the blob and the row: all of it or nothing. The version
+    /// is `version`, or else what the image declares.
+    pub async fn store_firmware(
+        &self,
+        product: Id,
+        bytes: bytes::Bytes,
+        version: Option<String>,
+    ) -> ApiResult<Firmware> {
+        self.store_firmware_for(product, bytes, version, None).await
+    }
+
+    /// `store_firmware` for a build that embeds a device's secrets (`personal_to`): such
+    /// firmware is served only to that device, authenticated by its own password.
+    pub async fn store_firmware_for(
+        &self,
+        product: Id,
+        bytes: bytes::Bytes,
+        version: Option<String>,
+        personal_to: Option<Id>,
+    ) -> ApiResult<Firmware> {
+        let mut described = upload::describe(&bytes)?;
+        if let Some(device) = personal_to {
+            described.metadata["personal_to"] = device.into();
+        }
+        let version = match (version, described.version) {
+            (Some(v), _) => v,
+            (None, Some(v)) => v,
+            (None, None) => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "the file is a {} image that carries no version; pass ?version=V",
+                        described.format
+                    ),
+                ));
+            }
+        };
+        let version = version.trim().to_string();
+        if version.is_empty() || version.len() > 31 || version.chars().any(|c| c.is_control()) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "version must be 1 to 31 printable characters",
+            ));
+        }
+        let sums = upload::digests(&bytes);
+        self.inner
+            .blobs
+            .put(&sums.sha256, bytes.clone())
+            .await
+            .map_err(|e| ApiError::internal("storing firmware", e))?;
+        let result = self
+            .store()
+            .create_firmware(NewFirmware {
+                product_id: product,
+                version,
+                size: bytes.len() as i64,
+                md5: sums.md5,
+                sha256: sums.sha256.clone(),
+                format: described.format.to_string(),
+                metadata: described.metadata,
+            })
+            .await;
+        match result {
+            Ok(firmware) => {
+                self.inner.blob_cache.insert(&firmware.sha256, bytes);
+                Ok(firmware)
+            }
+            Err(e) => {
+                self.release_blob(&sums.sha256).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Deletes a blob no row refers to any more. Failures only leave garbage, never break data.
+    pub async fn release_blob(&self, sha256: &str) {
+        match self.store().blob_in_use(sha256).await {
+            Ok(false) => {
+                if let Err(e) = self.inner.blobs.delete(sha256).await {
+                    tracing::warn!(error = %e, sha256, "could not delete an unused blob");
+                }
+            }
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, sha256, "could not check whether a blob is in use")
+            }
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Fleet operations: products, groups, devices, resources and firmware, for the REST API,
+//! the pages and the CLI alike. Each one validates its input, requires an `Actor` (only an
+//! authenticated operator is one), writes, clears the check-in caches and writes its audit
+//! entry: no edge can skip any of it.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use otaforge_store::model::*;
+
+use crate::AppState;
+use crate::auth::{digest, hash_password, random_secret};
+use axum::http::StatusCode;
+
+use crate::error::{ApiError, ApiResult};
+
+/// Names must be non-empty, at most 100 characters, with no control characters.
+pub fn check_name(what: &str, name: &str) -> ApiResult<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{what} must be 1 to 100 printable characters"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// Serials are what devices send: printable ASCII without spaces or `/`, at most 64 bytes.
+pub fn check_serial(serial: &str) -> ApiResult<String> {
+    if serial.is_empty()
+        || serial.len() > 64
+        || !serial.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "serial must be 1 to 64 printable ASCII characters without spaces or '/'",
+        ));
+    }
+    Ok(serial.to_string())
+}
+
+/// Passwords: 1 to 128 bytes.
+pub fn check_password(password: &str) -> ApiResult<()> {
+    if password.is_empty() || password.len() > 128 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "password must be 1 to 128 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Who performs a management operation. Only an authenticated operator can be one (the
+/// REST extractor and the pages' session make it), so holding an `Actor` is the
+/// authorization every operation below requires.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    pub user_id: Option<Id>,
+    pub address: Option<IpAddr>,
+}
+
+impl Actor {
+    fn from_where(&self) -> String {
+        match self.address {
+            Some(a) => format!("from {a}"),
+            None => String::new(),
+        }
+    }
+}
+
+/// What may change on a group; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct GroupChange {
+    pub name: Option<String>,
+    /// `Some(None)` unassigns.
+    pub firmware_id: Option<Option<Id>>,
+    pub config: Option<serde_json::Value>,
+}
+
+/// A device to register.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub serial: String,
+    pub group_id: Option<Id>,
+    pub password: Option<String>,
+    pub status: DeviceStatus,
+}
+
+/// What may change on a device; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceChange {
+    pub status: Option<DeviceStatus>,
+    pub group_id: Option<Id>,
+    /// `Some(None)` removes the password.
+    pub password: Option<Option<String>>,
+}
+
+async fn hash_off_thread(password: String) -> ApiResult<String> {
+    check_password(&password)?;
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::internal("hashing", e))?
+}
+
+impl AppState {
+    /// Writes the audit entry of a done operation. A failure to write it is logged; the
+    /// operation itself already happened.
+    async fn audited(&self, actor: &Actor, action: &str, subject: &str, detail: &str) {
+        let detail = match (detail.is_empty(), actor.from_where()) {
+            (_, w) if w.is_empty() => detail.to_string(),
+            (true, w) => w,
+            (false, w) => format!("{detail} ({w})"),
+        };
+        if let Err(e) = self
+            .store()
+            .audit(&actor.name, action, subject, &detail)
+            .await
+        {
+            tracing::warn!(error = %e, "writing the audit log failed");
+        }
+    }
+
+    /// After every write the check-in path reads: the caches forget.
+    fn changed(&self) {
+        self.inner.catalog.invalidate();
+    }
+
+    // ---- products ----
+
+    /// The new product and its API key (shown once; stored only as a digest).
+    pub async fn create_product(&self, actor: &Actor, name: &str) -> ApiResult<(Product, String)> {
+        let name = check_name("name", name)?;
+        let key = random_secret()?;
+        let product = self.store().create_product(&name, &digest(&key)).await?;
+        self.changed();
+        self.audited(actor, "created product", &name, "").await;
+        Ok((product, key))
+    }
+
+    pub async fn rotate_product_key(
+        &self,
+        actor: &Actor,
+        product: Id,
+    ) -> ApiResult<(Product, String)> {
+        let key = random_secret()?;
+        let product = self.store().set_product_key(product, &digest(&key)).await?;
+        self.changed();
+        self.audited(
+            actor,
+            "rotated the API key",
+            &format!("product {}", product.name),
+            "",
+        )
+        .await;
+        Ok((product, key))
+    }
+
+    /// Deletes the product with everything that belongs to it (groups, devices, firmware,
+    /// resources, rollouts, builds).
+    pub async fn delete_product(&self, actor: &Actor, product: Id) -> ApiResult<()> {
+        let store = self.store();
+        let found = store.get_product(product).await?;
+        let firmware = store.list_firmware(product).await?;
+        let mut resources = Vec::new();
+        for group in store.list_groups(product).await? {
+            resources.extend(store.list_resources(group.id).await?);
+        }
+        store.delete_product(product).await?;
+        self.changed();
+        self.inner.rollouts.load(store).await?;
+        for sha in firmware
+            .iter()
+            .map(|f| &f.sha256)
+            .chain(resources.iter().map(|r| &r.sha256))
+        {
+            self.release_blob(sha).await;
+        }
+        self.audited(actor, "deleted product", &found.name, "")
+            .await;
+        Ok(())
+    }
+
+    // ---- groups ----
+
+    pub async fn create_group(&self, actor: &Actor, product: Id, name: &str) -> ApiResult<Group> {
+        let name = check_name("name", name)?;
+        let group = self.store().create_group(product, &name).await?;
+        self.changed();
+        self.audited(actor, "created group", &format!("group {}", group.name), "")
+            .await;
+        Ok(group)
+    }
+
+    pub async fn change_group(
+        &self,
+        actor: &Actor,
+        product: Id,
+        group: Id,
+        change: GroupChange,
+    ) -> ApiResult<Group> {
+        let name = change
+            .name
+            .as_deref()
+            .map(|n| check_name("name", n))
+            .transpose()?;
+        if let Some(config) = &change.config
+            && !config.is_object()
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "config must be a JSON object",
+            ));
+        }
+        if let Some(Some(firmware)) = change.firmware_id {
+            let firmware = self.store().get_firmware(product, firmware).await?;
+            if let Some(device) = crate::decision::personal_to(&firmware) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "firmware {} embeds the secrets of device {device}; it is served to that device only",
+                        firmware.version
+                    ),
+                ));
+            }
+        }
+        let patch = GroupPatch {
+            name,
+            firmware_id: change.firmware_id,
+            config: change.config.clone(),
+        };
+        let group = self.store().update_group(product, group, patch).await?;
+        self.changed();
+        let mut detail = Vec::new();
+        if change.name.is_some() {
+            detail.push(format!("name {}", group.name));
+        }
+        if let Some(f) = change.firmware_id {
+            detail.push(match f {
+                Some(id) => format!("firmware {id}"),
+                None => "firmware unassigned".into(),
+            });
+        }
+        if change.config.is_some() {
+            detail.push("config".into());
+        }
+        self.audited(
+            actor,
+            "changed group",
+            &format!("group {}", group.name),
+            &detail.join(", "),
+        )
+        .await;
+        Ok(group)
+    }
+
+    pub async fn delete_group(&self, actor: &Actor, product: Id, group: Id) -> ApiResult<()> {
+        let found = self.store().get_group(product, group).await?;
+        let resources = self.store().list_resources(group).await?;
+        self.store().delete_group(product, group).await?;
+        self.changed();
+        for r in resources {
+            self.release_blob(&r.sha256).await;
+        }
+        self.audited(actor, "deleted group", &format!("group {}", found.name), "")
+            .await;
+        Ok(())
+    }
+
+    // ---- resources ----
+
+    pub async fn add_resource(
+        &self,
+        actor: &Actor,
+        product: Id,
+        group: Id,
+        name: &str,
+        bytes: Bytes,
+    ) -> ApiResult<Resource> {
+        let name = check_name("name", name)?;
+        if name.contains('/') || name.contains('\\') {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "a resource name is a file name, without '/' or '\\'",
+            ));
+        }
+        self.store().get_group(product, group).await?;
+        let sums = crate::upload::digests(&bytes);
+        self.inner
+            .blobs
+            .put(&sums.sha256, bytes.clone())
+            .await
+            .map_err(|e| ApiError::internal("storing a resource", e))?;
+        let result = self
+            .store()
+            .create_resource(NewResource {
+                group_id: group,
+                name,
+                fk: random_secret()?,
+                size: bytes.len() as i64,
+                md5: sums.md5,
+                sha256: sums.sha256.clone(),
+            })
+            .await;
+        match result {
+            Ok(resource) => {
+                self.changed();
+                self.audited(
+                    actor,
+                    "added resource",
+                    &format!("resource {}", resource.name),
+                    &format!("group {group}"),
+                )
+                .await;
+                Ok(resource)
+            }
+            Err(e) => {
+                self.release_blob(&sums.sha256).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    pub async fn delete_resource(
+        &self,
+        actor: &Actor,
+        product: Id,
+        group: Id,
+        resource: Id,
+    ) -> ApiResult<()> {
+        self.store().get_group(product, group).await?;
+        let gone = self.store().delete_resource(group, resource).await?;
+        self.changed();
+        self.release_blob(&gone.sha256).await;
+        self.audited(
+            actor,
+            "deleted resource",
+            &format!("resource {}", gone.name),
+            &format!("group {group}"),
+        )
+        .await;
+        Ok(())
+    }
+
+    // ---- devices ----
+
+    pub async fn register_device(
+        &self,
+        actor: &Actor,
+        product: Id,
+        spec: DeviceSpec,
+    ) -> ApiResult<Device> {
+        let serial = check_serial(spec.serial.trim())?;
+        let password_hash = match spec.password {
+            Some(p) => Some(hash_off_thread(p).await?),
+            None => None,
+        };
+        let device = self
+            .store()
+            .create_device(NewDevice {
+                product_id: product,
+                group_id: spec.group_id,
+                serial,
+                status: spec.status,
+                password_hash,
+            })
+            .await?;
+        self.changed();
+        self.audited(
+            actor,
+            "registered device",
+            &format!("device {}", device.serial),
+            device.status.as_str(),
+        )
+        .await;
+        Ok(device)
+    }
+
+    /// Changes a device. Blocking or disabling it, or changing its password, ends its bot
+    /// sessions: a session never outlives the reason it was opened.
+    pub async fn change_device(
+        &self,
+        actor: &Actor,
+        product: Id,
+        serial: &str,
+        change: DeviceChange,
+    ) -> ApiResult<Device> {
+        let password_hash = match change.password.clone() {
+            Some(Some(p)) => Some(Some(hash_off_thread(p).await?)),
+            Some(None) => Some(None),
+            None => None,
+        };
+        let patch = DevicePatch {
+            status: change.status,
+            group_id: change.group_id,
+            password_hash,
+        };
+        let device = self.store().update_device(product, serial, patch).await?;
+        self.changed();
+        let locked = matches!(
+            change.status,
+            Some(DeviceStatus::Blocked | DeviceStatus::Disabled)
+        );
+        if locked || change.password.is_some() {
+            self.store()
+                .delete_sessions_of(None, Some(device.id))
+                .await?;
+        }
+        let mut detail = Vec::new();
+        if let Some(s) = change.status {
+            detail.push(format!("status {}", s.as_str()));
+        }
+        if let Some(g) = change.group_id {
+            detail.push(format!("group {g}"));
+        }
+        match change.password {
+            Some(Some(_)) => detail.push("password set".into()),
+            Some(None) => detail.push("password removed".into()),
+            None => {}
+        }
+        self.audited(
+            actor,
+            "changed device",
+            &format!("device {serial}"),
+            &detail.join(", "),
+        )
+        .await;
+        Ok(device)
+    }
+
+    pub async fn delete_device(&self, actor: &Actor, product: Id, serial: &str) -> ApiResult<()> {
+        let device = self.store().get_device(product, serial).await?;
+        self.store()
+            .delete_sessions_of(None, Some(device.id))
+            .await?;
+        self.store().delete_device(product, serial).await?;
+        self.changed();
+        self.inner.rollouts.load(self.store()).await?;
+        self.audited(actor, "deleted device", &format!("device {serial}"), "")
+            .await;
+        Ok(())
+    }
+
+    // ---- firmware ----
+
+    pub async fn upload_firmware(
+        &self,
+        actor: &Actor,
+        product: Id,
+        bytes: Bytes,
+        version: Option<String>,
+    ) -> ApiResult<Firmware> {
+        self.store().get_product(product).await?;
+        let firmware = self.store_firmware(product, bytes, version).await?;
+        self.audited(
+            actor,
+            "uploaded firmware",
+            &format!("firmware {}", firmware.version),
+            &format!("{} bytes, {}", firmware.size, firmware.format),
+        )
+        .await;
+        Ok(firmware)
+    }
+
+    pub async fn delete_firmware(&self, actor: &Actor, product: Id, firmware: Id) -> ApiResult<()> {
+        let found = self.store().get_firmware(product, firmware).await?;
+        self.store().delete_firmware(product, firmware).await?;
+        self.changed();
+        self.release_blob(&found.sha256).await;
+        self.audited(
+            actor,
+            "deleted firmware",
+            &format!("firmware {}", found.version),
+            "",
+        )
+        .await;
+        Ok(())
+    }
+}

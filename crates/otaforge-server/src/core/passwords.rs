@@ -1,0 +1,293 @@
+//! Every password check of the server: the web sign-in (operators and bots), the REST
+//! login and the static link's Basic credentials go through `PasswordGuard::check`, so one
+//! rate limit, one bound on concurrent argon2 runs and one timing rule hold for all of them.
+//!
+//! - A password that already verified against the same stored hash is accepted from memory
+//!   (a fleet polling its static links costs one argon2 run per device, and keeps working
+//!   while someone floods the server with wrong passwords).
+//! - Otherwise the attempt takes a slot in the limiter first (keyed by the source address and
+//!   the normalised name, and by the address alone), so a burst of concurrent wrong guesses is
+//!   counted before any of them is hashed.
+//! - Hashing runs on at most `permits` blocking threads at a time (argon2id uses 19 MiB each);
+//!   an attempt that cannot get one within a second is refused as busy, so memory stays bounded.
+//! - An unknown name is hashed against a dummy hash: it costs what a wrong password costs, so
+//!   the response time does not tell which names exist.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::auth::{hash_password, verify_password};
+
+/// Why a password check was not even tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many failures for this name from this address (or from this address at all).
+    RateLimited,
+    /// Every hashing slot is taken: try again shortly.
+    Busy,
+}
+
+impl Refused {
+    pub fn message(self) -> &'static str {
+        match self {
+            Refused::RateLimited => "too many failed sign-ins; wait five minutes and try again",
+            Refused::Busy => "the server is busy checking passwords; try again in a few seconds",
+        }
+    }
+}
+
+/// Names compared as people mean them: case and white space do not make a new name.
+pub fn normalise_name(name: &str) -> String {
+    name.chars()
+        .filter(|c| !c.is_whitespace() && !c.is_control())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+struct Window {
+    since: Instant,
+    count: u32,
+}
+
+/// Attempts per key in a sliding five-minute window. An attempt is counted when it starts
+/// (so concurrent guesses count), and forgotten for the name when it succeeds.
+struct Limiter {
+    windows: Mutex<HashMap<String, Window>>,
+}
+
+impl Limiter {
+    const WINDOW: Duration = Duration::from_secs(300);
+    /// Failures allowed per name and address.
+    const PER_NAME: u32 = 5;
+    /// Failures allowed per address over every name.
+    const PER_ADDRESS: u32 = 50;
+    const MAX_KEYS: usize = 200_000;
+
+    fn keys(name: &str, peer: IpAddr) -> (String, String) {
+        (
+            format!("{peer}|{}", normalise_name(name)),
+            format!("{peer}"),
+        )
+    }
+
+    /// Takes a slot for one attempt, or refuses it.
+    fn begin(&self, name: &str, peer: IpAddr) -> Result<(), Refused> {
+        let (by_name, by_address) = Self::keys(name, peer);
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if windows.len() > Self::MAX_KEYS {
+            windows.retain(|_, w| w.since.elapsed() < Self::WINDOW);
+        }
+        let count = |windows: &HashMap<String, Window>, key: &str| match windows.get(key) {
+            Some(w) if w.since.elapsed() < Self::WINDOW => w.count,
+            _ => 0,
+        };
+        if count(&windows, &by_name) >= Self::PER_NAME
+            || count(&windows, &by_address) >= Self::PER_ADDRESS
+        {
+            return Err(Refused::RateLimited);
+        }
+        for key in [by_name, by_address] {
+            let w = windows.entry(key).or_insert(Window {
+                since: Instant::now(),
+                count: 0,
+            });
+            if w.since.elapsed() >= Self::WINDOW {
+                *w = Window {
+                    since: Instant::now(),
+                    count: 0,
+                };
+            }
+            w.count += 1;
+        }
+        Ok(())
+    }
+
+    /// The attempt was right: it does not count against the name or the address.
+    fn succeeded(&self, name: &str, peer: IpAddr) {
+        let (by_name, by_address) = Self::keys(name, peer);
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        windows.remove(&by_name);
+        if let Some(w) = windows.get_mut(&by_address) {
+            w.count = w.count.saturating_sub(1);
+        }
+    }
+
+    /// The attempt never ran (no hashing slot): give its slot back.
+    fn abandoned(&self, name: &str, peer: IpAddr) {
+        let (by_name, by_address) = Self::keys(name, peer);
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        for key in [by_name, by_address] {
+            if let Some(w) = windows.get_mut(&key) {
+                w.count = w.count.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// The one gate in front of argon2.
+pub struct PasswordGuard {
+    limiter: Limiter,
+    hashing: Semaphore,
+    /// Digests of (stored hash, password) pairs that verified.
+    verified: Mutex<HashMap<[u8; 32], ()>>,
+    dummy: OnceLock<String>,
+}
+
+impl Default for PasswordGuard {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::with_permits((cores * 2).clamp(2, 8))
+    }
+}
+
+impl PasswordGuard {
+    const MAX_REMEMBERED: usize = 100_000;
+    const WAIT_FOR_SLOT: Duration = Duration::from_secs(1);
+
+    pub fn with_permits(permits: usize) -> Self {
+        PasswordGuard {
+            limiter: Limiter {
+                windows: Mutex::new(HashMap::new()),
+            },
+            hashing: Semaphore::new(permits),
+            verified: Mutex::new(HashMap::new()),
+            dummy: OnceLock::new(),
+        }
+    }
+
+    fn remembered_key(password: &str, phc: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(phc.as_bytes());
+        h.update([0]);
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Checks `password` for the account `name` (a user name or a device serial) whose stored
+    /// argon2 hash is `stored` (`None`: no such account, or one without a password).
+    /// `Ok(true)` only when the password matches.
+    pub async fn check(
+        &self,
+        name: &str,
+        peer: IpAddr,
+        password: &str,
+        stored: Option<&str>,
+    ) -> Result<bool, Refused> {
+        if let Some(phc) = stored {
+            let key = Self::remembered_key(password, phc);
+            if self
+                .verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&key)
+            {
+                return Ok(true);
+            }
+        }
+        self.limiter.begin(name, peer)?;
+        let permit = match tokio::time::timeout(Self::WAIT_FOR_SLOT, self.hashing.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                self.limiter.abandoned(name, peer);
+                return Err(Refused::Busy);
+            }
+        };
+        let phc = match stored {
+            Some(phc) => phc.to_string(),
+            None => self.dummy_hash().await,
+        };
+        let candidate = password.to_string();
+        let checked = phc.clone();
+        let ok = tokio::task::spawn_blocking(move || verify_password(&candidate, &checked))
+            .await
+            .unwrap_or(false)
+            && stored.is_some();
+        drop(permit);
+        if ok {
+            self.limiter.succeeded(name, peer);
+            let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            if verified.len() >= Self::MAX_REMEMBERED {
+                verified.clear();
+            }
+            verified.insert(Self::remembered_key(password, &phc), ());
+        }
+        Ok(ok)
+    }
+
+    /// A hash of a random password with the same parameters as real ones, made once.
+    async fn dummy_hash(&self) -> String {
+        if let Some(h) = self.dummy.get() {
+            return h.clone();
+        }
+        let made = tokio::task::spawn_blocking(|| {
+            let mut random = [0u8; 16];
+            let _ = getrandom::fill(&mut random);
+            hash_password(&hex::encode(random)).unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
+        self.dummy.get_or_init(|| made).clone()
+    }
+
+    /// Forgets remembered passwords (after a password change the stored hash changes anyway;
+    /// this also drops the memory of the old one).
+    pub fn forget_all(&self) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_normalised() {
+        assert_eq!(normalise_name(" Admin "), "admin");
+        assert_eq!(normalise_name("ad min\t"), "admin");
+        assert_eq!(normalise_name("ADMIN"), normalise_name("admin"));
+    }
+
+    #[tokio::test]
+    async fn limits_count_attempts_not_kinds_or_spacing() {
+        let guard = PasswordGuard::with_permits(2);
+        let peer: IpAddr = "127.0.0.9".parse().unwrap();
+        let phc = hash_password("right").unwrap();
+        for name in ["bot", " bot", "BOT", "b o t", "bot "] {
+            assert_eq!(
+                guard.check(name, peer, "wrong", Some(&phc)).await,
+                Ok(false)
+            );
+        }
+        assert_eq!(
+            guard.check("bot", peer, "right", Some(&phc)).await,
+            Err(Refused::RateLimited)
+        );
+        // Another address is not affected.
+        let other: IpAddr = "127.0.0.10".parse().unwrap();
+        assert_eq!(
+            guard.check("bot", other, "right", Some(&phc)).await,
+            Ok(true)
+        );
+        // Once verified, the right password is accepted from memory even when limited.
+        assert_eq!(
+            guard.check("bot", peer, "right", Some(&phc)).await,
+            Ok(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_names_never_match() {
+        let guard = PasswordGuard::with_permits(1);
+        let peer: IpAddr = "127.0.0.11".parse().unwrap();
+        assert_eq!(guard.check("nobody", peer, "", None).await, Ok(false));
+        assert_eq!(guard.check("nobody", peer, "x", None).await, Ok(false));
+    }
+}
