@@ -94,12 +94,29 @@ async fn show(
 
 impl AppState {
     /// Queues a build and wakes a worker.
-    pub(crate) async fn queue_build(&self, new: NewBuild) -> otaforge_store::Result<Build> {
+    /// Queues a build. At most `MAX_PENDING_BUILDS` may wait or run per device and per
+    /// requester, so one bot cannot hold the workers.
+    pub(crate) async fn queue_build(&self, new: NewBuild) -> crate::error::ApiResult<Build> {
+        let pending = self
+            .store()
+            .count_pending_builds(new.device_id, &new.requested_by)
+            .await?;
+        if pending >= MAX_PENDING_BUILDS {
+            return Err(crate::error::ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{pending} builds are already queued or running for this device; wait for one to finish"
+                ),
+            ));
+        }
         let build = self.store().create_build(new).await?;
         self.inner.builds_ready.notify_one();
         Ok(build)
     }
 }
+
+/// Builds that may wait or run at once per device and per requester.
+pub const MAX_PENDING_BUILDS: i64 = 3;
 
 /// Runs queued builds until `stop` fires.
 pub async fn worker(state: AppState, name: String, stop: tokio::sync::watch::Receiver<bool>) {
@@ -167,9 +184,18 @@ async fn compile_build(
         None => None,
     };
     // Boards that update over Wi-Fi keep the update code in every build; that code carries
-    // the device's secrets, so the firmware is personal to the device.
+    // the device's secrets, so the firmware is personal to the device. The secrets are
+    // opened here, at compile time: build rows hold only the user's own files.
     let mut personal_to = None;
     let (extra_files, build_properties) = match &device {
+        Some(device) if build.files.contains_key(crate::setup::SETUP_SKETCH_FILE) => {
+            let config = crate::setup::personal_config(state, device, "setup").map_err(plain)?;
+            personal_to = Some(device.id);
+            (
+                BTreeMap::from([("otaforge_config.h".to_string(), config)]),
+                Vec::new(),
+            )
+        }
         Some(device)
             if crate::setup::is_ota_board(&build.fqbn)
                 && !build.files.contains_key("otaforge_ota.h") =>
@@ -243,14 +269,6 @@ async fn compile_build(
     let Some(product) = build.product_id else {
         return Ok((compiled.diagnostics, None));
     };
-    let personal_to = personal_to.or_else(|| {
-        // The setup sketch brings its own personalised config.
-        build
-            .files
-            .contains_key("otaforge_config.h")
-            .then_some(build.device_id)
-            .flatten()
-    });
     let firmware = state
         .store_firmware_for(
             product,

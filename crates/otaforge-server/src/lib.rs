@@ -111,10 +111,23 @@ impl AppState {
     /// Opens the store and blob folder named by the configuration.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
         use anyhow::Context;
+        // The data folder holds secrets (sealing key, database, personal firmware): only
+        // its owner may enter it, and its files are the owner's alone.
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        otaforge_store::owner_only(&config.data_dir, 0o700)
+            .with_context(|| format!("restricting {}", config.data_dir.display()))?;
         let url = config.database_url();
         let store = otaforge_store::open(&url)
             .await
             .with_context(|| format!("opening the database {}", redact_url(&url)))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let file = config.data_dir.join(format!("otaforge.db{suffix}"));
+            if file.exists() {
+                otaforge_store::owner_only(&file, 0o600)
+                    .with_context(|| format!("restricting {}", file.display()))?;
+            }
+        }
         let blobs = BlobStore::local(&config.blob_dir())
             .with_context(|| format!("opening the blob folder {}", config.blob_dir().display()))?;
         let sealer = secrets::Sealer::load(&config.data_dir)?;

@@ -66,11 +66,14 @@ pub fn personal_config(state: &AppState, device: &Device, tag: &str) -> Result<S
     Ok(out)
 }
 
-/// The setup sketch's files with a personalised config.
-pub fn setup_sketch(config: String) -> BTreeMap<String, String> {
+/// The setup sketch's main file; a build that has it gets the device's personal
+/// `otaforge_config.h` added when it compiles (never stored in the build row).
+pub const SETUP_SKETCH_FILE: &str = "otaforge_setup.ino";
+
+/// The setup sketch's files, without the personal config.
+pub fn setup_sketch() -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("otaforge_setup.ino".to_string(), SETUP_SKETCH.to_string()),
-        ("otaforge_config.h".to_string(), config),
+        (SETUP_SKETCH_FILE.to_string(), SETUP_SKETCH.to_string()),
         ("otaforge_ota.h".to_string(), OTA_LIBRARY.to_string()),
     ])
 }

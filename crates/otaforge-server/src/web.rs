@@ -520,16 +520,13 @@ struct NameForm {
     name: String,
 }
 
+/// Text as a query value: whatever it holds (line feeds included), the URL stays valid.
+fn query_value(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
 fn notice_url(path: &str, notice: &str) -> String {
-    let encoded: String = notice
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
-            b' ' => "+".to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect();
-    format!("{path}?notice={encoded}")
+    format!("{path}?notice={}", query_value(notice))
 }
 
 async fn create_product(
@@ -1340,7 +1337,11 @@ async fn save(
         Err(r) => return r,
     };
     let with = |key: &str, text: &str| {
-        notice_url(&back, text).replacen("?notice=", &format!("?file={}&{key}=", form.file), 1)
+        notice_url(&back, text).replacen(
+            "?notice=",
+            &format!("?file={}&{key}=", query_value(&form.file)),
+            1,
+        )
     };
     if let Err(e) =
         compile::check_fqbn(&form.fqbn).and_then(|_| compile::check_file_name(&form.file))
@@ -1372,8 +1373,13 @@ async fn save(
         })
         .await;
     match build {
-        Ok(b) => Redirect::to(&format!("{back}?file={}&build={}", form.file, b.id)).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+        Ok(b) => Redirect::to(&format!(
+            "{back}?file={}&build={}",
+            query_value(&form.file),
+            b.id
+        ))
+        .into_response(),
+        Err(e) => Redirect::to(&with("error", &e.message)).into_response(),
     }
 }
 
@@ -1532,7 +1538,7 @@ async fn setup_firmware(
         }
     };
     if form.what == "compile" {
-        let files = crate::setup::setup_sketch(config);
+        let files = crate::setup::setup_sketch();
         let build = state
             .queue_build(NewBuild {
                 product_id: Some(product),
@@ -1544,7 +1550,7 @@ async fn setup_firmware(
             .await;
         return match build {
             Ok(b) => Redirect::to(&format!("{back}?build={}", b.id)).into_response(),
-            Err(e) => ApiError::from(e).into_response(),
+            Err(e) => redirect_error(&back, &e.message),
         };
     }
     (

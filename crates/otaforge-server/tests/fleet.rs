@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::json;
 use support::{Backend, Server};
@@ -1230,3 +1232,93 @@ async fn esp8266_rules_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(esp8266_rules, esp8266_rules_story);
+
+/// The process's peak resident memory (VmHWM) in KiB, after `reset` cleared it.
+fn peak_rss_kib(reset: bool) -> u64 {
+    if reset {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A flood of 1,000 concurrent wrong static-link passwords (one argon2id run is 19 MiB)
+/// keeps memory bounded, and a device with the right password is still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_flood_keeps_memory_bounded() {
+    let server = Server::start(Backend::Sqlite).await;
+    let (pid, _, group) = server.product("flood").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "good", "password": "right-pw"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, fw) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware"),
+            support::fixture("app-v1.bin"),
+        )
+        .await;
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+    let current = md5_hex(&support::fixture("app-v1.bin"));
+    let good = http_update_request(
+        &format!("/ota/{pid}/good"),
+        Some(("good", "right-pw")),
+        &current,
+        None,
+    );
+    // The device has polled before.
+    assert_eq!(server.raw(&good).await.status, 304);
+
+    let before = peak_rss_kib(true);
+    let addr = server.addr;
+    let flood: Vec<_> = (0..1000)
+        .map(|i| {
+            let serial = format!("dev{}", i % 200);
+            let req = http_update_request(
+                &format!("/ota/{pid}/{serial}"),
+                Some((&serial, &format!("guess-{i}"))),
+                &current,
+                None,
+            );
+            tokio::spawn(async move { support::raw_exchange(addr, &req).await.status })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let r = server.raw(&good).await;
+    let answered_in = started.elapsed();
+    assert_eq!(r.status, 304);
+    assert!(
+        answered_in < Duration::from_secs(2),
+        "the right password waited {answered_in:?}"
+    );
+    let mut statuses = std::collections::BTreeMap::new();
+    for f in flood {
+        *statuses.entry(f.await.unwrap()).or_insert(0) += 1;
+    }
+    let peak = peak_rss_kib(false);
+    assert!(
+        statuses.keys().all(|s| [401, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(statuses.get(&429).copied().unwrap_or(0) > 0, "{statuses:?}");
+    assert!(
+        peak < 512 * 1024,
+        "peak RSS {peak} KiB (before the flood {before} KiB)"
+    );
+    server.finish().await;
+}

@@ -716,3 +716,179 @@ async fn sign_in_is_rate_limited_and_pages_need_a_session() {
     assert_eq!(products.as_array().unwrap().len(), 0);
     server.finish().await;
 }
+
+/// Reads `name="csrf" value="..."` from a page.
+fn form_token(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .expect("the page carries a CSRF token")
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn form_post(path: &str, cookie: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Secrets stay sealed at rest (no build row, database page, WAL or blob holds the Wi-Fi or
+/// device password; the data folder is the owner's alone), and a bot session ends when its
+/// device is blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
+    let server = Server::start(Backend::Sqlite).await;
+    let (pid, _, _) = server.product("greenhouse").await;
+    let (wifi_pw, device_pw) = ("wifi-pw-Zq81xK", "dev-pw-Zq81xK");
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "gh_01", "password": device_pw})),
+        )
+        .await;
+    assert_eq!(status, 201);
+
+    // The bot signs in through the form.
+    let (login_cookie, token) = server.login_token().await;
+    let r = server
+        .raw(&form_post(
+            "/login",
+            &login_cookie,
+            &format!("csrf={token}&kind=bot&username=gh_01&password={device_pw}"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let session = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let workspace = format!("/workspace/{pid}/gh_01");
+    let page = server
+        .raw(format!("GET {workspace} HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(page.status, 200);
+    let csrf = form_token(&page.text());
+
+    // Wi-Fi saved, then the setup firmware queued.
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/wifi"),
+            &session,
+            &format!(
+                "csrf={csrf}&ssid=GreenNet&wifi_password={wifi_pw}&device_password={device_pw}"
+            ),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(!r.header("location").unwrap().contains("error"));
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/setup"),
+            &session,
+            &format!("csrf={csrf}&what=compile"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let device = server.state.store().get_device(pid, "gh_01").await.unwrap();
+    let builds = server
+        .state
+        .store()
+        .list_builds(device.id, 10)
+        .await
+        .unwrap();
+    assert_eq!(builds.len(), 1);
+    assert!(
+        !builds[0].files.contains_key("otaforge_config.h"),
+        "the build row keeps only the sketch's own files"
+    );
+    // Let the build finish (it fails without an ESP core; what matters is what it stored).
+    let start = Instant::now();
+    while !matches!(
+        server
+            .state
+            .store()
+            .get_build(builds[0].id)
+            .await
+            .unwrap()
+            .status,
+        otaforge_store::model::BuildStatus::Succeeded | otaforge_store::model::BuildStatus::Failed
+    ) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the build never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Blocking the device ends the bot's session at once.
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/devices/gh_01"),
+            Some(json!({"status": "blocked"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let r = server
+        .raw(format!("GET {workspace} HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(r.status, 303, "a blocked device's session is over");
+    assert_eq!(r.header("location"), Some("/login"));
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/devices/gh_01"),
+            Some(json!({"status": "verified"})),
+        )
+        .await;
+    let r = server
+        .raw(format!("GET {workspace} HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(
+        r.status, 303,
+        "unblocking does not bring the old session back"
+    );
+
+    // Nothing in the data folder holds either password in clear.
+    let (data_dir, _) = server.stop().await;
+    let mut stack = vec![data_dir.clone()];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+                continue;
+            }
+            // The database may still be closing its WAL and shared-memory files.
+            let Ok(bytes) = std::fs::read(entry.path()) else {
+                continue;
+            };
+            files += 1;
+            for secret in [wifi_pw, device_pw] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{} holds {secret} in clear",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+    assert!(files >= 2, "the database and the key were searched");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data_dir), 0o700);
+        assert_eq!(mode(&data_dir.join("otaforge.db")), 0o600);
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+}

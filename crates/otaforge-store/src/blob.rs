@@ -16,24 +16,34 @@ use crate::error::Result;
 #[derive(Clone)]
 pub struct BlobStore {
     inner: Arc<dyn ObjectStore>,
+    /// The folder of a local store: its files are made readable by the owner only.
+    root: Option<std::path::PathBuf>,
 }
 
 impl BlobStore {
-    /// A blob store in a local folder, created if missing.
+    /// A blob store in a local folder, created if missing (owner-only, 0700). Temporary
+    /// files of puts that a crash interrupted (`<blob>#<n>`) are removed.
     pub fn local(dir: &std::path::Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| object_store::Error::Generic {
+        let io = |e: std::io::Error| object_store::Error::Generic {
             store: "LocalFileSystem",
             source: Box::new(e),
-        })?;
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        owner_only(dir, 0o700).map_err(io)?;
+        let removed = remove_partial_puts(dir).map_err(io)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed temporary files of interrupted uploads");
+        }
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?;
         Ok(BlobStore {
             inner: Arc::new(fs),
+            root: Some(dir.to_path_buf()),
         })
     }
 
     /// Wraps any `object_store` backend.
     pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        BlobStore { inner }
+        BlobStore { inner, root: None }
     }
 
     fn path(sha256: &str) -> Path {
@@ -43,9 +53,15 @@ impl BlobStore {
 
     /// Stores `bytes` under `sha256` (which the caller computed over exactly these bytes).
     pub async fn put(&self, sha256: &str, bytes: Bytes) -> Result<()> {
-        self.inner
-            .put(&Self::path(sha256), PutPayload::from(bytes))
-            .await?;
+        let path = Self::path(sha256);
+        self.inner.put(&path, PutPayload::from(bytes)).await?;
+        if let Some(root) = &self.root {
+            let file = root.join(path.as_ref());
+            owner_only(&file, 0o600).map_err(|e| object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            })?;
+        }
         Ok(())
     }
 
@@ -63,5 +79,70 @@ impl BlobStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// Sets the permission bits of a file or folder (no-op off Unix).
+pub fn owner_only(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}
+
+/// Removes the staging files `object_store`'s local backend writes before its rename
+/// (`<final name>#<n>`), left behind when the process died mid-put. Returns how many.
+fn remove_partial_puts(dir: &std::path::Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if entry.file_name().to_string_lossy().contains('#') {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn interrupted_puts_are_cleaned_and_blobs_are_owner_only() {
+        let dir = std::env::temp_dir().join(format!("otaforge-blob-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = BlobStore::local(&dir).unwrap();
+        let sha = "ab".repeat(32);
+        store
+            .put(&sha, Bytes::from_static(b"firmware"))
+            .await
+            .unwrap();
+        let blob = dir.join(format!("sha256/ab/{sha}"));
+        let partial = dir.join(format!("sha256/ab/{sha}#3"));
+        std::fs::write(&partial, b"half").unwrap();
+        drop(store);
+        let store = BlobStore::local(&dir).unwrap();
+        assert!(!partial.exists(), "the partial put is gone");
+        assert_eq!(&store.get(&sha).await.unwrap()[..], b"firmware");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode =
+                |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&blob), 0o600);
+            assert_eq!(mode(&dir), 0o700);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

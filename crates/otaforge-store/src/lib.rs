@@ -11,7 +11,7 @@ mod store;
 
 use std::sync::Arc;
 
-pub use blob::BlobStore;
+pub use blob::{BlobStore, owner_only};
 pub use error::{Result, StoreError};
 pub use sql::{PgStore, SqliteStore};
 pub use store::Store;

@@ -1041,6 +1041,18 @@ macro_rules! sql_store {
                 row.as_ref().map(Self::build).transpose()
             }
 
+            async fn count_pending_builds(&self, device_id: Option<Id>, requested_by: &str) -> Result<i64> {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM builds WHERE status IN ('queued', 'running') \
+                     AND (($1 IS NOT NULL AND device_id = $1) OR requested_by = $2)",
+                )
+                .bind(device_id)
+                .bind(requested_by)
+                .fetch_one(&self.read)
+                .await?;
+                Ok(row.try_get("n")?)
+            }
+
             async fn append_build_log(&self, id: Id, text: &str) -> Result<()> {
                 sqlx::query("UPDATE builds SET log = log || $1 WHERE id = $2")
                     .bind(text)

@@ -102,6 +102,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_builds(&self, device_id: Id, limit: i64) -> Result<Vec<Build>>;
     /// Takes the oldest queued build for `worker`, if any. Two workers never get the same one.
     async fn claim_build(&self, worker: &str) -> Result<Option<Build>>;
+    /// Builds queued or running for this device or requested by this name.
+    async fn count_pending_builds(&self, device_id: Option<Id>, requested_by: &str) -> Result<i64>;
     async fn append_build_log(&self, id: Id, text: &str) -> Result<()>;
     async fn finish_build(
         &self,
