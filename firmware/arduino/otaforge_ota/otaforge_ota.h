@@ -141,14 +141,14 @@ inline void onProgress(int done, int total) {
 inline const char *hintFor(int err) {
   switch (err) {
     case HTTP_UE_SERVER_FILE_NOT_FOUND: return "no firmware published for this device yet (404)";
-    case HTTP_UE_SERVER_FORBIDDEN: return "the platform refused this device (403): blocked or disabled?";
-    case HTTP_UE_SERVER_WRONG_HTTP_CODE: return "unexpected HTTP status (401 = wrong device ID/password or device not verified)";
+    case HTTP_UE_SERVER_FORBIDDEN: return "the platform refused this device (403): not verified yet, blocked or disabled";
+    case HTTP_UE_SERVER_WRONG_HTTP_CODE: return "unexpected HTTP status (401 = wrong device ID/password; 409 = firmware built for another chip; 429 = too many wrong passwords, wait 5 minutes)";
     case HTTP_UE_SERVER_NOT_REPORT_SIZE: return "server sent no Content-Length";
     case HTTP_UE_TOO_LESS_SPACE: return "image larger than the OTA slot";
     case HTTP_UE_BIN_VERIFY_HEADER_FAILED: return "not an app image for this chip";
     case HTTP_UE_SERVER_FAULTY_MD5: return "x-MD5 from the server did not match";
 #if defined(ESP8266)
-    case -108: return "wrong device ID/password or device not verified (401)";  // HTTP_UE_SERVER_UNAUTHORIZED
+    case -108: return "wrong device ID/password (401)";  // HTTP_UE_SERVER_UNAUTHORIZED
 #endif
     default: return err < 0 && err > -100 ? "network error: is the server reachable from this Wi-Fi?" : "";
   }

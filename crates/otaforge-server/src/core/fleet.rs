@@ -62,7 +62,7 @@ pub struct Actor {
 }
 
 impl Actor {
-    fn from_where(&self) -> String {
+    fn whereabouts(&self) -> String {
         match self.address {
             Some(a) => format!("from {a}"),
             None => String::new(),
@@ -108,7 +108,7 @@ impl AppState {
     /// Writes the audit entry of a done operation. A failure to write it is logged; the
     /// operation itself already happened.
     async fn audited(&self, actor: &Actor, action: &str, subject: &str, detail: &str) {
-        let detail = match (detail.is_empty(), actor.from_where()) {
+        let detail = match (detail.is_empty(), actor.whereabouts()) {
             (_, w) if w.is_empty() => detail.to_string(),
             (true, w) => w,
             (false, w) => format!("{detail} ({w})"),
