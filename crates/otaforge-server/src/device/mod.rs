@@ -10,6 +10,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::core::checkin::Offer;
+use crate::core::passwords::Refused;
+use crate::decision::Family;
 use crate::delivery;
 use crate::error::ApiError;
 
@@ -27,6 +29,27 @@ pub fn text(status: StatusCode, body: &str) -> Response {
 pub fn error_text(e: ApiError) -> Response {
     e.log();
     text(e.status, &e.message)
+}
+
+/// A refusal of the password guard: 429 (too many failures) or 503 (hashing busy).
+pub fn refused(r: Refused) -> Response {
+    let status = match r {
+        Refused::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        Refused::Busy => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    text(status, r.message())
+}
+
+/// 409: the picked image is for another chip family than the device's headers announce.
+pub fn wrong_chip(image: Family, device: Family) -> Response {
+    text(
+        StatusCode::CONFLICT,
+        &format!(
+            "the assigned firmware is built for {}; this device is an {}",
+            image.as_str(),
+            device.as_str()
+        ),
+    )
 }
 
 /// `200` with `x-version` and no body: the answer to "which version is available?".

@@ -24,7 +24,6 @@ use super::headers::DeviceHeaders;
 use super::{error_text, text};
 use crate::AppState;
 use crate::core::checkin::{Admitted, Answer, CheckIn, Identity, Unauthorized, Want};
-use crate::core::passwords::Refused;
 use crate::decision::Mode;
 use crate::delivery;
 use crate::extract::ApiQuery;
@@ -75,7 +74,7 @@ fn render(answer: Answer) -> Response {
         Answer::Unauthorized(Unauthorized::UnknownKey | Unauthorized::WrongCredentials) => {
             text(StatusCode::UNAUTHORIZED, "unknown API key")
         }
-        Answer::Unauthorized(Unauthorized::Refused(r)) => refused(r),
+        Answer::Unauthorized(Unauthorized::Refused(r)) => super::refused(r),
         Answer::NotAllowed(status) => text(
             StatusCode::UNAUTHORIZED,
             &format!("device is {}; an operator must verify it", status.as_str()),
@@ -88,27 +87,12 @@ fn render(answer: Answer) -> Response {
             StatusCode::NOT_FOUND,
             "no firmware assigned to the device's group",
         ),
-        Answer::WrongChip { image, device } => text(
-            StatusCode::CONFLICT,
-            &format!(
-                "the assigned firmware is built for {}; this device is an {}",
-                image.as_str(),
-                device.as_str()
-            ),
-        ),
+        Answer::WrongChip { image, device } => super::wrong_chip(image, device),
         Answer::UpToDate(_) => StatusCode::NOT_MODIFIED.into_response(),
         Answer::VersionOnly(firmware) => super::version_only(&firmware.version),
         Answer::Offer(offer) => super::offer(*offer),
         Answer::Recorded(_) => text(StatusCode::OK, "ok"),
     }
-}
-
-fn refused(r: Refused) -> Response {
-    let status = match r {
-        Refused::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        Refused::Busy => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    text(status, r.message())
 }
 
 async fn run(

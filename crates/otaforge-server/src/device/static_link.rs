@@ -26,7 +26,6 @@ use super::{error_text, text};
 use crate::AppState;
 use crate::auth::basic_credentials;
 use crate::core::checkin::{Answer, CheckIn, Identity, Unauthorized, Want};
-use crate::core::passwords::Refused;
 use crate::decision::Mode;
 use crate::delivery;
 use crate::extract::ApiPath;
@@ -53,13 +52,7 @@ fn render(answer: Answer) -> Response {
         Answer::Unauthorized(Unauthorized::UnknownKey | Unauthorized::WrongCredentials) => {
             challenge("wrong device credentials")
         }
-        Answer::Unauthorized(Unauthorized::Refused(r)) => {
-            let status = match r {
-                Refused::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-                Refused::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            text(status, r.message())
-        }
+        Answer::Unauthorized(Unauthorized::Refused(r)) => super::refused(r),
         Answer::NotAllowed(status) => text(
             StatusCode::FORBIDDEN,
             &format!(
@@ -74,14 +67,7 @@ fn render(answer: Answer) -> Response {
             StatusCode::NOT_FOUND,
             "no firmware assigned to this device's group",
         ),
-        Answer::WrongChip { image, device } => text(
-            StatusCode::CONFLICT,
-            &format!(
-                "the assigned firmware is built for {}; this device is an {}",
-                image.as_str(),
-                device.as_str()
-            ),
-        ),
+        Answer::WrongChip { image, device } => super::wrong_chip(image, device),
         Answer::UpToDate(_) => StatusCode::NOT_MODIFIED.into_response(),
         Answer::VersionOnly(firmware) => super::version_only(&firmware.version),
         Answer::Offer(offer) => super::offer(*offer),
