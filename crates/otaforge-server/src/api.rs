@@ -12,7 +12,7 @@ use otaforge_store::model::*;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::{Operator, digest, random_secret};
+use crate::auth::Operator;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::{AppState, delivery, upload};
@@ -31,6 +31,11 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/openapi.json", get(crate::openapi::document))
         .route("/api/v1/auth/login", post(login))
+        .route("/api/v1/tokens", get(list_tokens))
+        .route(
+            "/api/v1/tokens/{token}",
+            axum::routing::delete(revoke_token),
+        )
         .route("/api/v1/products", get(list_products).post(create_product))
         .route(
             "/api/v1/products/{product}",
@@ -86,6 +91,8 @@ use crate::core::fleet::{DeviceChange, DeviceSpec, GroupChange, check_name};
 struct Login {
     username: String,
     password: String,
+    /// Days the token lives (default 30, at most 365).
+    expires_in_days: Option<i64>,
 }
 
 async fn login(
@@ -109,11 +116,23 @@ async fn login(
             return Err(ApiError::new(status, refusal.message()));
         }
     };
-    let token = random_secret()?;
-    state.store().create_token(&digest(&token), user.id).await?;
+    let (token, expires_at) = state.issue_token(&user, body.expires_in_days).await?;
     Ok(created(
-        json!({ "token": token, "username": user.username }),
+        json!({ "token": token, "username": user.username, "expires_at": expires_at }),
     ))
+}
+
+async fn list_tokens(State(state): State<AppState>, op: Operator) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(state.list_tokens(&op.actor()).await?)))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    state.revoke_token(&op.actor(), &id).await?;
+    Ok(no_content())
 }
 
 // ---- products ----

@@ -206,6 +206,7 @@ impl Web {
         Ok(crate::core::fleet::Actor {
             name: user.username.clone(),
             user_id: Some(user.id),
+            is_admin: user.is_admin,
             address: self.address,
         })
     }

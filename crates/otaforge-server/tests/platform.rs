@@ -777,6 +777,21 @@ async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
     assert_eq!(page.status, 200);
     let csrf = form_token(&page.text());
 
+    // A file name with a line feed is refused with a message, never a 500.
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/save"),
+            &session,
+            &format!("csrf={csrf}&file=a%0Ab.ino&fqbn=arduino%3Aavr%3Auno&sketch=x"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(
+        r.header("location").unwrap().contains("error="),
+        "{:?}",
+        r.header("location")
+    );
+
     // Wi-Fi saved, then the setup firmware queued.
     let r = server
         .raw(&form_post(
@@ -891,4 +906,38 @@ async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
         assert_eq!(mode(&data_dir.join("otaforge.db")), 0o600);
     }
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// One requester cannot fill the build queue: at most three builds wait or run per device
+/// and per requester.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_requester_cannot_fill_the_build_queue() {
+    let server = Server::start_with(
+        Backend::Sqlite,
+        support::Options {
+            // No workers: queued builds stay queued.
+            compile: Some(otaforge_server::compile::CompileConfig {
+                workers: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let body = json!({"fqbn": "arduino:avr:uno", "files": {"blink.ino": BLINK}});
+    for _ in 0..3 {
+        let (status, b) = server
+            .call(Method::POST, "/api/v1/builds", Some(body.clone()))
+            .await;
+        assert_eq!(status, 202, "{b}");
+    }
+    let (status, b) = server
+        .call(Method::POST, "/api/v1/builds", Some(body))
+        .await;
+    assert_eq!(status, 429, "{b}");
+    assert!(
+        b["error"].as_str().unwrap().contains("already queued"),
+        "{b}"
+    );
+    server.finish().await;
 }

@@ -5,7 +5,7 @@
 
 mod blob;
 mod error;
-pub mod model;
+pub use otaforge_domain::model;
 mod sql;
 mod store;
 

@@ -270,25 +270,69 @@ macro_rules! sql_store {
                 Ok(row.try_get("n")?)
             }
 
-            async fn create_token(&self, digest: &str, user_id: Id) -> Result<()> {
-                sqlx::query("INSERT INTO api_tokens (digest, user_id, created_at) VALUES ($1, $2, $3)")
-                    .bind(digest)
-                    .bind(user_id)
-                    .bind(now_millis())
-                    .execute(&self.write)
-                    .await?;
+            async fn create_token(&self, digest: &str, user_id: Id, expires_at: Millis) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO api_tokens (digest, user_id, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(digest)
+                .bind(user_id)
+                .bind(now_millis())
+                .bind(expires_at)
+                .execute(&self.write)
+                .await?;
                 Ok(())
             }
 
             async fn user_by_token(&self, digest: &str) -> Result<Option<User>> {
                 let row = sqlx::query(
                     "SELECT u.id, u.username, u.password_hash, u.is_admin, u.created_at \
-                     FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.digest = $1",
+                     FROM api_tokens t JOIN users u ON u.id = t.user_id \
+                     WHERE t.digest = $1 AND t.expires_at > $2",
                 )
                 .bind(digest)
+                .bind(now_millis())
                 .fetch_optional(&self.read)
                 .await?;
                 row.as_ref().map(Self::user).transpose()
+            }
+
+            async fn list_tokens(&self, user_id: Option<Id>) -> Result<Vec<TokenInfo>> {
+                let rows = sqlx::query(
+                    "SELECT t.digest, t.user_id, u.username, t.created_at, t.expires_at \
+                     FROM api_tokens t JOIN users u ON u.id = t.user_id \
+                     WHERE ($1 IS NULL OR t.user_id = $1) ORDER BY t.created_at, t.digest",
+                )
+                .bind(user_id)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let digest: String = row.try_get("digest")?;
+                        Ok(TokenInfo {
+                            id: digest.chars().take(TOKEN_ID_LEN).collect(),
+                            user_id: row.try_get("user_id")?,
+                            username: row.try_get("username")?,
+                            created_at: row.try_get("created_at")?,
+                            expires_at: row.try_get("expires_at")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn revoke_token(&self, id: &str, user_id: Option<Id>) -> Result<bool> {
+                if id.len() != TOKEN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Ok(false);
+                }
+                // The id is hex only, so the pattern holds no wildcard but the last.
+                let done = sqlx::query(
+                    "DELETE FROM api_tokens WHERE digest LIKE $1 AND ($2 IS NULL OR user_id = $2)",
+                )
+                .bind(format!("{}%", id.to_ascii_lowercase()))
+                .bind(user_id)
+                .execute(&self.write)
+                .await?;
+                Ok(done.rows_affected() > 0)
             }
 
             async fn create_product(&self, name: &str, api_key_digest: &str) -> Result<Product> {
@@ -1380,11 +1424,13 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite.sql"),
     include_str!("../migrations/sqlite_2.sql"),
     include_str!("../migrations/sqlite_3.sql"),
+    include_str!("../migrations/sqlite_4.sql"),
 ];
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres.sql"),
     include_str!("../migrations/postgres_2.sql"),
     include_str!("../migrations/postgres_3.sql"),
+    include_str!("../migrations/postgres_4.sql"),
 ];
 
 /// Brings the schema up to date, one transaction per version; a database at a higher

@@ -21,8 +21,14 @@ pub trait Store: Send + Sync + 'static {
     async fn user_by_name(&self, username: &str) -> Result<Option<User>>;
     async fn user_by_id(&self, id: Id) -> Result<Option<User>>;
     async fn count_users(&self) -> Result<i64>;
-    async fn create_token(&self, digest: &str, user_id: Id) -> Result<()>;
+    async fn create_token(&self, digest: &str, user_id: Id, expires_at: Millis) -> Result<()>;
+    /// The user of a token that exists and has not expired.
     async fn user_by_token(&self, digest: &str) -> Result<Option<User>>;
+    /// Tokens of one user (`None`: of everyone), oldest first.
+    async fn list_tokens(&self, user_id: Option<Id>) -> Result<Vec<TokenInfo>>;
+    /// Revokes the token with this id (restricted to one user's tokens when `user_id` is
+    /// set); false when there is none.
+    async fn revoke_token(&self, id: &str, user_id: Option<Id>) -> Result<bool>;
 
     /// Creates the product and its undeletable Default group in one transaction.
     async fn create_product(&self, name: &str, api_key_digest: &str) -> Result<Product>;

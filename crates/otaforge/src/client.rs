@@ -30,6 +30,16 @@ pub enum ClientCommand {
     Login {
         #[arg(long, default_value = "admin")]
         username: String,
+        /// Days the token lives (the server's default is 30, at most 365).
+        #[arg(long)]
+        days: Option<i64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Bearer tokens: list yours (an admin sees all), revoke one by its id.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
         #[command(flatten)]
         remote: Remote,
     },
@@ -61,6 +71,12 @@ pub enum ClientCommand {
         #[command(flatten)]
         remote: Remote,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TokenAction {
+    List,
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -244,7 +260,11 @@ fn print(value: &Value) {
 pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
     use reqwest::Method as M;
     match command {
-        ClientCommand::Login { username, remote } => {
+        ClientCommand::Login {
+            username,
+            days,
+            remote,
+        } => {
             let password = match std::env::var("OTAFORGE_PASSWORD") {
                 Ok(p) => p,
                 Err(_) => {
@@ -259,11 +279,31 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 .json(
                     M::POST,
                     "/api/v1/auth/login",
-                    Some(json!({ "username": username, "password": password })),
+                    Some(match days {
+                        Some(days) => json!({
+                            "username": username, "password": password, "expires_in_days": days
+                        }),
+                        None => json!({ "username": username, "password": password }),
+                    }),
                 )
                 .await?;
             println!("{}", answer["token"].as_str().unwrap_or_default());
             eprintln!("export OTAFORGE_TOKEN=<the token above> to use it");
+        }
+        ClientCommand::Token { action, remote } => {
+            let api = Api::new(&remote)?;
+            match action {
+                TokenAction::List => print(&api.json(M::GET, "/api/v1/tokens", None).await?),
+                TokenAction::Revoke { id } => {
+                    api.json(
+                        M::DELETE,
+                        &format!("/api/v1/tokens/{}", urlencode(&id)),
+                        None,
+                    )
+                    .await?;
+                    eprintln!("token {id} revoked");
+                }
+            }
         }
         ClientCommand::Product { action, remote } => {
             let api = Api::new(&remote)?;

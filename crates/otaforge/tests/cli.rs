@@ -216,6 +216,23 @@ fn operator_session_from_the_terminal() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("otaforge login"));
 
+    // Tokens are listed (never the token itself) and revoked from the terminal.
+    let tokens = cli(&server, Some(&token), &["token", "list"]);
+    let tokens = tokens.as_array().unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert!(tokens[0]["expires_at"].as_i64().unwrap() > 0);
+    assert!(!tokens[0].to_string().contains(&token));
+    let id = tokens[0]["id"].as_str().unwrap();
+    cli(&server, Some(&token), &["token", "revoke", id]);
+    let out = Command::new(BIN)
+        .args(["product", "list"])
+        .env("OTAFORGE_URL", &server)
+        .env("OTAFORGE_TOKEN", &token)
+        .env_remove("OTAFORGE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a revoked token no longer works");
+
     terminate(child);
 
     // Second start: no new password; OTAFORGE_ADMIN_TOKEN is an admin token; data survived.
@@ -233,4 +250,117 @@ fn operator_session_from_the_terminal() {
     assert_eq!(devices[0]["serial"], "bot_001");
     terminate(child);
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// `HTTPUpdate`'s GET of a static link with Basic credentials.
+fn static_link_get(path: &str, user: &str, password: &str) -> Vec<u8> {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!(
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: ESP32-http-Update\r\n\
+         x-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\nx-ESP32-mode: sketch\r\n\
+         Authorization: Basic {token}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+async fn status_of(port: u16, request: Vec<u8>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut buf))
+        .await
+        .expect("no answer within 30 s")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf);
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// A flood of 1,000 concurrent wrong static-link passwords (argon2id needs 19 MiB a run)
+/// leaves `otaforge serve` under 512 MiB, and a device with the right password is answered
+/// within 2 s throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_flood_keeps_the_server_small() {
+    let data = std::env::temp_dir().join(format!("otaforge-flood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let (child, _) = start(&data, port, Some("flood-admin"));
+    let product = cli(
+        &server,
+        Some("flood-admin"),
+        &["product", "create", "flood"],
+    );
+    let pid = product["id"].to_string();
+    cli(
+        &server,
+        Some("flood-admin"),
+        &[
+            "device",
+            "add",
+            "--product",
+            &pid,
+            "good",
+            "--password",
+            "right-pw",
+        ],
+    );
+    let link = format!("/ota/{pid}/good");
+    // Nothing is assigned: the right password gets 404, a wrong one 401.
+    assert_eq!(
+        status_of(port, static_link_get(&link, "good", "right-pw")).await,
+        404
+    );
+
+    let flood: Vec<_> = (0..1000)
+        .map(|i| {
+            let serial = format!("dev{}", i % 200);
+            let req = static_link_get(
+                &format!("/ota/{pid}/{serial}"),
+                &serial,
+                &format!("guess-{i}"),
+            );
+            tokio::spawn(status_of(port, req))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    assert_eq!(
+        status_of(port, static_link_get(&link, "good", "right-pw")).await,
+        404
+    );
+    let answered_in = started.elapsed();
+    let mut statuses = std::collections::BTreeMap::new();
+    for f in flood {
+        *statuses.entry(f.await.unwrap()).or_insert(0u32) += 1;
+    }
+    let peak = peak_rss_kib(child.id());
+    terminate(child);
+    let _ = std::fs::remove_dir_all(&data);
+    assert!(
+        answered_in < Duration::from_secs(2),
+        "the right password waited {answered_in:?}"
+    );
+    assert!(
+        statuses.keys().all(|s| [401, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(statuses.get(&429).copied().unwrap_or(0) > 0, "{statuses:?}");
+    assert!(peak < 512 * 1024, "peak RSS of otaforge serve: {peak} KiB");
+    eprintln!(
+        "flood: {statuses:?}, right password answered in {answered_in:?}, peak RSS {peak} KiB"
+    );
 }

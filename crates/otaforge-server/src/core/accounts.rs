@@ -4,11 +4,18 @@
 
 use std::net::IpAddr;
 
-use otaforge_store::model::{Device, DeviceStatus, User};
+use axum::http::StatusCode;
+use otaforge_store::model::{Device, DeviceStatus, Millis, TokenInfo, User, now_millis};
 
 use crate::AppState;
+use crate::auth::{digest, random_secret};
+use crate::core::fleet::Actor;
 use crate::core::passwords::Refused;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
+
+/// Days a bearer token lives unless the login asks otherwise, and the most it may ask.
+pub const DEFAULT_TOKEN_DAYS: i64 = 30;
+pub const MAX_TOKEN_DAYS: i64 = 365;
 
 /// Why a sign-in did not open a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +112,48 @@ impl AppState {
         self.audit_sign_in(serial, "bot", peer, &outcome.as_ref().map(|_| ()))
             .await;
         Ok(outcome)
+    }
+
+    /// A new bearer token for a signed-in operator: the token (shown once) and its expiry.
+    pub async fn issue_token(&self, user: &User, days: Option<i64>) -> ApiResult<(String, Millis)> {
+        let days = days.unwrap_or(DEFAULT_TOKEN_DAYS);
+        if !(1..=MAX_TOKEN_DAYS).contains(&days) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("expires_in_days must be 1 to {MAX_TOKEN_DAYS}"),
+            ));
+        }
+        let token = random_secret()?;
+        let expires_at = now_millis() + days * 24 * 3600 * 1000;
+        self.store()
+            .create_token(&digest(&token), user.id, expires_at)
+            .await?;
+        Ok((token, expires_at))
+    }
+
+    /// The actor's own tokens; an administrator sees everyone's.
+    pub async fn list_tokens(&self, actor: &Actor) -> ApiResult<Vec<TokenInfo>> {
+        let whose = if actor.is_admin { None } else { actor.user_id };
+        Ok(self.store().list_tokens(whose).await?)
+    }
+
+    /// Revokes one of the actor's tokens (an administrator: anyone's).
+    pub async fn revoke_token(&self, actor: &Actor, id: &str) -> ApiResult<()> {
+        let whose = if actor.is_admin { None } else { actor.user_id };
+        if actor.user_id.is_none() && !actor.is_admin {
+            return Err(ApiError::forbidden("this login has no tokens"));
+        }
+        if !self.store().revoke_token(id.trim(), whose).await? {
+            return Err(ApiError::not_found("no such token"));
+        }
+        if let Err(e) = self
+            .store()
+            .audit(&actor.name, "revoked token", id.trim(), "")
+            .await
+        {
+            tracing::warn!(error = %e, "writing the audit log failed");
+        }
+        Ok(())
     }
 
     async fn audit_sign_in(

@@ -58,6 +58,7 @@ pub fn check_password(password: &str) -> ApiResult<()> {
 pub struct Actor {
     pub name: String,
     pub user_id: Option<Id>,
+    pub is_admin: bool,
     pub address: Option<IpAddr>,
 }
 

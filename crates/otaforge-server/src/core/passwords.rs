@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::auth::{hash_password, verify_password};
+use crate::auth::{hash_password, verify_password_in};
 
 /// Why a password check was not even tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,10 +129,59 @@ impl Limiter {
     }
 }
 
+type Job = (String, String, tokio::sync::oneshot::Sender<bool>);
+
+/// A fixed set of threads that run argon2 verifications, each in one work area it keeps
+/// (19 MiB for the default parameters): memory is threads x work area, whatever the load.
+struct Hashers {
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+impl Hashers {
+    fn start(threads: usize) -> Hashers {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    // One work area per thread, reused by every check.
+                    let mut memory = Vec::new();
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((password, phc, reply)) = job else {
+                            return;
+                        };
+                        let _ = reply.send(verify_password_in(&mut memory, &password, &phc));
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password hashing thread");
+            }
+        }
+        Hashers {
+            jobs: Mutex::new(tx),
+        }
+    }
+
+    async fn verify(&self, password: String, phc: String) -> bool {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((password, phc, reply));
+        sent.is_ok() && answer.await.unwrap_or(false)
+    }
+}
+
 /// The one gate in front of argon2.
 pub struct PasswordGuard {
     limiter: Limiter,
     hashing: Semaphore,
+    hashers: OnceLock<Hashers>,
+    permits: usize,
     /// Digests of (stored hash, password) pairs that verified.
     verified: Mutex<HashMap<[u8; 32], ()>>,
     dummy: OnceLock<String>,
@@ -155,6 +204,8 @@ impl PasswordGuard {
                 windows: Mutex::new(HashMap::new()),
             },
             hashing: Semaphore::new(permits),
+            hashers: OnceLock::new(),
+            permits,
             verified: Mutex::new(HashMap::new()),
             dummy: OnceLock::new(),
         }
@@ -201,12 +252,8 @@ impl PasswordGuard {
             Some(phc) => phc.to_string(),
             None => self.dummy_hash().await,
         };
-        let candidate = password.to_string();
-        let checked = phc.clone();
-        let ok = tokio::task::spawn_blocking(move || verify_password(&candidate, &checked))
-            .await
-            .unwrap_or(false)
-            && stored.is_some();
+        let hashers = self.hashers.get_or_init(|| Hashers::start(self.permits));
+        let ok = hashers.verify(password.to_string(), phc.clone()).await && stored.is_some();
         drop(permit);
         if ok {
             self.limiter.succeeded(name, peer);

@@ -195,6 +195,20 @@ pub struct NewResource {
     pub sha256: String,
 }
 
+/// How many hex characters of a token's SHA-256 name it (in lists and for revocation): the
+/// digest of a 128-bit random token tells nothing about the token.
+pub const TOKEN_ID_LEN: usize = 16;
+
+/// A bearer token as listed: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub user_id: Id,
+    pub username: String,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct User {
     pub id: Id,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use otaforge_store::model::{Id, MemberState, StageSize, StageSpec};
+use crate::model::{Id, MemberState, StageSize, StageSpec};
 use sha2::{Digest, Sha256};
 
 /// Splits devices into stages. The order inside the rollout is a hash of the rollout's seed

@@ -2,7 +2,7 @@
 //! it asks for, and the firmware picked for it, what the answer is. Every device dialect
 //! reaches it through `core::checkin`; none decides on its own.
 
-use otaforge_store::model::{DeviceStatus, Firmware};
+use crate::model::{DeviceStatus, Firmware};
 
 /// What the device told us it runs.
 #[derive(Debug, Clone, Default)]

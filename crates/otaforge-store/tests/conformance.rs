@@ -1,0 +1,553 @@
+//! One conformance suite for every `Store` backend: each method of the trait is exercised
+//! once, with its refusals, on SQLite and on a fresh PostgreSQL database. A backend that
+//! answers differently from the other fails here, not in a server story.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use otaforge_store::model::*;
+use otaforge_store::{Store, StoreError};
+
+fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}_{nanos:x}", std::process::id())
+}
+
+async fn sqlite() -> (Arc<dyn Store>, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("otaforge-conformance-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("store.db").display());
+    (otaforge_store::open(&url).await.unwrap(), dir)
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("OTAFORGE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into())
+}
+
+async fn postgres() -> (Arc<dyn Store>, String) {
+    use sqlx::Executor;
+    let admin = pg_admin_url();
+    let name = format!("otaforge_conf_{}", unique());
+    let pool = sqlx::PgPool::connect(&admin).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL at {admin} is not reachable ({e}); start it or set OTAFORGE_TEST_PG")
+    });
+    pool.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    pool.close().await;
+    let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap();
+    let store = otaforge_store::open(&format!("{base}/{name}"))
+        .await
+        .unwrap();
+    (store, name)
+}
+
+async fn drop_pg(name: &str) {
+    use sqlx::Executor;
+    if let Ok(pool) = sqlx::PgPool::connect(&pg_admin_url()).await {
+        let _ = pool
+            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+            .await;
+        pool.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_conforms() {
+    let (store, dir) = sqlite().await;
+    assert_eq!(store.backend(), "sqlite");
+    suite(&*store).await;
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_conforms() {
+    let (store, name) = postgres().await;
+    assert_eq!(store.backend(), "postgres");
+    suite(&*store).await;
+    drop(store);
+    drop_pg(&name).await;
+}
+
+#[tokio::test]
+async fn unknown_schemes_are_refused() {
+    for url in ["mysql://x/y", "sqlite://", "file.db", ""] {
+        assert!(
+            matches!(
+                otaforge_store::open(url).await,
+                Err(StoreError::UnsupportedUrl(_))
+            ),
+            "{url}"
+        );
+    }
+}
+
+fn conflict<T: std::fmt::Debug>(r: otaforge_store::Result<T>) -> String {
+    match r {
+        Err(StoreError::Conflict(m)) => m,
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+fn not_found<T: std::fmt::Debug>(r: otaforge_store::Result<T>) {
+    assert!(
+        matches!(r, Err(StoreError::NotFound(_))),
+        "expected not found, got {r:?}"
+    );
+}
+
+async fn suite(store: &dyn Store) {
+    let now = now_millis();
+
+    // ---- users and tokens ----
+    assert_eq!(store.count_users().await.unwrap(), 0);
+    let ann = store.create_user("ann", "$argon2id$x", true).await.unwrap();
+    conflict(store.create_user("ann", "$argon2id$y", false).await);
+    let bob = store
+        .create_user("bob", "$argon2id$z", false)
+        .await
+        .unwrap();
+    assert_eq!(store.count_users().await.unwrap(), 2);
+    assert_eq!(store.user_by_name("ann").await.unwrap().unwrap().id, ann.id);
+    assert!(store.user_by_name("nobody").await.unwrap().is_none());
+    assert_eq!(
+        store.user_by_id(bob.id).await.unwrap().unwrap().username,
+        "bob"
+    );
+    assert!(store.user_by_id(9_999).await.unwrap().is_none());
+    let (live, dead) = ("a".repeat(64), "b".repeat(64));
+    store
+        .create_token(&live, ann.id, now + 60_000)
+        .await
+        .unwrap();
+    store.create_token(&dead, bob.id, now - 1).await.unwrap();
+    assert_eq!(
+        store.user_by_token(&live).await.unwrap().unwrap().id,
+        ann.id
+    );
+    assert!(
+        store.user_by_token(&dead).await.unwrap().is_none(),
+        "expired"
+    );
+    let all = store.list_tokens(None).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let mine = store.list_tokens(Some(ann.id)).await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].id, &live[..TOKEN_ID_LEN]);
+    assert!(
+        !store.revoke_token(&mine[0].id, Some(bob.id)).await.unwrap(),
+        "not bob's"
+    );
+    assert!(
+        !store.revoke_token("%", None).await.unwrap(),
+        "no wildcards"
+    );
+    assert!(store.revoke_token(&mine[0].id, Some(ann.id)).await.unwrap());
+    assert!(store.user_by_token(&live).await.unwrap().is_none());
+
+    // ---- products and groups ----
+    let p = store.create_product("thermo", "key1").await.unwrap();
+    conflict(store.create_product("thermo", "key2").await);
+    assert_eq!(store.list_products().await.unwrap().len(), 1);
+    assert_eq!(store.get_product(p.id).await.unwrap().name, "thermo");
+    not_found(store.get_product(9_999).await);
+    assert_eq!(
+        store
+            .product_by_key_digest("key1")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        p.id
+    );
+    let p = store.set_product_key(p.id, "key3").await.unwrap();
+    assert!(store.product_by_key_digest("key1").await.unwrap().is_none());
+    assert!(store.product_by_key_digest("key3").await.unwrap().is_some());
+    let groups = store.list_groups(p.id).await.unwrap();
+    assert_eq!(groups.len(), 1);
+    assert!(groups[0].is_default && groups[0].id == p.default_group_id);
+    let lab = store.create_group(p.id, "lab").await.unwrap();
+    conflict(store.create_group(p.id, "lab").await);
+    assert_eq!(store.get_group(p.id, lab.id).await.unwrap().name, "lab");
+    not_found(store.get_group(p.id, 9_999).await);
+
+    // ---- firmware ----
+    let fw = |version: &str, sha: char| NewFirmware {
+        product_id: p.id,
+        version: version.into(),
+        size: 3,
+        md5: "0".repeat(32),
+        sha256: sha.to_string().repeat(64),
+        format: "raw".into(),
+        metadata: serde_json::json!({"chip": "esp32"}),
+    };
+    let f1 = store.create_firmware(fw("1.0.0", 'c')).await.unwrap();
+    conflict(store.create_firmware(fw("1.0.0", 'd')).await);
+    let f2 = store.create_firmware(fw("2.0.0", 'd')).await.unwrap();
+    assert_eq!(store.list_firmware(p.id).await.unwrap().len(), 2);
+    let got = store.get_firmware(p.id, f1.id).await.unwrap();
+    assert_eq!(got.metadata["chip"], "esp32");
+    not_found(store.get_firmware(p.id, 9_999).await);
+    assert!(store.blob_in_use(&"c".repeat(64)).await.unwrap());
+    assert!(!store.blob_in_use(&"e".repeat(64)).await.unwrap());
+    let patch = GroupPatch {
+        name: Some("lab-2".into()),
+        firmware_id: Some(Some(f1.id)),
+        config: Some(serde_json::json!({"alarm": {"number": 1}})),
+    };
+    let lab = store.update_group(p.id, lab.id, patch).await.unwrap();
+    assert_eq!((lab.name.as_str(), lab.firmware_id), ("lab-2", Some(f1.id)));
+    assert_eq!(lab.config["alarm"]["number"], 1);
+    let msg = conflict(store.delete_firmware(p.id, f1.id).await);
+    assert!(msg.contains("group"), "{msg}");
+
+    // ---- devices and telemetry ----
+    let d1 = store
+        .create_device(NewDevice {
+            product_id: p.id,
+            group_id: Some(lab.id),
+            serial: "dev-1".into(),
+            status: DeviceStatus::Verified,
+            password_hash: Some("$argon2id$d".into()),
+        })
+        .await
+        .unwrap();
+    conflict(
+        store
+            .create_device(NewDevice {
+                product_id: p.id,
+                group_id: None,
+                serial: "dev-1".into(),
+                status: DeviceStatus::New,
+                password_hash: None,
+            })
+            .await,
+    );
+    let d2 = store.register_device(p.id, "dev-2").await.unwrap();
+    assert_eq!(
+        (d2.status, d2.group_id),
+        (DeviceStatus::New, p.default_group_id)
+    );
+    assert_eq!(
+        store.register_device(p.id, "dev-2").await.unwrap().id,
+        d2.id
+    );
+    assert_eq!(store.list_devices(p.id).await.unwrap().len(), 2);
+    assert!(store.find_device(p.id, "dev-9").await.unwrap().is_none());
+    not_found(store.get_device(p.id, "dev-9").await);
+    assert_eq!(store.device_by_id(d1.id).await.unwrap().serial, "dev-1");
+    assert_eq!(store.devices_by_serial("dev-1").await.unwrap().len(), 1);
+    let report = Telemetry {
+        last_seen: Some(now),
+        version: Some("1.0.0".into()),
+        sketch_md5: Some("1".repeat(32)),
+        free_space: Some(1_000),
+        ..Telemetry::default()
+    };
+    store
+        .record_telemetry(&[(d1.id, report), (9_999, Telemetry::default())])
+        .await
+        .unwrap();
+    let d1 = store.get_device(p.id, "dev-1").await.unwrap();
+    assert_eq!(d1.telemetry.version.as_deref(), Some("1.0.0"));
+    assert_eq!(d1.telemetry.free_space, Some(1_000));
+    let patch = DevicePatch {
+        status: Some(DeviceStatus::Blocked),
+        group_id: Some(p.default_group_id),
+        password_hash: Some(None),
+    };
+    let changed = store.update_device(p.id, "dev-2", patch).await.unwrap();
+    assert_eq!(changed.status, DeviceStatus::Blocked);
+    assert!(changed.password_hash.is_none());
+    store.set_device_firmware(d1.id, Some(f2.id)).await.unwrap();
+    assert_eq!(
+        store.device_by_id(d1.id).await.unwrap().firmware_id,
+        Some(f2.id)
+    );
+    let msg = conflict(store.delete_firmware(p.id, f2.id).await);
+    assert!(msg.contains("dev-1"), "{msg}");
+    store.set_device_firmware(d1.id, None).await.unwrap();
+    store
+        .set_device_secrets(d1.id, Some("sealed"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.device_by_id(d1.id).await.unwrap().secrets.as_deref(),
+        Some("sealed")
+    );
+
+    // ---- resources ----
+    let r = store
+        .create_resource(NewResource {
+            group_id: lab.id,
+            name: "cert.pem".into(),
+            fk: "fk1".into(),
+            size: 5,
+            md5: "2".repeat(32),
+            sha256: "f".repeat(64),
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.list_resources(lab.id).await.unwrap().len(), 1);
+    assert_eq!(
+        store.resource_by_fk(p.id, "fk1").await.unwrap().unwrap().id,
+        r.id
+    );
+    assert!(store.resource_by_fk(p.id, "nope").await.unwrap().is_none());
+    assert!(store.blob_in_use(&"f".repeat(64)).await.unwrap());
+    assert_eq!(
+        store.delete_resource(lab.id, r.id).await.unwrap().name,
+        "cert.pem"
+    );
+    not_found(store.delete_resource(lab.id, r.id).await);
+
+    // ---- sessions ----
+    let session = |user: Option<Id>, device: Option<Id>, expires_at| Session {
+        user_id: user,
+        device_id: device,
+        csrf: "c".repeat(32),
+        expires_at,
+    };
+    store
+        .create_session("s-user", &session(Some(ann.id), None, now + 60_000))
+        .await
+        .unwrap();
+    store
+        .create_session("s-bot", &session(None, Some(d1.id), now + 60_000))
+        .await
+        .unwrap();
+    store
+        .create_session("s-old", &session(Some(ann.id), None, now - 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.session("s-user").await.unwrap().unwrap().user_id,
+        Some(ann.id)
+    );
+    assert!(store.session("s-old").await.unwrap().is_none(), "expired");
+    assert_eq!(
+        store.delete_sessions_of(None, Some(d1.id)).await.unwrap(),
+        1
+    );
+    assert!(store.session("s-bot").await.unwrap().is_none());
+    store.delete_session("s-user").await.unwrap();
+    assert!(store.session("s-user").await.unwrap().is_none());
+
+    // ---- sketches and builds ----
+    let files = BTreeMap::from([("main.ino".to_string(), "void setup(){}".to_string())]);
+    let rev = store
+        .save_revision(d1.id, "arduino:avr:uno", &files, "ann")
+        .await
+        .unwrap();
+    store
+        .save_revision(d1.id, "arduino:avr:uno", &files, "ann")
+        .await
+        .unwrap();
+    assert_eq!(store.list_revisions(d1.id, 1).await.unwrap().len(), 1);
+    assert_eq!(
+        store.get_revision(d1.id, rev.id).await.unwrap().files,
+        files
+    );
+    not_found(store.get_revision(d1.id, 9_999).await);
+    let new_build = || NewBuild {
+        product_id: Some(p.id),
+        device_id: Some(d1.id),
+        fqbn: "arduino:avr:uno".into(),
+        files: files.clone(),
+        requested_by: "ann".into(),
+    };
+    let b1 = store.create_build(new_build()).await.unwrap();
+    let b2 = store.create_build(new_build()).await.unwrap();
+    assert_eq!(
+        store.get_build(b1.id).await.unwrap().status,
+        BuildStatus::Queued
+    );
+    assert_eq!(store.list_builds(d1.id, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        store.count_pending_builds(Some(d1.id), "x").await.unwrap(),
+        2
+    );
+    assert_eq!(store.count_pending_builds(None, "ann").await.unwrap(), 2);
+    assert_eq!(store.count_pending_builds(None, "x").await.unwrap(), 0);
+    let claimed = store.claim_build("w1").await.unwrap().unwrap();
+    assert_eq!(claimed.id, b1.id, "oldest first");
+    assert_eq!(claimed.status, BuildStatus::Running);
+    store.append_build_log(b1.id, "one ").await.unwrap();
+    store.append_build_log(b1.id, "two").await.unwrap();
+    let diag = Diagnostic {
+        file: "main.ino".into(),
+        line: 5,
+        column: 1,
+        severity: "error".into(),
+        message: "boom".into(),
+    };
+    store
+        .finish_build(
+            b1.id,
+            BuildStatus::Failed,
+            std::slice::from_ref(&diag),
+            None,
+        )
+        .await
+        .unwrap();
+    let done = store.get_build(b1.id).await.unwrap();
+    assert_eq!(
+        (done.status, done.log.as_str()),
+        (BuildStatus::Failed, "one two")
+    );
+    assert_eq!(done.diagnostics, vec![diag]);
+    let running = store.claim_build("w2").await.unwrap().unwrap();
+    assert_eq!(running.id, b2.id);
+    assert!(store.claim_build("w3").await.unwrap().is_none());
+    assert_eq!(store.fail_stale_builds(now_millis() + 1).await.unwrap(), 1);
+    assert_eq!(
+        store.get_build(b2.id).await.unwrap().status,
+        BuildStatus::Failed
+    );
+
+    // ---- rollouts ----
+    let stages = vec![StageSpec {
+        size: StageSize::Rest,
+        success_threshold: 1.0,
+        failure_threshold: 0.5,
+        window_secs: 0,
+        auto_advance: true,
+        auto_rollback: false,
+    }];
+    let mut rollout = store
+        .create_rollout(
+            NewRollout {
+                product_id: p.id,
+                firmware_id: f2.id,
+                target: RolloutTarget {
+                    group_id: Some(lab.id),
+                    ..RolloutTarget::default()
+                },
+                stages,
+                rate_per_minute: Some(10),
+                created_by: "ann".into(),
+            },
+            &[(d1.id, 0, Some("1.0.0".into())), (d2.id, 0, None)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rollout.state, RolloutState::Running);
+    assert_eq!(
+        store.get_rollout(rollout.id).await.unwrap().rate_per_minute,
+        Some(10)
+    );
+    not_found(store.get_rollout(9_999).await);
+    assert_eq!(store.list_rollouts(p.id).await.unwrap().len(), 1);
+    assert_eq!(store.live_rollouts().await.unwrap().len(), 1);
+    assert!(
+        store
+            .move_member(
+                rollout.id,
+                d1.id,
+                &[MemberState::Pending],
+                MemberState::Offered,
+                ""
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .move_member(
+                rollout.id,
+                d1.id,
+                &[MemberState::Pending],
+                MemberState::Offered,
+                ""
+            )
+            .await
+            .unwrap(),
+        "counted once"
+    );
+    let members = store.rollout_members(rollout.id).await.unwrap();
+    let m1 = members.iter().find(|m| m.device_id == d1.id).unwrap();
+    assert_eq!(m1.state, MemberState::Offered);
+    assert_eq!(m1.from_version.as_deref(), Some("1.0.0"));
+    assert!(m1.offered_at.is_some());
+    assert_eq!(store.offers_since(rollout.id, now - 1).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .offers_since(rollout.id, now_millis() + 60_000)
+            .await
+            .unwrap(),
+        0
+    );
+    rollout.state = RolloutState::Halted;
+    rollout.rolled_back_stages = vec![0];
+    rollout.message = "too many failures".into();
+    store.update_rollout(&rollout).await.unwrap();
+    let back = store.get_rollout(rollout.id).await.unwrap();
+    assert_eq!(
+        (
+            back.state,
+            back.rolled_back_stages.clone(),
+            back.message.as_str()
+        ),
+        (RolloutState::Halted, vec![0], "too many failures")
+    );
+    let msg = conflict(store.delete_firmware(p.id, f2.id).await);
+    assert!(msg.contains("rollout"), "{msg}");
+
+    // ---- events and audit ----
+    store
+        .add_device_event(d1.id, "offered", "2.0.0")
+        .await
+        .unwrap();
+    store
+        .add_device_event(d1.id, "installed", "2.0.0")
+        .await
+        .unwrap();
+    let events = store.device_events(d1.id, 10).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].kind, "installed", "newest first");
+    store
+        .audit("ann", "created product", "thermo", "")
+        .await
+        .unwrap();
+    store
+        .audit("ann", "deleted group", "lab", "from 127.0.0.1")
+        .await
+        .unwrap();
+    let log = store.audit_log(1).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].action, "deleted group", "newest first");
+
+    // ---- deletes ----
+    let msg = conflict(store.delete_group(p.id, p.default_group_id).await);
+    assert!(!msg.is_empty());
+    store
+        .update_group(
+            p.id,
+            lab.id,
+            GroupPatch {
+                firmware_id: Some(None),
+                ..GroupPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    store.delete_group(p.id, lab.id).await.unwrap();
+    assert_eq!(
+        store.device_by_id(d1.id).await.unwrap().group_id,
+        p.default_group_id,
+        "devices move to Default"
+    );
+    store.delete_device(p.id, "dev-2").await.unwrap();
+    not_found(store.delete_device(p.id, "dev-2").await);
+    // The product goes with everything that belongs to it, its rollout included.
+    store.delete_product(p.id).await.unwrap();
+    not_found(store.get_product(p.id).await);
+    not_found(store.get_rollout(rollout.id).await);
+    assert!(!store.blob_in_use(&"c".repeat(64)).await.unwrap());
+    not_found(store.delete_product(p.id).await);
+}
