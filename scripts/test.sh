@@ -57,3 +57,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "cargo test"
 cargo test --workspace --locked
+
+log "API conformance (schemathesis against the OpenAPI document)"
+cargo build -p otaforge --locked
+bash scripts/api-conformance.sh target/debug/otaforge

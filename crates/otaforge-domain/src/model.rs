@@ -16,7 +16,7 @@ pub fn now_millis() -> Millis {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Product {
     pub id: Id,
     pub name: String,
@@ -27,18 +27,19 @@ pub struct Product {
     pub created_at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Group {
     pub id: Id,
     pub product_id: Id,
     pub name: String,
     pub is_default: bool,
     pub firmware_id: Option<Id>,
+    #[schema(value_type = Object)]
     pub config: serde_json::Value,
     pub created_at: Millis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceStatus {
     New,
@@ -70,7 +71,7 @@ impl DeviceStatus {
 
 /// What a device last told the server about itself. Every field is optional:
 /// a check-in only overwrites what it carries.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Telemetry {
     pub last_seen: Option<Millis>,
     pub version: Option<String>,
@@ -101,7 +102,7 @@ impl Telemetry {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Device {
     pub id: Id,
     pub product_id: Id,
@@ -138,7 +139,7 @@ pub struct DevicePatch {
     pub password_hash: Option<Option<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Firmware {
     pub id: Id,
     pub product_id: Id,
@@ -148,6 +149,7 @@ pub struct Firmware {
     pub sha256: String,
     pub format: String,
     /// What the image says about itself (chip, project, IDF version, ...).
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     pub created_at: Millis,
 }
@@ -172,7 +174,7 @@ pub struct GroupPatch {
 }
 
 /// A file assigned to a group, fetched by devices with its file key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Resource {
     pub id: Id,
     pub group_id: Id,
@@ -200,7 +202,7 @@ pub struct NewResource {
 pub const TOKEN_ID_LEN: usize = 16;
 
 /// A bearer token as listed: never the token itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: String,
     pub user_id: Id,
@@ -209,7 +211,7 @@ pub struct TokenInfo {
     pub expires_at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: Id,
     pub username: String,
@@ -230,7 +232,7 @@ pub struct Session {
 }
 
 /// One saved state of a device's sketch: every file, and the board it targets.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SketchRevision {
     pub id: Id,
     pub device_id: Id,
@@ -241,7 +243,7 @@ pub struct SketchRevision {
     pub created_at: Millis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BuildStatus {
     Queued,
@@ -282,7 +284,7 @@ impl std::fmt::Display for BuildStatus {
 }
 
 /// A compiler diagnostic at a place in a sketch file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Diagnostic {
     pub file: String,
     pub line: u32,
@@ -291,7 +293,7 @@ pub struct Diagnostic {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Build {
     pub id: Id,
     pub product_id: Option<Id>,
@@ -319,7 +321,7 @@ pub struct NewBuild {
 }
 
 /// How big a rollout stage is.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StageSize {
     /// This many devices.
@@ -331,7 +333,7 @@ pub enum StageSize {
 }
 
 /// One stage of a rollout and its gates.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StageSpec {
     pub size: StageSize,
     /// Share (0..=1) of the stage's devices that must run the new firmware to pass.
@@ -364,7 +366,7 @@ fn default_true() -> bool {
 }
 
 /// Which devices a rollout is for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutTarget {
     pub group_id: Option<Id>,
     pub status: Option<DeviceStatus>,
@@ -372,7 +374,7 @@ pub struct RolloutTarget {
     pub version: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
     Running,
@@ -422,7 +424,7 @@ impl std::fmt::Display for RolloutState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Rollout {
     pub id: Id,
     pub product_id: Id,
@@ -452,7 +454,7 @@ pub struct NewRollout {
 }
 
 /// Where one device is in a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberState {
     /// Not offered yet.
@@ -494,7 +496,7 @@ impl MemberState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct RolloutMember {
     pub rollout_id: Id,
     pub device_id: Id,
@@ -506,7 +508,7 @@ pub struct RolloutMember {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DeviceEvent {
     pub id: Id,
     pub device_id: Id,
@@ -515,7 +517,7 @@ pub struct DeviceEvent {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: Id,
     pub at: Millis,

@@ -9,12 +9,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use otaforge_store::model::*;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Operator;
+use crate::core::fleet::{DeviceChange, DeviceSpec, GroupChange, check_name};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::openapi::{Binary, Refusals};
 use crate::{AppState, delivery, upload};
 
 pub fn routes() -> Router<AppState> {
@@ -74,7 +76,7 @@ pub fn routes() -> Router<AppState> {
         .layer(DefaultBodyLimit::max(1024 * 1024))
 }
 
-fn created(value: Value) -> Response {
+fn created<T: Serialize>(value: T) -> Response {
     (StatusCode::CREATED, Json(value)).into_response()
 }
 
@@ -82,20 +84,29 @@ fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-use crate::core::fleet::{DeviceChange, DeviceSpec, GroupChange, check_name};
-
 // ---- auth ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Login {
+pub struct Login {
     username: String,
     password: String,
     /// Days the token lives (default 30, at most 365).
+    #[schema(minimum = 1, maximum = 365)]
     expires_in_days: Option<i64>,
 }
 
-async fn login(
+/// A new bearer token, shown once.
+#[derive(Serialize, ToSchema)]
+pub struct LoginAnswer {
+    token: String,
+    username: String,
+    expires_at: Millis,
+}
+
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "tokens", request_body = Login,
+    responses((status = 201, body = LoginAnswer), Refusals))]
+pub async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     ApiJson(body): ApiJson<Login>,
@@ -117,16 +128,26 @@ async fn login(
         }
     };
     let (token, expires_at) = state.issue_token(&user, body.expires_in_days).await?;
-    Ok(created(
-        json!({ "token": token, "username": user.username, "expires_at": expires_at }),
-    ))
+    Ok(created(LoginAnswer {
+        token,
+        username: user.username,
+        expires_at,
+    }))
 }
 
-async fn list_tokens(State(state): State<AppState>, op: Operator) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(state.list_tokens(&op.actor()).await?)))
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", security(("bearer" = [])),
+    responses((status = 200, body = [TokenInfo]), Refusals))]
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    op: Operator,
+) -> ApiResult<Json<Vec<TokenInfo>>> {
+    Ok(Json(state.list_tokens(&op.actor()).await?))
 }
 
-async fn revoke_token(
+#[utoipa::path(delete, path = "/api/v1/tokens/{token}", tag = "tokens", security(("bearer" = [])),
+    params(("token" = String, Path, description = "the token's id from the list")),
+    responses((status = 204, description = "revoked"), Refusals))]
+pub async fn revoke_token(
     State(state): State<AppState>,
     op: Operator,
     ApiPath(id): ApiPath<String>,
@@ -137,62 +158,95 @@ async fn revoke_token(
 
 // ---- products ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewProductBody {
+pub struct NewProductBody {
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\s\u0000-\u001f\u007f-\u009f]([^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?$"
+    )]
     name: String,
 }
 
-fn product_json(product: &Product, api_key: Option<&str>) -> Value {
-    let mut v = json!({
-        "id": product.id,
-        "name": product.name,
-        "default_group_id": product.default_group_id,
-        "created_at": product.created_at,
-    });
-    if let Some(key) = api_key {
-        v["api_key"] = json!(key);
-    }
-    v
+/// A product; `api_key` only in the answer that made it (creation, key rotation).
+#[derive(Serialize, ToSchema)]
+pub struct ProductBody {
+    id: Id,
+    name: String,
+    default_group_id: Id,
+    created_at: Millis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<String>,
 }
 
-async fn create_product(
+impl ProductBody {
+    fn new(product: Product, api_key: Option<String>) -> Self {
+        ProductBody {
+            id: product.id,
+            name: product.name,
+            default_group_id: product.default_group_id,
+            created_at: product.created_at,
+            api_key,
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/products", tag = "products", security(("bearer" = [])),
+    request_body = NewProductBody, responses((status = 201, body = ProductBody), Refusals))]
+pub async fn create_product(
     State(state): State<AppState>,
     op: Operator,
     ApiJson(body): ApiJson<NewProductBody>,
 ) -> ApiResult<Response> {
     let (product, key) = state.create_product(&op.actor(), &body.name).await?;
-    Ok(created(product_json(&product, Some(&key))))
+    Ok(created(ProductBody::new(product, Some(key))))
 }
 
-async fn list_products(State(state): State<AppState>, _op: Operator) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/api/v1/products", tag = "products", security(("bearer" = [])),
+    responses((status = 200, body = [ProductBody]), Refusals))]
+pub async fn list_products(
+    State(state): State<AppState>,
+    _op: Operator,
+) -> ApiResult<Json<Vec<ProductBody>>> {
     let products = state.store().list_products().await?;
-    Ok(Json(Value::Array(
-        products.iter().map(|p| product_json(p, None)).collect(),
-    )))
+    Ok(Json(
+        products
+            .into_iter()
+            .map(|p| ProductBody::new(p, None))
+            .collect(),
+    ))
 }
 
-async fn get_product(
+#[utoipa::path(get, path = "/api/v1/products/{product}", tag = "products", security(("bearer" = [])),
+    params(("product" = i64, Path)), responses((status = 200, body = ProductBody), Refusals))]
+pub async fn get_product(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(product_json(
-        &state.store().get_product(product).await?,
+) -> ApiResult<Json<ProductBody>> {
+    Ok(Json(ProductBody::new(
+        state.store().get_product(product).await?,
         None,
     )))
 }
 
-async fn rotate_key(
+#[utoipa::path(post, path = "/api/v1/products/{product}/rotate-key", tag = "products",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    responses((status = 200, body = ProductBody), Refusals))]
+pub async fn rotate_key(
     State(state): State<AppState>,
     op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProductBody>> {
     let (product, key) = state.rotate_product_key(&op.actor(), product).await?;
-    Ok(Json(product_json(&product, Some(&key))))
+    Ok(Json(ProductBody::new(product, Some(key))))
 }
 
-async fn delete_product(
+#[utoipa::path(delete, path = "/api/v1/products/{product}", tag = "products",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    responses((status = 204, description = "deleted with everything that belongs to it"), Refusals))]
+pub async fn delete_product(
     State(state): State<AppState>,
     op: Operator,
     ApiPath(product): ApiPath<Id>,
@@ -203,37 +257,51 @@ async fn delete_product(
 
 // ---- groups ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewGroupBody {
+pub struct NewGroupBody {
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\s\u0000-\u001f\u007f-\u009f]([^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?$"
+    )]
     name: String,
 }
 
-async fn create_group(
+#[utoipa::path(post, path = "/api/v1/products/{product}/groups", tag = "groups",
+    security(("bearer" = [])), params(("product" = i64, Path)), request_body = NewGroupBody,
+    responses((status = 201, body = Group), Refusals))]
+pub async fn create_group(
     State(state): State<AppState>,
     op: Operator,
     ApiPath(product): ApiPath<Id>,
     ApiJson(body): ApiJson<NewGroupBody>,
 ) -> ApiResult<Response> {
     let group = state.create_group(&op.actor(), product, &body.name).await?;
-    Ok(created(json!(group)))
+    Ok(created(group))
 }
 
-async fn list_groups(
+#[utoipa::path(get, path = "/api/v1/products/{product}/groups", tag = "groups",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    responses((status = 200, body = [Group]), Refusals))]
+pub async fn list_groups(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<Group>>> {
     state.store().get_product(product).await?;
-    Ok(Json(json!(state.store().list_groups(product).await?)))
+    Ok(Json(state.store().list_groups(product).await?))
 }
 
-async fn get_group(
+#[utoipa::path(get, path = "/api/v1/products/{product}/groups/{group}", tag = "groups",
+    security(("bearer" = [])), params(("product" = i64, Path), ("group" = i64, Path)),
+    responses((status = 200, body = Group), Refusals))]
+pub async fn get_group(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(state.store().get_group(product, group).await?)))
+) -> ApiResult<Json<Group>> {
+    Ok(Json(state.store().get_group(product, group).await?))
 }
 
 /// `{"firmware_id": null}` unassigns; an absent field leaves the value as it is.
@@ -245,21 +313,34 @@ where
     Option::<T>::deserialize(de).map(Some)
 }
 
-#[derive(Deserialize)]
+/// A change to a group; absent fields stay as they are.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct GroupPatchBody {
+pub struct GroupPatchBody {
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\s\u0000-\u001f\u007f-\u009f]([^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?$"
+    )]
     name: Option<String>,
+    /// `null` unassigns the firmware.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
     firmware_id: Option<Option<Id>>,
-    config: Option<Value>,
+    /// A JSON object, served to the group's devices by `/deviceapi/getconfig`.
+    #[schema(value_type = Option<Object>)]
+    config: Option<serde_json::Value>,
 }
 
-async fn patch_group(
+#[utoipa::path(patch, path = "/api/v1/products/{product}/groups/{group}", tag = "groups",
+    security(("bearer" = [])), params(("product" = i64, Path), ("group" = i64, Path)),
+    request_body = GroupPatchBody, responses((status = 200, body = Group), Refusals))]
+pub async fn patch_group(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
     ApiJson(body): ApiJson<GroupPatchBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Group>> {
     let change = GroupChange {
         name: body.name,
         firmware_id: body.firmware_id,
@@ -268,10 +349,13 @@ async fn patch_group(
     let group = state
         .change_group(&op.actor(), product, group, change)
         .await?;
-    Ok(Json(json!(group)))
+    Ok(Json(group))
 }
 
-async fn delete_group(
+#[utoipa::path(delete, path = "/api/v1/products/{product}/groups/{group}", tag = "groups",
+    security(("bearer" = [])), params(("product" = i64, Path), ("group" = i64, Path)),
+    responses((status = 204, description = "deleted; its devices moved to Default"), Refusals))]
+pub async fn delete_group(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
@@ -282,13 +366,24 @@ async fn delete_group(
 
 // ---- resources ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ResourceQuery {
+#[into_params(parameter_in = Query)]
+pub struct ResourceQuery {
+    /// The file name devices see.
+    #[param(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\s/\\\u0000-\u001f\u007f-\u009f]([^/\\\u0000-\u001f\u007f-\u009f]*[^\s/\\\u0000-\u001f\u007f-\u009f])?$"
+    )]
     name: String,
 }
 
-async fn upload_resource(
+#[utoipa::path(post, path = "/api/v1/products/{product}/groups/{group}/resources", tag = "groups",
+    security(("bearer" = [])), params(("product" = i64, Path), ("group" = i64, Path), ResourceQuery),
+    request_body(content = Binary, content_type = "application/octet-stream"),
+    responses((status = 201, body = Resource), Refusals))]
+pub async fn upload_resource(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
@@ -302,19 +397,26 @@ async fn upload_resource(
     let resource = state
         .add_resource(&op.actor(), product, group, &query.name, bytes)
         .await?;
-    Ok(created(json!(resource)))
+    Ok(created(resource))
 }
 
-async fn list_resources(
+#[utoipa::path(get, path = "/api/v1/products/{product}/groups/{group}/resources", tag = "groups",
+    security(("bearer" = [])), params(("product" = i64, Path), ("group" = i64, Path)),
+    responses((status = 200, body = [Resource]), Refusals))]
+pub async fn list_resources(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<Resource>>> {
     state.store().get_group(product, group).await?;
-    Ok(Json(json!(state.store().list_resources(group).await?)))
+    Ok(Json(state.store().list_resources(group).await?))
 }
 
-async fn delete_resource(
+#[utoipa::path(delete, path = "/api/v1/products/{product}/groups/{group}/resources/{resource}",
+    tag = "groups", security(("bearer" = [])),
+    params(("product" = i64, Path), ("group" = i64, Path), ("resource" = i64, Path)),
+    responses((status = 204, description = "deleted"), Refusals))]
+pub async fn delete_resource(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, group, resource)): ApiPath<(Id, Id, Id)>,
@@ -336,23 +438,43 @@ pub fn static_link(state: &AppState, device: &Device) -> String {
     )
 }
 
-fn device_json(state: &AppState, device: &Device) -> Value {
-    let mut v = json!(device);
-    v["firmware_url"] = json!(static_link(state, device));
-    v["has_password"] = json!(device.password_hash.is_some());
-    v
+/// A device with its static firmware link.
+#[derive(Serialize, ToSchema)]
+pub struct DeviceBody {
+    #[serde(flatten)]
+    device: Device,
+    /// The link that always serves the device's current firmware (HTTP Basic auth).
+    firmware_url: String,
+    has_password: bool,
 }
 
-#[derive(Deserialize)]
+impl DeviceBody {
+    fn new(state: &AppState, device: Device) -> Self {
+        DeviceBody {
+            firmware_url: static_link(state, &device),
+            has_password: device.password_hash.is_some(),
+            device,
+        }
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewDeviceBody {
+pub struct NewDeviceBody {
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[!-.0-~]+$")]
     serial: String,
     group_id: Option<Id>,
+    /// The password of its static link.
+    #[schema(min_length = 1, max_length = 128)]
     password: Option<String>,
+    /// Default `verified`.
     status: Option<DeviceStatus>,
 }
 
-async fn create_device(
+#[utoipa::path(post, path = "/api/v1/products/{product}/devices", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path)), request_body = NewDeviceBody,
+    responses((status = 201, body = DeviceBody), Refusals))]
+pub async fn create_device(
     State(state): State<AppState>,
     op: Operator,
     ApiPath(product): ApiPath<Id>,
@@ -365,48 +487,63 @@ async fn create_device(
         status: body.status.unwrap_or(DeviceStatus::Verified),
     };
     let device = state.register_device(&op.actor(), product, spec).await?;
-    Ok(created(device_json(&state, &device)))
+    Ok(created(DeviceBody::new(&state, device)))
 }
 
-async fn list_devices(
+#[utoipa::path(get, path = "/api/v1/products/{product}/devices", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    responses((status = 200, body = [DeviceBody]), Refusals))]
+pub async fn list_devices(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<DeviceBody>>> {
     state.store().get_product(product).await?;
     // Reports still in the buffer are part of what the server knows.
     state.flush_telemetry().await?;
     let devices = state.store().list_devices(product).await?;
-    Ok(Json(Value::Array(
-        devices.iter().map(|d| device_json(&state, d)).collect(),
-    )))
+    Ok(Json(
+        devices
+            .into_iter()
+            .map(|d| DeviceBody::new(&state, d))
+            .collect(),
+    ))
 }
 
-async fn get_device(
+#[utoipa::path(get, path = "/api/v1/products/{product}/devices/{serial}", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path), ("serial" = String, Path)),
+    responses((status = 200, body = DeviceBody), Refusals))]
+pub async fn get_device(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceBody>> {
     state.flush_telemetry().await?;
     let device = state.store().get_device(product, &serial).await?;
-    Ok(Json(device_json(&state, &device)))
+    Ok(Json(DeviceBody::new(&state, device)))
 }
 
-#[derive(Deserialize)]
+/// A change to a device; absent fields stay as they are.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DevicePatchBody {
+pub struct DevicePatchBody {
     status: Option<DeviceStatus>,
     group_id: Option<Id>,
+    /// `null` removes the password.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 128)]
     password: Option<Option<String>>,
 }
 
-async fn patch_device(
+#[utoipa::path(patch, path = "/api/v1/products/{product}/devices/{serial}", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path), ("serial" = String, Path)),
+    request_body = DevicePatchBody, responses((status = 200, body = DeviceBody), Refusals))]
+pub async fn patch_device(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
     ApiJson(body): ApiJson<DevicePatchBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceBody>> {
     let change = DeviceChange {
         status: body.status,
         group_id: body.group_id,
@@ -415,10 +552,13 @@ async fn patch_device(
     let device = state
         .change_device(&op.actor(), product, &serial, change)
         .await?;
-    Ok(Json(device_json(&state, &device)))
+    Ok(Json(DeviceBody::new(&state, device)))
 }
 
-async fn delete_device(
+#[utoipa::path(delete, path = "/api/v1/products/{product}/devices/{serial}", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path), ("serial" = String, Path)),
+    responses((status = 204, description = "deleted"), Refusals))]
+pub async fn delete_device(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
@@ -429,13 +569,20 @@ async fn delete_device(
 
 // ---- firmware ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct FirmwareQuery {
+#[into_params(parameter_in = Query)]
+pub struct FirmwareQuery {
+    /// The version, when the image does not carry one (raw and gzip uploads).
+    #[param(min_length = 1, max_length = 31, pattern = r"^[!-~]([ -~]*[!-~])?$")]
     version: Option<String>,
 }
 
-async fn upload_firmware(
+#[utoipa::path(post, path = "/api/v1/products/{product}/firmware", tag = "firmware",
+    security(("bearer" = [])), params(("product" = i64, Path), FirmwareQuery),
+    request_body(content = Binary, content_type = "application/octet-stream"),
+    responses((status = 201, body = Firmware), Refusals))]
+pub async fn upload_firmware(
     State(state): State<AppState>,
     op: Operator,
     ApiPath(product): ApiPath<Id>,
@@ -448,29 +595,43 @@ async fn upload_firmware(
     let firmware = state
         .upload_firmware(&op.actor(), product, bytes, query.version)
         .await?;
-    Ok(created(json!(firmware)))
+    Ok(created(firmware))
 }
 
-async fn list_firmware(
+#[utoipa::path(get, path = "/api/v1/products/{product}/firmware", tag = "firmware",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    responses((status = 200, body = [Firmware]), Refusals))]
+pub async fn list_firmware(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<Firmware>>> {
     state.store().get_product(product).await?;
-    Ok(Json(json!(state.store().list_firmware(product).await?)))
+    Ok(Json(state.store().list_firmware(product).await?))
 }
 
-async fn get_firmware(
+#[utoipa::path(get, path = "/api/v1/products/{product}/firmware/{firmware}", tag = "firmware",
+    security(("bearer" = [])), params(("product" = i64, Path), ("firmware" = i64, Path)),
+    responses((status = 200, body = Firmware), Refusals))]
+pub async fn get_firmware(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, firmware)): ApiPath<(Id, Id)>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(json!(
-        state.store().get_firmware(product, firmware).await?
-    )))
+) -> ApiResult<Json<Firmware>> {
+    Ok(Json(state.store().get_firmware(product, firmware).await?))
 }
 
-async fn download_firmware(
+#[utoipa::path(get, path = "/api/v1/products/{product}/firmware/{firmware}/download",
+    tag = "firmware", security(("bearer" = [])),
+    params(("product" = i64, Path), ("firmware" = i64, Path),
+        ("Range" = Option<String>, Header, pattern = r"^bytes=([0-9]+-[0-9]*|-[0-9]+)$",
+            description = "bytes=START-END, bytes=START- or bytes=-LENGTH")),
+    responses(
+        (status = 200, body = Binary, content_type = "application/octet-stream"),
+        (status = 206, body = Binary, content_type = "application/octet-stream"),
+        (status = 416, body = String, content_type = "text/plain"),
+        Refusals))]
+pub async fn download_firmware(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, firmware)): ApiPath<(Id, Id)>,
@@ -494,7 +655,10 @@ async fn download_firmware(
     )
 }
 
-async fn delete_firmware(
+#[utoipa::path(delete, path = "/api/v1/products/{product}/firmware/{firmware}", tag = "firmware",
+    security(("bearer" = [])), params(("product" = i64, Path), ("firmware" = i64, Path)),
+    responses((status = 204, description = "deleted"), Refusals))]
+pub async fn delete_firmware(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, firmware)): ApiPath<(Id, Id)>,

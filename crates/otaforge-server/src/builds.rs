@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use otaforge_store::model::*;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::auth::Operator;
@@ -27,9 +27,9 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/builds/{id}", get(show))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewBuildBody {
+pub struct NewBuildBody {
     fqbn: String,
     files: BTreeMap<String, String>,
     /// The device the result is assigned to (its serial), with `product_id`.
@@ -37,7 +37,31 @@ struct NewBuildBody {
     product_id: Option<Id>,
 }
 
-async fn create(
+/// A queued build.
+#[derive(Serialize, ToSchema)]
+pub struct Queued {
+    id: Id,
+    status: BuildStatus,
+}
+
+/// A build: its state, log and diagnostics.
+#[derive(Serialize, ToSchema)]
+pub struct BuildBody {
+    id: Id,
+    status: BuildStatus,
+    fqbn: String,
+    log: String,
+    diagnostics: Vec<Diagnostic>,
+    firmware_id: Option<Id>,
+    created_at: Millis,
+    started_at: Option<Millis>,
+    finished_at: Option<Millis>,
+}
+
+#[utoipa::path(post, path = "/api/v1/builds", tag = "builds", security(("bearer" = [])),
+    request_body = NewBuildBody,
+    responses((status = 202, body = Queued), crate::openapi::Refusals))]
+pub async fn create(
     State(state): State<AppState>,
     op: Operator,
     ApiJson(body): ApiJson<NewBuildBody>,
@@ -74,22 +98,34 @@ async fn create(
         .await?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({ "id": build.id, "status": build.status })),
+        axum::Json(Queued {
+            id: build.id,
+            status: build.status,
+        }),
     )
         .into_response())
 }
 
-async fn show(
+#[utoipa::path(get, path = "/api/v1/builds/{id}", tag = "builds", security(("bearer" = [])),
+    params(("id" = i64, Path)),
+    responses((status = 200, body = BuildBody), crate::openapi::Refusals))]
+pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(id): ApiPath<Id>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<BuildBody>> {
     let b = state.store().get_build(id).await?;
-    Ok(axum::Json(json!({
-        "id": b.id, "status": b.status, "fqbn": b.fqbn, "log": b.log,
-        "diagnostics": b.diagnostics, "firmware_id": b.firmware_id,
-        "created_at": b.created_at, "started_at": b.started_at, "finished_at": b.finished_at,
-    })))
+    Ok(axum::Json(BuildBody {
+        id: b.id,
+        status: b.status,
+        fqbn: b.fqbn,
+        log: b.log,
+        diagnostics: b.diagnostics,
+        firmware_id: b.firmware_id,
+        created_at: b.created_at,
+        started_at: b.started_at,
+        finished_at: b.finished_at,
+    }))
 }
 
 impl AppState {
@@ -179,7 +215,7 @@ async fn compile_build(
                 .store()
                 .device_by_id(id)
                 .await
-                .map_err(|e| plain(e.to_string()))?,
+                .map_err(|e| plain(crate::error::ApiError::from(e).message))?,
         ),
         None => None,
     };
@@ -293,7 +329,7 @@ async fn compile_build(
             .store()
             .set_device_firmware(device.id, Some(firmware.id))
             .await
-            .map_err(|e| plain(e.to_string()))?;
+            .map_err(|e| plain(crate::error::ApiError::from(e).message))?;
         state.inner.catalog.invalidate();
         let _ = state
             .store()

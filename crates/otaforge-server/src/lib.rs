@@ -195,7 +195,7 @@ pub fn router(state: AppState) -> Router {
         .merge(device::otadrive::routes())
         .merge(device::static_link::routes())
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .fallback(web::not_found)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("handler", "a handler panicked").into_response_boxed()
         }))

@@ -15,8 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use otaforge_store::model::*;
 use otaforge_store::{Store, StoreError};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use otaforge_protocol::UpdateResult;
 
@@ -412,9 +411,9 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/audit", get(audit))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewRolloutBody {
+pub struct NewRolloutBody {
     firmware_id: Id,
     #[serde(default)]
     target: RolloutTarget,
@@ -447,7 +446,11 @@ async fn select(state: &AppState, product: Id, target: &RolloutTarget) -> ApiRes
         .collect())
 }
 
-async fn create(
+#[utoipa::path(post, path = "/api/v1/products/{product}/rollouts", tag = "rollouts",
+    security(("bearer" = [])), params(("product" = i64, Path)), request_body = NewRolloutBody,
+    responses((status = 201, body = Created), (status = 200, description = "a dry run", body = DryRun),
+        crate::openapi::Refusals))]
+pub async fn create(
     State(state): State<AppState>,
     op: Operator,
     ApiPath(product): ApiPath<Id>,
@@ -502,28 +505,32 @@ async fn create(
             .get(id)
             .is_some_and(|d| d.telemetry.version.as_deref() != Some(firmware.version.as_str()))
     };
-    let preview: Vec<Value> = stages
+    let preview: Vec<StagePreview> = stages
         .iter()
         .enumerate()
         .map(|(i, ids)| {
             let updating = ids.iter().filter(|id| needs_bytes(id)).count() as i64;
-            json!({
-                "stage": i + 1,
-                "devices": ids.iter().filter_map(|id| by_id.get(id).map(|d| d.serial.clone())).collect::<Vec<_>>(),
-                "count": ids.len(),
-                "bytes": updating * firmware.size,
-            })
+            StagePreview {
+                stage: i + 1,
+                devices: ids
+                    .iter()
+                    .filter_map(|id| by_id.get(id).map(|d| d.serial.clone()))
+                    .collect(),
+                count: ids.len(),
+                bytes: updating * firmware.size,
+            }
         })
         .collect();
-    let total_bytes: i64 = preview
-        .iter()
-        .map(|s| s["bytes"].as_i64().unwrap_or(0))
-        .sum();
+    let total_bytes: i64 = preview.iter().map(|s| s.bytes).sum();
     if body.dry_run {
-        return Ok(axum::Json(json!({
-            "dry_run": true, "firmware": firmware.version, "total_devices": devices.len(),
-            "total_bytes": total_bytes, "stages": preview, "already_in_rollouts": busy.len(),
-        }))
+        return Ok(axum::Json(DryRun {
+            dry_run: true,
+            firmware: firmware.version.clone(),
+            total_devices: devices.len(),
+            total_bytes,
+            stages: preview,
+            already_in_rollouts: busy.len(),
+        })
         .into_response());
     }
     let by_id = &by_id;
@@ -565,58 +572,158 @@ async fn create(
         .await?;
     state.inner.rollouts.load(state.store()).await?;
     state.inner.catalog.invalidate();
-    let mut out = rollout_json(
-        &rollout,
-        &members
-            .iter()
-            .map(|(_, s, _)| (*s, MemberState::Pending))
-            .collect::<Vec<_>>(),
-    );
-    out["total_bytes"] = json!(total_bytes);
+    let out = Created {
+        rollout: RolloutBody::new(
+            &rollout,
+            &members
+                .iter()
+                .map(|(_, s, _)| (*s, MemberState::Pending))
+                .collect::<Vec<_>>(),
+        ),
+        total_bytes,
+    };
     Ok((StatusCode::CREATED, axum::Json(out)).into_response())
 }
 
-pub fn rollout_json(r: &Rollout, members: &[(i64, MemberState)]) -> Value {
-    let counts = rollout_plan::count(members.iter().copied());
-    let stages: Vec<Value> = r
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, spec)| {
-            let c = counts.get(&(i as i64)).copied().unwrap_or_default();
-            json!({
-                "stage": i + 1, "spec": spec, "devices": c.total, "pending": c.pending, "offered": c.offered,
-                "downloaded": c.downloaded, "succeeded": c.succeeded, "rolled_back": c.rolled_back,
-                "failed": c.failed, "rolled_back_to_previous": r.rolled_back_stages.contains(&(i as i64)),
-            })
-        })
-        .collect();
-    json!({
-        "id": r.id, "product_id": r.product_id, "firmware_id": r.firmware_id, "target": r.target,
-        "state": r.state, "current_stage": r.current_stage + 1, "rate_per_minute": r.rate_per_minute,
-        "message": r.message, "created_by": r.created_by, "created_at": r.created_at,
-        "updated_at": r.updated_at, "stages": stages,
-    })
+/// One stage of a dry run: who is in it and how many bytes it will move.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StagePreview {
+    stage: usize,
+    devices: Vec<String>,
+    count: usize,
+    bytes: i64,
 }
 
-async fn list(
-    State(state): State<AppState>,
-    _op: Operator,
-    ApiPath(product): ApiPath<Id>,
-) -> ApiResult<axum::Json<Value>> {
-    state.store().get_product(product).await?;
-    let mut out = Vec::new();
-    for r in state.store().list_rollouts(product).await? {
-        let members = state.store().rollout_members(r.id).await?;
-        out.push(rollout_json(
-            &r,
+/// What a rollout would do, without starting it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DryRun {
+    dry_run: bool,
+    firmware: String,
+    total_devices: usize,
+    total_bytes: i64,
+    stages: Vec<StagePreview>,
+    already_in_rollouts: usize,
+}
+
+/// One stage of a rollout and how its devices stand.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StageProgress {
+    stage: usize,
+    spec: StageSpec,
+    devices: u64,
+    pending: u64,
+    offered: u64,
+    downloaded: u64,
+    succeeded: u64,
+    rolled_back: u64,
+    failed: u64,
+    rolled_back_to_previous: bool,
+}
+
+/// A rollout with its stages' counts (read from the member rows).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RolloutBody {
+    id: Id,
+    product_id: Id,
+    firmware_id: Id,
+    target: RolloutTarget,
+    state: RolloutState,
+    /// 1-based.
+    current_stage: i64,
+    rate_per_minute: Option<i64>,
+    message: String,
+    created_by: String,
+    created_at: Millis,
+    updated_at: Millis,
+    stages: Vec<StageProgress>,
+}
+
+/// A started rollout and the bytes it will move.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Created {
+    #[serde(flatten)]
+    rollout: RolloutBody,
+    total_bytes: i64,
+}
+
+/// A member of a rollout.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MemberBody {
+    serial: Option<String>,
+    /// 1-based.
+    stage: i64,
+    state: MemberState,
+    from_version: Option<String>,
+    offered_at: Option<Millis>,
+    updated_at: Millis,
+    message: String,
+}
+
+impl RolloutBody {
+    pub fn new(r: &Rollout, members: &[(i64, MemberState)]) -> Self {
+        let counts = rollout_plan::count(members.iter().copied());
+        let stages = r
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let c = counts.get(&(i as i64)).copied().unwrap_or_default();
+                StageProgress {
+                    stage: i + 1,
+                    spec: spec.clone(),
+                    devices: c.total,
+                    pending: c.pending,
+                    offered: c.offered,
+                    downloaded: c.downloaded,
+                    succeeded: c.succeeded,
+                    rolled_back: c.rolled_back,
+                    failed: c.failed,
+                    rolled_back_to_previous: r.rolled_back_stages.contains(&(i as i64)),
+                }
+            })
+            .collect();
+        RolloutBody {
+            id: r.id,
+            product_id: r.product_id,
+            firmware_id: r.firmware_id,
+            target: r.target.clone(),
+            state: r.state,
+            current_stage: r.current_stage + 1,
+            rate_per_minute: r.rate_per_minute,
+            message: r.message.clone(),
+            created_by: r.created_by.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            stages,
+        }
+    }
+
+    fn of(r: &Rollout, members: &[RolloutMember]) -> Self {
+        Self::new(
+            r,
             &members
                 .iter()
                 .map(|m| (m.stage, m.state))
                 .collect::<Vec<_>>(),
-        ));
+        )
     }
-    Ok(axum::Json(Value::Array(out)))
+}
+
+#[utoipa::path(get, path = "/api/v1/products/{product}/rollouts", tag = "rollouts",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    responses((status = 200, body = [RolloutBody]), crate::openapi::Refusals))]
+pub async fn list(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath(product): ApiPath<Id>,
+) -> ApiResult<axum::Json<Vec<RolloutBody>>> {
+    state.store().get_product(product).await?;
+    let mut out = Vec::new();
+    for r in state.store().list_rollouts(product).await? {
+        let members = state.store().rollout_members(r.id).await?;
+        out.push(RolloutBody::of(&r, &members));
+    }
+    Ok(axum::Json(out))
 }
 
 async fn owned(state: &AppState, product: Id, rollout: Id) -> ApiResult<Rollout> {
@@ -627,27 +734,27 @@ async fn owned(state: &AppState, product: Id, rollout: Id) -> ApiResult<Rollout>
     Ok(r)
 }
 
-async fn show(
+#[utoipa::path(get, path = "/api/v1/products/{product}/rollouts/{rollout}", tag = "rollouts",
+    security(("bearer" = [])), params(("product" = i64, Path), ("rollout" = i64, Path)),
+    responses((status = 200, body = RolloutBody), crate::openapi::Refusals))]
+pub async fn show(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, rollout)): ApiPath<(Id, Id)>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<RolloutBody>> {
     let r = owned(&state, product, rollout).await?;
     let members = state.store().rollout_members(r.id).await?;
-    Ok(axum::Json(rollout_json(
-        &r,
-        &members
-            .iter()
-            .map(|m| (m.stage, m.state))
-            .collect::<Vec<_>>(),
-    )))
+    Ok(axum::Json(RolloutBody::of(&r, &members)))
 }
 
-async fn members(
+#[utoipa::path(get, path = "/api/v1/products/{product}/rollouts/{rollout}/devices", tag = "rollouts",
+    security(("bearer" = [])), params(("product" = i64, Path), ("rollout" = i64, Path)),
+    responses((status = 200, body = [MemberBody]), crate::openapi::Refusals))]
+pub async fn members(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, rollout)): ApiPath<(Id, Id)>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<Vec<MemberBody>>> {
     let r = owned(&state, product, rollout).await?;
     let devices: HashMap<Id, String> = state
         .store()
@@ -656,20 +763,22 @@ async fn members(
         .into_iter()
         .map(|d| (d.id, d.serial))
         .collect();
-    let list: Vec<Value> = state
+    let list = state
         .store()
         .rollout_members(r.id)
         .await?
         .into_iter()
-        .map(|m| {
-            json!({
-                "serial": devices.get(&m.device_id), "stage": m.stage + 1, "state": m.state,
-                "from_version": m.from_version, "offered_at": m.offered_at, "updated_at": m.updated_at,
-                "message": m.message,
-            })
+        .map(|m| MemberBody {
+            serial: devices.get(&m.device_id).cloned(),
+            stage: m.stage + 1,
+            state: m.state,
+            from_version: m.from_version,
+            offered_at: m.offered_at,
+            updated_at: m.updated_at,
+            message: m.message,
         })
         .collect();
-    Ok(axum::Json(Value::Array(list)))
+    Ok(axum::Json(list))
 }
 
 /// pause, resume, cancel, approve.
@@ -728,33 +837,40 @@ pub async fn apply_action(
     Ok(r)
 }
 
-async fn act(
+#[utoipa::path(post, path = "/api/v1/products/{product}/rollouts/{rollout}/{action}", tag = "rollouts",
+    security(("bearer" = [])),
+    params(("product" = i64, Path), ("rollout" = i64, Path),
+        ("action" = String, Path, description = "pause, resume, approve or cancel")),
+    responses((status = 200, body = RolloutBody), crate::openapi::Refusals))]
+pub async fn act(
     State(state): State<AppState>,
     op: Operator,
     ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<RolloutBody>> {
     let r = apply_action(&state, &op.0.username, product, rollout, &action).await?;
     let members = state.store().rollout_members(r.id).await?;
-    Ok(axum::Json(rollout_json(
-        &r,
-        &members
-            .iter()
-            .map(|m| (m.stage, m.state))
-            .collect::<Vec<_>>(),
-    )))
+    Ok(axum::Json(RolloutBody::of(&r, &members)))
 }
 
-async fn events(
+#[utoipa::path(get, path = "/api/v1/products/{product}/devices/{serial}/events", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path), ("serial" = String, Path)),
+    responses((status = 200, body = [DeviceEvent]), crate::openapi::Refusals))]
+pub async fn events(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<Vec<DeviceEvent>>> {
     let device = state.store().get_device(product, &serial).await?;
-    Ok(axum::Json(json!(
-        state.store().device_events(device.id, 200).await?
-    )))
+    Ok(axum::Json(
+        state.store().device_events(device.id, 200).await?,
+    ))
 }
 
-async fn audit(State(state): State<AppState>, _op: Operator) -> ApiResult<axum::Json<Value>> {
-    Ok(axum::Json(json!(state.store().audit_log(500).await?)))
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", security(("bearer" = [])),
+    responses((status = 200, body = [AuditEntry]), crate::openapi::Refusals))]
+pub async fn audit(
+    State(state): State<AppState>,
+    _op: Operator,
+) -> ApiResult<axum::Json<Vec<AuditEntry>>> {
+    Ok(axum::Json(state.store().audit_log(500).await?))
 }

@@ -96,6 +96,38 @@ fn message(status: StatusCode, title: &str, text: impl Into<String>, back: &str)
     r
 }
 
+/// An error as a page: the same kinds and messages as the API's, in HTML. Internal errors
+/// were logged where they were made and say only that.
+fn error_page(e: impl Into<ApiError>, back: &str) -> Response {
+    let e = e.into();
+    e.log();
+    let title = match e.status {
+        StatusCode::NOT_FOUND => "Not found",
+        StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => "Not allowed",
+        StatusCode::CONFLICT => "Conflict",
+        s if s.is_server_error() => "Something went wrong",
+        _ => "Not done",
+    };
+    message(e.status, title, e.message, back)
+}
+
+/// Unknown pages: a page for browsers, the API's JSON for everyone else.
+pub async fn not_found(headers: HeaderMap) -> Response {
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"));
+    if wants_html {
+        page_headers(error_page(
+            ApiError::not_found("there is no page at this address"),
+            "/",
+        ))
+        .await
+    } else {
+        ApiError::not_found("no such route").into_response()
+    }
+}
+
 // ---- sessions ----
 
 /// Who is looking at a page.
@@ -278,7 +310,7 @@ async fn start_session(
 ) -> Response {
     let (token, csrf) = match (random_secret(), random_secret()) {
         (Ok(t), Ok(c)) => (t, c),
-        (Err(e), _) | (_, Err(e)) => return e.into_response(),
+        (Err(e), _) | (_, Err(e)) => return error_page(e, "/login"),
     };
     let session = Session {
         user_id: user,
@@ -291,7 +323,7 @@ async fn start_session(
         .create_session(&digest(&token), &session)
         .await
     {
-        return ApiError::from(e).into_response();
+        return error_page(e, "/login");
     }
     let mut response = Redirect::to(to).into_response();
     let cookie = format!(
@@ -319,7 +351,7 @@ struct LoginPage {
 async fn login_page(State(state): State<AppState>) -> Response {
     let token = match random_secret() {
         Ok(t) => t,
-        Err(e) => return e.into_response(),
+        Err(e) => return error_page(e, "/login"),
     };
     let mut response = page(LoginPage {
         error: None,
@@ -391,7 +423,7 @@ async fn login(
                 start_session(&state, None, Some(device.id), &to).await
             }
             Ok(Err(refusal)) => refuse(status_of(refusal), refusal.message()),
-            Err(e) => e.into_response(),
+            Err(e) => error_page(e, "/login"),
         }
     } else {
         match state
@@ -400,7 +432,7 @@ async fn login(
         {
             Ok(Ok(user)) => start_session(&state, Some(user.id), None, "/").await,
             Ok(Err(refusal)) => refuse(status_of(refusal), refusal.message()),
-            Err(e) => e.into_response(),
+            Err(e) => error_page(e, "/login"),
         }
     }
 }
@@ -539,7 +571,7 @@ async fn create_product(
         Ok(a) => a,
         Err(r) => return r,
     };
-    match state.create_product(&actor, &form.name).await {
+    match state.create_product(&actor, form.name.trim()).await {
         Ok((p, key)) => page(Message {
             title: "Product created",
             paragraphs: vec![format!(
@@ -875,7 +907,7 @@ async fn create_group(
         Err(r) => return r,
     };
     let back = format!("/products/{product}");
-    match state.create_group(&actor, product, &form.name).await {
+    match state.create_group(&actor, product, form.name.trim()).await {
         Ok(g) => {
             Redirect::to(&notice_url(&back, &format!("group {} created", g.name))).into_response()
         }
@@ -943,7 +975,7 @@ async fn create_device(
     };
     let back = format!("/products/{product}");
     let spec = crate::core::fleet::DeviceSpec {
-        serial: form.serial,
+        serial: form.serial.trim().to_string(),
         group_id: None,
         password: form.password.filter(|p| !p.is_empty()),
         status: DeviceStatus::Verified,
@@ -1359,7 +1391,7 @@ async fn save(
         .save_revision(device.id, &form.fqbn, &files, &web.name())
         .await
     {
-        return ApiError::from(e).into_response();
+        return error_page(e, &back);
     }
     if form.action.as_deref() != Some("compile") {
         return Redirect::to(&with("notice", "saved")).into_response();
@@ -1408,9 +1440,9 @@ async fn add_file(
         .save_revision(device.id, &fqbn, &files, &web.name())
         .await
     {
-        return ApiError::from(e).into_response();
+        return error_page(e, &back);
     }
-    Redirect::to(&format!("{back}?file={name}")).into_response()
+    Redirect::to(&format!("{back}?file={}", query_value(&name))).into_response()
 }
 
 /// `GET .../builds/{id}.json?file=F`: the build's status, log and the diagnostics of file F.
@@ -1510,9 +1542,9 @@ async fn save_wifi(
             .await
         {
             Ok(()) => Redirect::to(&notice_url(&back, "Wi-Fi saved (encrypted)")).into_response(),
-            Err(e) => ApiError::from(e).into_response(),
+            Err(e) => error_page(e, &back),
         },
-        Err(e) => ApiError::internal("sealing", e).into_response(),
+        Err(e) => error_page(ApiError::internal("sealing", e), &back),
     }
 }
 

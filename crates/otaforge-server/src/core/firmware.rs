@@ -35,7 +35,8 @@ impl AppState {
         }
         let version = match (version, described.version) {
             (Some(v), _) => v,
-            (None, Some(v)) => v,
+            // What an image declares is a C string: its padding is not part of it.
+            (None, Some(v)) => v.trim().to_string(),
             (None, None) => {
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
@@ -46,11 +47,16 @@ impl AppState {
                 ));
             }
         };
-        let version = version.trim().to_string();
-        if version.is_empty() || version.len() > 31 || version.chars().any(|c| c.is_control()) {
+        // The rule the OpenAPI document states: 1 to 31 printable ASCII characters, no white
+        // space at either end (it fits `esp_app_desc_t.version`).
+        if version.is_empty()
+            || version.len() > 31
+            || !version.bytes().all(|b| (b' '..=b'~').contains(&b))
+            || version.trim() != version
+        {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "version must be 1 to 31 printable characters",
+                "version must be 1 to 31 printable ASCII characters, without white space at either end",
             ));
         }
         let sums = upload::digests(&bytes);

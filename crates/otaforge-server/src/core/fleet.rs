@@ -14,13 +14,20 @@ use axum::http::StatusCode;
 
 use crate::error::{ApiError, ApiResult};
 
-/// Names must be non-empty, at most 100 characters, with no control characters.
+/// Names are 1 to 100 characters, none of them control characters, and do not start or end
+/// with white space (forms trim what people type; the API takes names as they are). The
+/// OpenAPI document states the same rule as a pattern.
 pub fn check_name(what: &str, name: &str) -> ApiResult<String> {
-    let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("{what} must be 1 to 100 printable characters"),
+        ));
+    }
+    if name.trim() != name {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{what} must not start or end with white space"),
         ));
     }
     Ok(name.to_string())
@@ -40,12 +47,12 @@ pub fn check_serial(serial: &str) -> ApiResult<String> {
     Ok(serial.to_string())
 }
 
-/// Passwords: 1 to 128 bytes.
+/// Passwords: 1 to 128 characters.
 pub fn check_password(password: &str) -> ApiResult<()> {
-    if password.is_empty() || password.len() > 128 {
+    if password.is_empty() || password.chars().count() > 128 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "password must be 1 to 128 bytes",
+            "password must be 1 to 128 characters",
         ));
     }
     Ok(())
@@ -352,7 +359,7 @@ impl AppState {
         product: Id,
         spec: DeviceSpec,
     ) -> ApiResult<Device> {
-        let serial = check_serial(spec.serial.trim())?;
+        let serial = check_serial(&spec.serial)?;
         let password_hash = match spec.password {
             Some(p) => Some(hash_off_thread(p).await?),
             None => None,
