@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use otaforge_protocol::UpdateResult;
+
 use crate::model::{Id, MemberState, StageSize, StageSpec};
 use sha2::{Digest, Sha256};
 
@@ -263,5 +265,99 @@ mod tests {
         assert!(check_stages(&[spec(StageSize::Count(0))]).is_err());
         assert!(check_stages(&[]).is_err());
         assert!(check_stages(&[spec(StageSize::Count(10)), spec(StageSize::Rest)]).is_ok());
+    }
+}
+
+/// A member's move, as a conditional update: from one of `from` to `to`, so that however
+/// often a device reports the same thing it is counted once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub from: &'static [MemberState],
+    pub to: MemberState,
+}
+
+impl Transition {
+    /// The timeline event this move writes.
+    pub fn event(&self) -> &'static str {
+        match self.to {
+            MemberState::Succeeded => "installed",
+            MemberState::RolledBack => "rolled-back",
+            MemberState::Failed => "failed",
+            MemberState::Offered => "offered",
+            MemberState::Downloaded => "downloaded",
+            MemberState::Pending => "pending",
+        }
+    }
+}
+
+/// What a member's check-in means for it: running the rollout's firmware is a success (from
+/// any offered state, also after a rollback); a device that says it rolled back, or comes
+/// back on the old firmware after the whole new image was served (its stage not returned to
+/// the previous firmware on purpose), rolled back; one that says it failed, failed.
+pub fn member_transition(
+    state: MemberState,
+    runs_target: bool,
+    result: Option<&UpdateResult>,
+    stage_rolled_back: bool,
+) -> Option<Transition> {
+    use MemberState::*;
+    let t = if runs_target {
+        Transition {
+            from: &[Offered, Downloaded, RolledBack, Failed],
+            to: Succeeded,
+        }
+    } else if matches!(result, Some(UpdateResult::RolledBack { .. }))
+        || (state == Downloaded && !stage_rolled_back)
+    {
+        Transition {
+            from: &[Offered, Downloaded],
+            to: RolledBack,
+        }
+    } else if matches!(result, Some(UpdateResult::Failed { .. })) {
+        Transition {
+            from: &[Offered, Downloaded],
+            to: Failed,
+        }
+    } else {
+        return None;
+    };
+    (state != t.to && t.from.contains(&state)).then_some(t)
+}
+
+#[cfg(test)]
+mod transition_tests {
+    use super::*;
+    use MemberState::*;
+
+    #[test]
+    fn the_member_table() {
+        let failed = UpdateResult::Failed {
+            reason: "md5".into(),
+        };
+        let back = UpdateResult::RolledBack {
+            version: "1.0".into(),
+        };
+        let to =
+            |s, runs, r: Option<&UpdateResult>, rb| member_transition(s, runs, r, rb).map(|t| t.to);
+        assert_eq!(to(Offered, true, None, false), Some(Succeeded));
+        assert_eq!(to(RolledBack, true, None, false), Some(Succeeded));
+        assert_eq!(to(Succeeded, true, None, false), None, "counted once");
+        assert_eq!(to(Pending, true, None, false), None, "never offered");
+        assert_eq!(to(Downloaded, false, None, false), Some(RolledBack));
+        assert_eq!(
+            to(Downloaded, false, None, true),
+            None,
+            "returned on purpose"
+        );
+        assert_eq!(to(Offered, false, Some(&back), false), Some(RolledBack));
+        assert_eq!(to(Offered, false, Some(&failed), false), Some(Failed));
+        assert_eq!(to(Offered, false, None, false), None, "still downloading");
+        assert_eq!(to(Failed, false, Some(&failed), false), None);
+        assert_eq!(
+            member_transition(Offered, true, None, false)
+                .unwrap()
+                .event(),
+            "installed"
+        );
     }
 }

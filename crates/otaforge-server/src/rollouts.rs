@@ -228,46 +228,24 @@ impl AppState {
         };
         let result = feedback.and_then(|f| f.parse::<UpdateResult>().ok());
         let store = self.store();
-        let (from, to, kind, detail): (&[MemberState], MemberState, &str, String) =
-            if runs(&firmware, running) {
-                (
-                    &[
-                        MemberState::Offered,
-                        MemberState::Downloaded,
-                        MemberState::RolledBack,
-                        MemberState::Failed,
-                    ],
-                    MemberState::Succeeded,
-                    "installed",
-                    format!("running {}", firmware.version),
-                )
-            } else if matches!(result, Some(UpdateResult::RolledBack { .. }))
-                || (member.state == MemberState::Downloaded
-                    && !rollout.rolled_back_stages.contains(&member.stage))
-            {
-                (
-                    &[MemberState::Offered, MemberState::Downloaded],
-                    MemberState::RolledBack,
-                    "rolled-back",
-                    format!(
-                        "back on {} after {}",
-                        running.version.unwrap_or("?"),
-                        firmware.version
-                    ),
-                )
-            } else if let Some(UpdateResult::Failed { reason }) = &result {
-                (
-                    &[MemberState::Offered, MemberState::Downloaded],
-                    MemberState::Failed,
-                    "failed",
-                    reason.trim().to_string(),
-                )
-            } else {
-                return;
-            };
-        if member.state == to {
+        let Some(transition) = rollout_plan::member_transition(
+            member.state,
+            runs(&firmware, running),
+            result.as_ref(),
+            rollout.rolled_back_stages.contains(&member.stage),
+        ) else {
             return;
-        }
+        };
+        let (from, to, kind) = (transition.from, transition.to, transition.event());
+        let detail = match (&result, to) {
+            (_, MemberState::Succeeded) => format!("running {}", firmware.version),
+            (Some(UpdateResult::Failed { reason }), MemberState::Failed) => reason.clone(),
+            _ => format!(
+                "back on {} after {}",
+                running.version.unwrap_or("?"),
+                firmware.version
+            ),
+        };
         match store
             .move_member(rollout.id, device.id, from, to, &detail)
             .await

@@ -17,6 +17,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use otaforge_store::model::*;
 use serde::Deserialize;
 
@@ -148,26 +149,33 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
 
 /// The value of the cookie `name`, if the request carries it.
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
+    CookieJar::from_headers(headers)
+        .get(name)
+        .map(|c| c.value().to_string())
 }
 
 /// The sign-in form's CSRF cookie (double submit: the form carries the same value).
 const LOGIN_COOKIE: &str = "otaforge_login";
 
-/// Cookie attributes: HttpOnly and SameSite=Strict always, Secure when the server is
-/// reached over https.
-fn cookie_attributes(state: &AppState) -> &'static str {
-    if state.config().public_url().starts_with("https://") {
-        "HttpOnly; SameSite=Strict; Secure"
-    } else {
-        "HttpOnly; SameSite=Strict"
+/// A cookie as every cookie of the pages is set: HttpOnly and SameSite=Strict always,
+/// Secure when the server is reached over https; `max_age` 0 removes it.
+fn set_cookie(
+    state: &AppState,
+    response: &mut Response,
+    name: &'static str,
+    value: String,
+    path: &'static str,
+    max_age: Duration,
+) {
+    let cookie = Cookie::build((name, value))
+        .path(path)
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(state.config().public_url().starts_with("https://"))
+        .max_age(cookie::time::Duration::seconds(max_age.as_secs() as i64))
+        .build();
+    if let Ok(v) = HeaderValue::from_str(&cookie.to_string()) {
+        response.headers_mut().append(header::SET_COOKIE, v);
     }
 }
 
@@ -326,14 +334,7 @@ async fn start_session(
         return error_page(e, "/login");
     }
     let mut response = Redirect::to(to).into_response();
-    let cookie = format!(
-        "{COOKIE}={token}; Path=/; {}; Max-Age={}",
-        cookie_attributes(state),
-        SESSION_TTL.as_secs()
-    );
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, v);
-    }
+    set_cookie(state, &mut response, COOKIE, token, "/", SESSION_TTL);
     response
 }
 
@@ -359,13 +360,14 @@ async fn login_page(State(state): State<AppState>) -> Response {
         username: String::new(),
         csrf: token.clone(),
     });
-    let cookie = format!(
-        "{LOGIN_COOKIE}={token}; Path=/login; {}; Max-Age=3600",
-        cookie_attributes(&state)
+    set_cookie(
+        &state,
+        &mut response,
+        LOGIN_COOKIE,
+        token,
+        "/login",
+        Duration::from_secs(3600),
     );
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, v);
-    }
     response
 }
 
@@ -455,10 +457,7 @@ async fn logout(
         let _ = state.store().delete_session(&digest(&token)).await;
     }
     let mut r = Redirect::to("/login").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("otaforge_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    set_cookie(&state, &mut r, COOKIE, String::new(), "/", Duration::ZERO);
     r
 }
 

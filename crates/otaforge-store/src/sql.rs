@@ -1367,7 +1367,15 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
-        migrate(&write, SQLITE_MIGRATIONS, "BEGIN IMMEDIATE", None).await?;
+        {
+            // sqlx's migrator takes no lock on SQLite: two processes opening one file at
+            // once (`serve` and `worker`) take turns through an advisory lock on the file.
+            let file = std::fs::File::open(path)
+                .map_err(|e| StoreError::Invalid(format!("opening {}: {e}", path.display())))?;
+            file.lock()
+                .map_err(|e| StoreError::Invalid(format!("locking {}: {e}", path.display())))?;
+            migrate(&write, SQLITE_MIGRATIONS).await?;
+        }
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -1390,13 +1398,7 @@ impl PgStore {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await?;
-        migrate(
-            &pool,
-            POSTGRES_MIGRATIONS,
-            "BEGIN",
-            Some("SELECT pg_advisory_xact_lock(7305736)"),
-        )
-        .await?;
+        migrate(&pool, POSTGRES_MIGRATIONS).await?;
         Ok(PgStore {
             read: pool.clone(),
             write: pool,
@@ -1419,86 +1421,134 @@ sql_store!(
     "BEGIN"
 );
 
-/// Each backend's migrations, in order: version N is the N-th file.
-const SQLITE_MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/sqlite.sql"),
-    include_str!("../migrations/sqlite_2.sql"),
-    include_str!("../migrations/sqlite_3.sql"),
-    include_str!("../migrations/sqlite_4.sql"),
+/// Each backend's migrations, in order: version N is the N-th entry.
+const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "users products groups devices firmware resources",
+        include_str!("../migrations/sqlite.sql"),
+    ),
+    (
+        "sessions sketches builds",
+        include_str!("../migrations/sqlite_2.sql"),
+    ),
+    (
+        "rollouts events audit",
+        include_str!("../migrations/sqlite_3.sql"),
+    ),
+    ("token expiry", include_str!("../migrations/sqlite_4.sql")),
 ];
-const POSTGRES_MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/postgres.sql"),
-    include_str!("../migrations/postgres_2.sql"),
-    include_str!("../migrations/postgres_3.sql"),
-    include_str!("../migrations/postgres_4.sql"),
+const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "users products groups devices firmware resources",
+        include_str!("../migrations/postgres.sql"),
+    ),
+    (
+        "sessions sketches builds",
+        include_str!("../migrations/postgres_2.sql"),
+    ),
+    (
+        "rollouts events audit",
+        include_str!("../migrations/postgres_3.sql"),
+    ),
+    ("token expiry", include_str!("../migrations/postgres_4.sql")),
 ];
 
-/// Brings the schema up to date, one transaction per version; a database at a higher
-/// version than this build knows is refused.
+/// sqlx's migrator over one backend's embedded migrations (no macros: the SQL is
+/// `include_str!`-ed above, so nothing is read from disk at run time).
+fn migrator(sources: &'static [(&'static str, &'static str)]) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    use std::borrow::Cow;
+    let migrations: Vec<Migration> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, (description, sql))| {
+            Migration::new(
+                i as i64 + 1,
+                Cow::Borrowed(*description),
+                MigrationType::Simple,
+                Cow::Borrowed(*sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// Brings the schema up to date with sqlx's migrator (one transaction per version, recorded
+/// in `_sqlx_migrations` with its checksum); a database with a version this build does not
+/// know is refused. A database made before the migrator (versions in `schema_version`) is
+/// adopted first: its applied versions are recorded as applied.
 async fn migrate<DB>(
     pool: &sqlx::Pool<DB>,
-    migrations: &[&str],
-    begin: &'static str,
-    lock: Option<&'static str>,
+    sources: &'static [(&'static str, &'static str)],
 ) -> Result<()>
 where
     DB: sqlx::Database,
+    DB::Connection: sqlx::migrate::Migrate,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    i64: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'r> sqlx::Decode<'r, DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
     use sqlx::Executor;
-    pool.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-        .await?;
-    let mut tx = pool.begin_with(begin).await?;
-    let current: Option<i64> = match (&mut *tx)
+    use sqlx::migrate::Migrate;
+    let migrator = migrator(sources);
+    let legacy: Option<Option<i64>> = match pool
         .fetch_optional("SELECT MAX(version) FROM schema_version")
-        .await?
+        .await
     {
-        Some(row) => row.try_get::<Option<i64>, _>(0usize)?,
-        None => None,
+        Ok(Some(row)) => Some(row.try_get::<Option<i64>, _>(0usize)?),
+        Ok(None) => Some(None),
+        // No such table: a new database, or one the migrator made.
+        Err(_) => None,
     };
-    let current = current.unwrap_or(0);
-    let latest = migrations.len() as i64;
-    if current > latest {
-        return Err(StoreError::Invalid(format!(
-            "the database schema is version {current}, newer than this build's {latest}"
-        )));
-    }
-    tx.commit().await?;
-    for (index, schema) in migrations.iter().enumerate().skip(current as usize) {
-        let version = index as i64 + 1;
-        let mut tx = pool.begin_with(begin).await?;
-        if let Some(lock) = lock {
-            (&mut *tx).execute(lock).await?;
+    if let Some(done) = legacy {
+        let done = done.unwrap_or(0);
+        if done > sources.len() as i64 {
+            return Err(StoreError::Invalid(format!(
+                "the database schema is version {done}, newer than this build's {}",
+                sources.len()
+            )));
         }
-        // Another process may have applied it meanwhile.
-        let done: Option<i64> = match (&mut *tx)
-            .fetch_optional("SELECT MAX(version) FROM schema_version")
-            .await?
-        {
-            Some(row) => row.try_get::<Option<i64>, _>(0usize)?,
-            None => None,
-        };
-        if done.unwrap_or(0) >= version {
-            continue;
-        }
-        for statement in schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            let statement: String = statement
-                .lines()
-                .filter(|l| !l.trim_start().starts_with("--"))
-                .collect::<Vec<_>>()
-                .join("\n");
-            if statement.trim().is_empty() {
+        let mut conn = pool.acquire().await?;
+        conn.lock().await.map_err(migrate_error)?;
+        conn.ensure_migrations_table()
+            .await
+            .map_err(migrate_error)?;
+        let applied = conn
+            .list_applied_migrations()
+            .await
+            .map_err(migrate_error)?;
+        for m in migrator.iter().filter(|m| m.version <= done) {
+            if applied.iter().any(|a| a.version == m.version) {
                 continue;
             }
-            (&mut *tx).execute(statement.as_str()).await?;
-        }
-        (&mut *tx)
-            .execute(format!("INSERT INTO schema_version (version) VALUES ({version})").as_str())
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                 VALUES ($1, $2, $3, $4, 0)",
+            )
+            .bind(m.version)
+            .bind(m.description.to_string())
+            .bind(true)
+            .bind(m.checksum.to_vec())
+            .execute(&mut *conn)
             .await?;
-        tx.commit().await?;
+        }
+        (&mut *conn).execute("DROP TABLE schema_version").await?;
+        conn.unlock().await.map_err(migrate_error)?;
     }
+    migrator.run(pool).await.map_err(migrate_error)?;
     Ok(())
+}
+
+fn migrate_error(e: sqlx::migrate::MigrateError) -> StoreError {
+    StoreError::Invalid(format!("bringing the database schema up to date: {e}"))
 }

@@ -551,3 +551,131 @@ async fn suite(store: &dyn Store) {
     assert!(!store.blob_in_use(&"c".repeat(64)).await.unwrap());
     not_found(store.delete_product(p.id).await);
 }
+
+/// Runs schema files the way the store did before it used sqlx's migrator, recording
+/// versions in `schema_version`.
+async fn legacy_schema<DB>(pool: &sqlx::Pool<DB>, files: &[&str])
+where
+    DB: sqlx::Database,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+{
+    use sqlx::Executor;
+    pool.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+        .await
+        .unwrap();
+    for (i, file) in files.iter().enumerate() {
+        for statement in file.split(';') {
+            let statement: String = statement
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if !statement.trim().is_empty() {
+                pool.execute(statement.as_str()).await.unwrap();
+            }
+        }
+        pool.execute(format!("INSERT INTO schema_version (version) VALUES ({})", i + 1).as_str())
+            .await
+            .unwrap();
+    }
+}
+
+/// A database made before the store used sqlx's migrator (versions 1 to 3 in
+/// `schema_version`, with data) is adopted: nothing is re-applied, version 4 runs, the data
+/// is there, and a second open changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_from_before_the_migrator_are_adopted() {
+    let dir = std::env::temp_dir().join(format!("otaforge-legacy-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("old.db");
+    let url = format!("sqlite://{}", file.display());
+    {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&file)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        legacy_schema(
+            &pool,
+            &[
+                include_str!("../migrations/sqlite.sql"),
+                include_str!("../migrations/sqlite_2.sql"),
+                include_str!("../migrations/sqlite_3.sql"),
+            ],
+        )
+        .await;
+        sqlx::query("INSERT INTO users (username, password_hash, is_admin, created_at) VALUES ('old', 'h', 1, 0)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO api_tokens (digest, user_id, created_at) VALUES ('d', 1, $1)")
+            .bind(now_millis())
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    for _ in 0..2 {
+        let store = otaforge_store::open(&url).await.unwrap();
+        assert_eq!(store.user_by_name("old").await.unwrap().unwrap().id, 1);
+        // Version 4 gave the old token 30 days.
+        assert_eq!(
+            store.user_by_token("d").await.unwrap().unwrap().username,
+            "old"
+        );
+        // The schema takes new rows after the adoption.
+        store
+            .create_user(&format!("new-{}", unique()), "h", false)
+            .await
+            .unwrap();
+    }
+    // A version this build does not know (a newer server wrote it): refused, not guessed.
+    {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (99, 'future', 1, x'00', 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let refused = otaforge_store::open(&url).await.err().expect("refused");
+    assert!(refused.to_string().contains("99"), "{refused}");
+    let _ = std::fs::remove_dir_all(dir);
+
+    let (name, admin) = {
+        use sqlx::Executor;
+        let admin = pg_admin_url();
+        let name = format!("otaforge_legacy_{}", unique());
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        pool.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        pool.close().await;
+        (name, admin)
+    };
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        legacy_schema(
+            &pool,
+            &[
+                include_str!("../migrations/postgres.sql"),
+                include_str!("../migrations/postgres_2.sql"),
+                include_str!("../migrations/postgres_3.sql"),
+            ],
+        )
+        .await;
+        sqlx::query("INSERT INTO users (username, password_hash, is_admin, created_at) VALUES ('old', 'h', 1, 0)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    for _ in 0..2 {
+        let store = otaforge_store::open(&url).await.unwrap();
+        assert!(store.user_by_name("old").await.unwrap().is_some());
+    }
+    drop_pg(&name).await;
+}

@@ -182,6 +182,8 @@ pub struct PasswordGuard {
     hashing: Semaphore,
     hashers: OnceLock<Hashers>,
     permits: usize,
+    /// argon2 runs so far (the timing rule is that an unknown name costs one too).
+    runs: std::sync::atomic::AtomicU64,
     /// Digests of (stored hash, password) pairs that verified.
     verified: Mutex<HashMap<[u8; 32], ()>>,
     dummy: OnceLock<String>,
@@ -206,6 +208,7 @@ impl PasswordGuard {
             hashing: Semaphore::new(permits),
             hashers: OnceLock::new(),
             permits,
+            runs: Default::default(),
             verified: Mutex::new(HashMap::new()),
             dummy: OnceLock::new(),
         }
@@ -253,6 +256,7 @@ impl PasswordGuard {
             None => self.dummy_hash().await,
         };
         let hashers = self.hashers.get_or_init(|| Hashers::start(self.permits));
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ok = hashers.verify(password.to_string(), phc.clone()).await && stored.is_some();
         drop(permit);
         if ok {
@@ -264,6 +268,11 @@ impl PasswordGuard {
             verified.insert(Self::remembered_key(password, &phc), ());
         }
         Ok(ok)
+    }
+
+    /// How many argon2 checks ran.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A hash of a random password with the same parameters as real ones, made once.
@@ -331,10 +340,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_names_never_match() {
+    async fn unknown_names_never_match_and_cost_a_hash_like_wrong_passwords() {
         let guard = PasswordGuard::with_permits(1);
         let peer: IpAddr = "127.0.0.11".parse().unwrap();
         assert_eq!(guard.check("nobody", peer, "", None).await, Ok(false));
+        assert_eq!(
+            guard.runs(),
+            1,
+            "an unknown name is hashed like a known one"
+        );
         assert_eq!(guard.check("nobody", peer, "x", None).await, Ok(false));
+        assert_eq!(guard.runs(), 2);
+        let phc = hash_password("right").unwrap();
+        assert_eq!(
+            guard.check("known", peer, "wrong", Some(&phc)).await,
+            Ok(false)
+        );
+        assert_eq!(guard.runs(), 3);
+        assert_eq!(
+            guard.check("known", peer, "right", Some(&phc)).await,
+            Ok(true)
+        );
+        assert_eq!(
+            guard.check("known", peer, "right", Some(&phc)).await,
+            Ok(true)
+        );
+        assert_eq!(guard.runs(), 4, "a remembered password costs no hash");
     }
 }
