@@ -67,17 +67,6 @@ pub async fn create(
     ApiJson(body): ApiJson<NewBuildBody>,
 ) -> ApiResult<Response> {
     let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
-    compile::check_fqbn(&body.fqbn).map_err(unprocessable)?;
-    if body.files.is_empty() || body.files.len() > 32 {
-        return Err(unprocessable("files must hold 1 to 32 sketch files".into()));
-    }
-    for (name, content) in &body.files {
-        compile::check_file_name(name).map_err(unprocessable)?;
-        if content.len() > 512 * 1024 {
-            return Err(unprocessable(format!("{name} is larger than 512 KiB")));
-        }
-    }
-    compile::main_file(&body.files).map_err(unprocessable)?;
     let device = match (&body.device, body.product_id) {
         (Some(serial), Some(product)) => Some(state.store().get_device(product, serial).await?),
         (Some(_), None) => return Err(unprocessable("device needs product_id".into())),
@@ -130,9 +119,13 @@ pub async fn show(
 
 impl AppState {
     /// Queues a build and wakes a worker.
-    /// Queues a build. At most `MAX_PENDING_BUILDS` may wait or run per device and per
-    /// requester, so one bot cannot hold the workers.
+    /// Queues a build: the one place a build is checked (board, files), capped (at most
+    /// `MAX_PENDING_BUILDS` waiting or running per device and per requester, so one bot
+    /// cannot hold the workers) and audited.
     pub(crate) async fn queue_build(&self, new: NewBuild) -> crate::error::ApiResult<Build> {
+        check_sketch(&new.fqbn, &new.files)?;
+        compile::main_file(&new.files)
+            .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m))?;
         let pending = self
             .store()
             .count_pending_builds(new.device_id, &new.requested_by)
@@ -145,10 +138,35 @@ impl AppState {
                 ),
             ));
         }
+        let (who, fqbn) = (new.requested_by.clone(), new.fqbn.clone());
         let build = self.store().create_build(new).await?;
         self.inner.builds_ready.notify_one();
+        if let Err(e) = self
+            .store()
+            .audit(&who, "queued build", &format!("build {}", build.id), &fqbn)
+            .await
+        {
+            tracing::warn!(error = %e, "writing the audit log failed");
+        }
         Ok(build)
     }
+}
+
+/// What a sketch must be to be saved or built: a known board name, 1 to 32 files with sketch
+/// file names, each at most 512 KiB.
+pub fn check_sketch(fqbn: &str, files: &BTreeMap<String, String>) -> crate::error::ApiResult<()> {
+    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    compile::check_fqbn(fqbn).map_err(unprocessable)?;
+    if files.is_empty() || files.len() > 32 {
+        return Err(unprocessable("a sketch has 1 to 32 files".into()));
+    }
+    for (name, content) in files {
+        compile::check_file_name(name).map_err(unprocessable)?;
+        if content.len() > 512 * 1024 {
+            return Err(unprocessable(format!("{name} is larger than 512 KiB")));
+        }
+    }
+    Ok(())
 }
 
 /// Builds that may wait or run at once per device and per requester.
@@ -215,7 +233,7 @@ async fn compile_build(
                 .store()
                 .device_by_id(id)
                 .await
-                .map_err(|e| plain(crate::error::ApiError::from(e).message))?,
+                .map_err(|e| plain(crate::error::ApiError::from(e).into_message()))?,
         ),
         None => None,
     };
@@ -313,7 +331,7 @@ async fn compile_build(
             personal_to,
         )
         .await
-        .map_err(|e| plain(e.message))?;
+        .map_err(|e| plain(e.into_message()))?;
     let _ = state
         .store()
         .append_build_log(
@@ -329,7 +347,7 @@ async fn compile_build(
             .store()
             .set_device_firmware(device.id, Some(firmware.id))
             .await
-            .map_err(|e| plain(crate::error::ApiError::from(e).message))?;
+            .map_err(|e| plain(crate::error::ApiError::from(e).into_message()))?;
         state.inner.catalog.invalidate();
         let _ = state
             .store()

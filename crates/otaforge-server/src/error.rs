@@ -10,6 +10,8 @@ use otaforge_store::StoreError;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// What really happened, for the log only (internal errors).
+    detail: Option<String>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -19,6 +21,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            detail: None,
         }
     }
 
@@ -38,12 +41,22 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, message)
     }
 
+    /// An internal error: clients see only that it happened; the log gets what it was, once,
+    /// where the response is made (`log`).
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %err, "{context}");
-        Self::new(
+        let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal error; see the server log",
-        )
+        );
+        e.detail = Some(format!("{context}: {err}"));
+        e
+    }
+
+    /// The client's message, for places that answer with text of their own (a build log);
+    /// what is behind it is logged here.
+    pub fn into_message(self) -> String {
+        self.log();
+        self.message
     }
 }
 
@@ -60,7 +73,9 @@ impl From<StoreError> for ApiError {
 impl ApiError {
     /// Logs the error once, where its response is made.
     pub fn log(&self) {
-        if self.status.is_server_error() {
+        if let Some(detail) = &self.detail {
+            tracing::error!(status = %self.status, error = %detail, "request failed");
+        } else if self.status.is_server_error() {
             tracing::warn!(status = %self.status, message = %self.message, "request failed");
         } else {
             tracing::debug!(status = %self.status, message = %self.message, "request refused");

@@ -160,8 +160,8 @@ impl AppState {
         if self.inner.store.count_users().await? > 0 {
             return Ok(None);
         }
-        let password = auth::random_secret().map_err(|e| anyhow::anyhow!(e.message))?;
-        let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!(e.message))?;
+        let password = auth::random_secret().map_err(|e| anyhow::anyhow!(e.into_message()))?;
+        let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!(e.into_message()))?;
         match self.inner.store.create_user("admin", &hash, true).await {
             Ok(_) => Ok(Some(password)),
             // Another process created it first.

@@ -101,7 +101,6 @@ fn message(status: StatusCode, title: &str, text: impl Into<String>, back: &str)
 /// were logged where they were made and say only that.
 fn error_page(e: impl Into<ApiError>, back: &str) -> Response {
     let e = e.into();
-    e.log();
     let title = match e.status {
         StatusCode::NOT_FOUND => "Not found",
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => "Not allowed",
@@ -109,6 +108,12 @@ fn error_page(e: impl Into<ApiError>, back: &str) -> Response {
         s if s.is_server_error() => "Something went wrong",
         _ => "Not done",
     };
+    titled_error(e, title, back)
+}
+
+/// An error of an operation as a page with its own title (logged like every error).
+fn titled_error(e: ApiError, title: &str, back: &str) -> Response {
+    e.log();
     message(e.status, title, e.message, back)
 }
 
@@ -580,7 +585,7 @@ async fn create_product(
             code: Some(key),
             back: &format!("/products/{}", p.id),
         }),
-        Err(e) => message(e.status, "Not created", e.message, "/"),
+        Err(e) => titled_error(e, "Not created", "/"),
     }
 }
 
@@ -866,7 +871,7 @@ async fn rollout_action(
     let back = format!("/products/{product}/rollouts/{rollout}");
     match crate::rollouts::apply_action(&state, &web.name(), product, rollout, &action).await {
         Ok(_) => Redirect::to(&back).into_response(),
-        Err(e) => message(e.status, "Not done", e.message, &back),
+        Err(e) => titled_error(e, "Not done", &back),
     }
 }
 
@@ -910,7 +915,7 @@ async fn create_group(
         Ok(g) => {
             Redirect::to(&notice_url(&back, &format!("group {} created", g.name))).into_response()
         }
-        Err(e) => message(e.status, "Not created", e.message, &back),
+        Err(e) => titled_error(e, "Not created", &back),
     }
 }
 
@@ -951,7 +956,7 @@ async fn assign(
     };
     match state.change_group(&actor, product, group, change).await {
         Ok(_) => Redirect::to(&notice_url(&back, "firmware assigned")).into_response(),
-        Err(e) => message(e.status, "Not assigned", e.message, &back),
+        Err(e) => titled_error(e, "Not assigned", &back),
     }
 }
 
@@ -985,7 +990,7 @@ async fn create_device(
             &format!("device {} registered", d.serial),
         ))
         .into_response(),
-        Err(e) => message(e.status, "Not registered", e.message, &back),
+        Err(e) => titled_error(e, "Not registered", &back),
     }
 }
 
@@ -1024,7 +1029,7 @@ async fn set_status(
             &format!("{serial} is now {}", status.as_str()),
         ))
         .into_response(),
-        Err(e) => message(e.status, "Not changed", e.message, &back),
+        Err(e) => titled_error(e, "Not changed", &back),
     }
 }
 
@@ -1112,7 +1117,7 @@ async fn upload_firmware(
             &format!("firmware {} uploaded", f.version),
         ))
         .into_response(),
-        Err(e) => message(e.status, "Upload refused", e.message, &back),
+        Err(e) => titled_error(e, "Upload refused", &back),
     }
 }
 
@@ -1375,16 +1380,11 @@ async fn save(
             1,
         )
     };
-    if let Err(e) =
-        compile::check_fqbn(&form.fqbn).and_then(|_| compile::check_file_name(&form.file))
-    {
-        return Redirect::to(&with("error", &e)).into_response();
-    }
-    if form.sketch.len() > 512 * 1024 {
-        return Redirect::to(&with("error", "a file may have at most 512 KiB")).into_response();
-    }
     let (_, mut files) = current_sketch(&state, &device).await;
     files.insert(form.file.clone(), form.sketch.replace("\r\n", "\n"));
+    if let Err(e) = crate::builds::check_sketch(&form.fqbn, &files) {
+        return Redirect::to(&with("error", &e.message)).into_response();
+    }
     if let Err(e) = state
         .store()
         .save_revision(device.id, &form.fqbn, &files, &web.name())
@@ -1411,7 +1411,7 @@ async fn save(
             b.id
         ))
         .into_response(),
-        Err(e) => Redirect::to(&with("error", &e.message)).into_response(),
+        Err(e) => Redirect::to(&with("error", &e.into_message())).into_response(),
     }
 }
 
@@ -1582,7 +1582,7 @@ async fn setup_firmware(
             .await;
         return match build {
             Ok(b) => Redirect::to(&format!("{back}?build={}", b.id)).into_response(),
-            Err(e) => redirect_error(&back, &e.message),
+            Err(e) => redirect_error(&back, &e.into_message()),
         };
     }
     (

@@ -1231,6 +1231,73 @@ async fn esp8266_rules_story(backend: Backend) {
 }
 on_both_backends!(esp8266_rules, esp8266_rules_story);
 
+/// A gzip upload (ESP8266 boards inflate it while flashing) is compared by the MD5 of the
+/// inflated image, which is what the board reports once it runs it.
+async fn gzip_upload_story(backend: Backend) {
+    use std::io::Write;
+    let server = Server::start(backend).await;
+    let (pid, key, group) = server.product("lamps").await;
+    let image = esp8266_bin(0x33);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&image).unwrap();
+    let gz = gz.finish().unwrap();
+    let (status, fw) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware?version=3.0.0"),
+            gz.clone(),
+        )
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(fw["format"], "gzip");
+    assert_eq!(fw["metadata"]["chip"], "esp8266");
+    assert_eq!(fw["metadata"]["installed_md5"], md5_hex(&image));
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+    server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "777"})),
+        )
+        .await;
+    let poll = |md5: &str| {
+        format!(
+            "GET /deviceapi/update?k={key}&v=2.0.0&s=777 HTTP/1.1\r\nHost: x\r\n\
+             x-ESP8266-Chip-ID: 777\r\nx-ESP8266-sketch-md5: {md5}\r\nx-check-sketch-md5: 1\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .into_bytes()
+    };
+    let r = server.raw(&poll("0123456789abcdef0123456789abcdef")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, gz, "the compressed bytes, as uploaded");
+    assert_eq!(
+        r.header("x-md5").unwrap(),
+        md5_hex(&gz),
+        "x-MD5 is of the bytes sent"
+    );
+    let r = server.raw(&poll(&md5_hex(&image))).await;
+    assert_eq!(r.status, 304, "running the inflated image: up to date");
+    // A gzip file that is not valid gzip is refused, naming the problem.
+    let mut broken = gz.clone();
+    broken.truncate(gz.len() / 2);
+    let (status, body) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware?version=3.0.1"),
+            broken,
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("gzip"), "{body}");
+    server.finish().await;
+}
+on_both_backends!(gzip_upload, gzip_upload_story);
+
 /// Bearer tokens expire, are listed without the secret, and can be revoked.
 async fn tokens_story(backend: Backend) {
     let server = Server::start(backend).await;

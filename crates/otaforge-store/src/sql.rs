@@ -1071,11 +1071,14 @@ macro_rules! sql_store {
 
             async fn claim_build(&self, worker: &str) -> Result<Option<Build>> {
                 // The status test in the UPDATE makes the claim atomic: of two workers that
-                // picked the same id, one updates no row and tries again later.
+                // picked the same id, one updates no row and tries again later. Fair: the
+                // oldest build of the requester with the fewest builds running goes first.
                 let row = sqlx::query(&format!(
                     "UPDATE builds SET status = 'running', worker = $1, started_at = $2 \
                      WHERE status = 'queued' AND id = \
-                     (SELECT id FROM builds WHERE status = 'queued' ORDER BY id LIMIT 1) \
+                     (SELECT q.id FROM builds q WHERE q.status = 'queued' ORDER BY \
+                      (SELECT COUNT(*) FROM builds r WHERE r.status = 'running' \
+                       AND r.requested_by = q.requested_by), q.id LIMIT 1) \
                      RETURNING {BUILD_COLS}"
                 ))
                 .bind(worker)

@@ -106,7 +106,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_build(&self, id: Id) -> Result<Build>;
     /// Newest first.
     async fn list_builds(&self, device_id: Id, limit: i64) -> Result<Vec<Build>>;
-    /// Takes the oldest queued build for `worker`, if any. Two workers never get the same one.
+    /// Takes a queued build for `worker`, if any: the oldest of the requester with the fewest
+    /// builds running. Two workers never get the same one.
     async fn claim_build(&self, worker: &str) -> Result<Option<Build>>;
     /// Builds queued or running for this device or requested by this name.
     async fn count_pending_builds(&self, device_id: Option<Id>, requested_by: &str) -> Result<i64>;

@@ -101,12 +101,14 @@ pub struct Admitted {
 
 impl AppState {
     /// The check-in: identify, authenticate, record, observe, pick, decide, prepare.
-    pub async fn check_in(&self, req: CheckIn<'_>) -> ApiResult<Answer> {
+    pub async fn check_in(&self, mut req: CheckIn<'_>) -> ApiResult<Answer> {
         let (product, device, by_password) = match self.identify(&req).await? {
             Ok(found) => found,
             Err(refusal) => return Ok(Answer::Unauthorized(refusal)),
         };
-        self.inner.telemetry.record(device.id, req.report.clone());
+        self.inner
+            .telemetry
+            .record(device.id, std::mem::take(&mut req.report));
         if device.status != DeviceStatus::Verified {
             return Ok(Answer::NotAllowed(device.status));
         }

@@ -6,6 +6,13 @@ use axum::http::HeaderMap;
 use otaforge_store::model::{Telemetry, now_millis};
 
 use crate::decision::{Family, Mode, Running};
+
+/// `x-ESP32-<suffix>` or `x-ESP8266-<suffix>` of a `DeviceHeaders`.
+macro_rules! esp {
+    ($headers:expr, $suffix:literal) => {
+        $headers.either(concat!("x-esp32-", $suffix), concat!("x-esp8266-", $suffix))
+    };
+}
 use crate::error::{ApiError, ApiResult};
 
 /// Device headers, validated: every `x-esp…` header present must be visible ASCII.
@@ -34,21 +41,23 @@ impl<'a> DeviceHeaders<'a> {
             .filter(|v| !v.is_empty())
     }
 
-    /// `x-ESP32-<suffix>` or `x-ESP8266-<suffix>`.
-    pub fn esp(&self, suffix: &str) -> Option<&'a str> {
-        self.get(&format!("x-esp32-{suffix}"))
-            .or_else(|| self.get(&format!("x-esp8266-{suffix}")))
+    /// `x-ESP32-<suffix>` or `x-ESP8266-<suffix>`, named by `esp!` (static names: a poll
+    /// reads a dozen of these headers, and none of the lookups allocates).
+    pub fn either(&self, esp32: &'static str, esp8266: &'static str) -> Option<&'a str> {
+        self.get(esp32).or_else(|| self.get(esp8266))
     }
 
     pub fn sketch_md5(&self) -> Option<&'a str> {
-        self.esp("sketch-md5")
+        esp!(self, "sketch-md5")
     }
 
     /// `sketch` (or nothing) → app, `spiffs` → filesystem, `version` → version only.
     pub fn mode(&self) -> Mode {
-        match self.esp("mode").map(str::to_ascii_lowercase).as_deref() {
-            Some("spiffs") | Some("filesystem") => Mode::Filesystem,
-            Some("version") => Mode::VersionOnly,
+        match esp!(self, "mode") {
+            Some(m) if m.eq_ignore_ascii_case("spiffs") || m.eq_ignore_ascii_case("filesystem") => {
+                Mode::Filesystem
+            }
+            Some(m) if m.eq_ignore_ascii_case("version") => Mode::VersionOnly,
             _ => Mode::App,
         }
     }
@@ -73,7 +82,7 @@ impl<'a> DeviceHeaders<'a> {
     /// What the device runs: `version` from wherever the dialect carries it.
     pub fn running(&self, version: Option<&'a str>, by_md5: bool) -> Running<'a> {
         Running {
-            version: version.or_else(|| self.esp("version")),
+            version: version.or_else(|| esp!(self, "version")),
             sketch_md5: self.sketch_md5(),
             by_md5,
         }
@@ -91,16 +100,16 @@ impl<'a> DeviceHeaders<'a> {
             |s: Option<&str>, max: usize| s.map(|v| v.chars().take(max).collect::<String>());
         Telemetry {
             last_seen: Some(now_millis()),
-            version: bounded(version.or_else(|| self.esp("version")), 64),
+            version: bounded(version.or_else(|| esp!(self, "version")), 64),
             sketch_md5: self
                 .sketch_md5()
                 .filter(|m| m.len() == 32 && m.bytes().all(|b| b.is_ascii_hexdigit()))
                 .map(str::to_ascii_lowercase),
-            sta_mac: bounded(self.esp("sta-mac"), 32),
-            ap_mac: bounded(self.esp("ap-mac"), 32),
-            free_space: number(self.esp("free-space")),
-            chip_size: number(self.esp("chip-size")),
-            sdk_version: bounded(self.esp("sdk-version"), 64),
+            sta_mac: bounded(esp!(self, "sta-mac"), 32),
+            ap_mac: bounded(esp!(self, "ap-mac"), 32),
+            free_space: number(esp!(self, "free-space")),
+            chip_size: number(esp!(self, "chip-size")),
+            sdk_version: bounded(esp!(self, "sdk-version"), 64),
         }
     }
 }
