@@ -311,13 +311,16 @@ async fn healthy(fleet: Fleet) {
         .send()
         .await
         .unwrap();
-    let login_cookie = form.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let first_cookie = |r: &reqwest::Response| {
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let login_cookie = first_cookie(&form);
     let html = form.text().await.unwrap();
     let token = html
         .split("name=\"csrf\" value=\"")
@@ -339,13 +342,7 @@ async fn healthy(fleet: Fleet) {
         .send()
         .await
         .unwrap();
-    let cookie = login.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = first_cookie(&login);
     let page = |path: String| {
         let (web, cookie) = (web.clone(), cookie.clone());
         async move {

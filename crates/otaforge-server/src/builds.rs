@@ -77,13 +77,16 @@ pub async fn create(
         (None, None) => None,
     };
     let build = state
-        .queue_build(NewBuild {
-            product_id: body.product_id,
-            device_id: device.as_ref().map(|d| d.id),
-            fqbn: body.fqbn,
-            files: body.files,
-            requested_by: op.0.username,
-        })
+        .queue_build(
+            NewBuild {
+                product_id: body.product_id,
+                device_id: device.as_ref().map(|d| d.id),
+                fqbn: body.fqbn,
+                files: body.files,
+                requested_by: op.0.username.clone(),
+            },
+            op.1,
+        )
         .await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -122,7 +125,11 @@ impl AppState {
     /// Queues a build: the one place a build is checked (board, files), capped (at most
     /// `MAX_PENDING_BUILDS` waiting or running per device and per requester, so one bot
     /// cannot hold the workers) and audited.
-    pub(crate) async fn queue_build(&self, new: NewBuild) -> crate::error::ApiResult<Build> {
+    pub(crate) async fn queue_build(
+        &self,
+        new: NewBuild,
+        from: Option<std::net::IpAddr>,
+    ) -> crate::error::ApiResult<Build> {
         check_sketch(&new.fqbn, &new.files)?;
         compile::main_file(&new.files)
             .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m))?;
@@ -141,13 +148,14 @@ impl AppState {
         let (who, fqbn) = (new.requested_by.clone(), new.fqbn.clone());
         let build = self.store().create_build(new).await?;
         self.inner.builds_ready.notify_one();
-        if let Err(e) = self
-            .store()
-            .audit(&who, "queued build", &format!("build {}", build.id), &fqbn)
-            .await
-        {
-            tracing::warn!(error = %e, "writing the audit log failed");
-        }
+        self.audit_event(
+            &who,
+            from,
+            "queued build",
+            &format!("build {}", build.id),
+            &fqbn,
+        )
+        .await;
         Ok(build)
     }
 }

@@ -540,14 +540,13 @@ pub async fn create(
         )
         .await?;
     state
-        .store()
-        .audit(
-            &op.0.username,
+        .audited(
+            &op.actor(),
             "started rollout",
             &format!("rollout {}", rollout.id),
             &format!("firmware {} to {} devices", firmware.version, devices.len()),
         )
-        .await?;
+        .await;
     state.inner.rollouts.load(state.store()).await?;
     state.inner.catalog.invalidate();
     let out = Created {
@@ -762,7 +761,7 @@ pub async fn members(
 /// pause, resume, cancel, approve.
 pub async fn apply_action(
     state: &AppState,
-    actor: &str,
+    actor: &crate::core::fleet::Actor,
     product: Id,
     rollout: Id,
     action: &str,
@@ -798,14 +797,13 @@ pub async fn apply_action(
     };
     state.store().update_rollout(&r).await?;
     state
-        .store()
-        .audit(
+        .audited(
             actor,
             action,
             &format!("rollout {}", r.id),
             &format!("now {}", r.state),
         )
-        .await?;
+        .await;
     state.inner.rollouts.put_rollout(r.clone());
     if r.state == Cancelled {
         // Members of a cancelled rollout keep what they run; nobody new is offered anything.
@@ -825,7 +823,7 @@ pub async fn act(
     op: Operator,
     ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
 ) -> ApiResult<axum::Json<RolloutBody>> {
-    let r = apply_action(&state, &op.0.username, product, rollout, &action).await?;
+    let r = apply_action(&state, &op.actor(), product, rollout, &action).await?;
     let members = state.store().rollout_members(r.id).await?;
     Ok(axum::Json(RolloutBody::of(&r, &members)))
 }

@@ -865,11 +865,12 @@ async fn rollout_action(
     ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
     axum::Form(form): axum::Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = web.operator_form(&form.csrf) {
-        return r;
-    }
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let back = format!("/products/{product}/rollouts/{rollout}");
-    match crate::rollouts::apply_action(&state, &web.name(), product, rollout, &action).await {
+    match crate::rollouts::apply_action(&state, &actor, product, rollout, &action).await {
         Ok(_) => Redirect::to(&back).into_response(),
         Err(e) => titled_error(e, "Not done", &back),
     }
@@ -1392,17 +1393,29 @@ async fn save(
     {
         return error_page(e, &back);
     }
+    state
+        .audit_event(
+            &web.name(),
+            web.address,
+            "saved sketch",
+            &format!("device {}", device.serial),
+            &form.file,
+        )
+        .await;
     if form.action.as_deref() != Some("compile") {
         return Redirect::to(&with("notice", "saved")).into_response();
     }
     let build = state
-        .queue_build(NewBuild {
-            product_id: Some(product),
-            device_id: Some(device.id),
-            fqbn: form.fqbn.clone(),
-            files,
-            requested_by: web.name(),
-        })
+        .queue_build(
+            NewBuild {
+                product_id: Some(product),
+                device_id: Some(device.id),
+                fqbn: form.fqbn.clone(),
+                files,
+                requested_by: web.name(),
+            },
+            web.address,
+        )
         .await;
     match build {
         Ok(b) => Redirect::to(&format!(
@@ -1540,7 +1553,18 @@ async fn save_wifi(
             .set_device_secrets(device.id, Some(&sealed))
             .await
         {
-            Ok(()) => Redirect::to(&notice_url(&back, "Wi-Fi saved (encrypted)")).into_response(),
+            Ok(()) => {
+                state
+                    .audit_event(
+                        &web.name(),
+                        web.address,
+                        "saved Wi-Fi",
+                        &format!("device {}", device.serial),
+                        "sealed",
+                    )
+                    .await;
+                Redirect::to(&notice_url(&back, "Wi-Fi saved (encrypted)")).into_response()
+            }
             Err(e) => error_page(e, &back),
         },
         Err(e) => error_page(ApiError::internal("sealing", e), &back),
@@ -1572,13 +1596,16 @@ async fn setup_firmware(
     if form.what == "compile" {
         let files = crate::setup::setup_sketch();
         let build = state
-            .queue_build(NewBuild {
-                product_id: Some(product),
-                device_id: Some(device.id),
-                fqbn: "esp32:esp32:esp32".into(),
-                files,
-                requested_by: web.name(),
-            })
+            .queue_build(
+                NewBuild {
+                    product_id: Some(product),
+                    device_id: Some(device.id),
+                    fqbn: "esp32:esp32:esp32".into(),
+                    files,
+                    requested_by: web.name(),
+                },
+                web.address,
+            )
             .await;
         return match build {
             Ok(b) => Redirect::to(&format!("{back}?build={}", b.id)).into_response(),

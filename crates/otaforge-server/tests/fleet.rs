@@ -250,7 +250,6 @@ fn http_update_request(
     md5: &str,
     version: Option<&str>,
 ) -> Vec<u8> {
-    use base64::Engine;
     let mut req = format!(
         "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: ESP32-http-Update\r\nConnection: close\r\n\
          x-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\nx-ESP32-AP-MAC: 24:0A:C4:01:02:04\r\n\
@@ -260,6 +259,12 @@ fn http_update_request(
     if let Some(v) = version {
         req.push_str(&format!("x-ESP32-version: {v}\r\n"));
     }
+    finish_request(req, auth)
+}
+
+/// Ends a stock client's request: Basic credentials when the sketch set them, the blank line.
+fn finish_request(mut req: String, auth: Option<(&str, &str)>) -> Vec<u8> {
+    use base64::Engine;
     if let Some((user, password)) = auth {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         req.push_str(&format!("Authorization: Basic {token}\r\n"));
@@ -1016,8 +1021,7 @@ fn esp8266_bin(fill: u8) -> Vec<u8> {
 
 /// `ESP8266httpUpdate`'s request: HTTP/1.0, its x-ESP8266-* header set, Basic auth.
 fn esp8266_request(path: &str, mode: &str, md5: &str, auth: Option<(&str, &str)>) -> Vec<u8> {
-    use base64::Engine;
-    let mut req = format!(
+    let req = format!(
         "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: ESP8266-http-Update\r\nConnection: close\r\n\
          x-ESP8266-Chip-ID: 10606726\r\nx-ESP8266-STA-MAC: 5C:CF:7F:A1:D8:86\r\n\
          x-ESP8266-AP-MAC: 5E:CF:7F:A1:D8:86\r\nx-ESP8266-free-space: 2822144\r\n\
@@ -1025,12 +1029,7 @@ fn esp8266_request(path: &str, mode: &str, md5: &str, auth: Option<(&str, &str)>
          x-ESP8266-chip-size: 4194304\r\nx-ESP8266-sdk-version: 2.2.2-dev(38a443e)\r\n\
          x-ESP8266-mode: {mode}\r\n"
     );
-    if let Some((user, password)) = auth {
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        req.push_str(&format!("Authorization: Basic {token}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.into_bytes()
+    finish_request(req, auth)
 }
 
 /// The rules the real ESP8266 client needs, decided once and the same on both dialects:

@@ -712,6 +712,21 @@ async fn sign_in_is_rate_limited_and_pages_need_a_session() {
         .raw(format!("POST /products HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{forged}", forged.len()).as_bytes())
         .await;
     assert_eq!(r.status, 403);
+    // The pages validate like the API: a control character or an empty name is refused.
+    let home = server
+        .raw(
+            format!("GET / HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+    let csrf = form_token(&home.text());
+    for name in ["evil%01name", "+++", ""] {
+        let body = format!("csrf={csrf}&name={name}");
+        let r = server
+            .raw(format!("POST /products HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+        assert_eq!(r.status, 422, "{name:?}: {}", r.text());
+    }
     let (_, products) = server.call(Method::GET, "/api/v1/products", None).await;
     assert_eq!(products.as_array().unwrap().len(), 0);
     server.finish().await;
@@ -841,6 +856,26 @@ async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
             "the build never ended"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every change is in the audit log with who made it and from where.
+    let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
+    for action in [
+        "signed in",
+        "saved Wi-Fi",
+        "queued build",
+        "registered device",
+    ] {
+        let entry = audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["action"] == action)
+            .unwrap_or_else(|| panic!("{action} missing from {audit}"));
+        assert!(
+            entry["detail"].as_str().unwrap().contains("127.0.0.1"),
+            "{entry}"
+        );
     }
 
     // Blocking the device ends the bot's session at once.

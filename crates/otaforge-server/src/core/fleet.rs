@@ -69,15 +69,6 @@ pub struct Actor {
     pub address: Option<IpAddr>,
 }
 
-impl Actor {
-    fn whereabouts(&self) -> String {
-        match self.address {
-            Some(a) => format!("from {a}"),
-            None => String::new(),
-        }
-    }
-}
-
 /// What may change on a group; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct GroupChange {
@@ -115,17 +106,26 @@ async fn hash_off_thread(password: String) -> ApiResult<String> {
 impl AppState {
     /// Writes the audit entry of a done operation. A failure to write it is logged; the
     /// operation itself already happened.
-    async fn audited(&self, actor: &Actor, action: &str, subject: &str, detail: &str) {
-        let detail = match (detail.is_empty(), actor.whereabouts()) {
-            (_, w) if w.is_empty() => detail.to_string(),
-            (true, w) => w,
-            (false, w) => format!("{detail} ({w})"),
+    pub(crate) async fn audited(&self, actor: &Actor, action: &str, subject: &str, detail: &str) {
+        self.audit_event(&actor.name, actor.address, action, subject, detail)
+            .await;
+    }
+
+    /// An audit entry for anyone (a bot's workspace changes too): who, what, from where.
+    pub(crate) async fn audit_event(
+        &self,
+        who: &str,
+        address: Option<IpAddr>,
+        action: &str,
+        subject: &str,
+        detail: &str,
+    ) {
+        let detail = match (detail.is_empty(), address) {
+            (_, None) => detail.to_string(),
+            (true, Some(a)) => format!("from {a}"),
+            (false, Some(a)) => format!("{detail} (from {a})"),
         };
-        if let Err(e) = self
-            .store()
-            .audit(&actor.name, action, subject, &detail)
-            .await
-        {
+        if let Err(e) = self.store().audit(who, action, subject, &detail).await {
             tracing::warn!(error = %e, "writing the audit log failed");
         }
     }
