@@ -131,6 +131,16 @@ impl AppState {
         from: Option<std::net::IpAddr>,
     ) -> crate::error::ApiResult<Build> {
         check_sketch(&new.fqbn, &new.files)?;
+        if crate::setup::is_ota_board(&new.fqbn)
+            && new.device_id.is_none()
+            && new.product_id.is_some()
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "an ESP build stored as firmware needs its device: the update code it keeps \
+                 carries that device's credentials (give \"device\", or build without \"product_id\")",
+            ));
+        }
         compile::main_file(&new.files)
             .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m))?;
         let pending = self
@@ -265,7 +275,7 @@ async fn compile_build(
             let config = crate::setup::personal_config(state, device, &format!("b{}", build.id))
                 .map_err(plain)?;
             personal_to = Some(device.id);
-            crate::setup::keep_update_ability(config)
+            crate::setup::keep_update_ability(&build.fqbn, config)
         }
         _ => (BTreeMap::new(), Vec::new()),
     };
@@ -328,6 +338,15 @@ async fn compile_build(
         Ok(Err(f)) => return Err((f.message, f.diagnostics)),
         Err(e) => return Err(plain(format!("the build task failed: {e}"))),
     };
+    // An ESP image without the update client would be the last one its board takes over
+    // the air: refuse it rather than store it.
+    if personal_to.is_some() && !crate::setup::has_update_client(&compiled.binary) {
+        return Err(plain(format!(
+            "the update client is not in the built image (the wrap of setup()/loop() did not apply for {}); \
+             the firmware was not stored, since a board could never update again after installing it",
+            build.fqbn
+        )));
+    }
     let Some(product) = build.product_id else {
         return Ok((compiled.diagnostics, None));
     };

@@ -215,55 +215,8 @@ pub fn compile(
 
     warm_cache(config, &backend, job, log)?;
     let sandbox = Sandbox::new(config, job, false)?;
-    let (program, args): (PathBuf, Vec<String>) = match &backend {
-        Backend::ArduinoBuilder(builder) => (
-            builder.clone(),
-            vec![
-                "-compile".into(),
-                "-hardware".into(),
-                "/usr/share/arduino/hardware".into(),
-                "-hardware".into(),
-                "/usr/share/arduino-builder".into(),
-                "-tools".into(),
-                "/usr/share/arduino-builder".into(),
-                "-fqbn".into(),
-                job.fqbn.into(),
-                "-prefs".into(),
-                "build.extra_flags=-DDECIMAL_DIG=17".into(),
-                // A flood of errors would make the builder buffer them until it runs out of memory.
-                "-prefs".into(),
-                "compiler.cpp.extra_flags=-fmax-errors=20".into(),
-                "-prefs".into(),
-                "compiler.c.extra_flags=-fmax-errors=20".into(),
-                "-build-cache".into(),
-                sandbox.cache_path(),
-                "-build-path".into(),
-                sandbox.build_path(),
-                format!("{}/sketch.ino", sandbox.sketch_path()),
-            ],
-        ),
-        Backend::ArduinoCli(cli) => {
-            let mut args = vec![
-                "compile".into(),
-                "--fqbn".into(),
-                job.fqbn.into(),
-                "--output-dir".into(),
-                sandbox.out_path(),
-                "--build-path".into(),
-                sandbox.build_path(),
-                "--build-cache-path".into(),
-                sandbox.cache_path(),
-                "--format".into(),
-                "json".into(),
-            ];
-            for property in &job.build_properties {
-                args.push("--build-property".into());
-                args.push(property.clone());
-            }
-            args.push(sandbox.sketch_path());
-            (cli.clone(), args)
-        }
-    };
+    let (program, args) =
+        toolchain_command(&backend, job.fqbn, &sandbox, &job.build_properties, true);
     log(&format!("$ {} {}\n", program.display(), args.join(" ")));
     let started = Instant::now();
     let output = sandbox.run(&program, &args, log).map_err(fail)?;
@@ -348,6 +301,67 @@ pub fn compile(
     })
 }
 
+/// The compiler command for a job in `sandbox` (its paths are the jail's, or the host's when
+/// builds run unsandboxed): one definition for user builds and the cache warm-up.
+fn toolchain_command(
+    backend: &Backend,
+    fqbn: &str,
+    sandbox: &Sandbox,
+    build_properties: &[String],
+    json: bool,
+) -> (PathBuf, Vec<String>) {
+    match backend {
+        Backend::ArduinoBuilder(builder) => (
+            builder.clone(),
+            vec![
+                "-compile".into(),
+                "-hardware".into(),
+                "/usr/share/arduino/hardware".into(),
+                "-hardware".into(),
+                "/usr/share/arduino-builder".into(),
+                "-tools".into(),
+                "/usr/share/arduino-builder".into(),
+                "-fqbn".into(),
+                fqbn.into(),
+                "-prefs".into(),
+                "build.extra_flags=-DDECIMAL_DIG=17".into(),
+                // A flood of errors would make the builder buffer them until it runs out of memory.
+                "-prefs".into(),
+                "compiler.cpp.extra_flags=-fmax-errors=20".into(),
+                "-prefs".into(),
+                "compiler.c.extra_flags=-fmax-errors=20".into(),
+                "-build-cache".into(),
+                sandbox.cache_path(),
+                "-build-path".into(),
+                sandbox.build_path(),
+                format!("{}/sketch.ino", sandbox.sketch_path()),
+            ],
+        ),
+        Backend::ArduinoCli(cli) => {
+            let mut args: Vec<String> = vec![
+                "compile".into(),
+                "--fqbn".into(),
+                fqbn.into(),
+                "--output-dir".into(),
+                sandbox.out_path(),
+                "--build-path".into(),
+                sandbox.build_path(),
+                "--build-cache-path".into(),
+                sandbox.cache_path(),
+            ];
+            if json {
+                args.extend(["--format".into(), "json".into()]);
+            }
+            for property in build_properties {
+                args.push("--build-property".into());
+                args.push(property.clone());
+            }
+            args.push(sandbox.sketch_path());
+            (cli.clone(), args)
+        }
+    }
+}
+
 /// Builds an empty sketch once per board with the cache writable, so that user builds can
 /// reuse the compiled core from a cache they can only read (no build can poison it for the
 /// next one).
@@ -384,54 +398,8 @@ fn warm_cache(
         cache: job.cache,
     };
     let sandbox = Sandbox::new(config, &warm_job, true)?;
-    let (program, args) = match backend {
-        Backend::ArduinoBuilder(builder) => (
-            builder.clone(),
-            vec![
-                "-compile",
-                "-hardware",
-                "/usr/share/arduino/hardware",
-                "-hardware",
-                "/usr/share/arduino-builder",
-                "-tools",
-                "/usr/share/arduino-builder",
-                "-fqbn",
-                job.fqbn,
-                "-prefs",
-                "build.extra_flags=-DDECIMAL_DIG=17",
-                "-prefs",
-                "compiler.cpp.extra_flags=-fmax-errors=20",
-                "-prefs",
-                "compiler.c.extra_flags=-fmax-errors=20",
-                "-build-cache",
-                JAIL_CACHE,
-                "-build-path",
-                JAIL_BUILD,
-                "/build/sketch/sketch.ino",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>(),
-        ),
-        Backend::ArduinoCli(cli) => (
-            cli.clone(),
-            vec![
-                "compile",
-                "--fqbn",
-                job.fqbn,
-                "--output-dir",
-                JAIL_OUT,
-                "--build-path",
-                JAIL_BUILD,
-                "--build-cache-path",
-                JAIL_CACHE,
-                "/build/sketch",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>(),
-        ),
-    };
+    // The same command as a user build, on the sandbox's own paths (jailed or not).
+    let (program, args) = toolchain_command(backend, job.fqbn, &sandbox, &[], false);
     log(&format!(
         "preparing the {} core cache (first build for this board)\n",
         job.fqbn
@@ -840,6 +808,50 @@ mod tests {
             "{:?}",
             out.failure
         );
+    }
+
+    /// Without bubblewrap (allowed by configuration) the warm-up and the build run on the
+    /// host's own folders: a real AVR compile by Debian's arduino-builder succeeds.
+    #[test]
+    fn unsandboxed_builds_warm_the_cache_and_compile() {
+        let config = CompileConfig {
+            bwrap: None,
+            allow_unsandboxed: true,
+            arduino_cli: None,
+            ..CompileConfig::default()
+        };
+        assert!(
+            config.arduino_builder.is_some(),
+            "arduino-builder must be installed for this test (apt-get install arduino-builder)"
+        );
+        let base = std::env::temp_dir().join(format!("otaforge-unjailed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let files = BTreeMap::from([(
+            "blink.ino".to_string(),
+            "void setup() { pinMode(13, OUTPUT); }\nvoid loop() { digitalWrite(13, HIGH); }\n"
+                .to_string(),
+        )]);
+        let job = Job {
+            fqbn: "arduino:avr:uno",
+            files: &files,
+            extra_files: BTreeMap::new(),
+            build_properties: Vec::new(),
+            work: &base.join("work"),
+            cache: &base.join("cache"),
+        };
+        let mut log = String::new();
+        let built = compile(&config, &job, &mut |s| log.push_str(s));
+        let compiled = built.unwrap_or_else(|f| panic!("{}\n{log}", f.message));
+        assert!(!compiled.binary.is_empty());
+        assert!(
+            base.join("cache/.warm").exists(),
+            "the cache was warmed: {log}"
+        );
+        assert!(
+            !log.contains("/build/"),
+            "no jail paths outside the jail: {log}"
+        );
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

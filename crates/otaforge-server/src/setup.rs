@@ -83,28 +83,54 @@ pub fn is_ota_board(fqbn: &str) -> bool {
     fqbn.starts_with("esp32:") || fqbn.starts_with("esp8266:")
 }
 
+/// A literal that only `otaforge_begin()` uses (`OTAFORGE_CLIENT_MARKER` in
+/// `otaforge_ota.h`): an image that lacks it has no update client.
+pub const CLIENT_MARKER: &str = "otaforge-update-client/1";
+
+/// The symbols a core gives the sketch's `setup()` and `loop()`: the ESP8266 core declares
+/// them inside `extern "C"` (`cores/esp8266/Arduino.h`), arduino-esp32 with C++ linkage.
+pub fn sketch_symbols(fqbn: &str) -> (&'static str, &'static str) {
+    if fqbn.starts_with("esp8266:") {
+        ("setup", "loop")
+    } else {
+        ("_Z5setupv", "_Z4loopv")
+    }
+}
+
 /// Files and link flags added to a user's sketch so the firmware keeps the update ability:
-/// the linker wraps the sketch's `setup()` and `loop()` (`--wrap`), and the wrappers call
-/// `otaforge_begin()` / `otaforge_loop()` around them. The sketch itself is not edited.
-pub fn keep_update_ability(config: String) -> (BTreeMap<String, String>, Vec<String>) {
-    let keep = "\
+/// the linker wraps the sketch's `setup()` and `loop()` (`--wrap`, with the core's own
+/// symbols for them), and the wrappers call `otaforge_begin()` / `otaforge_loop()` around
+/// them. The sketch itself is not edited.
+pub fn keep_update_ability(fqbn: &str, config: String) -> (BTreeMap<String, String>, Vec<String>) {
+    let (setup, run) = sketch_symbols(fqbn);
+    let keep = format!(
+        "\
 // Added by OTAForge to every build: keeps the board able to take its next update.
 #include \"otaforge_config.h\"
 #include \"otaforge_ota.h\"
 
-extern \"C\" void __real__Z5setupv();
-extern \"C\" void __real__Z4loopv();
-extern \"C\" void __wrap__Z5setupv() { otaforge_begin(); __real__Z5setupv(); }
-extern \"C\" void __wrap__Z4loopv() { __real__Z4loopv(); otaforge_loop(); }
-";
+extern \"C\" void __real_{setup}();
+extern \"C\" void __real_{run}();
+extern \"C\" void __wrap_{setup}() {{ otaforge_begin(); __real_{setup}(); }}
+extern \"C\" void __wrap_{run}() {{ __real_{run}(); otaforge_loop(); }}
+"
+    );
     let files = BTreeMap::from([
         ("otaforge_config.h".to_string(), config),
         ("otaforge_ota.h".to_string(), OTA_LIBRARY.to_string()),
-        ("otaforge_keep.cpp".to_string(), keep.to_string()),
+        ("otaforge_keep.cpp".to_string(), keep),
     ]);
-    let flags =
-        vec!["compiler.c.elf.extra_flags=-Wl,--wrap=_Z5setupv -Wl,--wrap=_Z4loopv".to_string()];
+    let flags = vec![format!(
+        "compiler.c.elf.extra_flags=-Wl,--wrap={setup} -Wl,--wrap={run}"
+    )];
     (files, flags)
+}
+
+/// Whether a built image carries the update client.
+pub fn has_update_client(image: &[u8]) -> bool {
+    image
+        .windows(CLIENT_MARKER.len())
+        .any(|w| w == CLIENT_MARKER.as_bytes())
 }
 
 #[cfg(test)]
@@ -129,6 +155,104 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    #[test]
+    fn the_marker_is_the_librarys() {
+        assert!(OTA_LIBRARY.contains(&format!("\"{CLIENT_MARKER}\"")));
+    }
+
+    /// The per-core wrap with real linkers: Debian's xtensa-lx106 toolchain for the ESP8266
+    /// core's C linkage, the host's for arduino-esp32's C++ linkage. The wrapped image has the
+    /// update client; the C++ wrap on the ESP8266 core (what builds did before) silently links
+    /// an image without it.
+    #[test]
+    fn the_wrap_keeps_the_update_client_with_each_cores_linkage() {
+        let dir = std::env::temp_dir().join(format!("otaforge-wrap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Stand-ins for the library (its marker and functions) and the personal config.
+        std::fs::write(dir.join("otaforge_config.h"), "#pragma once\n").unwrap();
+        std::fs::write(
+            dir.join("otaforge_ota.h"),
+            format!(
+                "#pragma once\nstatic const char *volatile marker;\n\
+                 inline void otaforge_begin() {{ marker = \"{CLIENT_MARKER}\"; }}\n\
+                 inline void otaforge_loop() {{}}\n"
+            ),
+        )
+        .unwrap();
+        let link = |compiler: &str, c_linkage: bool, fqbn: &str, out: &str| -> Vec<u8> {
+            let decl = if c_linkage {
+                "extern \"C\" { void setup(void); void loop(void); }\n"
+            } else {
+                "void setup(); void loop();\n"
+            };
+            std::fs::write(
+                dir.join("sketch.cpp"),
+                format!("{decl}void setup() {{}}\nvoid loop() {{}}\n"),
+            )
+            .unwrap();
+            std::fs::write(
+                dir.join("main.cpp"),
+                format!("{decl}extern \"C\" int main() {{ setup(); loop(); return 0; }}\n"),
+            )
+            .unwrap();
+            let (files, flags) = keep_update_ability(fqbn, String::new());
+            std::fs::write(dir.join("keep.cpp"), &files["otaforge_keep.cpp"]).unwrap();
+            let wrap = flags[0].split_once('=').unwrap().1;
+            let mut cmd = std::process::Command::new(compiler);
+            cmd.current_dir(&dir)
+                .args([
+                    "-Os",
+                    "-ffunction-sections",
+                    "-fdata-sections",
+                    "-fno-exceptions",
+                ])
+                .args(["-fno-rtti", "-Wl,--gc-sections", "-o", out])
+                .args(wrap.split(' '))
+                .args(["sketch.cpp", "keep.cpp", "main.cpp"]);
+            if compiler.contains("xtensa") {
+                cmd.args(["-nostdlib", "-nostartfiles", "-Wl,-e,main"]);
+            }
+            let status = cmd.status().unwrap_or_else(|e| {
+                panic!("{compiler} must be installed for this test (apt-get install gcc-xtensa-lx106 g++): {e}")
+            });
+            assert!(status.success(), "{compiler} failed");
+            std::fs::read(dir.join(out)).unwrap()
+        };
+        let esp8266 = link(
+            "xtensa-lx106-elf-g++",
+            true,
+            "esp8266:esp8266:nodemcuv2",
+            "esp8266.elf",
+        );
+        assert!(
+            has_update_client(&esp8266),
+            "ESP8266: the update client is linked"
+        );
+        let nm = std::process::Command::new("xtensa-lx106-elf-nm")
+            .arg(dir.join("esp8266.elf"))
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&nm.stdout).contains("__wrap_setup"));
+        let esp32 = link("g++", false, "esp32:esp32:esp32", "esp32.elf");
+        assert!(
+            has_update_client(&esp32),
+            "ESP32: the update client is linked"
+        );
+        // The old choice, C++ symbols on the ESP8266 core: links, but without the client.
+        let wrong = link(
+            "xtensa-lx106-elf-g++",
+            true,
+            "esp32:esp32:esp32",
+            "wrong.elf",
+        );
+        assert!(
+            !has_update_client(&wrong),
+            "the C++ wrap matches nothing on C linkage"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 // otaforge_ota.h: keep the OTAForge update ability in any ESP32 / ESP8266 sketch.
 //
-// Every sketch the platform compiles includes this header and calls
-//     otaforge_begin();   in setup()  (joins Wi-Fi, sets up the trigger button)
-//     otaforge_loop();    in loop()   (button, timer, Wi-Fi reconnect; returns at once)
-// so the firmware an OTA update installs can itself take the next update.
+// The platform links this header into every ESP sketch it compiles and wraps the sketch's
+// setup() and loop() (linker --wrap) so that
+//     otaforge_begin();   runs before setup()  (joins Wi-Fi, sets up the trigger button)
+//     otaforge_loop();    runs after each loop() (button, timer, Wi-Fi reconnect; returns at once)
+// and the firmware an OTA update installs can itself take the next update. A sketch may call
+// them itself as well: otaforge_begin() does its work once, otaforge_loop() never blocks.
 //
 // A check GETs the device's static download link with the stock update client
 // (ESP32: HTTPUpdate, ESP8266: ESP8266httpUpdate), sending the running version
@@ -96,7 +98,16 @@ struct State {
   uint32_t lastEdgeMs = 0;
   int lastPercent = -1;
   bool configured = false;
+  bool begun = false;          // otaforge_begin() ran
 };
+
+// A literal only otaforge_begin() uses: the platform checks that every image it builds
+// contains it, i.e. that the update client really is in the firmware.
+#define OTAFORGE_CLIENT_MARKER "otaforge-update-client/1"
+inline const char *volatile &clientMarker() {
+  static const char *volatile marker = nullptr;
+  return marker;
+}
 
 inline State &state() {
   static State s;
@@ -203,10 +214,13 @@ inline t_httpUpdate_return otaforge_check_now() {
   return ret;
 }
 
-// Call once from setup(), after Serial.begin().
+// Runs before setup() in platform builds; calling it again does nothing.
 inline void otaforge_begin() {
   using namespace otaforge_detail;
   State &s = state();
+  if (s.begun) return;
+  s.begun = true;
+  clientMarker() = OTAFORGE_CLIENT_MARKER;
   OTAFORGE_LOGF("OTAForge update client: device \"%s\", firmware \"%s\"", OTAFORGE_DEVICE_ID, OTAFORGE_FIRMWARE_VERSION);
   s.configured = looksConfigured();
 
