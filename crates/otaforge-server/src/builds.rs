@@ -184,7 +184,37 @@ pub fn check_sketch(fqbn: &str, files: &BTreeMap<String, String>) -> crate::erro
             return Err(unprocessable(format!("{name} is larger than 512 KiB")));
         }
     }
+    // The main file is compiled as sketch.ino: a second tab of that name would replace it.
+    if let Ok(main) = compile::main_file(files)
+        && main != "sketch.ino"
+        && files.contains_key("sketch.ino")
+    {
+        return Err(unprocessable(format!(
+            "{main} is the main file, so another tab may not be named sketch.ino; rename it"
+        )));
+    }
+    if let Some(scheme) = no_ota_partition_scheme(fqbn) {
+        return Err(unprocessable(format!(
+            "the partition scheme {scheme} has no second app slot: a board built with it cannot \
+             take an update over the air; pick a scheme with OTA"
+        )));
+    }
     Ok(())
+}
+
+/// The FQBN's `PartitionScheme` option when it names a layout without OTA slots
+/// (arduino-esp32's `huge_app` and its `no_ota`/`noota_*` schemes).
+pub fn no_ota_partition_scheme(fqbn: &str) -> Option<&str> {
+    let options = fqbn.splitn(4, ':').nth(3)?;
+    options
+        .split(',')
+        .filter_map(|o| o.split_once('='))
+        .find(|(k, _)| *k == "PartitionScheme")
+        .map(|(_, v)| v)
+        .filter(|v| {
+            let v = v.to_ascii_lowercase();
+            v == "huge_app" || v.contains("no_ota") || v.starts_with("noota")
+        })
 }
 
 /// Builds that may wait or run at once per device and per requester.
@@ -388,4 +418,42 @@ async fn compile_build(
             .await;
     }
     Ok((compiled.diagnostics, Some(firmware.id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_without_ota_are_refused() {
+        assert_eq!(
+            no_ota_partition_scheme("esp32:esp32:esp32:PartitionScheme=huge_app"),
+            Some("huge_app")
+        );
+        assert_eq!(
+            no_ota_partition_scheme("esp32:esp32:esp32:FlashSize=4M,PartitionScheme=no_ota"),
+            Some("no_ota")
+        );
+        assert_eq!(
+            no_ota_partition_scheme("esp32:esp32:esp32s3:PartitionScheme=noota_3g"),
+            Some("noota_3g")
+        );
+        assert_eq!(
+            no_ota_partition_scheme("esp32:esp32:esp32:PartitionScheme=default"),
+            None
+        );
+        assert_eq!(no_ota_partition_scheme("esp32:esp32:esp32"), None);
+        let files = BTreeMap::from([
+            ("blink.ino".to_string(), String::new()),
+            ("sketch.ino".to_string(), String::new()),
+        ]);
+        let e = check_sketch("esp32:esp32:esp32", &files).unwrap_err();
+        assert!(e.message.contains("sketch.ino"), "{}", e.message);
+        let e = check_sketch(
+            "esp32:esp32:esp32:PartitionScheme=huge_app",
+            &BTreeMap::from([("a.ino".to_string(), String::new())]),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("huge_app"), "{}", e.message);
+    }
 }

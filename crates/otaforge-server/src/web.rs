@@ -1133,7 +1133,7 @@ const BOARDS: &[(&str, &str)] = &[
     ("arduino:avr:uno", "Arduino Uno"),
 ];
 
-const STARTER: &str = "// Your sketch. The platform keeps the OTA update code in every build.\n\nvoid setup() {\n  pinMode(LED_BUILTIN, OUTPUT);\n}\n\nvoid loop() {\n  digitalWrite(LED_BUILTIN, HIGH);\n  delay(500);\n  digitalWrite(LED_BUILTIN, LOW);\n  delay(500);\n}\n";
+const STARTER: &str = "// Your sketch. The platform keeps the OTA update code in every build.\n\n// ESP32 Dev Module has no LED_BUILTIN; most of its boards have the LED on GPIO2.\n#ifndef LED_BUILTIN\n#define LED_BUILTIN 2\n#endif\n\nvoid setup() {\n  pinMode(LED_BUILTIN, OUTPUT);\n}\n\nvoid loop() {\n  digitalWrite(LED_BUILTIN, HIGH);\n  delay(500);\n  digitalWrite(LED_BUILTIN, LOW);\n  delay(500);\n}\n";
 
 struct HistoryRow {
     id: Id,
@@ -1595,12 +1595,20 @@ async fn setup_firmware(
     };
     if form.what == "compile" {
         let files = crate::setup::setup_sketch();
+        // The setup firmware is built for the board the device's sketch is for (an ESP
+        // board); ESP32 Dev Module when it has none yet.
+        let (fqbn, _) = current_sketch(&state, &device).await;
+        let fqbn = if crate::setup::is_ota_board(&fqbn) {
+            fqbn
+        } else {
+            "esp32:esp32:esp32".to_string()
+        };
         let build = state
             .queue_build(
                 NewBuild {
                     product_id: Some(product),
                     device_id: Some(device.id),
-                    fqbn: "esp32:esp32:esp32".into(),
+                    fqbn,
                     files,
                     requested_by: web.name(),
                 },
