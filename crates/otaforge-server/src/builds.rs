@@ -202,6 +202,20 @@ pub fn check_sketch(fqbn: &str, files: &BTreeMap<String, String>) -> crate::erro
     Ok(())
 }
 
+/// Whether an image fits the OTA slot the device reported (`x-ESP32-free-space` /
+/// `x-ESP8266-free-space`: the free sketch space, which is where an update is written).
+/// A device that never reported it is not judged.
+pub fn fits_the_slot(image_len: usize, free_space: Option<i64>) -> Result<(), String> {
+    match free_space {
+        Some(free) if free >= 0 && image_len as u64 > free as u64 => Err(format!(
+            "the image is {image_len} bytes, but the device reported {free} bytes of space for \
+             an update; it would fail to install (make the sketch smaller or pick a partition \
+             scheme with larger app slots)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The FQBN's `PartitionScheme` option when it names a layout without OTA slots
 /// (arduino-esp32's `huge_app` and its `no_ota`/`noota_*` schemes).
 pub fn no_ota_partition_scheme(fqbn: &str) -> Option<&str> {
@@ -377,6 +391,9 @@ async fn compile_build(
             build.fqbn
         )));
     }
+    if let Some(device) = &device {
+        fits_the_slot(compiled.binary.len(), device.telemetry.free_space).map_err(plain)?;
+    }
     let Some(product) = build.product_id else {
         return Ok((compiled.diagnostics, None));
     };
@@ -423,6 +440,14 @@ async fn compile_build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_must_fit_the_reported_slot() {
+        assert!(fits_the_slot(1000, Some(1000)).is_ok());
+        assert!(fits_the_slot(1000, None).is_ok());
+        let e = fits_the_slot(1_310_721, Some(1_310_720)).unwrap_err();
+        assert!(e.contains("1310721") && e.contains("1310720"), "{e}");
+    }
 
     #[test]
     fn layouts_without_ota_are_refused() {
