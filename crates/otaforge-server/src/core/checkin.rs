@@ -209,11 +209,10 @@ impl AppState {
         let store = self.store();
         match req.identity {
             Identity::ProductKey { key, serial } => {
-                let key = key.trim();
                 if key.is_empty() {
                     return Ok(Err(Unauthorized::MissingCredentials));
                 }
-                let serial = crate::core::fleet::check_serial(serial.trim())?;
+                let serial = crate::core::fleet::check_serial(serial)?;
                 let Some(product) = catalog.product_by_key_digest(store, &digest(key)).await?
                 else {
                     return Ok(Err(Unauthorized::UnknownKey));

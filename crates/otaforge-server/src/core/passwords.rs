@@ -289,15 +289,6 @@ impl PasswordGuard {
         .unwrap_or_default();
         self.dummy.get_or_init(|| made).clone()
     }
-
-    /// Forgets remembered passwords (after a password change the stored hash changes anyway;
-    /// this also drops the memory of the old one).
-    pub fn forget_all(&self) {
-        self.verified
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-    }
 }
 
 #[cfg(test)]

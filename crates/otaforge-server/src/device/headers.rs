@@ -6,6 +6,7 @@ use axum::http::HeaderMap;
 use otaforge_store::model::{Telemetry, now_millis};
 
 use crate::decision::{Family, Mode, Running};
+use crate::error::{ApiError, ApiResult};
 
 /// `x-ESP32-<suffix>` or `x-ESP8266-<suffix>` of a `DeviceHeaders`.
 macro_rules! esp {
@@ -13,7 +14,6 @@ macro_rules! esp {
         $headers.either(concat!("x-esp32-", $suffix), concat!("x-esp8266-", $suffix))
     };
 }
-use crate::error::{ApiError, ApiResult};
 
 /// Device headers, validated: every `x-esp…` header present must be visible ASCII.
 pub struct DeviceHeaders<'a> {
@@ -65,18 +65,14 @@ impl<'a> DeviceHeaders<'a> {
     /// The chip family the header set announces: the ESP8266 and ESP32 clients name every
     /// header after their chip.
     pub fn family(&self) -> Option<Family> {
-        let mut names = self.headers.keys().map(|n| n.as_str());
-        let mut family = None;
-        for name in &mut names {
-            if name.starts_with("x-esp8266-") {
-                family = Some(Family::Esp8266);
-                break;
-            }
-            if name.starts_with("x-esp32-") {
-                family = Some(Family::Esp32);
-            }
+        let names = || self.headers.keys().map(|n| n.as_str());
+        if names().any(|n| n.starts_with("x-esp8266-")) {
+            Some(Family::Esp8266)
+        } else if names().any(|n| n.starts_with("x-esp32-")) {
+            Some(Family::Esp32)
+        } else {
+            None
         }
-        family
     }
 
     /// What the device runs: `version` from wherever the dialect carries it.
