@@ -311,6 +311,14 @@ pub struct Build {
     pub finished_at: Option<Millis>,
 }
 
+/// An image a build exported beside its application, such as `merged.bin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct BuildImage {
+    pub name: String,
+    pub sha256: String,
+    pub size: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewBuild {
     pub product_id: Option<Id>,

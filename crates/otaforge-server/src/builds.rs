@@ -25,6 +25,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/builds", post(create))
         .route("/api/v1/builds/{id}", get(show))
+        .route("/api/v1/builds/{id}/images/{name}", get(image))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -53,6 +54,9 @@ pub struct BuildBody {
     log: String,
     diagnostics: Vec<Diagnostic>,
     firmware_id: Option<Id>,
+    /// Images kept for flashing by wire (setup builds for ESP32 boards): `merged.bin`,
+    /// `bootloader.bin`, `partitions.bin`.
+    images: Vec<BuildImage>,
     created_at: Millis,
     started_at: Option<Millis>,
     finished_at: Option<Millis>,
@@ -107,7 +111,9 @@ pub async fn show(
     ApiPath(id): ApiPath<Id>,
 ) -> ApiResult<axum::Json<BuildBody>> {
     let b = state.store().get_build(id).await?;
+    let images = state.store().list_build_images(id).await?;
     Ok(axum::Json(BuildBody {
+        images,
         id: b.id,
         status: b.status,
         fqbn: b.fqbn,
@@ -120,8 +126,65 @@ pub async fn show(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/builds/{id}/images/{name}", tag = "builds", security(("bearer" = [])),
+    params(("id" = i64, Path), ("name" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), crate::openapi::Refusals))]
+pub async fn image(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath((id, name)): ApiPath<(Id, String)>,
+) -> ApiResult<Response> {
+    state.store().get_build(id).await?;
+    let (image, bytes) = state.build_image(id, &name).await?;
+    Ok(image_response(id, &image, bytes))
+}
+
+/// A kept image as a download named after its build.
+pub(crate) fn image_response(build: Id, image: &BuildImage, bytes: bytes::Bytes) -> Response {
+    use axum::http::header;
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"build-{build}-{}\"", image.name),
+            ),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
 impl AppState {
-    /// Queues a build and wakes a worker.
+    /// Checks the compilers as builds will run them (in the sandbox) and logs what it found;
+    /// the workspace shows the same.
+    pub async fn check_toolchain(&self) -> compile::ToolchainStatus {
+        let config = self.inner.compile.clone();
+        let work = self.config().data_dir.join("builds").join("preflight");
+        let status = tokio::task::spawn_blocking(move || config.preflight(&work))
+            .await
+            .unwrap_or_default();
+        if let Some((version, platforms)) = &status.cli {
+            let cores: Vec<String> = platforms
+                .iter()
+                .map(|p| format!("{} {}", p.id, p.version))
+                .collect();
+            tracing::info!(
+                arduino_cli = %version.text,
+                cores = %cores.join(", "),
+                "arduino-cli builds in the sandbox"
+            );
+        }
+        if status.builder {
+            tracing::info!("arduino-builder builds arduino:avr boards");
+        }
+        for problem in &status.problems {
+            tracing::warn!("{problem}");
+        }
+        status
+    }
+
     /// Queues a build: the one place a build is checked (board, files), capped (at most
     /// `MAX_PENDING_BUILDS` waiting or running per device and per requester, so one bot
     /// cannot hold the workers) and audited.
@@ -416,6 +479,25 @@ async fn compile_build(
             ),
         )
         .await;
+    // A setup build is flashed once by wire: its merged image (or bootloader, partition
+    // table and application) is kept with the build.
+    if build.files.contains_key(crate::setup::SETUP_SKETCH_FILE) && !compiled.images.is_empty() {
+        let kept = state
+            .keep_build_images(build.id, compiled.images)
+            .await
+            .map_err(|e| plain(e.into_message()))?;
+        let names: Vec<String> = kept
+            .iter()
+            .map(|i| format!("{} ({} bytes)", i.name, i.size))
+            .collect();
+        let _ = state
+            .store()
+            .append_build_log(
+                build.id,
+                &format!("kept for flashing by wire: {}\n", names.join(", ")),
+            )
+            .await;
+    }
     if let Some(device) = &device {
         state
             .store()

@@ -108,6 +108,7 @@ impl Modify for Bearer {
         crate::api::download_firmware,
         crate::builds::create,
         crate::builds::show,
+        crate::builds::image,
         crate::rollouts::list,
         crate::rollouts::create,
         crate::rollouts::show,

@@ -51,6 +51,11 @@ impl Sealer {
 
     /// `hex(nonce || ciphertext)`.
     pub fn seal(&self, plain: &[u8]) -> anyhow::Result<String> {
+        Ok(hex(&self.seal_bytes(plain)?))
+    }
+
+    /// `nonce || ciphertext`.
+    pub fn seal_bytes(&self, plain: &[u8]) -> anyhow::Result<Vec<u8>> {
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random nonce: {e}"))?;
         let sealed = self
@@ -59,12 +64,16 @@ impl Sealer {
             .map_err(|_| anyhow::anyhow!("sealing failed"))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&sealed);
-        Ok(hex(&out))
+        Ok(out)
     }
 
     /// The plain bytes, or `None` if the text was not sealed with this key.
     pub fn open(&self, sealed: &str) -> Option<Vec<u8>> {
-        let bytes = unhex(sealed)?;
+        self.open_bytes(&unhex(sealed)?)
+    }
+
+    /// [`Sealer::open`] of `nonce || ciphertext`.
+    pub fn open_bytes(&self, bytes: &[u8]) -> Option<Vec<u8>> {
         if bytes.len() < 12 + 16 {
             return None;
         }

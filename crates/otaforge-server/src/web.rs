@@ -65,6 +65,10 @@ pub fn routes() -> Router<AppState> {
             "/workspace/{product}/{serial}/builds/{file}",
             get(build_status),
         )
+        .route(
+            "/workspace/{product}/{serial}/builds/{id}/{name}",
+            get(build_image),
+        )
         .layer(axum::middleware::map_response(page_headers))
 }
 
@@ -1159,9 +1163,16 @@ struct WorkspacePage {
     content: String,
     /// (fqbn, label, chosen)
     boards: Vec<(String, String, bool)>,
+    /// What this server can build, for the boards offered: (board, buildable, with what or
+    /// what its administrator would install). Empty before the toolchain was checked.
+    toolchain: Vec<(String, bool, String)>,
+    /// Some offered board cannot be built here.
+    toolchain_missing: bool,
     firmware_url: String,
     assigned: String,
     build: Option<Build>,
+    /// Images the shown build kept for flashing by wire.
+    build_images: Vec<BuildImage>,
     builds: Vec<Build>,
     history: Vec<HistoryRow>,
     wifi_summary: String,
@@ -1268,6 +1279,10 @@ async fn workspace(
             .filter(|b| b.device_id == Some(device.id)),
         None => builds.first().cloned(),
     };
+    let build_images = match &build {
+        Some(b) => store.list_build_images(b.id).await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let assigned = match state
         .inner
         .catalog
@@ -1300,6 +1315,15 @@ async fn workspace(
     if !boards.iter().any(|(_, _, chosen)| *chosen) {
         boards.push((fqbn.clone(), fqbn.clone(), true));
     }
+    let status = state.inner.compile.status();
+    let toolchain: Vec<(String, bool, String)> = boards
+        .iter()
+        .filter_map(|(value, label, _)| match status.board(value) {
+            compile::BoardState::Ready(with) => Some((label.clone(), true, with)),
+            compile::BoardState::Missing(why) => Some((label.clone(), false, why)),
+            compile::BoardState::Unknown => None,
+        })
+        .collect();
     let history = store
         .list_revisions(device.id, 10)
         .await
@@ -1337,8 +1361,11 @@ async fn workspace(
             .collect(),
         current_file,
         boards,
+        toolchain_missing: toolchain.iter().any(|(_, ready, _)| !ready),
+        toolchain,
         assigned,
         build,
+        build_images,
         builds,
         history,
         wifi_summary,
@@ -1488,6 +1515,28 @@ async fn build_status(
             .into_response()
         }
         _ => ApiError::not_found("no such build").into_response(),
+    }
+}
+
+/// `GET .../builds/{id}/{name}`: an image the build kept for flashing by wire.
+async fn build_image(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial, id, name)): ApiPath<(Id, String, Id, String)>,
+) -> Response {
+    let device = match open_device(&state, &web, product, &serial).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    match state.store().get_build(id).await {
+        Ok(b) if b.device_id == Some(device.id) => match state.build_image(id, &name).await {
+            Ok((image, bytes)) => crate::builds::image_response(id, &image, bytes),
+            Err(e) => error_page(e, &format!("/workspace/{product}/{serial}")),
+        },
+        _ => error_page(
+            ApiError::not_found("no such build"),
+            &format!("/workspace/{product}/{serial}"),
+        ),
     }
 }
 

@@ -751,6 +751,31 @@ fn form_post(path: &str, cookie: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Signs a bot in through the form: its session cookie and its workspace's form token.
+async fn bot_session(server: &Server, pid: i64, serial: &str, password: &str) -> (String, String) {
+    let (login_cookie, token) = server.login_token().await;
+    let r = server
+        .raw(&form_post(
+            "/login",
+            &login_cookie,
+            &format!("csrf={token}&kind=bot&username={serial}&password={password}"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let session = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = server
+        .get_with_cookie(&format!("/workspace/{pid}/{serial}"), &session)
+        .await;
+    assert_eq!(page.status, 200);
+    (session, form_token(&page.text()))
+}
+
 /// Secrets stay sealed at rest (no build row, database page, WAL or blob holds the Wi-Fi or
 /// device password; the data folder is the owner's alone), and a bot session ends when its
 /// device is blocked.
@@ -769,28 +794,8 @@ async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
     assert_eq!(status, 201);
 
     // The bot signs in through the form.
-    let (login_cookie, token) = server.login_token().await;
-    let r = server
-        .raw(&form_post(
-            "/login",
-            &login_cookie,
-            &format!("csrf={token}&kind=bot&username=gh_01&password={device_pw}"),
-        ))
-        .await;
-    assert_eq!(r.status, 303, "{}", r.text());
-    let session = r
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let (session, csrf) = bot_session(&server, pid, "gh_01", device_pw).await;
     let workspace = format!("/workspace/{pid}/gh_01");
-    let page = server
-        .raw(format!("GET {workspace} HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await;
-    assert_eq!(page.status, 200);
-    let csrf = form_token(&page.text());
 
     // A file name with a line feed is refused with a message, never a 500.
     let r = server
@@ -887,9 +892,7 @@ async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
         )
         .await;
     assert_eq!(status, 200);
-    let r = server
-        .raw(format!("GET {workspace} HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await;
+    let r = server.get_with_cookie(&workspace, &session).await;
     assert_eq!(r.status, 303, "a blocked device's session is over");
     assert_eq!(r.header("location"), Some("/login"));
     server
@@ -899,9 +902,7 @@ async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
             Some(json!({"status": "verified"})),
         )
         .await;
-    let r = server
-        .raw(format!("GET {workspace} HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await;
+    let r = server.get_with_cookie(&workspace, &session).await;
     assert_eq!(
         r.status, 303,
         "unblocking does not bring the old session back"
@@ -975,4 +976,193 @@ async fn one_requester_cannot_fill_the_build_queue() {
         "{b}"
     );
     server.finish().await;
+}
+
+/// A setup build for an ESP32 board through arduino-cli (the stand-in of
+/// `tests/stand-in/arduino-cli`, installed outside `/usr` with its cores in another user's
+/// folder): the build keeps the merged image, bootloader and partition table, sealed at rest;
+/// the API and the device's workspace serve them, nobody else; the workspace says which boards
+/// this server can build and what its administrator would install for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_builds_keep_their_images_for_flashing_by_wire() {
+    let base = std::env::temp_dir().join(format!("otaforge-setup-images-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let data = base.join("alice/.arduino15");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(base.join("bin")).unwrap();
+    std::fs::write(data.join("inventory.yaml"), "installation:\n  id: x\n").unwrap();
+    let cli = base.join("bin/arduino-cli");
+    std::fs::write(
+        &cli,
+        include_str!("stand-in/arduino-cli")
+            .replace("@DATA@", data.to_str().unwrap())
+            .replace("@USER@", base.join("alice/Arduino").to_str().unwrap()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start_with(
+        Backend::Sqlite,
+        support::Options {
+            compile: Some(otaforge_server::compile::CompileConfig {
+                arduino_cli: Some(cli.clone()),
+                arduino_builder: None,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pid, _, _) = server.product("field").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "f_01", "password": "dev-pw-f01"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (session, csrf) = bot_session(&server, pid, "f_01", "dev-pw-f01").await;
+    let workspace = format!("/workspace/{pid}/f_01");
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/wifi"),
+            &session,
+            &format!(
+                "csrf={csrf}&ssid=FieldNet&wifi_password=wifi-pw-f01&device_password=dev-pw-f01"
+            ),
+        ))
+        .await;
+    assert!(
+        !r.header("location").unwrap().contains("error"),
+        "{:?}",
+        r.header("location")
+    );
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/setup"),
+            &session,
+            &format!("csrf={csrf}&what=compile"),
+        ))
+        .await;
+    let location = r.header("location").unwrap().to_string();
+    let id: i64 = location.rsplit("build=").next().unwrap().parse().unwrap();
+    let b = wait_build(&server, id).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert!(
+        b["log"]
+            .as_str()
+            .unwrap()
+            .contains("kept for flashing by wire"),
+        "{b}"
+    );
+    let names: Vec<&str> = b["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["bootloader.bin", "merged.bin", "partitions.bin"],
+        "{b}"
+    );
+    assert_eq!(b["images"][1]["size"], 6);
+
+    // The API serves each image; unknown names and builds are 404s.
+    let merged = server
+        .raw(
+            format!(
+                "GET /api/v1/builds/{id}/images/merged.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                support::TOKEN
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(
+        (merged.status, merged.body.as_slice()),
+        (200, &b"MERGED"[..])
+    );
+    assert!(
+        merged
+            .header("content-disposition")
+            .unwrap()
+            .contains(&format!("build-{id}-merged.bin")),
+        "{:?}",
+        merged.headers
+    );
+    let (status, _) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/builds/{id}/images/app.elf"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = server
+        .call(Method::GET, "/api/v1/builds/999999/images/merged.bin", None)
+        .await;
+    assert_eq!(status, 404);
+
+    // The workspace links them under the build, and serves them to the device's session only.
+    let page = server
+        .get_with_cookie(&format!("{workspace}?build={id}"), &session)
+        .await;
+    let html = page.text();
+    let link = format!("{workspace}/builds/{id}/merged.bin");
+    assert!(html.contains(&link), "{html}");
+    let r = server.get_with_cookie(&link, &session).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"MERGED"[..]));
+    let r = server
+        .get_with_cookie(&link, "otaforge_session=forged")
+        .await;
+    assert_eq!(r.status, 303, "no session, no image");
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "f_02", "password": "dev-pw-f02"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (other, _) = bot_session(&server, pid, "f_02", "dev-pw-f02").await;
+    let r = server
+        .get_with_cookie(
+            &format!("/workspace/{pid}/f_02/builds/{id}/merged.bin"),
+            &other,
+        )
+        .await;
+    assert_eq!(r.status, 404, "another device's build is not found");
+
+    // What this server builds, in the workspace (the build checked the toolchain).
+    assert!(
+        html.contains(
+            "ESP32 Dev Module</strong>: builds with arduino-cli 1.1.1, esp32:esp32 3.0.7"
+        ),
+        "{html}"
+    );
+    assert!(
+        html.contains("arduino-cli core install esp8266:esp8266"),
+        "{html}"
+    );
+
+    // The images are sealed at rest: no file of the data folder holds them in clear.
+    let (data_dir, _) = server.stop().await;
+    let mut stack = vec![data_dir.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else if let Ok(bytes) = std::fs::read(entry.path()) {
+                assert!(
+                    !bytes.windows(6).any(|w| w == b"MERGED"),
+                    "{} holds an image in clear",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_dir_all(&base);
 }

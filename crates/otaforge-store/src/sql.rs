@@ -815,7 +815,8 @@ macro_rules! sql_store {
             async fn blob_in_use(&self, sha256: &str) -> Result<bool> {
                 let row = sqlx::query(
                     "SELECT (SELECT COUNT(*) FROM firmware WHERE sha256 = $1) + \
-                     (SELECT COUNT(*) FROM resources WHERE sha256 = $1) AS n",
+                     (SELECT COUNT(*) FROM resources WHERE sha256 = $1) + \
+                     (SELECT COUNT(*) FROM build_images WHERE sha256 = $1) AS n",
                 )
                 .bind(sha256)
                 .fetch_one(&self.write)
@@ -1130,6 +1131,38 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn add_build_image(&self, build_id: Id, image: &BuildImage) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO build_images (build_id, name, sha256, size) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (build_id, name) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size",
+                )
+                .bind(build_id)
+                .bind(&image.name)
+                .bind(&image.sha256)
+                .bind(image.size)
+                .execute(&self.write)
+                .await?;
+                Ok(())
+            }
+
+            async fn list_build_images(&self, build_id: Id) -> Result<Vec<BuildImage>> {
+                let rows = sqlx::query(
+                    "SELECT name, sha256, size FROM build_images WHERE build_id = $1 ORDER BY name",
+                )
+                .bind(build_id)
+                .fetch_all(&self.write)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(BuildImage {
+                            name: r.try_get("name")?,
+                            sha256: r.try_get("sha256")?,
+                            size: r.try_get("size")?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn fail_stale_builds(&self, before: Millis) -> Result<u64> {
                 let done = sqlx::query(
                     "UPDATE builds SET status = 'failed', finished_at = $1, \
@@ -1439,6 +1472,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/sqlite_3.sql"),
     ),
     ("token expiry", include_str!("../migrations/sqlite_4.sql")),
+    ("build images", include_str!("../migrations/sqlite_5.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -1454,6 +1488,7 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/postgres_3.sql"),
     ),
     ("token expiry", include_str!("../migrations/postgres_4.sql")),
+    ("build images", include_str!("../migrations/postgres_5.sql")),
 ];
 
 /// sqlx's migrator over one backend's embedded migrations (no macros: the SQL is

@@ -119,6 +119,11 @@ pub trait Store: Send + Sync + 'static {
         diagnostics: &[Diagnostic],
         firmware_id: Option<Id>,
     ) -> Result<()>;
+    /// Records an image the build exported (its bytes are the blob `sha256`); a second image
+    /// of the same name replaces the first.
+    async fn add_build_image(&self, build_id: Id, image: &BuildImage) -> Result<()>;
+    /// By name.
+    async fn list_build_images(&self, build_id: Id) -> Result<Vec<BuildImage>>;
     /// Marks builds left running by a worker that died (started before `before`) as failed.
     async fn fail_stale_builds(&self, before: Millis) -> Result<u64>;
 

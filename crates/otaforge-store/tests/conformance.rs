@@ -401,6 +401,34 @@ async fn suite(store: &dyn Store) {
         (BuildStatus::Failed, "one two")
     );
     assert_eq!(done.diagnostics, vec![diag]);
+    let image = |name: &str, sha: &str| BuildImage {
+        name: name.into(),
+        sha256: sha.into(),
+        size: 4,
+    };
+    assert!(store.list_build_images(b1.id).await.unwrap().is_empty());
+    store
+        .add_build_image(b1.id, &image("partitions.bin", "aa"))
+        .await
+        .unwrap();
+    store
+        .add_build_image(b1.id, &image("merged.bin", "bb"))
+        .await
+        .unwrap();
+    store
+        .add_build_image(b1.id, &image("merged.bin", "cc"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_build_images(b1.id).await.unwrap(),
+        vec![image("merged.bin", "cc"), image("partitions.bin", "aa")],
+        "by name, the second image of a name replacing the first"
+    );
+    assert!(
+        store.blob_in_use("aa").await.unwrap(),
+        "a kept image holds its blob"
+    );
+    assert!(!store.blob_in_use("bb").await.unwrap());
     let running = store.claim_build("w2").await.unwrap().unwrap();
     assert_eq!(running.id, b2.id);
     assert!(store.claim_build("w3").await.unwrap().is_none());
@@ -549,6 +577,10 @@ async fn suite(store: &dyn Store) {
     not_found(store.get_product(p.id).await);
     not_found(store.get_rollout(rollout.id).await);
     assert!(!store.blob_in_use(&"c".repeat(64)).await.unwrap());
+    assert!(
+        !store.blob_in_use("aa").await.unwrap(),
+        "a build's images go with its product"
+    );
     not_found(store.delete_product(p.id).await);
 }
 

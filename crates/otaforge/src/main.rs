@@ -72,6 +72,16 @@ struct CompileArgs {
     /// arduino-cli to use (default: found on PATH).
     #[arg(long, env = "OTAFORGE_ARDUINO_CLI")]
     arduino_cli: Option<PathBuf>,
+    /// arduino-cli's data folder (its cores and tools); default: what its configuration
+    /// file says, else ~/.arduino15.
+    #[arg(long, env = "ARDUINO_DIRECTORIES_DATA")]
+    arduino_data_dir: Option<PathBuf>,
+    /// arduino-cli's downloads folder; default: its configuration, else DATA/staging.
+    #[arg(long, env = "ARDUINO_DIRECTORIES_DOWNLOADS")]
+    arduino_downloads_dir: Option<PathBuf>,
+    /// arduino-cli's user folder (sketchbook libraries); default: its configuration, else ~/Arduino.
+    #[arg(long, env = "ARDUINO_DIRECTORIES_USER")]
+    arduino_user_dir: Option<PathBuf>,
     /// arduino-builder to use for arduino:avr boards (default: found on PATH).
     #[arg(long, env = "OTAFORGE_ARDUINO_BUILDER")]
     arduino_builder: Option<PathBuf>,
@@ -88,6 +98,9 @@ impl CompileArgs {
         let mut c = otaforge_server::compile::CompileConfig {
             workers: self.build_workers,
             allow_unsandboxed: self.allow_unsandboxed_builds,
+            arduino_data: self.arduino_data_dir.clone(),
+            arduino_downloads: self.arduino_downloads_dir.clone(),
+            arduino_user: self.arduino_user_dir.clone(),
             ..Default::default()
         };
         if let Some(p) = &self.arduino_cli {
@@ -164,6 +177,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
+    if state.config().compile.workers > 0 {
+        let state = state.clone();
+        tokio::spawn(async move { state.check_toolchain().await });
+    }
     tracing::info!(
         listen = %listener.local_addr()?,
         database = state.store().backend(),
@@ -178,6 +195,7 @@ async fn worker(args: ServeArgs) -> anyhow::Result<()> {
     config.compile.workers = config.compile.workers.max(1);
     let workers = config.compile.workers;
     let state = AppState::open(config).await?;
+    state.check_toolchain().await;
     if !state.config().compile.has_compiler() {
         anyhow::bail!(
             "no compiler found: install arduino-cli (or arduino-builder for arduino:avr boards)"

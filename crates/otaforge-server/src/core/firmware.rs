@@ -2,7 +2,7 @@
 //! API and the pages, builds, the simulator), and the release of blobs no row uses.
 
 use axum::http::StatusCode;
-use otaforge_store::model::{Firmware, Id, NewFirmware};
+use otaforge_store::model::{BuildImage, Firmware, Id, NewFirmware};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -87,6 +87,61 @@ impl AppState {
                 Err(e.into())
             }
         }
+    }
+
+    /// Keeps the images a build exported beside its application (blob, then row; a failed
+    /// row releases its blob). They embed the device's secrets, so their blobs are sealed
+    /// with the server's key; `sha256` names the sealed blob.
+    pub async fn keep_build_images(
+        &self,
+        build: Id,
+        images: Vec<(String, Vec<u8>)>,
+    ) -> ApiResult<Vec<BuildImage>> {
+        let mut kept = Vec::new();
+        for (name, bytes) in images {
+            use sha2::Digest;
+            let size = bytes.len() as i64;
+            let bytes = self
+                .inner
+                .sealer
+                .seal_bytes(&bytes)
+                .map_err(|e| ApiError::internal("sealing a build image", e))?;
+            let image = BuildImage {
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                size,
+                name,
+            };
+            self.inner.blobs.put(&image.sha256, bytes.into()).await?;
+            if let Err(e) = self.store().add_build_image(build, &image).await {
+                self.release_blob(&image.sha256).await;
+                return Err(e.into());
+            }
+            kept.push(image);
+        }
+        Ok(kept)
+    }
+
+    /// One kept image of a build, with its bytes.
+    pub async fn build_image(
+        &self,
+        build: Id,
+        name: &str,
+    ) -> ApiResult<(BuildImage, bytes::Bytes)> {
+        let image = self
+            .store()
+            .list_build_images(build)
+            .await?
+            .into_iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| ApiError::not_found("this build kept no image of that name"))?;
+        let sealed = self.inner.blobs.get(&image.sha256).await?;
+        let bytes = self.inner.sealer.open_bytes(&sealed).ok_or_else(|| {
+            ApiError::internal(
+                "opening a build image",
+                format!("build {build}'s {name} does not open with this server's key"),
+            )
+        })?;
+        Ok((image, bytes.into()))
     }
 
     /// Deletes a blob no row refers to any more. Failures only leave garbage, never break data.

@@ -308,6 +308,17 @@ impl Server {
     pub async fn raw(&self, request: &[u8]) -> RawResponse {
         raw_exchange(self.addr, request).await
     }
+
+    /// `GET path` with a session cookie, as a browser sends it.
+    pub async fn get_with_cookie(&self, path: &str, cookie: &str) -> RawResponse {
+        self.raw(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+    }
 }
 
 /// A parsed HTTP answer, with the head kept as the exact bytes received.

@@ -12,17 +12,30 @@ use otaforge_store::model::Diagnostic;
 
 use crate::diagnostics;
 
+pub mod arduino_cli;
+mod toolchain;
+
+use arduino_cli::{Cache, Dirs, JAIL_CLI, JAIL_DATA, JAIL_DOWNLOADS, JAIL_USER};
+pub use toolchain::{BoardState, ToolchainStatus};
+
 /// Where the tools are and how builds are confined.
 #[derive(Debug, Clone)]
 pub struct CompileConfig {
     /// Builds run at once inside `otaforge serve` (0: none; use `otaforge worker`).
     pub workers: usize,
     pub arduino_cli: Option<PathBuf>,
+    /// arduino-cli's folders when set by the operator (else read from `arduino-cli config
+    /// dump`, else its defaults under `$HOME`).
+    pub arduino_data: Option<PathBuf>,
+    pub arduino_downloads: Option<PathBuf>,
+    pub arduino_user: Option<PathBuf>,
     pub arduino_builder: Option<PathBuf>,
     /// `bwrap`; builds refuse to run unconfined unless `allow_unsandboxed`.
     pub bwrap: Option<PathBuf>,
     pub allow_unsandboxed: bool,
     pub limits: Limits,
+    /// What the last check of the toolchain found (at start, and by every arduino-cli build).
+    pub status: std::sync::Arc<std::sync::RwLock<ToolchainStatus>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,10 +64,14 @@ impl Default for CompileConfig {
         CompileConfig {
             workers: 1,
             arduino_cli: find_on_path("arduino-cli"),
+            arduino_data: None,
+            arduino_downloads: None,
+            arduino_user: None,
             arduino_builder: find_on_path("arduino-builder"),
             bwrap: find_on_path("bwrap"),
             allow_unsandboxed: false,
             limits: Limits::default(),
+            status: Default::default(),
         }
     }
 }
@@ -154,12 +171,32 @@ pub fn main_file(files: &BTreeMap<String, String>) -> Result<&str, String> {
 pub struct Compiled {
     pub binary: Vec<u8>,
     pub diagnostics: Vec<Diagnostic>,
+    /// The other images arduino-cli exported beside the application (ESP32 cores 3.x):
+    /// `merged.bin` (bootloader, partition table and application at their offsets, written
+    /// from 0x0), `bootloader.bin`, `partitions.bin`, as (name, bytes).
+    pub images: Vec<(String, Vec<u8>)>,
 }
+
+/// The exported files kept as [`Compiled::images`]: (file in `--output-dir`, name kept).
+pub const EXPORTED_IMAGES: &[(&str, &str)] = &[
+    ("sketch.ino.merged.bin", "merged.bin"),
+    ("sketch.ino.bootloader.bin", "bootloader.bin"),
+    ("sketch.ino.partitions.bin", "partitions.bin"),
+];
 
 #[derive(Debug)]
 pub struct CompileFailure {
     pub message: String,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl CompileFailure {
+    fn plain(message: String) -> CompileFailure {
+        CompileFailure {
+            message,
+            diagnostics: Vec::new(),
+        }
+    }
 }
 
 /// One build's folders: `work/sketch` (the sources, read-only to the compiler), `work/out`;
@@ -175,16 +212,43 @@ pub struct Job<'a> {
     pub cache: &'a Path,
 }
 
+/// arduino-cli as one build runs it: the binary, its folders, its version and cores.
+pub(crate) struct Cli {
+    pub program: PathBuf,
+    pub dirs: Dirs,
+    pub version: arduino_cli::Version,
+    pub platforms: Vec<arduino_cli::Platform>,
+}
+
+impl Cli {
+    /// The cache for a user build (`warm`: for the warm-up, which alone writes the shared
+    /// cache) in `sandbox`'s paths.
+    fn cache(&self, sandbox: &Sandbox, warm: bool) -> Cache {
+        if self.version.caches_by_environment() {
+            Cache::Environment {
+                writable: if warm {
+                    sandbox.cache_path()
+                } else {
+                    sandbox.build_path()
+                },
+                read_only: (!warm).then(|| sandbox.cache_path()),
+            }
+        } else {
+            Cache::Flags {
+                build: sandbox.build_path(),
+                cache: sandbox.cache_path(),
+            }
+        }
+    }
+}
+
 /// Runs the compile, streaming output lines to `log`.
 pub fn compile(
     config: &CompileConfig,
     job: &Job,
     log: &mut dyn FnMut(&str),
 ) -> Result<Compiled, CompileFailure> {
-    let fail = |message: String| CompileFailure {
-        message,
-        diagnostics: Vec::new(),
-    };
+    let fail = CompileFailure::plain;
     check_fqbn(job.fqbn).map_err(fail)?;
     let backend = config.backend_for(job.fqbn).map_err(fail)?;
     let main = main_file(job.files).map_err(fail)?.to_string();
@@ -213,26 +277,57 @@ pub fn compile(
         rename.insert(on_disk, name.clone());
     }
 
-    warm_cache(config, &backend, job, log)?;
-    let sandbox = Sandbox::new(config, job, false)?;
-    let (program, args) =
-        toolchain_command(&backend, job.fqbn, &sandbox, &job.build_properties, true);
+    // arduino-cli is checked on every build: the version decides how the cache is passed,
+    // and a new arduino-cli or core version makes the warm-up run again.
+    let cli = match &backend {
+        Backend::ArduinoCli(program) => {
+            let cli = config
+                .probe_cli(program, &job.work.join("probe"))
+                .map_err(fail)?;
+            let platform = arduino_cli::platform_of(job.fqbn);
+            if !cli.platforms.iter().any(|p| p.id == platform) {
+                return Err(fail(toolchain::missing_core(&platform)));
+            }
+            Some(cli)
+        }
+        Backend::ArduinoBuilder(_) => None,
+    };
+
+    warm_cache(config, &backend, cli.as_ref(), job, log)?;
+    let sandbox = Sandbox::new(config, job.work, job.cache, false, cli.as_ref())?;
+    let cache = cli.as_ref().map(|c| c.cache(&sandbox, false));
+    let (program, args, env) = toolchain_command(
+        &backend,
+        job.fqbn,
+        &sandbox,
+        &job.build_properties,
+        cache.as_ref(),
+    );
     log(&format!("$ {} {}\n", program.display(), args.join(" ")));
     let started = Instant::now();
-    let output = sandbox.run(&program, &args, log).map_err(fail)?;
+    let output = sandbox.run(&program, &args, &env, log).map_err(fail)?;
     log(&format!(
         "\n[{} in {:.1} s]\n",
         if output.success { "compiled" } else { "failed" },
         started.elapsed().as_secs_f64()
     ));
 
-    let sketch_prefix = format!("{}/", sandbox.sketch_path());
-    let build_prefix = format!("{}/sketch/", sandbox.build_path());
+    let sketch_prefixes = [
+        format!("{}/", sandbox.sketch_path()),
+        format!("{}/", sketch_dir.display()),
+    ];
+    // The build folder's copy of the sketch: `{build}/sketch/…` with `--build-path`,
+    // `{cache}/sketches/{hash}/sketch/…` when arduino-cli places the build itself.
+    let build_root = sandbox.build_path();
     let map = |path: &str| -> Option<String> {
-        let name = path
-            .strip_prefix(&sketch_prefix)
-            .or_else(|| path.strip_prefix(&build_prefix))
-            .or_else(|| path.strip_prefix(&format!("{}/", sketch_dir.display())))?;
+        let name = sketch_prefixes
+            .iter()
+            .find_map(|p| path.strip_prefix(p.as_str()))
+            .or_else(|| {
+                path.strip_prefix(build_root.as_str())
+                    .and_then(|rest| rest.split_once("/sketch/"))
+                    .map(|(_, name)| name)
+            })?;
         let name = name
             .strip_suffix(".cpp")
             .filter(|n| n.ends_with(".ino"))
@@ -244,31 +339,26 @@ pub fn compile(
                 .unwrap_or_else(|| name.to_string()),
         )
     };
-    let mut text = output.text.clone();
-    if let Backend::ArduinoCli(_) = backend
-        && let Ok(json) = serde_json::from_str::<serde_json::Value>(output.stdout.trim())
-    {
-        for key in ["compiler_out", "compiler_err"] {
-            if let Some(s) = json[key].as_str() {
-                log(s);
-                text.push_str(s);
-            }
-        }
-    }
-    let diagnostics = diagnostics::parse(&text, map);
+    let diagnostics = diagnostics::parse(&arduino_cli::strip_ansi(&output.text), map);
     if !output.success {
         let outside = diagnostics.iter().any(|d| {
             d.message.starts_with('/') && d.message.ends_with("No such file or directory")
         });
-        let message = output.failure.unwrap_or_else(|| {
-            if outside {
-                "the compiler reported errors: a sketch may include only its own files and the \
-                 board's libraries (the build cannot read anything else on the server)"
-                    .to_string()
-            } else {
-                "the compiler reported errors".to_string()
-            }
-        });
+        let message = output
+            .failure
+            .or_else(|| {
+                cli.as_ref()
+                    .and_then(|_| arduino_cli::failure_message(&output.stderr))
+            })
+            .unwrap_or_else(|| {
+                if outside {
+                    "the compiler reported errors: a sketch may include only its own files and the \
+                     board's libraries (the build cannot read anything else on the server)"
+                        .to_string()
+                } else {
+                    "the compiler reported errors".to_string()
+                }
+            });
         return Err(CompileFailure {
             message,
             diagnostics,
@@ -295,21 +385,29 @@ pub fn compile(
     if binary.is_empty() {
         return Err(fail("the compiler made an empty binary".into()));
     }
+    let images = EXPORTED_IMAGES
+        .iter()
+        .filter_map(|(file, name)| {
+            let bytes = std::fs::read(out_dir.join(file)).ok()?;
+            (!bytes.is_empty()).then(|| (name.to_string(), bytes))
+        })
+        .collect();
     Ok(Compiled {
         binary,
         diagnostics,
+        images,
     })
 }
 
-/// The compiler command for a job in `sandbox` (its paths are the jail's, or the host's when
-/// builds run unsandboxed): one definition for user builds and the cache warm-up.
+/// The compiler command and environment for a job in `sandbox` (its paths are the jail's, or
+/// the host's when builds run unsandboxed): one definition for user builds and the warm-up.
 fn toolchain_command(
     backend: &Backend,
     fqbn: &str,
     sandbox: &Sandbox,
     build_properties: &[String],
-    json: bool,
-) -> (PathBuf, Vec<String>) {
+    cache: Option<&Cache>,
+) -> (PathBuf, Vec<String>, Vec<(String, String)>) {
     match backend {
         Backend::ArduinoBuilder(builder) => (
             builder.clone(),
@@ -336,49 +434,79 @@ fn toolchain_command(
                 sandbox.build_path(),
                 format!("{}/sketch.ino", sandbox.sketch_path()),
             ],
+            Vec::new(),
         ),
-        Backend::ArduinoCli(cli) => {
+        Backend::ArduinoCli(_) => {
+            // Text output streams while the compiler runs (JSON output is held back until
+            // arduino-cli exits); `--warnings default` shows warnings at their lines.
             let mut args: Vec<String> = vec![
                 "compile".into(),
                 "--fqbn".into(),
                 fqbn.into(),
+                "--warnings".into(),
+                "default".into(),
                 "--output-dir".into(),
                 sandbox.out_path(),
-                "--build-path".into(),
-                sandbox.build_path(),
-                "--build-cache-path".into(),
-                sandbox.cache_path(),
             ];
-            if json {
-                args.extend(["--format".into(), "json".into()]);
+            if let Some(Cache::Flags { build, cache }) = cache {
+                args.extend([
+                    "--build-path".into(),
+                    build.clone(),
+                    "--build-cache-path".into(),
+                    cache.clone(),
+                ]);
             }
             for property in build_properties {
                 args.push("--build-property".into());
                 args.push(property.clone());
             }
             args.push(sandbox.sketch_path());
-            (cli.clone(), args)
+            let env = arduino_cli::environment(sandbox.arduino_dirs(), cache);
+            (sandbox.cli_program(), args, env)
         }
     }
 }
 
 /// Builds an empty sketch once per board with the cache writable, so that user builds can
 /// reuse the compiled core from a cache they can only read (no build can poison it for the
-/// next one).
+/// next one). The cache remembers the toolchain it was made by and is made again when
+/// arduino-cli or the board's core changes version.
 fn warm_cache(
     config: &CompileConfig,
     backend: &Backend,
+    cli: Option<&Cli>,
     job: &Job,
     log: &mut dyn FnMut(&str),
 ) -> Result<(), CompileFailure> {
-    let marker = job.cache.join(".warm");
-    if marker.exists() {
-        return Ok(());
-    }
-    let fail = |message: String| CompileFailure {
-        message,
-        diagnostics: Vec::new(),
+    let fail = CompileFailure::plain;
+    let key = match cli {
+        Some(cli) => {
+            let platform = arduino_cli::platform_of(job.fqbn);
+            let version = cli
+                .platforms
+                .iter()
+                .find(|p| p.id == platform)
+                .map(|p| p.version.as_str())
+                .unwrap_or("?");
+            format!("arduino-cli {}; {platform} {version}\n", cli.version.text)
+        }
+        None => "arduino-builder\n".to_string(),
     };
+    let marker = job.cache.join(".warm");
+    match std::fs::read_to_string(&marker) {
+        Ok(made_by) if made_by == key => return Ok(()),
+        Ok(made_by) => {
+            log(&format!(
+                "the core cache was made by {}; making it again for {}",
+                made_by.trim(),
+                key
+            ));
+            std::fs::remove_dir_all(job.cache)
+                .and_then(|()| std::fs::create_dir_all(job.cache))
+                .map_err(|e| fail(format!("clearing the core cache: {e}")))?;
+        }
+        Err(_) => {}
+    }
     let work = job.work.join("warm");
     for dir in ["sketch", "out", "build"] {
         std::fs::create_dir_all(work.join(dir))
@@ -389,31 +517,32 @@ fn warm_cache(
         "void setup() {}\nvoid loop() {}\n",
     )
     .map_err(|e| fail(format!("writing the warm-up sketch: {e}")))?;
-    let warm_job = Job {
-        fqbn: job.fqbn,
-        files: job.files,
-        extra_files: BTreeMap::new(),
-        build_properties: Vec::new(),
-        work: &work,
-        cache: job.cache,
-    };
-    let sandbox = Sandbox::new(config, &warm_job, true)?;
+    let sandbox = Sandbox::new(config, &work, job.cache, true, cli)?;
     // The same command as a user build, on the sandbox's own paths (jailed or not).
-    let (program, args) = toolchain_command(backend, job.fqbn, &sandbox, &[], false);
+    let cache = cli.map(|c| c.cache(&sandbox, true));
+    let (program, args, env) = toolchain_command(backend, job.fqbn, &sandbox, &[], cache.as_ref());
     log(&format!(
         "preparing the {} core cache (first build for this board)\n",
         job.fqbn
     ));
-    let out = sandbox.run(&program, &args, &mut |_| {}).map_err(fail)?;
+    let out = sandbox
+        .run(&program, &args, &env, &mut |_| {})
+        .map_err(fail)?;
     let _ = std::fs::remove_dir_all(&work);
+    // arduino-cli >= 1.1 built the warm-up sketch itself inside the cache: only the core stays.
+    let _ = std::fs::remove_dir_all(job.cache.join("sketches"));
     if !out.success {
         log(&out.text);
+        let reason = cli
+            .and_then(|_| arduino_cli::failure_message(&out.stderr))
+            .map(|m| format!(": {m}"))
+            .unwrap_or_else(|| "; is the board's core installed?".into());
         return Err(fail(format!(
-            "the {} toolchain cannot build an empty sketch; is the board's core installed?",
+            "the {} toolchain cannot build an empty sketch{reason}",
             job.fqbn
         )));
     }
-    std::fs::write(&marker, b"").map_err(|e| fail(format!("marking the cache: {e}")))?;
+    std::fs::write(&marker, key).map_err(|e| fail(format!("marking the cache: {e}")))?;
     Ok(())
 }
 
@@ -422,6 +551,7 @@ struct RunOutput {
     /// stdout and stderr interleaved as they came.
     text: String,
     stdout: String,
+    stderr: String,
     failure: Option<String>,
 }
 
@@ -436,6 +566,11 @@ struct Sandbox {
     cache: PathBuf,
     /// Only the trusted warm-up build may write the shared cache.
     cache_writable: bool,
+    /// arduino-cli and its folders, bound at fixed places in the jail.
+    cli: Option<(PathBuf, Dirs)>,
+    /// A `python3` installed outside `/usr` (its prefix, bound at the same path): ESP32
+    /// recipes run `python3` from PATH.
+    python_prefix: Option<PathBuf>,
 }
 
 const JAIL_SKETCH: &str = "/build/sketch";
@@ -443,26 +578,43 @@ const JAIL_OUT: &str = "/build/out";
 const JAIL_BUILD: &str = "/build/work";
 const JAIL_CACHE: &str = "/build/cache";
 
+/// The prefix of the `python3` on PATH when the jail's `/usr` has none (pyenv, conda, /opt).
+fn python_prefix() -> Option<PathBuf> {
+    if Path::new("/usr/bin/python3").exists() {
+        return None;
+    }
+    let python = std::fs::canonicalize(find_on_path("python3")?).ok()?;
+    if python.starts_with("/usr") {
+        return None;
+    }
+    Some(python.parent()?.parent()?.to_path_buf())
+}
+
 impl Sandbox {
+    /// A jail over `work`'s `sketch`, `out` and `build` folders and the shared `cache`.
     fn new(
         config: &CompileConfig,
-        job: &Job,
+        work: &Path,
+        cache: &Path,
         cache_writable: bool,
+        cli: Option<&Cli>,
     ) -> Result<Sandbox, CompileFailure> {
         if config.bwrap.is_none() && !config.allow_unsandboxed {
-            return Err(CompileFailure {
-                message: "builds run inside bubblewrap, which is not installed: apt-get install bubblewrap".into(),
-                diagnostics: Vec::new(),
-            });
+            return Err(CompileFailure::plain(
+                "builds run inside bubblewrap, which is not installed: apt-get install bubblewrap"
+                    .into(),
+            ));
         }
         Ok(Sandbox {
             bwrap: config.bwrap.clone(),
             limits: config.limits,
-            sketch: job.work.join("sketch"),
-            out: job.work.join("out"),
-            build: job.work.join("build"),
-            cache: job.cache.to_path_buf(),
+            sketch: work.join("sketch"),
+            out: work.join("out"),
+            build: work.join("build"),
+            cache: cache.to_path_buf(),
             cache_writable,
+            cli: cli.map(|c| (c.program.clone(), c.dirs.clone())),
+            python_prefix: python_prefix(),
         })
     }
 
@@ -470,39 +622,52 @@ impl Sandbox {
         self.bwrap.is_some()
     }
 
-    fn sketch_path(&self) -> String {
+    /// `inside` in the jail, `host` without one.
+    fn path(&self, inside: &str, host: &Path) -> String {
         if self.jailed() {
-            JAIL_SKETCH.into()
+            inside.into()
         } else {
-            self.sketch.display().to_string()
+            host.display().to_string()
         }
+    }
+
+    fn sketch_path(&self) -> String {
+        self.path(JAIL_SKETCH, &self.sketch)
     }
 
     fn out_path(&self) -> String {
-        if self.jailed() {
-            JAIL_OUT.into()
-        } else {
-            self.out.display().to_string()
-        }
+        self.path(JAIL_OUT, &self.out)
     }
 
     fn cache_path(&self) -> String {
-        if self.jailed() {
-            JAIL_CACHE.into()
-        } else {
-            self.cache.display().to_string()
-        }
+        self.path(JAIL_CACHE, &self.cache)
     }
 
     fn build_path(&self) -> String {
-        if self.jailed() {
-            JAIL_BUILD.into()
-        } else {
-            self.build.display().to_string()
+        self.path(JAIL_BUILD, &self.build)
+    }
+
+    fn cli_program(&self) -> PathBuf {
+        match &self.cli {
+            Some(_) if self.jailed() => PathBuf::from(JAIL_CLI),
+            Some((program, _)) => program.clone(),
+            None => PathBuf::from("arduino-cli"),
         }
     }
 
-    fn command(&self, program: &Path, args: &[String]) -> Command {
+    /// arduino-cli's data, downloads and user folders as the compiler sees them.
+    fn arduino_dirs(&self) -> (&str, &str, &str) {
+        match &self.cli {
+            Some((_, dirs)) if !self.jailed() => (
+                dirs.data.to_str().unwrap_or(JAIL_DATA),
+                dirs.downloads.to_str().unwrap_or(JAIL_DOWNLOADS),
+                dirs.user.to_str().unwrap_or(JAIL_USER),
+            ),
+            _ => (JAIL_DATA, JAIL_DOWNLOADS, JAIL_USER),
+        }
+    }
+
+    fn command(&self, program: &Path, args: &[String], env: &[(String, String)]) -> Command {
         let l = self.limits;
         let caps = [
             format!("--cpu={}:{}", l.cpu_seconds, l.cpu_seconds + 5),
@@ -513,6 +678,7 @@ impl Sandbox {
         let Some(bwrap) = &self.bwrap else {
             let mut cmd = Command::new("prlimit");
             cmd.args(caps).arg("--").arg(program).args(args);
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
             return cmd;
         };
         let mut cmd = Command::new(bwrap);
@@ -538,13 +704,23 @@ impl Sandbox {
         if Path::new("/etc/alternatives").exists() {
             cmd.args(["--ro-bind", "/etc/alternatives", "/etc/alternatives"]);
         }
-        if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
-            // arduino-cli keeps its cores under ~/.arduino15.
-            let data = home.join(".arduino15");
-            if data.exists() {
-                cmd.arg("--ro-bind")
-                    .arg(&data)
-                    .arg("/build/home/.arduino15");
+        let mut path = "/usr/bin:/bin".to_string();
+        if let Some(prefix) = &self.python_prefix {
+            cmd.arg("--ro-bind").arg(prefix).arg(prefix);
+            path = format!("{}:{path}", prefix.join("bin").display());
+        }
+        if let Some((program, dirs)) = &self.cli {
+            // Wherever arduino-cli and its folders are on the host, the jail has them at
+            // fixed places, read-only.
+            cmd.arg("--ro-bind").arg(program).arg(JAIL_CLI);
+            for (host, inside) in [
+                (&dirs.data, JAIL_DATA),
+                (&dirs.downloads, JAIL_DOWNLOADS),
+                (&dirs.user, JAIL_USER),
+            ] {
+                if host.is_dir() {
+                    cmd.arg("--ro-bind").arg(host).arg(inside);
+                }
             }
         }
         cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
@@ -564,12 +740,13 @@ impl Sandbox {
             "HOME",
             "/build/home",
             "--setenv",
-            "PATH",
-            "/usr/bin:/bin",
-            "--setenv",
             "TMPDIR",
             "/tmp",
         ]);
+        cmd.arg("--setenv").arg("PATH").arg(path);
+        for (key, value) in env {
+            cmd.arg("--setenv").arg(key).arg(value);
+        }
         cmd.args(["--chdir", "/build/out", "--", "prlimit"]);
         cmd.args(caps).arg("--").arg(program).args(args);
         cmd
@@ -579,10 +756,11 @@ impl Sandbox {
         &self,
         program: &Path,
         args: &[String],
+        env: &[(String, String)],
         log: &mut dyn FnMut(&str),
     ) -> Result<RunOutput, String> {
         let mut child = self
-            .command(program, args)
+            .command(program, args, env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -623,7 +801,7 @@ impl Sandbox {
         }
         drop(tx);
         let deadline = Instant::now() + self.limits.wall;
-        let (mut text, mut stdout) = (String::new(), String::new());
+        let (mut text, mut stdout, mut stderr) = (String::new(), String::new(), String::new());
         let mut failure = None;
         const MAX_LOG: usize = 1 << 20;
         loop {
@@ -633,8 +811,9 @@ impl Sandbox {
                         text.push_str(&chunk);
                         log(&chunk);
                     }
-                    if is_out && stdout.len() < 8 * MAX_LOG {
-                        stdout.push_str(&chunk);
+                    let own = if is_out { &mut stdout } else { &mut stderr };
+                    if own.len() < 8 * MAX_LOG {
+                        own.push_str(&chunk);
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -690,6 +869,7 @@ impl Sandbox {
             success: status.success() && failure.is_none(),
             text,
             stdout,
+            stderr,
             failure,
         })
     }
@@ -714,15 +894,6 @@ mod tests {
             std::process::id(),
             script.len()
         ));
-        let files = BTreeMap::new();
-        let job = Job {
-            fqbn: "x:y:z",
-            files: &files,
-            extra_files: BTreeMap::new(),
-            build_properties: Vec::new(),
-            work: &base.join("work"),
-            cache: &base.join("cache"),
-        };
         for d in [
             base.join("work/sketch"),
             base.join("work/out"),
@@ -731,13 +902,20 @@ mod tests {
         ] {
             std::fs::create_dir_all(d).unwrap();
         }
-        let sandbox = Sandbox::new(&config, &job, false)
-            .map_err(|f| f.message)
-            .unwrap();
+        let sandbox = Sandbox::new(
+            &config,
+            &base.join("work"),
+            &base.join("cache"),
+            false,
+            None,
+        )
+        .map_err(|f| f.message)
+        .unwrap();
         let out = sandbox
             .run(
                 Path::new("/bin/bash"),
                 &["-c".to_string(), script.to_string()],
+                &[],
                 &mut |_| {},
             )
             .unwrap();
@@ -852,6 +1030,293 @@ mod tests {
             "no jail paths outside the jail: {log}"
         );
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// A stand-in for arduino-cli, installed outside `/usr` with its data folder elsewhere
+    /// (as `install.sh` and cores of another user leave them). It answers `version`, `core
+    /// list` and `config dump` in arduino-cli 1.x's JSON shapes, prints `compile` output and
+    /// errors in its text shapes, and records the arguments and `ARDUINO_*` environment it
+    /// was run with. It shows the jail layout, the arguments and the environment; it is not
+    /// a compiler (the closing note of the build path says what needs the real one).
+    struct StandIn {
+        base: PathBuf,
+        data: PathBuf,
+    }
+
+    impl StandIn {
+        fn new(name: &str) -> StandIn {
+            let base = std::env::temp_dir()
+                .join(format!("otaforge-standin-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&base);
+            let data = base.join("cores-of-alice/.arduino15");
+            std::fs::create_dir_all(base.join("bin")).unwrap();
+            std::fs::create_dir_all(&data).unwrap();
+            std::fs::create_dir_all(base.join("cores-of-alice/Arduino/libraries")).unwrap();
+            std::fs::write(data.join("inventory.yaml"), "installation:\n  id: x\n").unwrap();
+            let script = include_str!("../../tests/stand-in/arduino-cli")
+                .replace("@DATA@", data.to_str().unwrap())
+                .replace(
+                    "@USER@",
+                    base.join("cores-of-alice/Arduino").to_str().unwrap(),
+                );
+            let cli = base.join("bin/arduino-cli");
+            std::fs::write(&cli, script).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::create_dir_all(data.join("packages/test")).unwrap();
+            let s = StandIn { base, data };
+            s.set_version("1.1.1");
+            s
+        }
+
+        fn set_version(&self, v: &str) {
+            std::fs::write(self.data.join("version"), v).unwrap();
+        }
+
+        fn config(&self, jailed: bool) -> CompileConfig {
+            let mut config = CompileConfig {
+                arduino_cli: Some(self.base.join("bin/arduino-cli")),
+                arduino_builder: None,
+                allow_unsandboxed: !jailed,
+                ..CompileConfig::default()
+            };
+            if jailed {
+                assert!(
+                    config.bwrap.is_some(),
+                    "bubblewrap (bwrap) must be installed for the sandbox tests"
+                );
+            } else {
+                config.bwrap = None;
+            }
+            config
+        }
+
+        fn build(
+            &self,
+            config: &CompileConfig,
+            fqbn: &str,
+            sketch: &str,
+        ) -> (Result<Compiled, CompileFailure>, String, String) {
+            let files = BTreeMap::from([("blink.ino".to_string(), sketch.to_string())]);
+            let work = self.base.join("work");
+            let _ = std::fs::remove_dir_all(&work);
+            let job = Job {
+                fqbn,
+                files: &files,
+                extra_files: BTreeMap::new(),
+                build_properties: vec!["compiler.c.elf.extra_flags=-Wl,--wrap=setup".into()],
+                work: &work,
+                cache: &self.base.join("cache"),
+            };
+            let mut log = String::new();
+            let result = compile(config, &job, &mut |s| log.push_str(s));
+            let run = std::fs::read_to_string(work.join("out/run.txt")).unwrap_or_default();
+            (result, log, run)
+        }
+    }
+
+    impl Drop for StandIn {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.base);
+        }
+    }
+
+    fn arduino_cli_builds(jailed: bool) {
+        let s = StandIn::new(if jailed { "jailed" } else { "host" });
+        let config = s.config(jailed);
+        let (data, user) = if jailed {
+            (JAIL_DATA.to_string(), JAIL_USER.to_string())
+        } else {
+            (
+                s.data.display().to_string(),
+                s.base.join("cores-of-alice/Arduino").display().to_string(),
+            )
+        };
+        let (cache, build) = if jailed {
+            (JAIL_CACHE.to_string(), JAIL_BUILD.to_string())
+        } else {
+            (
+                s.base.join("cache").display().to_string(),
+                s.base.join("work/build").display().to_string(),
+            )
+        };
+
+        // The check at start finds the version and cores, in the jail the builds use.
+        let status = config.preflight(&s.base.join("preflight"));
+        assert!(status.problems.is_empty(), "{:?}", status.problems);
+        match status.board("test:plat:board") {
+            BoardState::Ready(with) => assert!(
+                with.contains("1.1.1") && with.contains("test:plat 1.0.0"),
+                "{with}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        match status.board("esp8266:esp8266:nodemcuv2") {
+            BoardState::Missing(why) => assert!(
+                why.contains("arduino-cli core install esp8266:esp8266"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+
+        // arduino-cli >= 1.1: the cache by environment, no --build-path.
+        let (built, log, run) = s.build(
+            &config,
+            "test:plat:board",
+            "void setup(){}\nvoid loop(){}\n",
+        );
+        let compiled = built.unwrap_or_else(|f| panic!("{}\n{log}", f.message));
+        assert_eq!(compiled.binary, b"APP", "no update client in this sketch");
+        let images: Vec<(&str, &[u8])> = compiled
+            .images
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        assert_eq!(
+            images,
+            vec![
+                ("merged.bin", &b"MERGED"[..]),
+                ("bootloader.bin", b"BOOT"),
+                ("partitions.bin", b"PART")
+            ]
+        );
+        assert!(run.contains("--warnings default"), "{run}");
+        assert!(
+            !run.contains("--build-path") && !run.contains("--format"),
+            "{run}"
+        );
+        assert!(
+            run.contains(&format!("ARDUINO_DIRECTORIES_DATA={data}\n")),
+            "{run}"
+        );
+        assert!(
+            run.contains(&format!("ARDUINO_DIRECTORIES_USER={user}\n")),
+            "{run}"
+        );
+        assert!(
+            run.contains(&format!("ARDUINO_BUILD_CACHE_PATH={build}\n")),
+            "{run}"
+        );
+        assert!(
+            run.contains(&format!("ARDUINO_BUILD_CACHE_EXTRA_PATHS={cache}\n")),
+            "{run}"
+        );
+        assert!(
+            run.contains("ARDUINO_UPDATER_ENABLE_NOTIFICATION=false"),
+            "{run}"
+        );
+        assert!(
+            run.lines().any(|l| l == "test"),
+            "the data folder is readable: {run}"
+        );
+        assert!(
+            log.contains("Using precompiled core"),
+            "the warmed core is reused: {log}"
+        );
+        assert!(
+            !s.base.join("cache/sketches").exists(),
+            "the warm-up's sketch build is not kept"
+        );
+        let marker = std::fs::read_to_string(s.base.join("cache/.warm")).unwrap();
+        assert_eq!(marker, "arduino-cli 1.1.1; test:plat 1.0.0\n");
+
+        // The build's own diagnostics, once, under the user's file name; colour codes gone.
+        let (built, log, _) = s.build(&config, "test:plat:board", "FAIL_COMPILE\n");
+        let failure = built.expect_err(&log);
+        assert_eq!(failure.message, "the compiler reported errors");
+        assert_eq!(failure.diagnostics.len(), 1, "{:?}", failure.diagnostics);
+        let d = &failure.diagnostics[0];
+        assert_eq!(
+            (d.file.as_str(), d.line, d.column, d.severity.as_str()),
+            ("blink.ino", 2, 3, "error")
+        );
+        assert_eq!(d.message, "'foo' was not declared in this scope");
+
+        // arduino-cli's own reason reaches the user.
+        let (built, log, _) = s.build(&config, "test:plat:board", "FAIL_FATAL\n");
+        let failure = built.expect_err(&log);
+        assert!(
+            failure
+                .message
+                .starts_with("Platform 'test:plat' not found: platform not installed")
+                && failure.message.contains("core install test:plat"),
+            "{}",
+            failure.message
+        );
+
+        // A core arduino-cli does not have is named before anything runs.
+        let (built, log, _) = s.build(&config, "esp8266:esp8266:nodemcuv2", "void setup(){}\n");
+        let failure = built.expect_err(&log);
+        assert!(
+            failure.message.contains("no esp8266:esp8266 core"),
+            "{}",
+            failure.message
+        );
+
+        // The log is live: a line printed before a pause arrives before the compiler ends.
+        let files = BTreeMap::from([("blink.ino".to_string(), "SLOW\n".to_string())]);
+        let work = s.base.join("work");
+        let _ = std::fs::remove_dir_all(&work);
+        let job = Job {
+            fqbn: "test:plat:board",
+            files: &files,
+            extra_files: BTreeMap::new(),
+            build_properties: Vec::new(),
+            work: &work,
+            cache: &s.base.join("cache"),
+        };
+        let mut seen: Vec<(Instant, String)> = Vec::new();
+        compile(&config, &job, &mut |c| {
+            seen.push((Instant::now(), c.to_string()))
+        })
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        let first = seen
+            .iter()
+            .find(|(_, c)| c.contains("Compiling sketch"))
+            .unwrap()
+            .0;
+        let last = seen
+            .iter()
+            .find(|(_, c)| c.contains("Sketch uses"))
+            .unwrap()
+            .0;
+        assert!(
+            last.duration_since(first) >= Duration::from_millis(800),
+            "output arrives as it is printed"
+        );
+
+        // A new arduino-cli version makes the warm-up run again; before 1.1 the flags are used.
+        s.set_version("1.0.4");
+        let (built, log, run) = s.build(&config, "test:plat:board", "void setup(){}\n");
+        built.unwrap_or_else(|f| panic!("{}\n{log}", f.message));
+        assert!(log.contains("making it again"), "{log}");
+        assert!(
+            run.contains(&format!("--build-path {build} --build-cache-path {cache}")),
+            "{run}"
+        );
+        assert!(!run.contains("ARDUINO_BUILD_CACHE_PATH"), "{run}");
+        assert_eq!(
+            std::fs::read_to_string(s.base.join("cache/.warm")).unwrap(),
+            "arduino-cli 1.0.4; test:plat 1.0.0\n"
+        );
+
+        // A data folder arduino-cli never ran in is reported in words for the administrator.
+        std::fs::remove_file(s.data.join("inventory.yaml")).unwrap();
+        let status = config.preflight(&s.base.join("preflight"));
+        match status.board("test:plat:board") {
+            BoardState::Missing(why) => assert!(why.contains("inventory.yaml"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn arduino_cli_runs_from_anywhere_in_the_jail() {
+        arduino_cli_builds(true);
+    }
+
+    #[test]
+    fn arduino_cli_runs_unsandboxed() {
+        arduino_cli_builds(false);
     }
 
     #[test]
