@@ -1220,6 +1220,16 @@ mod tests {
         let marker = std::fs::read_to_string(s.base.join("cache/.warm")).unwrap();
         assert_eq!(marker, "arduino-cli 1.1.1; test:plat 1.0.0\n");
 
+        // Warnings show at their lines in a build that succeeds.
+        let (built, log, _) = s.build(&config, "test:plat:board", "WARN\n");
+        let compiled = built.unwrap_or_else(|f| panic!("{}\n{log}", f.message));
+        let w = &compiled.diagnostics[..];
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(
+            (w[0].file.as_str(), w[0].line, w[0].severity.as_str()),
+            ("blink.ino", 1, "warning")
+        );
+
         // The build's own diagnostics, once, under the user's file name; colour codes gone.
         let (built, log, _) = s.build(&config, "test:plat:board", "FAIL_COMPILE\n");
         let failure = built.expect_err(&log);
