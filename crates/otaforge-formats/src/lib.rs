@@ -33,4 +33,5 @@ pub mod detect;
 pub mod esp;
 pub mod otadata;
 pub mod partition;
+pub mod swu;
 pub mod w800;
