@@ -32,6 +32,8 @@ pub enum Family {
     Esp32,
     Esp8266,
     W800,
+    /// Embedded Linux running SWUpdate (`.swu` images, the hawkBit DDI dialect).
+    SwUpdate,
 }
 
 impl Family {
@@ -40,6 +42,7 @@ impl Family {
             Family::Esp32 => "esp32",
             Family::Esp8266 => "esp8266",
             Family::W800 => "w800",
+            Family::SwUpdate => "swupdate",
         }
     }
 
@@ -51,6 +54,8 @@ impl Family {
             Some(Family::Esp32)
         } else if chip == "w800" {
             Some(Family::W800)
+        } else if chip == "swupdate" {
+            Some(Family::SwUpdate)
         } else {
             None
         }

@@ -118,6 +118,9 @@ pub struct Device {
     /// Sealed (encrypted) device secrets: Wi-Fi credentials for its setup firmware.
     #[serde(skip)]
     pub secrets: Option<String>,
+    /// What a Linux device reports about itself (hawkBit configData, Mender inventory).
+    #[schema(value_type = Option<Object>)]
+    pub attributes: Option<serde_json::Value>,
     #[serde(flatten)]
     pub telemetry: Telemetry,
 }

@@ -12,6 +12,7 @@
 use core::fmt;
 
 use crate::esp::{self, Esp8266Image, EspImage, EspImageError};
+use crate::swu::{self, SwuError, SwuInfo};
 use crate::w800::{self, W800Error, W800Image};
 
 /// What a firmware file is.
@@ -20,6 +21,8 @@ pub enum Inspected {
     Esp32(EspImage),
     Esp8266(Esp8266Image),
     W800(W800Image),
+    /// An SWUpdate image (cpio newc with `sw-description` first).
+    Swu(SwuInfo),
     Gzip,
     Raw,
 }
@@ -30,6 +33,7 @@ pub enum FormatError {
     Esp32(EspImageError),
     Esp8266(EspImageError),
     W800(W800Error),
+    Swu(SwuError),
 }
 
 impl fmt::Display for FormatError {
@@ -38,6 +42,7 @@ impl fmt::Display for FormatError {
             FormatError::Esp32(e) => write!(f, "esp32 app image: {e}"),
             FormatError::Esp8266(e) => write!(f, "esp8266 image: {e}"),
             FormatError::W800(e) => write!(f, "w800 image: {e}"),
+            FormatError::Swu(e) => write!(f, "swu image: {e}"),
         }
     }
 }
@@ -47,6 +52,7 @@ impl core::error::Error for FormatError {
         match self {
             FormatError::Esp32(e) | FormatError::Esp8266(e) => Some(e),
             FormatError::W800(e) => Some(e),
+            FormatError::Swu(e) => Some(e),
         }
     }
 }
@@ -65,6 +71,9 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspected, FormatError> {
                 .map(Inspected::W800)
                 .map_err(FormatError::W800)
         }
+        [b'0', b'7', b'0', b'7', b'0', b'1' | b'2', ..] => swu::inspect_swu(bytes)
+            .map(Inspected::Swu)
+            .map_err(FormatError::Swu),
         [0x1F, 0x8B, ..] => Ok(Inspected::Gzip),
         _ => Ok(Inspected::Raw),
     }
@@ -78,6 +87,7 @@ impl Inspected {
             Inspected::Esp8266(_) => "esp8266-app",
             Inspected::W800(img) if img.is_xz() => "w800-xz",
             Inspected::W800(_) => "w800-img",
+            Inspected::Swu(_) => "swu",
             Inspected::Gzip => "gzip",
             Inspected::Raw => "raw",
         }
@@ -89,6 +99,7 @@ impl Inspected {
         let v = match self {
             Inspected::Esp32(img) => img.app_desc.as_ref().map(|d| d.version.as_str()),
             Inspected::W800(img) => Some(img.header.version.as_str()),
+            Inspected::Swu(info) => Some(info.version.as_str()),
             Inspected::Esp8266(_) | Inspected::Gzip | Inspected::Raw => None,
         };
         v.filter(|v| !v.is_empty())

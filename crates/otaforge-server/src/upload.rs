@@ -112,6 +112,17 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
             }
             m
         }
+        Inspected::Swu(info) => serde_json::json!({
+            // What installs it: SWUpdate, through the hawkBit DDI dialect.
+            "chip": "swupdate",
+            "hardware": info.hardware,
+            "signed": info.signed,
+            // SWUpdate compares the first 20 hex digits of the artifact's SHA-1, lowercase.
+            "sha1": hex(&sha1::Sha1::digest(bytes)),
+            "images": info.images.iter().map(|i| serde_json::json!({
+                "filename": i.filename, "type": i.kind, "sha256": i.sha256, "size": i.size,
+            })).collect::<Vec<_>>(),
+        }),
         Inspected::Gzip => gzip_metadata(bytes)?,
         _ => serde_json::json!({}),
     };

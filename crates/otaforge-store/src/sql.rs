@@ -12,7 +12,7 @@ const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_
 const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
-     firmware_id, secrets";
+     firmware_id, secrets, attributes";
 const ROLLOUT_COLS: &str = "id, product_id, firmware_id, target, stages, rate_per_minute, state, \
      current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at";
 const MEMBER_COLS: &str =
@@ -88,6 +88,9 @@ macro_rules! sql_store {
                     created_at: row.try_get("created_at")?,
                     firmware_id: row.try_get("firmware_id")?,
                     secrets: row.try_get("secrets")?,
+                    attributes: row
+                        .try_get::<Option<String>, _>("attributes")?
+                        .and_then(|a| serde_json::from_str(&a).ok()),
                     telemetry: Telemetry {
                         last_seen: row.try_get("last_seen")?,
                         version: row.try_get("version")?,
@@ -975,6 +978,22 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn set_device_attributes(
+                &self,
+                device_id: Id,
+                attributes: &serde_json::Value,
+            ) -> Result<()> {
+                let done = sqlx::query("UPDATE devices SET attributes = $1 WHERE id = $2")
+                    .bind(attributes.to_string())
+                    .bind(device_id)
+                    .execute(&self.write)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("device"));
+                }
+                Ok(())
+            }
+
             async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()> {
                 let done = sqlx::query("UPDATE devices SET secrets = $1 WHERE id = $2")
                     .bind(sealed)
@@ -1473,6 +1492,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("token expiry", include_str!("../migrations/sqlite_4.sql")),
     ("build images", include_str!("../migrations/sqlite_5.sql")),
+    (
+        "device attributes",
+        include_str!("../migrations/sqlite_6.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -1489,6 +1512,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("token expiry", include_str!("../migrations/postgres_4.sql")),
     ("build images", include_str!("../migrations/postgres_5.sql")),
+    (
+        "device attributes",
+        include_str!("../migrations/postgres_6.sql"),
+    ),
 ];
 
 /// sqlx's migrator over one backend's embedded migrations (no macros: the SQL is

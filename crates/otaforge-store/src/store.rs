@@ -89,6 +89,12 @@ pub trait Store: Send + Sync + 'static {
     async fn devices_by_serial(&self, serial: &str) -> Result<Vec<Device>>;
     /// Assigns firmware to one device (`None` falls back to its group's).
     async fn set_device_firmware(&self, device_id: Id, firmware_id: Option<Id>) -> Result<()>;
+    /// What a Linux device reported about itself (hawkBit configData, Mender inventory).
+    async fn set_device_attributes(
+        &self,
+        device_id: Id,
+        attributes: &serde_json::Value,
+    ) -> Result<()>;
     async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()>;
 
     async fn save_revision(

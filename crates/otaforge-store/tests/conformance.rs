@@ -280,6 +280,17 @@ async fn suite(store: &dyn Store) {
         store.device_by_id(d1.id).await.unwrap().secrets.as_deref(),
         Some("sealed")
     );
+    assert_eq!(store.device_by_id(d1.id).await.unwrap().attributes, None);
+    let attributes = serde_json::json!({"board": "ci", "hwrevision": "1.0"});
+    store
+        .set_device_attributes(d1.id, &attributes)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.device_by_id(d1.id).await.unwrap().attributes,
+        Some(attributes.clone())
+    );
+    not_found(store.set_device_attributes(9_999, &attributes).await);
 
     // ---- resources ----
     let r = store
