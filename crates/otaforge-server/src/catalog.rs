@@ -44,6 +44,13 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
         entries.insert(key, (Instant::now(), value));
     }
 
+    fn remove(&self, key: &K) {
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
     fn clear(&self) {
         self.entries
             .write()
@@ -83,6 +90,11 @@ impl Catalog {
         self.devices.clear();
         self.groups.clear();
         self.firmware.clear();
+    }
+
+    /// Forgets one device (its row changed).
+    pub fn forget_device(&self, product_id: Id, serial: &str) {
+        self.devices.remove(&(product_id, serial.to_string()));
     }
 
     pub async fn product_by_key_digest(

@@ -46,6 +46,8 @@ pub struct Config {
     pub compile: crate::compile::CompileConfig,
     /// How often rollout gates are evaluated.
     pub rollout_tick: Duration,
+    /// The polling interval hawkBit DDI clients are told (`config.polling.sleep`).
+    pub ddi_poll: Duration,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             blob_cache_bytes: 256 * 1024 * 1024,
             compile: crate::compile::CompileConfig::default(),
             rollout_tick: Duration::from_secs(2),
+            ddi_poll: Duration::from_secs(300),
         }
     }
 }

@@ -60,6 +60,9 @@ struct ServeArgs {
     /// Largest accepted upload, in MiB.
     #[arg(long, env = "OTAFORGE_MAX_UPLOAD_MB", default_value_t = 32)]
     max_upload_mb: u64,
+    /// The polling interval hawkBit DDI clients (SWUpdate) are told, in seconds.
+    #[arg(long, env = "OTAFORGE_DDI_POLL_SECONDS", default_value_t = 300)]
+    ddi_poll_seconds: u64,
     #[command(flatten)]
     compile: CompileArgs,
 }
@@ -126,6 +129,7 @@ impl ServeArgs {
                 .filter(|t| !t.trim().is_empty())
                 .map(Secret::new),
             max_upload_bytes: self.max_upload_mb * 1024 * 1024,
+            ddi_poll: std::time::Duration::from_secs(self.ddi_poll_seconds.max(1)),
             compile: self.compile.config(),
             ..Config::default()
         }

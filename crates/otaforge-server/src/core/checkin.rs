@@ -46,6 +46,9 @@ pub struct CheckIn<'a> {
     pub identity: Identity<'a>,
     pub peer: IpAddr,
     pub running: Running<'a>,
+    /// The dialect does not say what the device runs on every request (hawkBit's DDI): the
+    /// server goes by the version the device last reported installed.
+    pub remembered_running: bool,
     pub mode: Mode,
     /// The family the device announces (its header set), if it does.
     pub chip: Option<Family>,
@@ -102,13 +105,37 @@ pub struct Admitted {
 impl AppState {
     /// The check-in: identify, authenticate, record, observe, pick, decide, prepare.
     pub async fn check_in(&self, mut req: CheckIn<'_>) -> ApiResult<Answer> {
-        let (product, device, by_password) = match self.identify(&req).await? {
+        let (product, mut device, by_password) = match self.identify(&req).await? {
             Ok(found) => found,
             Err(refusal) => return Ok(Answer::Unauthorized(refusal)),
         };
-        self.inner
-            .telemetry
-            .record(device.id, std::mem::take(&mut req.report));
+        let report = std::mem::take(&mut req.report);
+        let installed = req
+            .feedback
+            .and_then(|f| f.parse::<otaforge_protocol::UpdateResult>().ok())
+            .is_some_and(|r| matches!(r, otaforge_protocol::UpdateResult::Installed { .. }));
+        if installed {
+            // What a device installed is stored at once: a dialect that does not report its
+            // version on every poll is judged by it on the next one.
+            device.telemetry.merge(report.clone());
+            self.store()
+                .record_telemetry(&[(device.id, report)])
+                .await?;
+            self.inner
+                .catalog
+                .forget_device(device.product_id, &device.serial);
+        } else {
+            self.inner.telemetry.record(device.id, report);
+        }
+        let remembered;
+        if req.remembered_running && req.running.version.is_none() {
+            remembered = device.telemetry.version.clone();
+            req.running = Running {
+                version: remembered.as_deref(),
+                sketch_md5: None,
+                by_md5: false,
+            };
+        }
         if device.status != DeviceStatus::Verified {
             return Ok(Answer::NotAllowed(device.status));
         }
@@ -158,6 +185,21 @@ impl AppState {
             firmware,
             part,
         })))
+    }
+
+    /// What an admitted device reports about itself (hawkBit configData), kept on its row.
+    pub async fn record_attributes(
+        &self,
+        caller: &Admitted,
+        attributes: serde_json::Value,
+    ) -> ApiResult<()> {
+        self.store()
+            .set_device_attributes(caller.device.id, &attributes)
+            .await?;
+        self.inner
+            .catalog
+            .forget_device(caller.device.product_id, &caller.device.serial);
+        Ok(())
     }
 
     /// The group's config for an admitted device.

@@ -2,6 +2,7 @@
 //! `Answer` → wire response, through one status table of its own (see ARCHITECTURE.md).
 //! No adapter decides anything.
 
+pub mod hawkbit;
 pub mod headers;
 pub mod otadrive;
 pub mod static_link;

@@ -56,6 +56,7 @@ fn check_in<'a>(
     Ok(CheckIn {
         identity: Identity::ProductKey { key, serial },
         peer: peer.ip(),
+        remembered_running: false,
         running: headers.running(version, headers.get("x-check-sketch-md5") == Some("1")),
         mode: headers.mode(),
         chip: headers.family(),

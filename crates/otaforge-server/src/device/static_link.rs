@@ -112,6 +112,7 @@ async fn fetch(
             password,
         },
         peer: peer.ip(),
+        remembered_running: false,
         running: device_headers.running(None, false),
         mode: device_headers.mode(),
         chip: device_headers.family(),

@@ -137,6 +137,8 @@ pub struct Options {
     pub database_url: Option<String>,
     pub telemetry_flush_interval: Duration,
     pub compile: Option<otaforge_server::compile::CompileConfig>,
+    /// The hawkBit DDI polling interval told to clients.
+    pub ddi_poll: Duration,
 }
 
 impl Default for Options {
@@ -147,6 +149,7 @@ impl Default for Options {
             database_url: None,
             telemetry_flush_interval: Duration::from_millis(200),
             compile: None,
+            ddi_poll: Duration::from_secs(300),
         }
     }
 }
@@ -177,6 +180,7 @@ impl Server {
             max_upload_bytes: options.max_upload_bytes,
             telemetry_flush_interval: options.telemetry_flush_interval,
             compile: options.compile.clone().unwrap_or_default(),
+            ddi_poll: options.ddi_poll,
             ..Config::default()
         };
         let state = AppState::open(config)

@@ -1,0 +1,305 @@
+//! Embedded Linux clients against a real server: Debian's SWUpdate (suricatta, hawkBit DDI)
+//! installs a signed `.swu` made by Debian's swugenerator. The client runs as a child process
+//! with its own TMPDIR, owned by the test, bounded in time and killed at the end.
+//! Needs `swupdate`, `swugenerator` and `openssl` (scripts/test.sh installs them).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{Backend, Server};
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("{cmd:?} could not start ({e}): apt-get install swupdate swugenerator openssl")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A folder for one client, with a signing key and certificate.
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("otaforge-linux-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    run(Command::new("openssl")
+        .current_dir(&dir)
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem",
+        ])
+        .args(["-out", "c.pem", "-subj", "/CN=otaforge-ci", "-days", "30"]));
+    dir
+}
+
+/// A signed `.swu` that writes `payload` to `target` (a `rawfile` image).
+fn swu(dir: &Path, version: &str, payload: &[u8], target: &Path) -> Vec<u8> {
+    std::fs::write(dir.join("app.bin"), payload).unwrap();
+    std::fs::write(
+        dir.join("sw-description.in"),
+        format!(
+            "software =\n{{\n  version = \"{version}\";\n  hardware-compatibility: [ \"1.0\" ];\n  images: (\n    {{\n      filename = \"app.bin\";\n      type = \"rawfile\";\n      path = \"{}\";\n      sha256 = \"$swupdate_get_sha256(app.bin)\";\n      properties: {{ create-destination = \"true\"; }};\n    }}\n  );\n}}\n",
+            target.display()
+        ),
+    )
+    .unwrap();
+    run(Command::new("swugenerator")
+        .current_dir(dir)
+        .args(["-s", "sw-description.in", "-a", ".", "-o", "a.swu"])
+        .args(["-k", "CMS,k.pem,c.pem", "create"]));
+    std::fs::read(dir.join("a.swu")).unwrap()
+}
+
+/// SWUpdate in suricatta mode against the server, its output in `dir/swupdate.log`.
+struct SwUpdate {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl SwUpdate {
+    fn start(dir: &Path, server: &Server, tenant: &str, id: &str, gateway_token: &str) -> SwUpdate {
+        std::fs::write(
+            dir.join("swupdate.cfg"),
+            "globals:\n{\n  public-key-file = \"c.pem\";\n};\nidentify = (\n  { name = \"board\"; value = \"ci\"; }\n);\n",
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("swupdate.log")).unwrap();
+        let child = Command::new("timeout")
+            .arg("120")
+            .arg("swupdate")
+            .current_dir(dir)
+            .env("TMPDIR", dir.join("tmp"))
+            .args([
+                "-H",
+                "board:1.0",
+                "-f",
+                "swupdate.cfg",
+                "-k",
+                "c.pem",
+                "-v",
+                "-u",
+            ])
+            .arg(format!(
+                "-t {tenant} -u {} -i {id} -g {gateway_token}",
+                server.base
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting swupdate (apt-get install swupdate)");
+        SwUpdate {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("swupdate.log")).unwrap_or_default()
+    }
+
+    async fn wait_log(&self, text: &str, within: Duration) {
+        let start = Instant::now();
+        while !self.log().contains(text) {
+            assert!(
+                start.elapsed() < within,
+                "swupdate did not print {text:?} within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `swupdate-ipc sendtohawkbit`: what a device's boot script sends after a reboot.
+    fn send_to_hawkbit(&self, action: i64, finished: &str, detail: &str) {
+        run(Command::new("swupdate-ipc")
+            .env("TMPDIR", self.dir.join("tmp"))
+            .args([
+                "sendtohawkbit",
+                &action.to_string(),
+                "2",
+                finished,
+                "closed",
+                detail,
+            ]));
+    }
+}
+
+impl Drop for SwUpdate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Option<Value>,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SWUpdate registers itself by polling with the product's gateway token, is refused until
+/// an operator verifies it, sends its attributes once, downloads and installs the group's
+/// `.swu`, and reports the action closed; the server then counts it as running the new
+/// version and offers nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swupdate_installs_a_signed_swu_over_hawkbit_ddi() {
+    let server = Server::start_with(
+        Backend::Sqlite,
+        support::Options {
+            ddi_poll: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pid, key, group) = server.product("ci-fleet").await;
+    let dir = workdir("swupdate");
+    let target = dir.join("target/payload.bin");
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 253) as u8).collect();
+    let image = swu(&dir, "1.2.3", &payload, &target);
+
+    let (status, fw) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), image.clone())
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(
+        (fw["format"].as_str(), fw["version"].as_str()),
+        (Some("swu"), Some("1.2.3"))
+    );
+    assert_eq!(fw["metadata"]["chip"], "swupdate");
+    assert_eq!(fw["metadata"]["signed"], true);
+    assert_eq!(fw["metadata"]["hardware"], json!(["1.0"]));
+    let action = fw["id"].as_i64().unwrap();
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": action})),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // A broken .swu is refused with the fault named.
+    let mut broken = image.clone();
+    let at = broken
+        .windows(8)
+        .position(|w| w == &payload[5000..5008])
+        .unwrap();
+    broken[at] ^= 0x55;
+    let (status, e) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), broken)
+        .await;
+    assert_eq!(status, 422, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("app.bin"), "{e}");
+
+    let client = SwUpdate::start(&dir, &server, "ci-fleet", "dev01", &key);
+    let device_path = format!("/api/v1/products/{pid}/devices/dev01");
+    let device = wait_for(
+        "the controller's registration",
+        Duration::from_secs(30),
+        async || {
+            let (status, d) = server.call(Method::GET, &device_path, None).await;
+            (status == 200).then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(
+        device["status"], "new",
+        "unknown controllers are registered as New"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !target.exists(),
+        "nothing is installed before the device is verified"
+    );
+
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &device_path,
+            Some(json!({"status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    client
+        .wait_log(
+            "Update successful, executing post-update actions",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        payload,
+        "the bytes installed are the artifact's payload"
+    );
+    let device = wait_for("the attributes", Duration::from_secs(10), async || {
+        let (_, d) = server.call(Method::GET, &device_path, None).await;
+        (!d["attributes"].is_null()).then_some(d)
+    })
+    .await;
+    assert_eq!(device["attributes"]["board"], "ci", "{device}");
+
+    // After its reboot the device reports the action closed.
+    client.send_to_hawkbit(action, "success", "Update Installed.");
+    let device = wait_for(
+        "the installed version",
+        Duration::from_secs(10),
+        async || {
+            let (_, d) = server.call(Method::GET, &device_path, None).await;
+            (d["version"] == "1.2.3").then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(device["version"], "1.2.3");
+
+    // The next poll offers nothing; the timeline shows the install's steps.
+    let poll = server
+        .raw(
+            format!(
+                "GET /ci-fleet/controller/v1/dev01 HTTP/1.1\r\nHost: x\r\nAuthorization: GatewayToken {key}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(poll.status, 200, "{}", poll.text());
+    let body: Value = serde_json::from_slice(&poll.body).unwrap();
+    assert_eq!(body["config"]["polling"]["sleep"], "00:00:01");
+    assert!(body["_links"].get("deploymentBase").is_none(), "{body}");
+    assert!(
+        body["_links"].get("configData").is_none(),
+        "the link is dropped once sent: {body}"
+    );
+    let (_, events) = server
+        .call(Method::GET, &format!("{device_path}/events"), None)
+        .await;
+    let text = events.to_string();
+    assert!(text.contains("All Chunks Installed"), "{text}");
+    assert!(text.contains("installed 1.2.3"), "{text}");
+
+    // A wrong gateway token is refused.
+    let poll = server
+        .raw(b"GET /ci-fleet/controller/v1/dev01 HTTP/1.1\r\nHost: x\r\nAuthorization: GatewayToken nope\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(poll.status, 401);
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
