@@ -121,6 +121,9 @@ pub struct Device {
     /// What a Linux device reports about itself (hawkBit configData, Mender inventory).
     #[schema(value_type = Option<Object>)]
     pub attributes: Option<serde_json::Value>,
+    /// The firmware whose offer the device closed without installing it (a hawkBit action
+    /// closed with failure, cancelled or rejected): it is not offered to the device again.
+    pub closed_firmware_id: Option<Id>,
     #[serde(flatten)]
     pub telemetry: Telemetry,
 }

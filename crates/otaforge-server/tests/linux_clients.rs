@@ -39,13 +39,20 @@ fn workdir(name: &str) -> PathBuf {
     dir
 }
 
-/// A signed `.swu` that writes `payload` to `target` (a `rawfile` image).
-fn swu(dir: &Path, version: &str, payload: &[u8], target: &Path) -> Vec<u8> {
+/// A signed `.swu` that writes `payload` to `target` (a `rawfile` image); `failing`: it also
+/// carries a shell script that fails, so the install fails.
+fn swu(dir: &Path, version: &str, payload: &[u8], target: &Path, failing: bool) -> Vec<u8> {
     std::fs::write(dir.join("app.bin"), payload).unwrap();
+    std::fs::write(dir.join("fail.sh"), "#!/bin/sh\necho refusing >&2\nexit 3\n").unwrap();
+    let scripts = if failing {
+        "  scripts: (\n    {\n      filename = \"fail.sh\";\n      type = \"shellscript\";\n      sha256 = \"$swupdate_get_sha256(fail.sh)\";\n    }\n  );\n"
+    } else {
+        ""
+    };
     std::fs::write(
         dir.join("sw-description.in"),
         format!(
-            "software =\n{{\n  version = \"{version}\";\n  hardware-compatibility: [ \"1.0\" ];\n  images: (\n    {{\n      filename = \"app.bin\";\n      type = \"rawfile\";\n      path = \"{}\";\n      sha256 = \"$swupdate_get_sha256(app.bin)\";\n      properties: {{ create-destination = \"true\"; }};\n    }}\n  );\n}}\n",
+            "software =\n{{\n  version = \"{version}\";\n  hardware-compatibility: [ \"1.0\" ];\n{scripts}  images: (\n    {{\n      filename = \"app.bin\";\n      type = \"rawfile\";\n      path = \"{}\";\n      sha256 = \"$swupdate_get_sha256(app.bin)\";\n      properties: {{ create-destination = \"true\"; }};\n    }}\n  );\n}}\n",
             target.display()
         ),
     )
@@ -175,7 +182,7 @@ async fn swupdate_installs_a_signed_swu_over_hawkbit_ddi() {
     let dir = workdir("swupdate");
     let target = dir.join("target/payload.bin");
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 253) as u8).collect();
-    let image = swu(&dir, "1.2.3", &payload, &target);
+    let image = swu(&dir, "1.2.3", &payload, &target, false);
 
     let (status, fw) = server
         .upload(&format!("/api/v1/products/{pid}/firmware"), image.clone())
@@ -300,6 +307,69 @@ async fn swupdate_installs_a_signed_swu_over_hawkbit_ddi() {
         .raw(b"GET /ci-fleet/controller/v1/dev01 HTTP/1.1\r\nHost: x\r\nAuthorization: GatewayToken nope\r\nConnection: close\r\n\r\n")
         .await;
     assert_eq!(poll.status, 401);
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An install that fails (a script of the image exits non-zero) is reported closed with
+/// failure: the server shows it on the device's timeline and never offers that firmware to
+/// the device again, so the client does not retry it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_swupdate_install_is_reported_and_not_offered_again() {
+    let server = Server::start_with(
+        Backend::Sqlite,
+        support::Options {
+            ddi_poll: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pid, key, group) = server.product("ci-fail").await;
+    let dir = workdir("swupdate-fail");
+    let target = dir.join("target/payload.bin");
+    let image = swu(&dir, "2.0.0", b"never installed", &target, true);
+    let (status, fw) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), image)
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+    // Registered ahead by the operator, verified.
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "dev02", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let device_path = format!("/api/v1/products/{pid}/devices/dev02");
+    let client = SwUpdate::start(&dir, &server, "ci-fail", "dev02", &key);
+    let events = wait_for("the failure report", Duration::from_secs(60), async || {
+        let (_, e) = server
+            .call(Method::GET, &format!("{device_path}/events"), None)
+            .await;
+        e.to_string().contains("failed 2.0.0 closed").then_some(e)
+    })
+    .await;
+    let (_, device) = server.call(Method::GET, &device_path, None).await;
+    assert_eq!(device["closed_firmware_id"], fw["id"], "{device}");
+    assert!(device["version"].is_null(), "nothing was installed: {device}");
+    // Polls go on, with no deployment offered.
+    let polls_before = client.log().matches("deploymentBase/").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        client.log().matches("deploymentBase/").count(),
+        polls_before,
+        "the closed action is not offered again"
+    );
+    assert!(client.log().matches("Suricatta awakened").count() >= 2, "{}", client.log());
+    assert!(events.to_string().contains("feedback"), "{events}");
     drop(client);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,7 +12,7 @@ const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_
 const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
-     firmware_id, secrets, attributes";
+     firmware_id, secrets, attributes, closed_firmware_id";
 const ROLLOUT_COLS: &str = "id, product_id, firmware_id, target, stages, rate_per_minute, state, \
      current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at";
 const MEMBER_COLS: &str =
@@ -88,6 +88,7 @@ macro_rules! sql_store {
                     created_at: row.try_get("created_at")?,
                     firmware_id: row.try_get("firmware_id")?,
                     secrets: row.try_get("secrets")?,
+                    closed_firmware_id: row.try_get("closed_firmware_id")?,
                     attributes: row
                         .try_get::<Option<String>, _>("attributes")?
                         .and_then(|a| serde_json::from_str(&a).ok()),
@@ -994,6 +995,22 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn set_device_closed_firmware(
+                &self,
+                device_id: Id,
+                firmware_id: Option<Id>,
+            ) -> Result<()> {
+                let done = sqlx::query("UPDATE devices SET closed_firmware_id = $1 WHERE id = $2")
+                    .bind(firmware_id)
+                    .bind(device_id)
+                    .execute(&self.write)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("device"));
+                }
+                Ok(())
+            }
+
             async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()> {
                 let done = sqlx::query("UPDATE devices SET secrets = $1 WHERE id = $2")
                     .bind(sealed)
@@ -1496,6 +1513,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
         "device attributes",
         include_str!("../migrations/sqlite_6.sql"),
     ),
+    ("closed offers", include_str!("../migrations/sqlite_7.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -1515,6 +1533,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "device attributes",
         include_str!("../migrations/postgres_6.sql"),
+    ),
+    (
+        "closed offers",
+        include_str!("../migrations/postgres_7.sql"),
     ),
 ];
 

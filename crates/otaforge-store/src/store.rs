@@ -95,6 +95,12 @@ pub trait Store: Send + Sync + 'static {
         device_id: Id,
         attributes: &serde_json::Value,
     ) -> Result<()>;
+    /// The firmware whose offer the device closed without installing it (`None`: none).
+    async fn set_device_closed_firmware(
+        &self,
+        device_id: Id,
+        firmware_id: Option<Id>,
+    ) -> Result<()>;
     async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()>;
 
     async fn save_revision(

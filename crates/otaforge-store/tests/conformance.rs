@@ -291,6 +291,19 @@ async fn suite(store: &dyn Store) {
         Some(attributes.clone())
     );
     not_found(store.set_device_attributes(9_999, &attributes).await);
+    store
+        .set_device_closed_firmware(d1.id, Some(f2.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.device_by_id(d1.id).await.unwrap().closed_firmware_id,
+        Some(f2.id)
+    );
+    store.set_device_closed_firmware(d1.id, None).await.unwrap();
+    assert_eq!(
+        store.device_by_id(d1.id).await.unwrap().closed_firmware_id,
+        None
+    );
 
     // ---- resources ----
     let r = store

@@ -49,6 +49,9 @@ pub struct CheckIn<'a> {
     /// The dialect does not say what the device runs on every request (hawkBit's DDI): the
     /// server goes by the version the device last reported installed.
     pub remembered_running: bool,
+    /// The device closed the offer of this firmware without installing it (a hawkBit action
+    /// closed with failure, cancelled or rejected): it is not offered to the device again.
+    pub closes: Option<Id>,
     pub mode: Mode,
     /// The family the device announces (its header set), if it does.
     pub chip: Option<Family>,
@@ -127,6 +130,17 @@ impl AppState {
         } else {
             self.inner.telemetry.record(device.id, report);
         }
+        if let Some(firmware) = req.closes
+            && device.closed_firmware_id != Some(firmware)
+        {
+            self.store()
+                .set_device_closed_firmware(device.id, Some(firmware))
+                .await?;
+            self.inner
+                .catalog
+                .forget_device(device.product_id, &device.serial);
+            device.closed_firmware_id = Some(firmware);
+        }
         let remembered;
         if req.remembered_running && req.running.version.is_none() {
             remembered = device.telemetry.version.clone();
@@ -145,7 +159,11 @@ impl AppState {
         if req.want == Want::Report {
             return Ok(Answer::Recorded(Box::new(Admitted { product, device })));
         }
-        let target = self.target_firmware(&device, by_password).await?;
+        // An offer the device closed without installing is not made again.
+        let target = self
+            .target_firmware(&device, by_password)
+            .await?
+            .filter(|firmware| device.closed_firmware_id != Some(firmware.id));
         let firmware =
             match decision::decide(device.status, target, &req.running, req.mode, req.chip) {
                 Decision::NotAllowed(status) => return Ok(Answer::NotAllowed(status)),

@@ -111,6 +111,7 @@ async fn check_in(
     want: Want<'_>,
     running: Option<&str>,
     feedback: Option<&str>,
+    closes: Option<Id>,
 ) -> Result<Answer, Response> {
     let identity = match caller.token {
         // A gateway token of another product than the tenant's is no token for this tenant.
@@ -141,6 +142,7 @@ async fn check_in(
             by_md5: false,
         },
         remembered_running: true,
+        closes,
         mode: Mode::App,
         chip: Some(Family::SwUpdate),
         report: Telemetry {
@@ -212,7 +214,7 @@ async fn poll(
         Err(r) => return r,
     };
     let caller = caller(product, &controller, &headers);
-    let answer = match check_in(&state, peer, &caller, Want::FirmwareHead, None, None).await {
+    let answer = match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -267,7 +269,7 @@ async fn offered(
     action: Id,
     want: Want<'_>,
 ) -> Result<crate::core::checkin::Offer, Response> {
-    match check_in(state, peer, caller, want, None, None).await? {
+    match check_in(state, peer, caller, want, None, None, None).await? {
         Answer::Offer(offer) if offer.firmware.id == action => Ok(*offer),
         answer => Err(refusal_of(&answer).unwrap_or_else(|| {
             text(
@@ -440,7 +442,8 @@ async fn feedback(
         .first()
         .map(|d| d.trim())
         .filter(|d| !d.is_empty());
-    let (running, said) = match (status.execution.as_str(), status.result.finished.as_str()) {
+    let (running, said, closes) = match (status.execution.as_str(), status.result.finished.as_str())
+    {
         ("closed", "success") => (
             Some(firmware.version.as_str()),
             Some(
@@ -449,6 +452,7 @@ async fn feedback(
                 }
                 .to_string(),
             ),
+            None,
         ),
         ("closed", "failure") | ("rejected", _) | ("canceled", _) => (
             None,
@@ -463,6 +467,7 @@ async fn feedback(
                 }
                 .to_string(),
             ),
+            Some(firmware.id),
         ),
         // Steps of the install (`of` > 0) are shown on the timeline; log lines are not.
         (execution, _) => {
@@ -476,7 +481,7 @@ async fn feedback(
                     detail.unwrap_or("")
                 )
             });
-            (None, said)
+            (None, said, None)
         }
     };
     let caller = caller(product, &controller, &headers);
@@ -487,6 +492,7 @@ async fn feedback(
         Want::Report,
         running,
         said.as_deref(),
+        closes,
     )
     .await
     {
@@ -518,11 +524,12 @@ async fn config_data(
         Err(r) => return r,
     };
     let caller = caller(product, &controller, &headers);
-    let admitted: Admitted = match check_in(&state, peer, &caller, Want::Report, None, None).await {
-        Ok(Answer::Recorded(admitted)) => *admitted,
-        Ok(answer) => return refusal(answer),
-        Err(r) => return r,
-    };
+    let admitted: Admitted =
+        match check_in(&state, peer, &caller, Want::Report, None, None, None).await {
+            Ok(Answer::Recorded(admitted)) => *admitted,
+            Ok(answer) => return refusal(answer),
+            Err(r) => return r,
+        };
     match state
         .record_attributes(&admitted, serde_json::Value::Object(body.data))
         .await

@@ -57,6 +57,7 @@ fn check_in<'a>(
         identity: Identity::ProductKey { key, serial },
         peer: peer.ip(),
         remembered_running: false,
+        closes: None,
         running: headers.running(version, headers.get("x-check-sketch-md5") == Some("1")),
         mode: headers.mode(),
         chip: headers.family(),
