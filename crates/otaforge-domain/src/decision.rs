@@ -34,6 +34,8 @@ pub enum Family {
     W800,
     /// Embedded Linux running SWUpdate (`.swu` images, the hawkBit DDI dialect).
     SwUpdate,
+    /// Embedded Linux running mender-client (`.mender` artifacts).
+    Mender,
 }
 
 impl Family {
@@ -43,6 +45,7 @@ impl Family {
             Family::Esp8266 => "esp8266",
             Family::W800 => "w800",
             Family::SwUpdate => "swupdate",
+            Family::Mender => "mender",
         }
     }
 
@@ -56,6 +59,8 @@ impl Family {
             Some(Family::W800)
         } else if chip == "swupdate" {
             Some(Family::SwUpdate)
+        } else if chip == "mender" {
+            Some(Family::Mender)
         } else {
             None
         }

@@ -12,6 +12,7 @@
 use core::fmt;
 
 use crate::esp::{self, Esp8266Image, EspImage, EspImageError};
+use crate::mender::{self, MenderError, MenderInfo};
 use crate::swu::{self, SwuError, SwuInfo};
 use crate::w800::{self, W800Error, W800Image};
 
@@ -23,6 +24,8 @@ pub enum Inspected {
     W800(W800Image),
     /// An SWUpdate image (cpio newc with `sw-description` first).
     Swu(SwuInfo),
+    /// A Mender artifact (tar with `version` first).
+    Mender(MenderInfo),
     Gzip,
     Raw,
 }
@@ -34,6 +37,7 @@ pub enum FormatError {
     Esp8266(EspImageError),
     W800(W800Error),
     Swu(SwuError),
+    Mender(MenderError),
 }
 
 impl fmt::Display for FormatError {
@@ -43,6 +47,7 @@ impl fmt::Display for FormatError {
             FormatError::Esp8266(e) => write!(f, "esp8266 image: {e}"),
             FormatError::W800(e) => write!(f, "w800 image: {e}"),
             FormatError::Swu(e) => write!(f, "swu image: {e}"),
+            FormatError::Mender(e) => write!(f, "mender artifact: {e}"),
         }
     }
 }
@@ -53,6 +58,7 @@ impl core::error::Error for FormatError {
             FormatError::Esp32(e) | FormatError::Esp8266(e) => Some(e),
             FormatError::W800(e) => Some(e),
             FormatError::Swu(e) => Some(e),
+            FormatError::Mender(e) => Some(e),
         }
     }
 }
@@ -74,6 +80,13 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspected, FormatError> {
         [b'0', b'7', b'0', b'7', b'0', b'1' | b'2', ..] => swu::inspect_swu(bytes)
             .map(Inspected::Swu)
             .map_err(FormatError::Swu),
+        [b'v', b'e', b'r', b's', b'i', b'o', b'n', 0, ..]
+            if bytes.get(257..262) == Some(b"ustar") =>
+        {
+            mender::inspect_mender(bytes)
+                .map(Inspected::Mender)
+                .map_err(FormatError::Mender)
+        }
         [0x1F, 0x8B, ..] => Ok(Inspected::Gzip),
         _ => Ok(Inspected::Raw),
     }
@@ -88,6 +101,7 @@ impl Inspected {
             Inspected::W800(img) if img.is_xz() => "w800-xz",
             Inspected::W800(_) => "w800-img",
             Inspected::Swu(_) => "swu",
+            Inspected::Mender(_) => "mender",
             Inspected::Gzip => "gzip",
             Inspected::Raw => "raw",
         }
@@ -100,6 +114,7 @@ impl Inspected {
             Inspected::Esp32(img) => img.app_desc.as_ref().map(|d| d.version.as_str()),
             Inspected::W800(img) => Some(img.header.version.as_str()),
             Inspected::Swu(info) => Some(info.version.as_str()),
+            Inspected::Mender(info) => Some(info.artifact_name.as_str()),
             Inspected::Esp8266(_) | Inspected::Gzip | Inspected::Raw => None,
         };
         v.filter(|v| !v.is_empty())

@@ -123,6 +123,17 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
                 "filename": i.filename, "type": i.kind, "sha256": i.sha256, "size": i.size,
             })).collect::<Vec<_>>(),
         }),
+        Inspected::Mender(info) => serde_json::json!({
+            // What installs it: mender-client, through the Mender device API.
+            "chip": "mender",
+            "artifact_name": info.artifact_name,
+            "device_types": info.device_types,
+            "payload_types": info.payload_types,
+            "signed": info.signed,
+            "files": info.files.iter().map(|(path, size)| serde_json::json!({
+                "path": path, "size": size,
+            })).collect::<Vec<_>>(),
+        }),
         Inspected::Gzip => gzip_metadata(bytes)?,
         _ => serde_json::json!({}),
     };

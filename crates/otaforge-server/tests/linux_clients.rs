@@ -1,7 +1,8 @@
 //! Embedded Linux clients against a real server: Debian's SWUpdate (suricatta, hawkBit DDI)
 //! installs a signed `.swu` made by Debian's swugenerator. The client runs as a child process
 //! with its own TMPDIR, owned by the test, bounded in time and killed at the end.
-//! Needs `swupdate`, `swugenerator` and `openssl` (scripts/test.sh installs them).
+//! Needs `swupdate`, `swugenerator`, `mender-artifact` and `openssl` (scripts/test.sh installs
+//! them).
 
 mod support;
 
@@ -43,7 +44,11 @@ fn workdir(name: &str) -> PathBuf {
 /// carries a shell script that fails, so the install fails.
 fn swu(dir: &Path, version: &str, payload: &[u8], target: &Path, failing: bool) -> Vec<u8> {
     std::fs::write(dir.join("app.bin"), payload).unwrap();
-    std::fs::write(dir.join("fail.sh"), "#!/bin/sh\necho refusing >&2\nexit 3\n").unwrap();
+    std::fs::write(
+        dir.join("fail.sh"),
+        "#!/bin/sh\necho refusing >&2\nexit 3\n",
+    )
+    .unwrap();
     let scripts = if failing {
         "  scripts: (\n    {\n      filename = \"fail.sh\";\n      type = \"shellscript\";\n      sha256 = \"$swupdate_get_sha256(fail.sh)\";\n    }\n  );\n"
     } else {
@@ -359,7 +364,10 @@ async fn a_failed_swupdate_install_is_reported_and_not_offered_again() {
     .await;
     let (_, device) = server.call(Method::GET, &device_path, None).await;
     assert_eq!(device["closed_firmware_id"], fw["id"], "{device}");
-    assert!(device["version"].is_null(), "nothing was installed: {device}");
+    assert!(
+        device["version"].is_null(),
+        "nothing was installed: {device}"
+    );
     // Polls go on, with no deployment offered.
     let polls_before = client.log().matches("deploymentBase/").count();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -368,8 +376,75 @@ async fn a_failed_swupdate_install_is_reported_and_not_offered_again() {
         polls_before,
         "the closed action is not offered again"
     );
-    assert!(client.log().matches("Suricatta awakened").count() >= 2, "{}", client.log());
+    assert!(
+        client.log().matches("Suricatta awakened").count() >= 2,
+        "{}",
+        client.log()
+    );
     assert!(events.to_string().contains("feedback"), "{events}");
     drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `.mender` made by Debian's mender-artifact is checked on upload: its version is the
+/// artifact name, it is kept for the device types it declares; a damaged one is a 422
+/// naming the fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mender_artifacts_are_checked_on_upload() {
+    let server = Server::start(Backend::Sqlite).await;
+    let (pid, _, _) = server.product("ci-mender").await;
+    let dir = workdir("mender-upload");
+    std::fs::write(dir.join("app.bin"), vec![7u8; 20_000]).unwrap();
+    std::fs::write(dir.join("dest_dir"), "/tmp/out").unwrap();
+    std::fs::write(dir.join("filename"), "payload.bin").unwrap();
+    run(Command::new("mender-artifact")
+        .current_dir(&dir)
+        .args([
+            "write",
+            "module-image",
+            "-T",
+            "single-file",
+            "-t",
+            "otaforge-ci",
+        ])
+        .args([
+            "-n",
+            "app-2.0.0",
+            "-o",
+            "a.mender",
+            "-f",
+            "dest_dir",
+            "-f",
+            "filename",
+        ])
+        .args(["-f", "app.bin"]));
+    let artifact = std::fs::read(dir.join("a.mender")).unwrap();
+    let (status, fw) = server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware"),
+            artifact.clone(),
+        )
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(fw["format"], "mender");
+    assert_eq!(fw["version"], "app-2.0.0");
+    assert_eq!(fw["metadata"]["chip"], "mender");
+    assert_eq!(fw["metadata"]["device_types"], json!(["otaforge-ci"]));
+    assert_eq!(fw["metadata"]["signed"], false);
+
+    let mut damaged = artifact;
+    let at = damaged.windows(8).position(|w| w == b"  data/0").unwrap() - 1;
+    damaged[at] = if damaged[at] == b'0' { b'1' } else { b'0' };
+    let (status, e) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), damaged)
+        .await;
+    assert_eq!(status, 422, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not have the sha256"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
