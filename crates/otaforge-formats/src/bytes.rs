@@ -79,6 +79,12 @@ pub(crate) fn xor_checksum(seed: u8, data: &[u8]) -> u8 {
 }
 
 /// Displays bytes as lowercase hex without separators.
+/// Lowercase hex of the SHA-256 of `data`.
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    alloc::format!("{}", Hex(&sha2::Sha256::digest(data)))
+}
+
 pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Hex<'_> {

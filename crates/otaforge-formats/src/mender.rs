@@ -13,7 +13,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
-use sha2::{Digest, Sha256};
+use crate::bytes::sha256_hex;
 
 /// What an upload learns from a `.mender`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,19 +196,6 @@ fn gunzip(data: &[u8]) -> Option<Vec<u8>> {
     (crc32fast::hash(&out) == crc && size == out.len() as u32).then_some(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len().saturating_mul(2));
-    for b in bytes {
-        for nibble in [b >> 4, b & 0x0f] {
-            if let Some(d) = DIGITS.get(usize::from(nibble)) {
-                out.push(char::from(*d));
-            }
-        }
-    }
-    out
-}
-
 /// Checks a Mender v3 artifact and reads what the server needs from it.
 pub fn inspect_mender(bytes: &[u8]) -> Result<MenderInfo, MenderError> {
     let entries = tar_entries(bytes)?;
@@ -261,8 +248,8 @@ pub fn inspect_mender(bytes: &[u8]) -> Result<MenderInfo, MenderError> {
     // Every file the manifest names, with the sha256 it gives: the top-level parts as they
     // are stored, the payload files inside their data tarballs.
     let mut seen: Vec<(String, String, u64)> = Vec::new();
-    seen.push(("version".into(), hex(&Sha256::digest(version.data)), 0));
-    seen.push((header.name.clone(), hex(&Sha256::digest(header.data)), 0));
+    seen.push(("version".into(), sha256_hex(version.data), 0));
+    seen.push((header.name.clone(), sha256_hex(header.data), 0));
     let mut payload_files = Vec::new();
     for part in rest.iter().skip(1) {
         let Some(index) = part
@@ -280,11 +267,7 @@ pub fn inspect_mender(bytes: &[u8]) -> Result<MenderInfo, MenderError> {
         for file in tar_entries(&inner)? {
             let path = alloc::format!("data/{index}/{}", file.name);
             payload_files.push((path.clone(), file.data.len() as u64));
-            seen.push((
-                path,
-                hex(&Sha256::digest(file.data)),
-                file.data.len() as u64,
-            ));
+            seen.push((path, sha256_hex(file.data), file.data.len() as u64));
         }
     }
     for (path, sum) in &listed {

@@ -12,7 +12,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
-use sha2::{Digest, Sha256};
+use crate::bytes::sha256_hex;
 
 /// One file of a cpio archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -511,7 +511,7 @@ pub fn inspect_swu(bytes: &[u8]) -> Result<SwuInfo, SwuError> {
             .iter()
             .find(|e| e.name == filename)
             .ok_or_else(|| SwuError::ImageNotInArchive(filename.clone()))?;
-        let actual = hex(&Sha256::digest(entry.data));
+        let actual = sha256_hex(entry.data);
         if actual != declared {
             return Err(SwuError::ImageHash { filename, declared });
         }
@@ -535,19 +535,6 @@ pub fn inspect_swu(bytes: &[u8]) -> Result<SwuInfo, SwuError> {
         images,
         signed,
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len().saturating_mul(2));
-    for b in bytes {
-        for nibble in [b >> 4, b & 0x0f] {
-            if let Some(d) = DIGITS.get(usize::from(nibble)) {
-                out.push(char::from(*d));
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -151,6 +151,18 @@ impl Drop for SwUpdate {
     }
 }
 
+/// A server that tells DDI clients to poll every second.
+async fn ddi_server() -> Server {
+    Server::start_with(
+        Backend::Sqlite,
+        support::Options {
+            ddi_poll: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 async fn wait_for(
     what: &str,
     within: Duration,
@@ -175,14 +187,7 @@ async fn wait_for(
 /// version and offers nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swupdate_installs_a_signed_swu_over_hawkbit_ddi() {
-    let server = Server::start_with(
-        Backend::Sqlite,
-        support::Options {
-            ddi_poll: Duration::from_secs(1),
-            ..Default::default()
-        },
-    )
-    .await;
+    let server = ddi_server().await;
     let (pid, key, group) = server.product("ci-fleet").await;
     let dir = workdir("swupdate");
     let target = dir.join("target/payload.bin");
@@ -321,14 +326,7 @@ async fn swupdate_installs_a_signed_swu_over_hawkbit_ddi() {
 /// the device again, so the client does not retry it forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_swupdate_install_is_reported_and_not_offered_again() {
-    let server = Server::start_with(
-        Backend::Sqlite,
-        support::Options {
-            ddi_poll: Duration::from_secs(1),
-            ..Default::default()
-        },
-    )
-    .await;
+    let server = ddi_server().await;
     let (pid, key, group) = server.product("ci-fail").await;
     let dir = workdir("swupdate-fail");
     let target = dir.join("target/payload.bin");

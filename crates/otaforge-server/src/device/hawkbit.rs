@@ -416,6 +416,17 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The tenant's product and the request's JSON body.
+async fn tenant_and_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    tenant_name: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Product, T), Response> {
+    let product = tenant(state, tenant_name).await?;
+    Ok((product, json_body(headers, body).await?))
+}
+
 /// `POST …/deploymentBase/{action}/feedback`: progress, and the action's end.
 async fn feedback(
     State(state): State<AppState>,
@@ -424,14 +435,11 @@ async fn feedback(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let product = match tenant(&state, &tenant_name).await {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let body: Feedback = match json_body(&headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let (product, body): (_, Feedback) =
+        match tenant_and_body(&state, &tenant_name, &headers, body).await {
+            Ok(found) => found,
+            Err(r) => return r,
+        };
     let firmware = match state.store().get_firmware(product.id, action).await {
         Ok(f) => f,
         Err(e) => return error_text(ApiError::from(e)),
@@ -515,14 +523,11 @@ async fn config_data(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let product = match tenant(&state, &tenant_name).await {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let body: ConfigData = match json_body(&headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let (product, body): (_, ConfigData) =
+        match tenant_and_body(&state, &tenant_name, &headers, body).await {
+            Ok(found) => found,
+            Err(r) => return r,
+        };
     let caller = caller(product, &controller, &headers);
     let admitted: Admitted =
         match check_in(&state, peer, &caller, Want::Report, None, None, None).await {
