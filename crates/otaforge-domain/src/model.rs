@@ -124,6 +124,9 @@ pub struct Device {
     /// The firmware whose offer the device closed without installing it (a hawkBit action
     /// closed with failure, cancelled or rejected): it is not offered to the device again.
     pub closed_firmware_id: Option<Id>,
+    /// The public key (PEM) the device signs its authentication requests with (Mender).
+    #[serde(skip)]
+    pub public_key: Option<String>,
     #[serde(flatten)]
     pub telemetry: Telemetry,
 }

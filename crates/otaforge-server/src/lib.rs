@@ -195,6 +195,7 @@ pub fn router(state: AppState) -> Router {
         .merge(device::otadrive::routes())
         .merge(device::static_link::routes())
         .merge(device::hawkbit::routes())
+        .merge(device::mender::routes())
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .fallback(web::not_found)
         .layer(CatchPanicLayer::custom(|_| {

@@ -12,6 +12,8 @@ use crate::auth::hex;
 /// The platform's sealing key.
 pub struct Sealer {
     cipher: ChaCha20Poly1305,
+    /// For HMACs (device tokens, signed download links), derived from the same key.
+    mac_key: [u8; 32],
 }
 
 impl Sealer {
@@ -44,9 +46,29 @@ impl Sealer {
                 }
             }
         };
+        use sha2::Digest;
+        let mut derive = sha2::Sha256::new();
+        derive.update(b"otaforge hmac key\0");
+        derive.update(&key);
         Ok(Sealer {
             cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            mac_key: derive.finalize().into(),
         })
+    }
+
+    /// HMAC-SHA256 of `data` under the server's key.
+    pub fn mac(&self, data: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.mac_key)
+            .expect("HMAC takes a key of any length");
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the HMAC of `data` (in constant time).
+    pub fn verify_mac(&self, data: &[u8], tag: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        tag.len() == 32 && bool::from(self.mac(data).ct_eq(tag))
     }
 
     /// `hex(nonce || ciphertext)`.

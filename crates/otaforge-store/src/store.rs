@@ -101,6 +101,8 @@ pub trait Store: Send + Sync + 'static {
         device_id: Id,
         firmware_id: Option<Id>,
     ) -> Result<()>;
+    /// Binds the device's public key if it has none yet; `false` when it already had one.
+    async fn bind_device_key(&self, device_id: Id, public_key: &str) -> Result<bool>;
     async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()>;
 
     async fn save_revision(

@@ -300,6 +300,20 @@ async fn suite(store: &dyn Store) {
         Some(f2.id)
     );
     store.set_device_closed_firmware(d1.id, None).await.unwrap();
+    assert!(store.bind_device_key(d1.id, "PEM-1").await.unwrap());
+    assert!(
+        !store.bind_device_key(d1.id, "PEM-2").await.unwrap(),
+        "a bound key is never replaced"
+    );
+    assert_eq!(
+        store
+            .device_by_id(d1.id)
+            .await
+            .unwrap()
+            .public_key
+            .as_deref(),
+        Some("PEM-1")
+    );
     assert_eq!(
         store.device_by_id(d1.id).await.unwrap().closed_firmware_id,
         None

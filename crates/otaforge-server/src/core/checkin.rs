@@ -27,6 +27,8 @@ pub enum Identity<'a> {
         serial: &'a str,
         password: Option<&'a str>,
     },
+    /// A device token the server issued (Mender's JWT); `None` when the request had none.
+    DeviceToken(Option<&'a str>),
 }
 
 /// What the device wants from this request.
@@ -56,6 +58,9 @@ pub struct CheckIn<'a> {
     /// The family the device announces (its header set), if it does.
     pub chip: Option<Family>,
     pub report: Telemetry,
+    /// The device type it declares (Mender); an image that names its device types is offered
+    /// only to those.
+    pub device_type: Option<&'a str>,
     /// The outcome of its last update, in the device's words (`x-OTAForge-Update-Result`).
     pub feedback: Option<&'a str>,
     pub want: Want<'a>,
@@ -122,8 +127,10 @@ impl AppState {
             // version on every poll is judged by it on the next one.
             device.telemetry.merge(report.clone());
             self.store()
-                .record_telemetry(&[(device.id, report)])
+                .record_telemetry(&[(device.id, report.clone())])
                 .await?;
+            // Older reports still buffered must not overwrite it when they are flushed.
+            self.inner.telemetry.record(device.id, report);
             self.inner
                 .catalog
                 .forget_device(device.product_id, &device.serial);
@@ -164,6 +171,30 @@ impl AppState {
             .target_firmware(&device, by_password)
             .await?
             .filter(|firmware| device.closed_firmware_id != Some(firmware.id));
+        // An image that names its device types goes to those alone.
+        if let (Some(firmware), Some(kind)) = (&target, req.device_type)
+            && let Some(types) = firmware
+                .metadata
+                .get("device_types")
+                .and_then(|t| t.as_array())
+            && !types.iter().any(|t| t.as_str() == Some(kind))
+        {
+            if self.inner.catalog.first_refusal(device.id, firmware.id) {
+                let _ = self
+                    .store()
+                    .add_device_event(
+                        device.id,
+                        "refused",
+                        &format!(
+                            "firmware {} is for device types {}; the device is a {kind}",
+                            firmware.version,
+                            serde_json::Value::Array(types.clone())
+                        ),
+                    )
+                    .await;
+            }
+            return Ok(Answer::NothingAssigned(req.mode));
+        }
         let firmware =
             match decision::decide(device.status, target, &req.running, req.mode, req.chip) {
                 Decision::NotAllowed(status) => return Ok(Answer::NotAllowed(status)),
@@ -217,6 +248,28 @@ impl AppState {
         self.inner
             .catalog
             .forget_device(caller.device.product_id, &caller.device.serial);
+        Ok(())
+    }
+
+    /// A log an admitted device sent (a Mender deployment's), kept on its timeline (the last
+    /// lines, at most 4 KiB).
+    pub async fn record_device_log(
+        &self,
+        caller: &Admitted,
+        about: &str,
+        lines: &[String],
+    ) -> ApiResult<()> {
+        let mut text = lines.join("\n");
+        if text.len() > 4096 {
+            let cut = text.len() - 4096;
+            let cut = (cut..text.len())
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(0);
+            text = text.split_off(cut);
+        }
+        self.store()
+            .add_device_event(caller.device.id, "log", &format!("{about}:\n{text}"))
+            .await?;
         Ok(())
     }
 
@@ -280,6 +333,18 @@ impl AppState {
                 let device = catalog
                     .device_or_register(store, product.id, &serial)
                     .await?;
+                Ok(Ok((product, device, false)))
+            }
+            Identity::DeviceToken(None) => Ok(Err(Unauthorized::MissingCredentials)),
+            Identity::DeviceToken(Some(token)) => {
+                let Some((product_id, device_id)) = self.verify_device_token(token) else {
+                    return Ok(Err(Unauthorized::WrongCredentials));
+                };
+                let device = match store.device_by_id(device_id).await {
+                    Ok(device) if device.product_id == product_id => device,
+                    _ => return Ok(Err(Unauthorized::WrongCredentials)),
+                };
+                let product = catalog.product(store, product_id).await?;
                 Ok(Ok((product, device, false)))
             }
             Identity::DevicePassword {

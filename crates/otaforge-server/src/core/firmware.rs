@@ -144,6 +144,23 @@ impl AppState {
         Ok((image, bytes.into()))
     }
 
+    /// A firmware's bytes, cut as the `Range` header asks (for links the server signed).
+    pub async fn firmware_part(
+        &self,
+        product: Id,
+        firmware: Id,
+        range: Option<&str>,
+    ) -> ApiResult<(Firmware, crate::delivery::Part)> {
+        let firmware = self.store().get_firmware(product, firmware).await?;
+        let bytes = self
+            .inner
+            .blob_cache
+            .get(&self.inner.blobs, &firmware.sha256)
+            .await?;
+        let part = crate::delivery::Part::cut(range, bytes)?;
+        Ok((firmware, part))
+    }
+
     /// Deletes a blob no row refers to any more. Failures only leave garbage, never break data.
     pub async fn release_blob(&self, sha256: &str) {
         match self.store().blob_in_use(sha256).await {

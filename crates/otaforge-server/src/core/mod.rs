@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod checkin;
+pub mod device_auth;
 pub mod firmware;
 pub mod fleet;
 pub mod passwords;

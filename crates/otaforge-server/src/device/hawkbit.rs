@@ -143,6 +143,7 @@ async fn check_in(
         },
         remembered_running: true,
         closes,
+        device_type: None,
         mode: Mode::App,
         chip: Some(Family::SwUpdate),
         report: Telemetry {

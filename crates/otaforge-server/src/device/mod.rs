@@ -4,6 +4,7 @@
 
 pub mod hawkbit;
 pub mod headers;
+pub mod mender;
 pub mod otadrive;
 pub mod static_link;
 
