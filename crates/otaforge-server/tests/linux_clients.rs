@@ -446,3 +446,182 @@ async fn mender_artifacts_are_checked_on_upload() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// mender-client as a daemon against the server, with its fixed paths (`/etc/mender`, the
+/// identity folder) bound to the test's own folders in a private mount namespace (`unshare`,
+/// root); its output in `dir/mender.log`.
+struct MenderClient {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl MenderClient {
+    fn start(dir: &Path, server: &Server, tenant_token: &str, running: &str) -> MenderClient {
+        for sub in ["etc", "id", "data", "out"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(
+            dir.join("etc/artifact_info"),
+            format!("artifact_name={running}\n"),
+        )
+        .unwrap();
+        let identity = dir.join("id/mender-device-identity");
+        std::fs::write(&identity, "#!/bin/sh\necho mac=02:00:00:00:00:01\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("data/device_type"), "device_type=otaforge-ci\n").unwrap();
+        std::fs::write(dir.join("fb.conf"), "{}").unwrap();
+        std::fs::write(
+            dir.join("m.conf"),
+            json!({
+                "ServerURL": server.base,
+                "TenantToken": tenant_token,
+                "UpdatePollIntervalSeconds": 1,
+                "InventoryPollIntervalSeconds": 1,
+                "RetryPollIntervalSeconds": 1,
+                "RetryPollCount": 2,
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let d = dir.display();
+        let log = std::fs::File::create(dir.join("mender.log")).unwrap();
+        let child = Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {d}/etc /etc/mender && mount --bind {d}/id /usr/share/mender/identity && \
+                 exec timeout 120 mender --no-syslog -c {d}/m.conf -b {d}/fb.conf -d {d}/data daemon"
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting mender (apt-get install mender-client; needs root for unshare)");
+        MenderClient {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mender.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MenderClient {
+    fn drop(&mut self) {
+        // `timeout` and mender are in the child's process tree; end them all.
+        let _ = Command::new("pkill")
+            .args(["-f", &format!("{}/m.conf", self.dir.display())])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// mender-client authenticates with its own key and the product's tenant token, waits while
+/// pending, is accepted by verifying it, downloads the artifact by its signed link, installs
+/// it with the single-file update module, and reports success; the server then counts it as
+/// running the artifact and offers nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mender_client_installs_an_artifact() {
+    let server = Server::start(Backend::Sqlite).await;
+    let (pid, key, group) = server.product("ci-mender-client").await;
+    let dir = workdir("mender-client");
+    let payload: Vec<u8> = (0..40_000u32).map(|i| (i * 17 % 251) as u8).collect();
+    std::fs::create_dir_all(dir.join("art")).unwrap();
+    std::fs::write(dir.join("art/payload.bin"), &payload).unwrap();
+    std::fs::write(
+        dir.join("art/dest_dir"),
+        dir.join("out").display().to_string(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("art/filename"), "payload.bin").unwrap();
+    std::fs::write(dir.join("art/permissions"), "0644").unwrap();
+    run(Command::new("mender-artifact")
+        .current_dir(dir.join("art"))
+        .args([
+            "write",
+            "module-image",
+            "-T",
+            "single-file",
+            "-t",
+            "otaforge-ci",
+        ])
+        .args([
+            "-n",
+            "app-1.0.1",
+            "-o",
+            "a.mender",
+            "-f",
+            "dest_dir",
+            "-f",
+            "filename",
+        ])
+        .args(["-f", "permissions", "-f", "payload.bin"]));
+    let artifact = std::fs::read(dir.join("art/a.mender")).unwrap();
+    let (status, fw) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), artifact)
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+
+    let client = MenderClient::start(&dir, &server, &key, "app-1.0.0");
+    let device_path = format!("/api/v1/products/{pid}/devices/02:00:00:00:00:01");
+    let device = wait_for(
+        "the device's registration",
+        Duration::from_secs(30),
+        async || {
+            let (status, d) = server.call(Method::GET, &device_path, None).await;
+            (status == 200).then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(device["status"], "new", "{device}");
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &device_path,
+            Some(json!({"status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let target = dir.join("out/payload.bin");
+    let start = Instant::now();
+    while std::fs::read(&target).ok().as_deref() != Some(&payload[..]) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "mender did not install the payload:\n{}",
+            client.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let device = wait_for("the success report", Duration::from_secs(30), async || {
+        let (_, d) = server.call(Method::GET, &device_path, None).await;
+        (d["version"] == "app-1.0.1").then_some(d)
+    })
+    .await;
+    assert!(
+        !device["attributes"].is_null(),
+        "inventory was kept: {device}"
+    );
+    let (_, events) = server
+        .call(Method::GET, &format!("{device_path}/events"), None)
+        .await;
+    let text = events.to_string();
+    for step in [
+        "app-1.0.1 downloading",
+        "app-1.0.1 installing",
+        "installed app-1.0.1",
+    ] {
+        assert!(text.contains(step), "{step} missing from {text}");
+    }
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
