@@ -32,10 +32,10 @@ log "system packages"
 # bubblewrap + Debian's Arduino toolchain: real sandboxed compiles; chromium: browser tests;
 # xz-utils: W800 OTA images; xtensa-lx106 gcc and g++: the per-core setup()/loop() wrap with
 # real linkers; swugenerator + openssl: real signed SWUpdate images; swupdate: the real
-# hawkBit DDI client; mender-artifact: real Mender artifacts.
+# hawkBit DDI client; mender-artifact + mender-client: real Mender artifacts and client.
 apt_install gcc-riscv64-unknown-elf python3-venv postgresql-client util-linux xz-utils \
     bubblewrap arduino-builder arduino-core-avr gcc-avr avr-libc arduino-ctags \
-    chromium chromium-driver gcc-xtensa-lx106 binutils-xtensa-lx106 g++ swugenerator swupdate mender-artifact openssl
+    chromium chromium-driver gcc-xtensa-lx106 binutils-xtensa-lx106 g++ swugenerator swupdate mender-artifact mender-client openssl
 
 log "PostgreSQL"
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then

@@ -83,9 +83,10 @@ impl SwUpdate {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("swupdate.log")).unwrap();
+        use std::os::unix::process::CommandExt;
         let child = Command::new("timeout")
-            .arg("120")
-            .arg("swupdate")
+            .args(["--foreground", "120", "swupdate"])
+            .process_group(0)
             .current_dir(dir)
             .env("TMPDIR", dir.join("tmp"))
             .args([
@@ -144,10 +145,18 @@ impl SwUpdate {
     }
 }
 
+/// Ends a client started in a process group of its own, with everything it started.
+fn stop_group(child: &mut Child) {
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-g", &child.id().to_string()])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for SwUpdate {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_group(&mut self.child);
     }
 }
 
@@ -486,11 +495,13 @@ impl MenderClient {
         .unwrap();
         let d = dir.display();
         let log = std::fs::File::create(dir.join("mender.log")).unwrap();
+        use std::os::unix::process::CommandExt;
         let child = Command::new("unshare")
+            .process_group(0)
             .args(["-m", "sh", "-c"])
             .arg(format!(
                 "mount --bind {d}/etc /etc/mender && mount --bind {d}/id /usr/share/mender/identity && \
-                 exec timeout 120 mender --no-syslog -c {d}/m.conf -b {d}/fb.conf -d {d}/data daemon"
+                 exec timeout --foreground 120 mender --no-syslog -c {d}/m.conf -b {d}/fb.conf -d {d}/data daemon"
             ))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -510,12 +521,7 @@ impl MenderClient {
 
 impl Drop for MenderClient {
     fn drop(&mut self) {
-        // `timeout` and mender are in the child's process tree; end them all.
-        let _ = Command::new("pkill")
-            .args(["-f", &format!("{}/m.conf", self.dir.display())])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_group(&mut self.child);
     }
 }
 
