@@ -525,15 +525,12 @@ impl Drop for MenderClient {
     }
 }
 
-/// mender-client authenticates with its own key and the product's tenant token, waits while
-/// pending, is accepted by verifying it, downloads the artifact by its signed link, installs
-/// it with the single-file update module, and reports success; the server then counts it as
-/// running the artifact and offers nothing more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mender_client_installs_an_artifact() {
+/// A server whose product's default group has a single-file artifact `app-1.0.1` that
+/// installs `payload.bin` into `dir/out`, with `filename` naming the file the module installs.
+async fn mender_setup(name: &str, filename: &str) -> (Server, i64, String, PathBuf, Vec<u8>) {
     let server = Server::start(Backend::Sqlite).await;
-    let (pid, key, group) = server.product("ci-mender-client").await;
-    let dir = workdir("mender-client");
+    let (pid, key, group) = server.product(&format!("ci-{name}")).await;
+    let dir = workdir(name);
     let payload: Vec<u8> = (0..40_000u32).map(|i| (i * 17 % 251) as u8).collect();
     std::fs::create_dir_all(dir.join("art")).unwrap();
     std::fs::write(dir.join("art/payload.bin"), &payload).unwrap();
@@ -542,7 +539,7 @@ async fn mender_client_installs_an_artifact() {
         dir.join("out").display().to_string(),
     )
     .unwrap();
-    std::fs::write(dir.join("art/filename"), "payload.bin").unwrap();
+    std::fs::write(dir.join("art/filename"), filename).unwrap();
     std::fs::write(dir.join("art/permissions"), "0644").unwrap();
     run(Command::new("mender-artifact")
         .current_dir(dir.join("art"))
@@ -577,7 +574,61 @@ async fn mender_client_installs_an_artifact() {
             Some(json!({"firmware_id": fw["id"]})),
         )
         .await;
+    (server, pid, key, dir, payload)
+}
 
+/// An install the update module fails is reported as failed: the deployment is closed and
+/// not offered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_mender_install_is_reported_and_not_offered_again() {
+    // The module installs the file `filename` names, which the artifact does not carry.
+    let (server, pid, key, dir, _) = mender_setup("mender-fail", "missing.bin").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "02:00:00:00:00:01", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let client = MenderClient::start(&dir, &server, &key, "app-1.0.0");
+    let device_path = format!("/api/v1/products/{pid}/devices/02:00:00:00:00:01");
+    let device = wait_for("the failure report", Duration::from_secs(60), async || {
+        let (_, d) = server.call(Method::GET, &device_path, None).await;
+        (!d["closed_firmware_id"].is_null()).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        device["version"], "app-1.0.0",
+        "still on its old artifact: {device}"
+    );
+    let (_, events) = server
+        .call(Method::GET, &format!("{device_path}/events"), None)
+        .await;
+    let text = events.to_string();
+    assert!(text.contains("failed app-1.0.1 failure"), "{text}");
+    assert!(
+        text.contains("\"log\""),
+        "the deployment log is kept: {text}"
+    );
+    let fetches = client.log().matches("Validating the Update Info").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        client.log().matches("Validating the Update Info").count(),
+        fetches,
+        "the failed deployment is not offered again"
+    );
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// mender-client authenticates with its own key and the product's tenant token, waits while
+/// pending, is accepted by verifying it, downloads the artifact by its signed link, installs
+/// it with the single-file update module, and reports success; the server then counts it as
+/// running the artifact and offers nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mender_client_installs_an_artifact() {
+    let (server, pid, key, dir, payload) = mender_setup("mender-client", "payload.bin").await;
     let client = MenderClient::start(&dir, &server, &key, "app-1.0.0");
     let device_path = format!("/api/v1/products/{pid}/devices/02:00:00:00:00:01");
     let device = wait_for(
