@@ -466,6 +466,17 @@ struct MenderClient {
 
 impl MenderClient {
     fn start(dir: &Path, server: &Server, tenant_token: &str, running: &str) -> MenderClient {
+        Self::start_as(dir, server, tenant_token, running, "02:00:00:00:00:01")
+    }
+
+    /// As `start`, for the device whose identity is `mac`.
+    fn start_as(
+        dir: &Path,
+        server: &Server,
+        tenant_token: &str,
+        running: &str,
+        mac: &str,
+    ) -> MenderClient {
         for sub in ["etc", "id", "data", "out"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
@@ -475,7 +486,7 @@ impl MenderClient {
         )
         .unwrap();
         let identity = dir.join("id/mender-device-identity");
-        std::fs::write(&identity, "#!/bin/sh\necho mac=02:00:00:00:00:01\n").unwrap();
+        std::fs::write(&identity, format!("#!/bin/sh\necho mac={mac}\n")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(dir.join("data/device_type"), "device_type=otaforge-ci\n").unwrap();
@@ -680,5 +691,100 @@ async fn mender_client_installs_an_artifact() {
         assert!(text.contains(step), "{step} missing from {text}");
     }
     drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One staged rollout (one device, then the rest) over two real mender-clients: each stage
+/// advances on its devices' own success reports, and the rollout completes with both
+/// installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_rollout_reaches_two_mender_clients() {
+    let (server, pid, key, dir, payload) = mender_setup("mender-rollout", "payload.bin").await;
+    let (_, product) = server
+        .call(Method::GET, &format!("/api/v1/products/{pid}"), None)
+        .await;
+    let group = product["default_group_id"].as_i64().unwrap();
+    // The rollout carries the artifact; the group carries nothing.
+    let (_, firmware) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/firmware"),
+            None,
+        )
+        .await;
+    let fw = firmware[0]["id"].as_i64().unwrap();
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": null})),
+        )
+        .await;
+    let macs = ["02:00:00:00:00:11", "02:00:00:00:00:12"];
+    for mac in macs {
+        let (status, d) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(json!({"serial": mac, "status": "verified"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+    }
+    let stage = |size: Value| {
+        json!({"size": size, "success_threshold": 1.0, "failure_threshold": 0.5,
+               "window_secs": 0, "auto_advance": true, "auto_rollback": true})
+    };
+    let (status, rollout) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            Some(json!({"firmware_id": fw, "target": {"group_id": group},
+                        "stages": [stage(json!({"count": 1})), stage(json!("rest"))]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_i64().unwrap();
+    let clients: Vec<MenderClient> = macs
+        .iter()
+        .enumerate()
+        .map(|(i, mac)| {
+            let own = dir.join(format!("client{i}"));
+            std::fs::create_dir_all(&own).unwrap();
+            MenderClient::start_as(&own, &server, &key, "app-1.0.0", mac)
+        })
+        .collect();
+    let done = wait_for(
+        "the rollout's completion",
+        Duration::from_secs(90),
+        async || {
+            let (_, r) = server
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/products/{pid}/rollouts/{id}"),
+                    None,
+                )
+                .await;
+            (r["state"] == "completed").then_some(r)
+        },
+    )
+    .await;
+    let succeeded: Vec<i64> = done["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["succeeded"].as_i64().unwrap())
+        .collect();
+    assert_eq!(succeeded, [1, 1], "{done}");
+    for (i, client) in clients.iter().enumerate() {
+        // Each client's artifact was built for `dir/out`; both install there in turn.
+        assert!(
+            client.log().contains("State transition: update-install"),
+            "client {i} installed: {}",
+            client.log()
+        );
+    }
+    assert_eq!(std::fs::read(dir.join("out/payload.bin")).unwrap(), payload);
+    drop(clients);
     let _ = std::fs::remove_dir_all(&dir);
 }
