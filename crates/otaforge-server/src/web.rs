@@ -1178,6 +1178,8 @@ struct WorkspacePage {
     wifi_summary: String,
     /// (when, kind, detail), newest first
     timeline: Vec<(String, String, String)>,
+    /// What a Linux client reports about itself (hawkBit configData, Mender inventory).
+    attributes: Vec<(String, String)>,
 }
 
 /// The device, if the viewer may open its workspace; else the page to show instead.
@@ -1342,8 +1344,22 @@ async fn workspace(
         .into_iter()
         .map(|e| (when(Some(e.at)), e.kind, e.detail))
         .collect();
+    let attributes = match &device.attributes {
+        Some(serde_json::Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| {
+                let v = v
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string());
+                (k.clone(), v)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     page(WorkspacePage {
         timeline,
+        attributes,
         product_id: product,
         product_name,
         firmware_url: crate::api::static_link(&state, &device),

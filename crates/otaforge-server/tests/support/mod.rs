@@ -313,6 +313,35 @@ impl Server {
         raw_exchange(self.addr, request).await
     }
 
+    /// A signed-in operator's session cookie (`name=value`), made through the sign-in form.
+    pub async fn operator_session(&self, username: &str) -> String {
+        let password = format!("pw-{username}-pw");
+        let hash = otaforge_server::auth::hash_password(&password).unwrap();
+        self.state
+            .store()
+            .create_user(username, &hash, true)
+            .await
+            .unwrap();
+        let (login_cookie, token) = self.login_token().await;
+        let body = format!("csrf={token}&kind=operator&username={username}&password={password}");
+        let r = self
+            .raw(
+                format!(
+                    "POST /login HTTP/1.1\r\nHost: x\r\nCookie: {login_cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        r.header("set-cookie")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
     /// `GET path` with a session cookie, as a browser sends it.
     pub async fn get_with_cookie(&self, path: &str, cookie: &str) -> RawResponse {
         self.raw(
