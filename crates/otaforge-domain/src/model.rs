@@ -124,6 +124,8 @@ pub struct Device {
     /// The firmware whose offer the device closed without installing it (a hawkBit action
     /// closed with failure, cancelled or rejected): it is not offered to the device again.
     pub closed_firmware_id: Option<Id>,
+    /// The firmware a hawkBit client was offered and has not finished with (its open action).
+    pub open_firmware_id: Option<Id>,
     /// The public key (PEM) the device signs its authentication requests with (Mender).
     #[serde(skip)]
     pub public_key: Option<String>,

@@ -788,3 +788,153 @@ async fn a_staged_rollout_reaches_two_mender_clients() {
     drop(clients);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A request to the DDI API with a target token, as SWUpdate sends it.
+async fn ddi(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let r = server
+        .raw(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: TargetToken {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+/// An action a rollout opened is cancelled when the rollout is: the poll links cancelAction
+/// (which SWUpdate reads before deploymentBase), it names the action to stop, the client's
+/// feedback closes it, and nothing is offered after. A device registered with a password
+/// authenticates with it as its target token; a wrong one is a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_rollout_cancels_the_open_hawkbit_action() {
+    let server = ddi_server().await;
+    let (pid, _, group) = server.product("ci-cancel").await;
+    let dir = workdir("swupdate-cancel");
+    let image = swu(&dir, "3.0.0", b"payload", &dir.join("target/p.bin"), false);
+    let (status, fw) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), image)
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    let action = fw["id"].as_i64().unwrap();
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "dev03", "password": "tt-dev03", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let root = "/ci-cancel/controller/v1/dev03";
+    let (status, _) = ddi(&server, "GET", root, "wrong", None).await;
+    assert_eq!(status, 401);
+    let (status, poll) = ddi(&server, "GET", root, "tt-dev03", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        poll["_links"].get("deploymentBase").is_none(),
+        "nothing yet: {poll}"
+    );
+
+    let stage = json!({"size": "rest", "success_threshold": 1.0, "failure_threshold": 0.5,
+                       "window_secs": 0, "auto_advance": true, "auto_rollback": true});
+    let (status, rollout) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            Some(json!({"firmware_id": action, "target": {"group_id": group}, "stages": [stage]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let (_, poll) = ddi(&server, "GET", root, "tt-dev03", None).await;
+    let href = poll["_links"]["deploymentBase"]["href"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        href.ends_with(&format!("/deploymentBase/{action}")),
+        "{poll}"
+    );
+    let (status, deployment) = ddi(
+        &server,
+        "GET",
+        &format!("{root}/deploymentBase/{action}"),
+        "tt-dev03",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{deployment}");
+    assert_eq!(deployment["id"], action.to_string());
+    let artifact = &deployment["deployment"]["chunks"][0]["artifacts"][0];
+    assert!(
+        artifact["filename"].as_str().unwrap().ends_with(".swu"),
+        "{deployment}"
+    );
+    assert_eq!(artifact["hashes"]["sha1"].as_str().unwrap().len(), 40);
+
+    // The operator cancels the rollout while the action is open.
+    let id = rollout["id"].as_i64().unwrap();
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/rollouts/{id}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, poll) = ddi(&server, "GET", root, "tt-dev03", None).await;
+    assert!(poll["_links"].get("deploymentBase").is_none(), "{poll}");
+    let cancel = poll["_links"]["cancelAction"]["href"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        cancel.ends_with(&format!("/cancelAction/{action}")),
+        "{poll}"
+    );
+    let (status, stop) = ddi(
+        &server,
+        "GET",
+        &format!("{root}/cancelAction/{action}"),
+        "tt-dev03",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(stop["cancelAction"]["stopId"], action.to_string(), "{stop}");
+    // SWUpdate's answer to a cancel (server_hawkbit.c): closed, success.
+    let (status, _) = ddi(
+        &server,
+        "POST",
+        &format!("{root}/cancelAction/{action}/feedback"),
+        "tt-dev03",
+        Some(json!({"id": action.to_string(), "time": "20261201T120000",
+                    "status": {"result": {"finished": "success"}, "execution": "closed", "details": ["cancelled"]}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, poll) = ddi(&server, "GET", root, "tt-dev03", None).await;
+    assert!(
+        poll["_links"].get("cancelAction").is_none(),
+        "closed: {poll}"
+    );
+    assert!(poll["_links"].get("deploymentBase").is_none(), "{poll}");
+    let (status, _) = ddi(
+        &server,
+        "GET",
+        &format!("{root}/cancelAction/{action}"),
+        "tt-dev03",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let _ = std::fs::remove_dir_all(&dir);
+}

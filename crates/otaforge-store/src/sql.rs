@@ -12,7 +12,7 @@ const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_
 const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
-     firmware_id, secrets, attributes, closed_firmware_id, public_key";
+     firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id";
 const ROLLOUT_COLS: &str = "id, product_id, firmware_id, target, stages, rate_per_minute, state, \
      current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at";
 const MEMBER_COLS: &str =
@@ -90,6 +90,7 @@ macro_rules! sql_store {
                     secrets: row.try_get("secrets")?,
                     closed_firmware_id: row.try_get("closed_firmware_id")?,
                     public_key: row.try_get("public_key")?,
+                    open_firmware_id: row.try_get("open_firmware_id")?,
                     attributes: row
                         .try_get::<Option<String>, _>("attributes")?
                         .and_then(|a| serde_json::from_str(&a).ok()),
@@ -996,6 +997,22 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn set_device_open_firmware(
+                &self,
+                device_id: Id,
+                firmware_id: Option<Id>,
+            ) -> Result<()> {
+                let done = sqlx::query("UPDATE devices SET open_firmware_id = $1 WHERE id = $2")
+                    .bind(firmware_id)
+                    .bind(device_id)
+                    .execute(&self.write)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("device"));
+                }
+                Ok(())
+            }
+
             async fn bind_device_key(&self, device_id: Id, public_key: &str) -> Result<bool> {
                 let done = sqlx::query(
                     "UPDATE devices SET public_key = $1 WHERE id = $2 AND public_key IS NULL",
@@ -1527,6 +1544,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("closed offers", include_str!("../migrations/sqlite_7.sql")),
     ("device keys", include_str!("../migrations/sqlite_8.sql")),
+    ("open actions", include_str!("../migrations/sqlite_9.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -1552,6 +1570,7 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/postgres_7.sql"),
     ),
     ("device keys", include_str!("../migrations/postgres_8.sql")),
+    ("open actions", include_str!("../migrations/postgres_9.sql")),
 ];
 
 /// sqlx's migrator over one backend's embedded migrations (no macros: the SQL is

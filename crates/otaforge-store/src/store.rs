@@ -103,6 +103,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     /// Binds the device's public key if it has none yet; `false` when it already had one.
     async fn bind_device_key(&self, device_id: Id, public_key: &str) -> Result<bool>;
+    /// The firmware a hawkBit client was offered and has not finished with (`None`: none).
+    async fn set_device_open_firmware(&self, device_id: Id, firmware_id: Option<Id>) -> Result<()>;
     async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()>;
 
     async fn save_revision(

@@ -300,6 +300,15 @@ async fn suite(store: &dyn Store) {
         Some(f2.id)
     );
     store.set_device_closed_firmware(d1.id, None).await.unwrap();
+    store
+        .set_device_open_firmware(d1.id, Some(f2.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.device_by_id(d1.id).await.unwrap().open_firmware_id,
+        Some(f2.id)
+    );
+    store.set_device_open_firmware(d1.id, None).await.unwrap();
     assert!(store.bind_device_key(d1.id, "PEM-1").await.unwrap());
     assert!(
         !store.bind_device_key(d1.id, "PEM-2").await.unwrap(),

@@ -54,6 +54,9 @@ pub struct CheckIn<'a> {
     /// The device closed the offer of this firmware without installing it (a hawkBit action
     /// closed with failure, cancelled or rejected): it is not offered to the device again.
     pub closes: Option<Id>,
+    /// The dialect has actions the device must be told to cancel (hawkBit): the firmware
+    /// offered is remembered as the device's open action until it reports the end of it.
+    pub tracks_actions: bool,
     pub mode: Mode,
     /// The family the device announces (its header set), if it does.
     pub chip: Option<Family>,
@@ -103,6 +106,18 @@ pub enum Answer {
     Recorded(Box<Admitted>),
 }
 
+/// The open action a device must be told to cancel: one it was offered, has not finished
+/// with, and is no longer offered (its rollout was cancelled or its stage rolled back, or
+/// another firmware was assigned).
+pub fn cancellation(open: Option<Id>, answer: &Answer) -> Option<Id> {
+    let open = open?;
+    match answer {
+        Answer::Offer(offer) if offer.firmware.id == open => None,
+        Answer::Unauthorized(_) | Answer::NotAllowed(_) => None,
+        _ => Some(open),
+    }
+}
+
 /// A device the pipeline let in, for calls that need only who it is (config, resources).
 #[derive(Debug, Clone)]
 pub struct Admitted {
@@ -147,6 +162,12 @@ impl AppState {
                 .catalog
                 .forget_device(device.product_id, &device.serial);
             device.closed_firmware_id = Some(firmware);
+        }
+        if req.tracks_actions
+            && (installed || req.closes.is_some())
+            && device.open_firmware_id.is_some()
+        {
+            self.set_open_action(&mut device, None).await?;
         }
         let remembered;
         if req.remembered_running && req.running.version.is_none() {
@@ -229,11 +250,25 @@ impl AppState {
         if part.ends_file(firmware.size.max(0) as u64) {
             self.served_whole(&device, &firmware).await;
         }
+        if req.tracks_actions && device.open_firmware_id != Some(firmware.id) {
+            self.set_open_action(&mut device, Some(firmware.id)).await?;
+        }
         Ok(Answer::Offer(Box::new(Offer {
             filename: format!("{}-{}.bin", product.name, firmware.version),
             firmware,
             part,
         })))
+    }
+
+    async fn set_open_action(&self, device: &mut Device, firmware: Option<Id>) -> ApiResult<()> {
+        self.store()
+            .set_device_open_firmware(device.id, firmware)
+            .await?;
+        self.inner
+            .catalog
+            .forget_device(device.product_id, &device.serial);
+        device.open_firmware_id = firmware;
+        Ok(())
     }
 
     /// What an admitted device reports about itself (hawkBit configData), kept on its row.

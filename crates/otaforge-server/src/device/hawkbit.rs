@@ -12,7 +12,9 @@
 //! nothing assigned, up to date, another family's image: 200, the poll with no deployment ·
 //! offer: the poll links `deploymentBase/{firmware id}`, which lists one chunk with one `.swu`
 //! artifact (size, sha1, md5, sha256, `download-http`), served with `Range` · a deployment or
-//! artifact that is no longer the device's offer 404 · feedback and configData 200, empty.
+//! artifact that is no longer the device's offer 404 · feedback and configData 200, empty ·
+//! an open action no longer offered (its rollout cancelled, its stage rolled back): the poll
+//! links `cancelAction/{firmware id}`, whose feedback closes it.
 
 // Handlers answer refusals with a whole response, so `Result<_, Response>` is the natural shape.
 #![allow(clippy::result_large_err)]
@@ -32,7 +34,7 @@ use serde_json::json;
 
 use super::{error_text, text};
 use crate::AppState;
-use crate::core::checkin::{Admitted, Answer, CheckIn, Identity, Unauthorized, Want};
+use crate::core::checkin::{Admitted, Answer, CheckIn, Identity, Unauthorized, Want, cancellation};
 use crate::decision::{Family, Mode, Running};
 use crate::delivery;
 use crate::error::ApiError;
@@ -52,6 +54,14 @@ pub fn routes() -> Router<AppState> {
             post(feedback),
         )
         .route(&format!("{BASE}/configData"), put(config_data))
+        .route(
+            &format!("{BASE}/cancelAction/{{action}}"),
+            get(cancel_action),
+        )
+        .route(
+            &format!("{BASE}/cancelAction/{{action}}/feedback"),
+            post(cancel_feedback),
+        )
         .route(
             &format!("{BASE}/softwaremodules/{{action}}/artifacts/{{file}}"),
             get(artifact),
@@ -143,6 +153,7 @@ async fn check_in(
         },
         remembered_running: true,
         closes,
+        tracks_actions: true,
         device_type: None,
         mode: Mode::App,
         chip: Some(Family::SwUpdate),
@@ -236,8 +247,6 @@ async fn poll(
             json!({"href": format!("{base}/deploymentBase/{}", offer.firmware.id)}),
         );
     }
-    // configData is asked for until the device has sent its attributes once (a client that
-    // sees the link sends them instead of installing).
     let device = state
         .inner
         .catalog
@@ -245,6 +254,16 @@ async fn poll(
         .await
         .ok()
         .flatten();
+    // An open action that is no longer offered is cancelled first (the client checks this
+    // link before deploymentBase).
+    if let Some(open) = cancellation(device.as_ref().and_then(|d| d.open_firmware_id), &answer) {
+        links.insert(
+            "cancelAction".into(),
+            json!({"href": format!("{base}/cancelAction/{open}")}),
+        );
+    }
+    // configData is asked for until the device has sent its attributes once (a client that
+    // sees the link sends them instead of installing).
     if device.is_some_and(|d| d.attributes.is_none()) {
         links.insert(
             "configData".into(),
@@ -502,6 +521,85 @@ async fn feedback(
         running,
         said.as_deref(),
         closes,
+    )
+    .await
+    {
+        Ok(Answer::Recorded(_)) => StatusCode::OK.into_response(),
+        Ok(answer) => refusal(answer),
+        Err(r) => r,
+    }
+}
+
+/// `GET …/cancelAction/{action}`: the action to stop, when it is still open and no longer
+/// offered.
+async fn cancel_action(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiPath((tenant_name, controller, action)): ApiPath<(String, String, Id)>,
+    headers: HeaderMap,
+) -> Response {
+    let product = match tenant(&state, &tenant_name).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let caller = caller(product, &controller, &headers);
+    let answer = match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    if let Some(r) = refusal_of(&answer) {
+        return r;
+    }
+    let device = state
+        .inner
+        .catalog
+        .device(state.store(), caller.product.id, &controller)
+        .await
+        .ok()
+        .flatten();
+    match cancellation(device.and_then(|d| d.open_firmware_id), &answer) {
+        Some(open) if open == action => axum::Json(json!({
+            "id": action.to_string(),
+            "cancelAction": {"stopId": action.to_string()},
+        }))
+        .into_response(),
+        _ => text(StatusCode::NOT_FOUND, "this action is not being cancelled"),
+    }
+}
+
+/// `POST …/cancelAction/{action}/feedback`: the client stopped (or could not stop) it.
+async fn cancel_feedback(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiPath((tenant_name, controller, action)): ApiPath<(String, String, Id)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (product, body): (_, Feedback) =
+        match tenant_and_body(&state, &tenant_name, &headers, body).await {
+            Ok(found) => found,
+            Err(r) => return r,
+        };
+    let firmware = match state.store().get_firmware(product.id, action).await {
+        Ok(f) => f,
+        Err(e) => return error_text(ApiError::from(e)),
+    };
+    let said = UpdateResult::Failed {
+        reason: format!(
+            "{} cancelled ({} {})",
+            firmware.version, body.status.execution, body.status.result.finished
+        ),
+    }
+    .to_string();
+    let caller = caller(product, &controller, &headers);
+    match check_in(
+        &state,
+        peer,
+        &caller,
+        Want::Report,
+        None,
+        Some(&said),
+        Some(action),
     )
     .await
     {

@@ -147,6 +147,7 @@ async fn check_in(
         },
         remembered_running: running.is_none(),
         closes,
+        tracks_actions: false,
         mode: Mode::App,
         chip: Some(Family::Mender),
         device_type,

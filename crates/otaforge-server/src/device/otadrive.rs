@@ -58,6 +58,7 @@ fn check_in<'a>(
         peer: peer.ip(),
         remembered_running: false,
         closes: None,
+        tracks_actions: false,
         device_type: None,
         running: headers.running(version, headers.get("x-check-sketch-md5") == Some("1")),
         mode: headers.mode(),

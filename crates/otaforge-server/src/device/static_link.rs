@@ -114,6 +114,7 @@ async fn fetch(
         peer: peer.ip(),
         remembered_running: false,
         closes: None,
+        tracks_actions: false,
         device_type: None,
         running: device_headers.running(None, false),
         mode: device_headers.mode(),
