@@ -69,9 +69,45 @@ fn swu(dir: &Path, version: &str, payload: &[u8], target: &Path, failing: bool) 
     std::fs::read(dir.join("a.swu")).unwrap()
 }
 
+/// A client process started in a process group of its own, its output in `dir/{log}`.
+struct Client {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Client {
+    fn spawn(mut cmd: Command, log: PathBuf, what: &str) -> Client {
+        use std::os::unix::process::CommandExt;
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Client { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // The client and everything it started.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-g", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// SWUpdate in suricatta mode against the server, its output in `dir/swupdate.log`.
 struct SwUpdate {
-    child: Child,
+    client: Client,
     dir: PathBuf,
 }
 
@@ -82,11 +118,8 @@ impl SwUpdate {
             "globals:\n{\n  public-key-file = \"c.pem\";\n};\nidentify = (\n  { name = \"board\"; value = \"ci\"; }\n);\n",
         )
         .unwrap();
-        let log = std::fs::File::create(dir.join("swupdate.log")).unwrap();
-        use std::os::unix::process::CommandExt;
-        let child = Command::new("timeout")
-            .args(["--foreground", "120", "swupdate"])
-            .process_group(0)
+        let mut cmd = Command::new("timeout");
+        cmd.args(["--foreground", "120", "swupdate"])
             .current_dir(dir)
             .env("TMPDIR", dir.join("tmp"))
             .args([
@@ -102,20 +135,19 @@ impl SwUpdate {
             .arg(format!(
                 "-t {tenant} -u {} -i {id} -g {gateway_token}",
                 server.base
-            ))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting swupdate (apt-get install swupdate)");
+            ));
         SwUpdate {
-            child,
+            client: Client::spawn(
+                cmd,
+                dir.join("swupdate.log"),
+                "swupdate (apt-get install swupdate)",
+            ),
             dir: dir.to_path_buf(),
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("swupdate.log")).unwrap_or_default()
+        self.client.log()
     }
 
     async fn wait_log(&self, text: &str, within: Duration) {
@@ -142,21 +174,6 @@ impl SwUpdate {
                 "closed",
                 detail,
             ]));
-    }
-}
-
-/// Ends a client started in a process group of its own, with everything it started.
-fn stop_group(child: &mut Child) {
-    let _ = Command::new("pkill")
-        .args(["-KILL", "-g", &child.id().to_string()])
-        .status();
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-impl Drop for SwUpdate {
-    fn drop(&mut self) {
-        stop_group(&mut self.child);
     }
 }
 
@@ -460,8 +477,7 @@ async fn mender_artifacts_are_checked_on_upload() {
 /// identity folder) bound to the test's own folders in a private mount namespace (`unshare`,
 /// root); its output in `dir/mender.log`.
 struct MenderClient {
-    child: Child,
-    dir: PathBuf,
+    client: Client,
 }
 
 impl MenderClient {
@@ -505,34 +521,22 @@ impl MenderClient {
         )
         .unwrap();
         let d = dir.display();
-        let log = std::fs::File::create(dir.join("mender.log")).unwrap();
-        use std::os::unix::process::CommandExt;
-        let child = Command::new("unshare")
-            .process_group(0)
-            .args(["-m", "sh", "-c"])
-            .arg(format!(
-                "mount --bind {d}/etc /etc/mender && mount --bind {d}/id /usr/share/mender/identity && \
-                 exec timeout --foreground 120 mender --no-syslog -c {d}/m.conf -b {d}/fb.conf -d {d}/data daemon"
-            ))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting mender (apt-get install mender-client; needs root for unshare)");
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "sh", "-c"]).arg(format!(
+            "mount --bind {d}/etc /etc/mender && mount --bind {d}/id /usr/share/mender/identity && \
+             exec timeout --foreground 120 mender --no-syslog -c {d}/m.conf -b {d}/fb.conf -d {d}/data daemon"
+        ));
         MenderClient {
-            child,
-            dir: dir.to_path_buf(),
+            client: Client::spawn(
+                cmd,
+                dir.join("mender.log"),
+                "mender (apt-get install mender-client; needs root for unshare)",
+            ),
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("mender.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for MenderClient {
-    fn drop(&mut self) {
-        stop_group(&mut self.child);
+        self.client.log()
     }
 }
 

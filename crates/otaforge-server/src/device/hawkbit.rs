@@ -447,6 +447,23 @@ async fn tenant_and_body<T: serde::de::DeserializeOwned>(
     Ok((product, json_body(headers, body).await?))
 }
 
+/// The tenant's product, a feedback body and the firmware of the action it is about.
+async fn feedback_of(
+    state: &AppState,
+    tenant_name: &str,
+    action: Id,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Product, Feedback, Firmware), Response> {
+    let (product, body): (_, Feedback) = tenant_and_body(state, tenant_name, headers, body).await?;
+    let firmware = state
+        .store()
+        .get_firmware(product.id, action)
+        .await
+        .map_err(|e| error_text(ApiError::from(e)))?;
+    Ok((product, body, firmware))
+}
+
 /// `POST …/deploymentBase/{action}/feedback`: progress, and the action's end.
 async fn feedback(
     State(state): State<AppState>,
@@ -455,15 +472,11 @@ async fn feedback(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (product, body): (_, Feedback) =
-        match tenant_and_body(&state, &tenant_name, &headers, body).await {
+    let (product, body, firmware) =
+        match feedback_of(&state, &tenant_name, action, &headers, body).await {
             Ok(found) => found,
             Err(r) => return r,
         };
-    let firmware = match state.store().get_firmware(product.id, action).await {
-        Ok(f) => f,
-        Err(e) => return error_text(ApiError::from(e)),
-    };
     let status = &body.status;
     let detail = status
         .details
@@ -575,15 +588,11 @@ async fn cancel_feedback(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (product, body): (_, Feedback) =
-        match tenant_and_body(&state, &tenant_name, &headers, body).await {
+    let (product, body, firmware) =
+        match feedback_of(&state, &tenant_name, action, &headers, body).await {
             Ok(found) => found,
             Err(r) => return r,
         };
-    let firmware = match state.store().get_firmware(product.id, action).await {
-        Ok(f) => f,
-        Err(e) => return error_text(ApiError::from(e)),
-    };
     let said = UpdateResult::Failed {
         reason: format!(
             "{} cancelled ({} {})",
