@@ -87,6 +87,14 @@ fn json_of<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> 
     })
 }
 
+/// A JSON body of at most `MAX_BODY` bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, Response> {
+    json_of(&body_bytes(headers, body).await?)
+}
+
 /// `POST /api/devices/v1/authentication/auth_requests`.
 async fn authenticate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let body = match body_bytes(&headers, body).await {
@@ -296,12 +304,8 @@ async fn next_v2(
     struct Next {
         device_provides: std::collections::HashMap<String, serde_json::Value>,
     }
-    let body = match body_bytes(&headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let next_body: Next = match json_of(&body) {
-        Ok(n) => n,
+    let next_body: Next = match read_json(&headers, body).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let get = |k: &str| next_body.device_provides.get(k).and_then(|v| v.as_str());
@@ -330,12 +334,8 @@ async fn status(
         #[serde(default)]
         substate: Option<String>,
     }
-    let body = match body_bytes(&headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let status: Status = match json_of(&body) {
-        Ok(s) => s,
+    let status: Status = match read_json(&headers, body).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let Some((product, _)) = bearer(&headers).and_then(|t| state.verify_device_token(t)) else {
@@ -419,12 +419,8 @@ async fn log(
     struct Log {
         messages: Vec<serde_json::Value>,
     }
-    let body = match body_bytes(&headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let log: Log = match json_of(&body) {
-        Ok(l) => l,
+    let log: Log = match read_json(&headers, body).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let caller = match admitted(&state, peer, &headers).await {
@@ -458,12 +454,8 @@ async fn inventory(
         name: String,
         value: serde_json::Value,
     }
-    let body = match body_bytes(&headers, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let attributes: Vec<Attribute> = match json_of(&body) {
-        Ok(a) => a,
+    let attributes: Vec<Attribute> = match read_json(&headers, body).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let caller = match admitted(&state, peer, &headers).await {
