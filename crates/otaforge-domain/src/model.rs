@@ -25,6 +25,8 @@ pub struct Product {
     pub api_key_digest: String,
     pub default_group_id: Id,
     pub created_at: Millis,
+    /// Public keys (PEM) its Linux artifacts must be signed with; empty: not required.
+    pub artifact_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]

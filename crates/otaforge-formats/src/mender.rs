@@ -28,6 +28,10 @@ pub struct MenderInfo {
     pub files: Vec<(String, u64)>,
     /// Whether `manifest.sig` is there.
     pub signed: bool,
+    /// The manifest and the contents of `manifest.sig` (base64 of the signature), for a check
+    /// against the product's keys.
+    pub manifest: Vec<u8>,
+    pub signature: Option<Vec<u8>>,
 }
 
 /// Why an upload is not a usable Mender artifact, naming the fault.
@@ -238,9 +242,7 @@ pub fn inspect_mender(bytes: &[u8]) -> Result<MenderInfo, MenderError> {
     }
     let mut rest: Vec<&TarEntry<'_>> = iter.collect();
     let signed = rest.first().is_some_and(|e| e.name == "manifest.sig");
-    if signed {
-        rest.remove(0);
-    }
+    let signature = signed.then(|| rest.remove(0).data.to_vec());
     let header = rest
         .first()
         .filter(|e| e.name.starts_with("header.tar"))
@@ -332,6 +334,8 @@ pub fn inspect_mender(bytes: &[u8]) -> Result<MenderInfo, MenderError> {
         payload_types,
         files: payload_files,
         signed,
+        manifest: manifest.data.to_vec(),
+        signature,
     })
 }
 

@@ -45,6 +45,10 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/v1/products/{product}/rotate-key", post(rotate_key))
         .route(
+            "/api/v1/products/{product}/artifact-keys",
+            axum::routing::put(set_artifact_keys),
+        )
+        .route(
             "/api/v1/products/{product}/groups",
             get(list_groups).post(create_group),
         )
@@ -176,6 +180,8 @@ pub struct ProductBody {
     name: String,
     default_group_id: Id,
     created_at: Millis,
+    /// Public keys (PEM) its Linux artifacts must be signed with; empty: not required.
+    artifact_keys: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<String>,
 }
@@ -187,6 +193,7 @@ impl ProductBody {
             name: product.name,
             default_group_id: product.default_group_id,
             created_at: product.created_at,
+            artifact_keys: product.artifact_keys,
             api_key,
         }
     }
@@ -241,6 +248,30 @@ pub async fn rotate_key(
 ) -> ApiResult<Json<ProductBody>> {
     let (product, key) = state.rotate_product_key(&op.actor(), product).await?;
     Ok(Json(ProductBody::new(product, Some(key))))
+}
+
+/// The keys a product's Mender artifacts must be signed with (`manifest.sig`).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactKeysBody {
+    /// RSA or ECDSA P-256 public keys in PEM; empty: signatures are reported, not required.
+    #[schema(max_items = 16)]
+    keys: Vec<String>,
+}
+
+#[utoipa::path(put, path = "/api/v1/products/{product}/artifact-keys", tag = "products",
+    security(("bearer" = [])), params(("product" = i64, Path)), request_body = ArtifactKeysBody,
+    responses((status = 200, body = ProductBody), Refusals))]
+pub async fn set_artifact_keys(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(product): ApiPath<Id>,
+    ApiJson(body): ApiJson<ArtifactKeysBody>,
+) -> ApiResult<Json<ProductBody>> {
+    let product = state
+        .set_artifact_keys(&op.actor(), product, body.keys)
+        .await?;
+    Ok(Json(ProductBody::new(product, None)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/products/{product}", tag = "products",

@@ -64,6 +64,8 @@ pub struct Described {
     pub format: &'static str,
     pub version: Option<String>,
     pub metadata: serde_json::Value,
+    /// A Mender artifact's manifest and `manifest.sig` contents (when it is signed).
+    pub signed_manifest: Option<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// Inspects firmware bytes. A file that claims a known format but is corrupted is a 422.
@@ -137,10 +139,15 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
         Inspected::Gzip => gzip_metadata(bytes)?,
         _ => serde_json::json!({}),
     };
+    let signed_manifest = match &inspected {
+        Inspected::Mender(info) => Some((info.manifest.clone(), info.signature.clone())),
+        _ => None,
+    };
     Ok(Described {
         format,
         version,
         metadata,
+        signed_manifest,
     })
 }
 

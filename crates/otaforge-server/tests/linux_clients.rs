@@ -470,7 +470,96 @@ async fn mender_artifacts_are_checked_on_upload() {
             .contains("does not have the sha256"),
         "{e}"
     );
+    artifact_keys_are_enforced(&server, pid, &dir).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With artifact keys, only artifacts whose manifest.sig verifies with one are taken.
+async fn artifact_keys_are_enforced(server: &Server, pid: i64, dir: &Path) {
+    let key = |name: &str| {
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .args(["-out", &format!("{name}.pem")]));
+        // mender-artifact 3.9 reads only the traditional RSA key form.
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .args(["rsa", "-in", &format!("{name}.pem"), "-traditional"])
+            .args(["-out", &format!("{name}.rsa")]));
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .args(["pkey", "-in", &format!("{name}.pem"), "-pubout"])
+            .args(["-out", &format!("{name}.pub")]));
+        std::fs::read_to_string(dir.join(format!("{name}.pub"))).unwrap()
+    };
+    let ours = key("ours");
+    key("theirs");
+    let signed = |with: &str, name: &str| {
+        run(Command::new("mender-artifact")
+            .current_dir(dir)
+            .args([
+                "write",
+                "module-image",
+                "-T",
+                "single-file",
+                "-t",
+                "otaforge-ci",
+            ])
+            .args([
+                "-n",
+                name,
+                "-o",
+                &format!("{name}.mender"),
+                "-f",
+                "dest_dir",
+            ])
+            .args([
+                "-f",
+                "filename",
+                "-f",
+                "app.bin",
+                "-k",
+                &format!("{with}.rsa"),
+            ]));
+        std::fs::read(dir.join(format!("{name}.mender"))).unwrap()
+    };
+    let keys_path = format!("/api/v1/products/{pid}/artifact-keys");
+    let (status, e) = server
+        .call(
+            Method::PUT,
+            &keys_path,
+            Some(json!({"keys": ["not a key"]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{e}");
+    let (status, p) = server
+        .call(Method::PUT, &keys_path, Some(json!({"keys": [ours]})))
+        .await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["artifact_keys"].as_array().unwrap().len(), 1);
+    let upload = format!("/api/v1/products/{pid}/firmware");
+    let (status, fw) = server.upload(&upload, signed("ours", "app-3.0.0")).await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(fw["metadata"]["signature"], "verified");
+    let (status, e) = server.upload(&upload, signed("theirs", "app-3.0.1")).await;
+    assert_eq!(status, 422, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("does not verify"),
+        "{e}"
+    );
+    let unsigned = std::fs::read(dir.join("a.mender")).unwrap();
+    let (status, e) = server.upload(&upload, unsigned).await;
+    assert_eq!(status, 422, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("no manifest.sig"),
+        "{e}"
+    );
 }
 
 /// mender-client as a daemon against the server, with its fixed paths (`/etc/mender`, the

@@ -8,7 +8,7 @@ use crate::error::{Result, StoreError};
 use crate::model::*;
 use crate::store::Store;
 
-const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_at";
+const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_at, artifact_keys";
 const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
@@ -58,6 +58,8 @@ macro_rules! sql_store {
                     api_key_digest: row.try_get("api_key_digest")?,
                     default_group_id: row.try_get("default_group_id")?,
                     created_at: row.try_get("created_at")?,
+                    artifact_keys: serde_json::from_str(&row.try_get::<String, _>("artifact_keys")?)
+                        .unwrap_or_default(),
                 })
             }
 
@@ -997,6 +999,19 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn set_product_artifact_keys(&self, id: Id, keys: &[String]) -> Result<Product> {
+                sqlx::query(&format!(
+                    "UPDATE products SET artifact_keys = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
+                ))
+                .bind(to_json(&keys))
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await?
+                .map(|row| Self::product(&row))
+                .transpose()?
+                .ok_or(StoreError::NotFound("product"))
+            }
+
             async fn set_device_open_firmware(
                 &self,
                 device_id: Id,
@@ -1545,6 +1560,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     ("closed offers", include_str!("../migrations/sqlite_7.sql")),
     ("device keys", include_str!("../migrations/sqlite_8.sql")),
     ("open actions", include_str!("../migrations/sqlite_9.sql")),
+    ("artifact keys", include_str!("../migrations/sqlite_10.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -1571,6 +1587,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("device keys", include_str!("../migrations/postgres_8.sql")),
     ("open actions", include_str!("../migrations/postgres_9.sql")),
+    (
+        "artifact keys",
+        include_str!("../migrations/postgres_10.sql"),
+    ),
 ];
 
 /// sqlx's migrator over one backend's embedded migrations (no macros: the SQL is

@@ -8,6 +8,53 @@ use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::upload;
 
+/// A Mender artifact of a product with keys must carry `manifest.sig`, and it must verify with
+/// one of them: RSA PKCS#1 v1.5 or ECDSA P-256 (raw r||s), both over SHA-256 of the manifest.
+fn check_artifact_signature(
+    keys: &[String],
+    manifest: &[u8],
+    signature: Option<&[u8]>,
+) -> ApiResult<()> {
+    use base64::Engine;
+    let refuse = |m: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m.to_string());
+    let signature = signature.ok_or_else(|| {
+        refuse("this product takes only artifacts signed with one of its keys; the artifact has no manifest.sig")
+    })?;
+    let text = std::str::from_utf8(signature).unwrap_or_default();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| refuse("manifest.sig is not base64"))?;
+    if keys.iter().any(|key| verify_with(key, manifest, &raw)) {
+        Ok(())
+    } else {
+        Err(refuse(
+            "manifest.sig does not verify with any of the product's artifact keys",
+        ))
+    }
+}
+
+fn verify_with(key: &str, message: &[u8], signature: &[u8]) -> bool {
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::signature::Verifier;
+    if let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(key) {
+        let key = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(key);
+        return rsa::pkcs1v15::Signature::try_from(signature)
+            .is_ok_and(|sig| key.verify(message, &sig).is_ok());
+    }
+    if let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_pem(key) {
+        return p256::ecdsa::Signature::from_slice(signature)
+            .is_ok_and(|sig| key.verify(message, &sig).is_ok());
+    }
+    false
+}
+
+/// Whether `pem` is a public key artifacts can be checked with (RSA or ECDSA P-256).
+pub fn is_artifact_key(pem: &str) -> bool {
+    use rsa::pkcs8::DecodePublicKey;
+    rsa::RsaPublicKey::from_public_key_pem(pem).is_ok()
+        || p256::ecdsa::VerifyingKey::from_public_key_pem(pem).is_ok()
+}
+
 impl AppState {
     /// Checks firmware bytes, stores the blob and the row: all of it or nothing. The version
     /// is `version`, or else what the image declares.
@@ -32,6 +79,13 @@ impl AppState {
         let mut described = upload::describe(&bytes)?;
         if let Some(device) = personal_to {
             described.metadata["personal_to"] = device.into();
+        }
+        if let Some((manifest, signature)) = &described.signed_manifest {
+            let keys = self.store().get_product(product).await?.artifact_keys;
+            if !keys.is_empty() {
+                check_artifact_signature(&keys, manifest, signature.as_deref())?;
+                described.metadata["signature"] = "verified".into();
+            }
         }
         let version = match (version, described.version) {
             (Some(v), _) => v,

@@ -165,6 +165,48 @@ impl AppState {
         Ok((product, key))
     }
 
+    /// The public keys the product's Linux artifacts must be signed with (none: signatures
+    /// are reported, not required).
+    pub async fn set_artifact_keys(
+        &self,
+        actor: &Actor,
+        product: Id,
+        keys: Vec<String>,
+    ) -> ApiResult<Product> {
+        if keys.len() > 16 {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "at most 16 artifact keys",
+            ));
+        }
+        let keys: Vec<String> = keys.iter().map(|k| k.trim().to_string()).collect();
+        if let Some(i) = keys
+            .iter()
+            .position(|k| k.len() > 16 * 1024 || !crate::core::firmware::is_artifact_key(k))
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "key {} is not an RSA or ECDSA P-256 public key in PEM",
+                    i + 1
+                ),
+            ));
+        }
+        let product = self
+            .store()
+            .set_product_artifact_keys(product, &keys)
+            .await?;
+        self.changed();
+        self.audited(
+            actor,
+            "set artifact keys",
+            &format!("product {}", product.name),
+            &format!("{} key(s)", keys.len()),
+        )
+        .await;
+        Ok(product)
+    }
+
     /// Deletes the product with everything that belongs to it (groups, devices, firmware,
     /// resources, rollouts, builds).
     pub async fn delete_product(&self, actor: &Actor, product: Id) -> ApiResult<()> {
