@@ -1031,3 +1031,120 @@ async fn a_cancelled_rollout_cancels_the_open_hawkbit_action() {
     assert_eq!(status, 404);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A staged rollout whose Linux stage fails halts: a real mender-client's failing update
+/// module reports failure, the stage crosses its failure threshold, and the rollout stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_linux_stage_halts_its_rollout() {
+    let (server, pid, key, dir, _) = mender_setup("mender-halt", "missing.bin").await;
+    let (_, product) = server
+        .call(Method::GET, &format!("/api/v1/products/{pid}"), None)
+        .await;
+    let group = product["default_group_id"].as_i64().unwrap();
+    let (_, firmware) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/firmware"),
+            None,
+        )
+        .await;
+    let fw = firmware[0]["id"].as_i64().unwrap();
+    server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": null})),
+        )
+        .await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "02:00:00:00:00:21", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let stage = json!({"size": "rest", "success_threshold": 1.0, "failure_threshold": 0.5,
+                       "window_secs": 0, "auto_advance": true, "auto_rollback": true});
+    let (status, rollout) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            Some(json!({"firmware_id": fw, "target": {"group_id": group}, "stages": [stage]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_i64().unwrap();
+    let client = MenderClient::start_as(&dir, &server, &key, "app-1.0.0", "02:00:00:00:00:21");
+    let halted = wait_for("the rollout to halt", Duration::from_secs(60), async || {
+        let (_, r) = server
+            .call(
+                Method::GET,
+                &format!("/api/v1/products/{pid}/rollouts/{id}"),
+                None,
+            )
+            .await;
+        (r["state"] == "halted").then_some(r)
+    })
+    .await;
+    assert_eq!(halted["stages"][0]["failed"], 1, "{halted}");
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The signed download link: the whole artifact with Content-Length, a range with 206 and
+/// Content-Range (as the client asks when it resumes), and 403 for a link whose signature
+/// or expiry was changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mender_download_links_are_signed_and_resume() {
+    let (server, pid, _, dir, _) = mender_setup("mender-link", "payload.bin").await;
+    let (_, firmware) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/firmware"),
+            None,
+        )
+        .await;
+    let fw = firmware[0]["id"].as_i64().unwrap();
+    let size = firmware[0]["size"].as_i64().unwrap();
+    let (status, device) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "02:00:00:00:00:31", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{device}");
+    let device_id = device["id"].as_i64().unwrap();
+    let query = server.state.download_query(device_id, fw);
+    let path = format!("/api/devices/v1/download/{device_id}/{fw}?{query}");
+    let get = |path: String, range: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .raw(
+                    format!("GET {path} HTTP/1.1\r\nHost: x\r\n{range}Connection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+        }
+    };
+    let whole = get(path.clone(), "").await;
+    assert_eq!(whole.status, 200);
+    assert_eq!(
+        whole.header("content-length"),
+        Some(size.to_string().as_str())
+    );
+    let rest = get(path.clone(), "Range: bytes=4096-\r\n").await;
+    assert_eq!(rest.status, 206);
+    assert_eq!(
+        rest.header("content-range"),
+        Some(format!("bytes 4096-{}/{size}", size - 1).as_str())
+    );
+    assert_eq!(rest.body, whole.body[4096..]);
+    let forged = path.replace("expires=", "expires=9");
+    assert_eq!(get(forged, "").await.status, 403);
+    let other = format!("/api/devices/v1/download/{}/{fw}?{query}", device_id + 1);
+    assert_eq!(get(other, "").await.status, 403);
+    let _ = std::fs::remove_dir_all(&dir);
+}
