@@ -331,6 +331,25 @@ async fn swupdate_installs_a_signed_swu_over_hawkbit_ddi() {
         body["_links"].get("configData").is_none(),
         "the link is dropped once sent: {body}"
     );
+    let installed = body["_links"]["installedBase"]["href"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        installed.ends_with(&format!("/installedBase/{action}")),
+        "{body}"
+    );
+    let base = server
+        .raw(
+            format!(
+                "GET /ci-fleet/controller/v1/dev01/installedBase/{action} HTTP/1.1\r\nHost: x\r\nAuthorization: GatewayToken {key}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(base.status, 200, "{}", base.text());
+    let base: Value = serde_json::from_slice(&base.body).unwrap();
+    assert_eq!(base["deployment"]["chunks"][0]["version"], "1.2.3");
+    assert_eq!(base["actionHistory"]["status"], "finished");
     let (_, events) = server
         .call(Method::GET, &format!("{device_path}/events"), None)
         .await;

@@ -12,7 +12,8 @@
 //! nothing assigned, up to date, another family's image: 200, the poll with no deployment ·
 //! offer: the poll links `deploymentBase/{firmware id}`, which lists one chunk with one `.swu`
 //! artifact (size, sha1, md5, sha256, `download-http`), served with `Range` · a deployment or
-//! artifact that is no longer the device's offer 404 · feedback and configData 200, empty ·
+//! artifact that is no longer the device's offer 404 · up to date: the poll links
+//! `installedBase/{firmware id}` · feedback and configData 200, empty ·
 //! an open action no longer offered (its rollout cancelled, its stage rolled back): the poll
 //! links `cancelAction/{firmware id}`, whose feedback closes it.
 
@@ -54,6 +55,10 @@ pub fn routes() -> Router<AppState> {
             post(feedback),
         )
         .route(&format!("{BASE}/configData"), put(config_data))
+        .route(
+            &format!("{BASE}/installedBase/{{action}}"),
+            get(installed_base),
+        )
         .route(
             &format!("{BASE}/cancelAction/{{action}}"),
             get(cancel_action),
@@ -247,6 +252,12 @@ async fn poll(
             json!({"href": format!("{base}/deploymentBase/{}", offer.firmware.id)}),
         );
     }
+    if let Answer::UpToDate(firmware) = &answer {
+        links.insert(
+            "installedBase".into(),
+            json!({"href": format!("{base}/installedBase/{}", firmware.id)}),
+        );
+    }
     let device = state
         .inner
         .catalog
@@ -331,11 +342,19 @@ async fn deployment(
         Ok(o) => o,
         Err(r) => return r,
     };
-    let firmware = &offer.firmware;
+    axum::Json(deployment_body(&state, &caller, &offer.firmware)).into_response()
+}
+
+/// One chunk with one `.swu` artifact, as `deploymentBase` and `installedBase` describe it.
+fn deployment_body(
+    state: &AppState,
+    caller: &Caller<'_>,
+    firmware: &Firmware,
+) -> serde_json::Value {
     let name = artifact_name(&caller.product, firmware);
     let href = format!(
         "{}/softwaremodules/{}/artifacts/{name}",
-        controller_url(&state, &caller.product, &controller),
+        controller_url(state, &caller.product, caller.controller),
         firmware.id
     );
     let sha1 = firmware
@@ -343,7 +362,7 @@ async fn deployment(
         .get("sha1")
         .and_then(|s| s.as_str())
         .unwrap_or_default();
-    axum::Json(json!({
+    json!({
         "id": firmware.id.to_string(),
         "deployment": {
             "download": "forced",
@@ -360,8 +379,32 @@ async fn deployment(
                 }],
             }],
         },
-    }))
-    .into_response()
+    })
+}
+
+/// `GET …/installedBase/{action}`: the action the device finished installing, when it still
+/// runs it.
+async fn installed_base(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiPath((tenant_name, controller, action)): ApiPath<(String, String, Id)>,
+    headers: HeaderMap,
+) -> Response {
+    let product = match tenant(&state, &tenant_name).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let caller = caller(product, &controller, &headers);
+    match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
+        Ok(Answer::UpToDate(firmware)) if firmware.id == action => {
+            let mut body = deployment_body(&state, &caller, &firmware);
+            body["actionHistory"] = json!({"status": "finished", "messages": []});
+            axum::Json(body).into_response()
+        }
+        Ok(answer) => refusal_of(&answer)
+            .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "the device does not run this action")),
+        Err(r) => r,
+    }
 }
 
 /// `GET`/`HEAD …/softwaremodules/{action}/artifacts/{file}`: the `.swu`, with `Range`.
