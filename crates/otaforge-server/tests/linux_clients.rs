@@ -806,17 +806,14 @@ async fn mender_client_installs_an_artifact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One staged rollout (one device, then the rest) over two real mender-clients: each stage
-/// advances on its devices' own success reports, and the rollout completes with both
-/// installed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_staged_rollout_reaches_two_mender_clients() {
-    let (server, pid, key, dir, payload) = mender_setup("mender-rollout", "payload.bin").await;
+/// A rollout of the product's artifact over these verified devices of its default group, in
+/// stages of these sizes (a success threshold of 1, a failure threshold of 0.5, no soak, auto
+/// advance and rollback); the group itself carries nothing, so only the rollout offers it.
+async fn rollout_over(server: &Server, pid: i64, serials: &[&str], sizes: &[Value]) -> i64 {
     let (_, product) = server
         .call(Method::GET, &format!("/api/v1/products/{pid}"), None)
         .await;
     let group = product["default_group_id"].as_i64().unwrap();
-    // The rollout carries the artifact; the group carries nothing.
     let (_, firmware) = server
         .call(
             Method::GET,
@@ -832,31 +829,42 @@ async fn a_staged_rollout_reaches_two_mender_clients() {
             Some(json!({"firmware_id": null})),
         )
         .await;
-    let macs = ["02:00:00:00:00:11", "02:00:00:00:00:12"];
-    for mac in macs {
+    for serial in serials {
         let (status, d) = server
             .call(
                 Method::POST,
                 &format!("/api/v1/products/{pid}/devices"),
-                Some(json!({"serial": mac, "status": "verified"})),
+                Some(json!({"serial": serial, "status": "verified"})),
             )
             .await;
         assert_eq!(status, 201, "{d}");
     }
-    let stage = |size: Value| {
-        json!({"size": size, "success_threshold": 1.0, "failure_threshold": 0.5,
-               "window_secs": 0, "auto_advance": true, "auto_rollback": true})
-    };
+    let stages: Vec<Value> = sizes
+        .iter()
+        .map(|size| {
+            json!({"size": size, "success_threshold": 1.0, "failure_threshold": 0.5,
+                   "window_secs": 0, "auto_advance": true, "auto_rollback": true})
+        })
+        .collect();
     let (status, rollout) = server
         .call(
             Method::POST,
             &format!("/api/v1/products/{pid}/rollouts"),
-            Some(json!({"firmware_id": fw, "target": {"group_id": group},
-                        "stages": [stage(json!({"count": 1})), stage(json!("rest"))]})),
+            Some(json!({"firmware_id": fw, "target": {"group_id": group}, "stages": stages})),
         )
         .await;
     assert_eq!(status, 201, "{rollout}");
-    let id = rollout["id"].as_i64().unwrap();
+    rollout["id"].as_i64().unwrap()
+}
+
+/// One staged rollout (one device, then the rest) over two real mender-clients: each stage
+/// advances on its devices' own success reports, and the rollout completes with both
+/// installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_rollout_reaches_two_mender_clients() {
+    let (server, pid, key, dir, payload) = mender_setup("mender-rollout", "payload.bin").await;
+    let macs = ["02:00:00:00:00:11", "02:00:00:00:00:12"];
+    let id = rollout_over(&server, pid, &macs, &[json!({"count": 1}), json!("rest")]).await;
     let clients: Vec<MenderClient> = macs
         .iter()
         .enumerate()
@@ -1056,44 +1064,7 @@ async fn a_cancelled_rollout_cancels_the_open_hawkbit_action() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_linux_stage_halts_its_rollout() {
     let (server, pid, key, dir, _) = mender_setup("mender-halt", "missing.bin").await;
-    let (_, product) = server
-        .call(Method::GET, &format!("/api/v1/products/{pid}"), None)
-        .await;
-    let group = product["default_group_id"].as_i64().unwrap();
-    let (_, firmware) = server
-        .call(
-            Method::GET,
-            &format!("/api/v1/products/{pid}/firmware"),
-            None,
-        )
-        .await;
-    let fw = firmware[0]["id"].as_i64().unwrap();
-    server
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/products/{pid}/groups/{group}"),
-            Some(json!({"firmware_id": null})),
-        )
-        .await;
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/api/v1/products/{pid}/devices"),
-            Some(json!({"serial": "02:00:00:00:00:21", "status": "verified"})),
-        )
-        .await;
-    assert_eq!(status, 201);
-    let stage = json!({"size": "rest", "success_threshold": 1.0, "failure_threshold": 0.5,
-                       "window_secs": 0, "auto_advance": true, "auto_rollback": true});
-    let (status, rollout) = server
-        .call(
-            Method::POST,
-            &format!("/api/v1/products/{pid}/rollouts"),
-            Some(json!({"firmware_id": fw, "target": {"group_id": group}, "stages": [stage]})),
-        )
-        .await;
-    assert_eq!(status, 201, "{rollout}");
-    let id = rollout["id"].as_i64().unwrap();
+    let id = rollout_over(&server, pid, &["02:00:00:00:00:21"], &[json!("rest")]).await;
     let client = MenderClient::start_as(&dir, &server, &key, "app-1.0.0", "02:00:00:00:00:21");
     let halted = wait_for("the rollout to halt", Duration::from_secs(60), async || {
         let (_, r) = server
