@@ -177,6 +177,23 @@ impl SwUpdate {
     }
 }
 
+/// Uploads firmware and assigns it to the group: the uploaded firmware's body.
+async fn upload_to_group(server: &Server, pid: i64, group: i64, bytes: Vec<u8>) -> Value {
+    let (status, fw) = server
+        .upload(&format!("/api/v1/products/{pid}/firmware"), bytes)
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    let (status, g) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{g}");
+    fw
+}
+
 /// A server that tells DDI clients to poll every second.
 async fn ddi_server() -> Server {
     Server::start_with(
@@ -376,17 +393,7 @@ async fn a_failed_swupdate_install_is_reported_and_not_offered_again() {
     let dir = workdir("swupdate-fail");
     let target = dir.join("target/payload.bin");
     let image = swu(&dir, "2.0.0", b"never installed", &target, true);
-    let (status, fw) = server
-        .upload(&format!("/api/v1/products/{pid}/firmware"), image)
-        .await;
-    assert_eq!(status, 201, "{fw}");
-    server
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/products/{pid}/groups/{group}"),
-            Some(json!({"firmware_id": fw["id"]})),
-        )
-        .await;
+    let fw = upload_to_group(&server, pid, group, image).await;
     // Registered ahead by the operator, verified.
     let (status, _) = server
         .call(
@@ -686,17 +693,7 @@ async fn mender_setup(name: &str, filename: &str) -> (Server, i64, String, PathB
         ])
         .args(["-f", "permissions", "-f", "payload.bin"]));
     let artifact = std::fs::read(dir.join("art/a.mender")).unwrap();
-    let (status, fw) = server
-        .upload(&format!("/api/v1/products/{pid}/firmware"), artifact)
-        .await;
-    assert_eq!(status, 201, "{fw}");
-    server
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/products/{pid}/groups/{group}"),
-            Some(json!({"firmware_id": fw["id"]})),
-        )
-        .await;
+    upload_to_group(&server, pid, group, artifact).await;
     (server, pid, key, dir, payload)
 }
 
