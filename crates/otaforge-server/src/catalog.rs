@@ -62,6 +62,8 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
 pub struct Catalog {
     products: TtlMap<String, Option<Product>>,
     products_by_id: TtlMap<Id, Product>,
+    /// By name (hawkBit tenants name products).
+    products_by_name: TtlMap<String, Option<Product>>,
     /// (device, firmware) pairs whose wrong-chip refusal is already on the timeline.
     refusals: std::sync::Mutex<std::collections::HashSet<(Id, Id)>>,
     devices: TtlMap<(Id, String), Device>,
@@ -74,6 +76,7 @@ impl Default for Catalog {
         Catalog {
             products: TtlMap::new(),
             products_by_id: TtlMap::new(),
+            products_by_name: TtlMap::new(),
             refusals: Default::default(),
             devices: TtlMap::new(),
             groups: TtlMap::new(),
@@ -87,6 +90,7 @@ impl Catalog {
     pub fn invalidate(&self) {
         self.products.clear();
         self.products_by_id.clear();
+        self.products_by_name.clear();
         self.devices.clear();
         self.groups.clear();
         self.firmware.clear();
@@ -116,6 +120,20 @@ impl Catalog {
         }
         let found = store.get_product(id).await?;
         self.products_by_id.put(id, found.clone());
+        Ok(found)
+    }
+
+    /// The product of this name, if any.
+    pub async fn product_by_name(&self, store: &dyn Store, name: &str) -> Result<Option<Product>> {
+        if let Some(found) = self.products_by_name.get(&name.to_string()) {
+            return Ok(found);
+        }
+        let found = store
+            .list_products()
+            .await?
+            .into_iter()
+            .find(|p| p.name == name);
+        self.products_by_name.put(name.to_string(), found.clone());
         Ok(found)
     }
 

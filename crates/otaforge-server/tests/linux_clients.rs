@@ -1133,5 +1133,10 @@ async fn mender_download_links_are_signed_and_resume() {
     assert_eq!(get(forged, "").await.status, 403);
     let other = format!("/api/devices/v1/download/{}/{fw}?{query}", device_id + 1);
     assert_eq!(get(other, "").await.status, 403);
+    // A device token the server did not sign is refused.
+    let next = server
+        .raw(b"GET /api/devices/v1/deployments/device/deployments/next?artifact_name=a&device_type=otaforge-ci HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.forged\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(next.status, 401, "{}", next.text());
     let _ = std::fs::remove_dir_all(&dir);
 }

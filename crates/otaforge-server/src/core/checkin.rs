@@ -82,6 +82,8 @@ pub enum Unauthorized {
 
 #[derive(Debug, Clone)]
 pub struct Offer {
+    /// The device it is for.
+    pub device: Id,
     pub firmware: Firmware,
     pub part: Part,
     /// A name for the file (`Content-Disposition`).
@@ -254,6 +256,7 @@ impl AppState {
             self.set_open_action(&mut device, Some(firmware.id)).await?;
         }
         Ok(Answer::Offer(Box::new(Offer {
+            device: device.id,
             filename: format!("{}-{}.bin", product.name, firmware.version),
             firmware,
             part,
@@ -372,14 +375,19 @@ impl AppState {
             }
             Identity::DeviceToken(None) => Ok(Err(Unauthorized::MissingCredentials)),
             Identity::DeviceToken(Some(token)) => {
-                let Some((product_id, device_id)) = self.verify_device_token(token) else {
+                let Some(claims) = self.verify_device_token(token) else {
                     return Ok(Err(Unauthorized::WrongCredentials));
                 };
-                let device = match store.device_by_id(device_id).await {
-                    Ok(device) if device.product_id == product_id => device,
+                // The token names the device's serial too, so the catalog finds it (a device
+                // deleted and registered again under that serial is another device).
+                let device = match catalog
+                    .device(store, claims.product, &claims.serial)
+                    .await?
+                {
+                    Some(device) if device.id == claims.device => device,
                     _ => return Ok(Err(Unauthorized::WrongCredentials)),
                 };
-                let product = catalog.product(store, product_id).await?;
+                let product = catalog.product(store, claims.product).await?;
                 Ok(Ok((product, device, false)))
             }
             Identity::DevicePassword {

@@ -16,10 +16,15 @@ pub const TOKEN_SECONDS: i64 = 7 * 24 * 3600;
 pub const LINK_SECONDS: i64 = 24 * 3600;
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    otaforge_store::model::now_millis() / 1000
+}
+
+/// Who a valid device token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub product: Id,
+    pub device: Id,
+    pub serial: String,
 }
 
 /// Checks `signature` (base64) over `body` with a PEM public key: RSA (PKCS#1 v1.5, SHA-256),
@@ -157,6 +162,7 @@ impl AppState {
         let claims = serde_json::json!({
             "sub": device.id.to_string(),
             "otaforge:product": product.id,
+            "otaforge:serial": device.serial,
             "iat": now,
             "exp": now + TOKEN_SECONDS,
         });
@@ -166,8 +172,8 @@ impl AppState {
         format!("{signed}.{tag}")
     }
 
-    /// The (product, device) a valid, unexpired device token names.
-    pub fn verify_device_token(&self, token: &str) -> Option<(Id, Id)> {
+    /// Who a valid, unexpired device token names.
+    pub fn verify_device_token(&self, token: &str) -> Option<TokenClaims> {
         let (signed, tag) = token.rsplit_once('.')?;
         let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
         if !self.inner.sealer.verify_mac(signed.as_bytes(), &tag) {
@@ -179,10 +185,11 @@ impl AppState {
         if claims["exp"].as_i64()? < now_secs() {
             return None;
         }
-        Some((
-            claims["otaforge:product"].as_i64()?,
-            claims["sub"].as_str()?.parse().ok()?,
-        ))
+        Some(TokenClaims {
+            product: claims["otaforge:product"].as_i64()?,
+            device: claims["sub"].as_str()?.parse().ok()?,
+            serial: claims["otaforge:serial"].as_str()?.to_string(),
+        })
     }
 
     /// `?expires=…&signature=…` for a download of `firmware` by `device`.

@@ -91,15 +91,36 @@ enum Token<'a> {
 
 /// The tenant's product (by name, or by id), or 404.
 async fn tenant(state: &AppState, tenant: &str) -> Result<Product, Response> {
-    let products = state
-        .store()
-        .list_products()
-        .await
-        .map_err(|e| error_text(e.into()))?;
-    products
-        .into_iter()
-        .find(|p| p.name == tenant || tenant.parse::<Id>().ok() == Some(p.id))
+    let catalog = &state.inner.catalog;
+    let found = match catalog.product_by_name(state.store(), tenant).await {
+        Ok(Some(product)) => Ok(Some(product)),
+        Ok(None) => match tenant.parse::<Id>() {
+            Ok(id) => match catalog.product(state.store(), id).await {
+                Ok(product) => Ok(Some(product)),
+                Err(otaforge_store::StoreError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            },
+            Err(_) => Ok(None),
+        },
+        Err(e) => Err(e),
+    };
+    found
+        .map_err(|e| error_text(e.into()))?
         .ok_or_else(|| text(StatusCode::NOT_FOUND, "no product is named by this tenant"))
+}
+
+/// The caller of a request to `{tenant}/controller/v1/{controller}/…`.
+async fn caller_of<'a>(
+    state: &AppState,
+    tenant_name: &str,
+    controller: &'a str,
+    headers: &'a HeaderMap,
+) -> Result<Caller<'a>, Response> {
+    Ok(caller(
+        tenant(state, tenant_name).await?,
+        controller,
+        headers,
+    ))
 }
 
 fn token(headers: &HeaderMap) -> Token<'_> {
@@ -226,11 +247,10 @@ async fn poll(
     ApiPath((tenant_name, controller)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let product = match tenant(&state, &tenant_name).await {
-        Ok(p) => p,
+    let caller = match caller_of(&state, &tenant_name, &controller, &headers).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
-    let caller = caller(product, &controller, &headers);
     let answer = match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
         Ok(a) => a,
         Err(r) => return r,
@@ -333,11 +353,10 @@ async fn deployment(
     ApiPath((tenant_name, controller, action)): ApiPath<(String, String, Id)>,
     headers: HeaderMap,
 ) -> Response {
-    let product = match tenant(&state, &tenant_name).await {
-        Ok(p) => p,
+    let caller = match caller_of(&state, &tenant_name, &controller, &headers).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
-    let caller = caller(product, &controller, &headers);
     let offer = match offered(&state, peer, &caller, action, Want::FirmwareHead).await {
         Ok(o) => o,
         Err(r) => return r,
@@ -390,11 +409,10 @@ async fn installed_base(
     ApiPath((tenant_name, controller, action)): ApiPath<(String, String, Id)>,
     headers: HeaderMap,
 ) -> Response {
-    let product = match tenant(&state, &tenant_name).await {
-        Ok(p) => p,
+    let caller = match caller_of(&state, &tenant_name, &controller, &headers).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
-    let caller = caller(product, &controller, &headers);
     match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
         Ok(Answer::UpToDate(firmware)) if firmware.id == action => {
             let mut body = deployment_body(&state, &caller, &firmware);
@@ -415,8 +433,8 @@ async fn artifact(
     ApiPath((tenant_name, controller, action, _file)): ApiPath<(String, String, Id, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let product = match tenant(&state, &tenant_name).await {
-        Ok(p) => p,
+    let caller = match caller_of(&state, &tenant_name, &controller, &headers).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
     let want = if method == Method::HEAD {
@@ -427,7 +445,6 @@ async fn artifact(
             Err(e) => return error_text(e),
         }
     };
-    let caller = caller(product, &controller, &headers);
     match offered(&state, peer, &caller, action, want).await {
         Ok(offer) => super::offer(offer),
         Err(r) => r,
@@ -594,11 +611,10 @@ async fn cancel_action(
     ApiPath((tenant_name, controller, action)): ApiPath<(String, String, Id)>,
     headers: HeaderMap,
 ) -> Response {
-    let product = match tenant(&state, &tenant_name).await {
-        Ok(p) => p,
+    let caller = match caller_of(&state, &tenant_name, &controller, &headers).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
-    let caller = caller(product, &controller, &headers);
     let answer = match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
         Ok(a) => a,
         Err(r) => return r,

@@ -184,8 +184,8 @@ fn refusal(answer: &Answer) -> Option<Response> {
     }
 }
 
-fn deployment(state: &AppState, offer: &Offer, device: Id) -> Response {
-    let firmware = &offer.firmware;
+fn deployment(state: &AppState, offer: &Offer) -> Response {
+    let (firmware, device) = (&offer.firmware, offer.device);
     let uri = format!(
         "{}/api/devices/v1/download/{device}/{}?{}",
         state.config().public_url(),
@@ -197,42 +197,15 @@ fn deployment(state: &AppState, offer: &Offer, device: Id) -> Response {
         .get("device_types")
         .cloned()
         .unwrap_or_else(|| json!([]));
-    let expire = std::time::SystemTime::now()
-        + std::time::Duration::from_secs(crate::core::device_auth::LINK_SECONDS as u64);
     axum::Json(json!({
         "id": firmware.id.to_string(),
         "artifact": {
             "artifact_name": firmware.version,
             "device_types_compatible": types,
-            "source": {"uri": uri, "expire": httpdate_rfc3339(expire)},
+            "source": {"uri": uri},
         },
     }))
     .into_response()
-}
-
-/// RFC 3339 in UTC, as Go's `time.Time` reads it.
-fn httpdate_rfc3339(at: std::time::SystemTime) -> String {
-    let secs = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 async fn next(
@@ -242,10 +215,6 @@ async fn next(
     artifact_name: Option<&str>,
     device_type: Option<&str>,
 ) -> Response {
-    let Some((_, device)) = bearer(headers).and_then(|t| state.verify_device_token(t)) else {
-        return refusal(&Answer::Unauthorized(Unauthorized::WrongCredentials))
-            .unwrap_or_else(|| StatusCode::UNAUTHORIZED.into_response());
-    };
     let answer = match check_in(
         state,
         peer,
@@ -265,7 +234,7 @@ async fn next(
         return r;
     }
     match answer {
-        Answer::Offer(offer) => deployment(state, &offer, device),
+        Answer::Offer(offer) => deployment(state, &offer),
         _ => StatusCode::NO_CONTENT.into_response(),
     }
 }
@@ -338,7 +307,10 @@ async fn status(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let Some((product, _)) = bearer(&headers).and_then(|t| state.verify_device_token(t)) else {
+    let Some(product) = bearer(&headers)
+        .and_then(|t| state.verify_device_token(t))
+        .map(|c| c.product)
+    else {
         return refusal(&Answer::Unauthorized(Unauthorized::WrongCredentials))
             .unwrap_or_else(|| StatusCode::UNAUTHORIZED.into_response());
     };
@@ -508,23 +480,11 @@ async fn download(
     };
     match state.firmware_part(product, firmware, range).await {
         Ok((firmware, part)) => super::offer(Offer {
+            device,
             filename: format!("{}.mender", firmware.version),
             firmware,
             part,
         }),
         Err(e) => error_text(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339() {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000);
-        assert_eq!(super::httpdate_rfc3339(at), "2026-11-30T00:53:20Z");
-        assert_eq!(
-            super::httpdate_rfc3339(std::time::UNIX_EPOCH),
-            "1970-01-01T00:00:00Z"
-        );
     }
 }

@@ -72,6 +72,7 @@ pub fn offer(offer: Offer) -> Response {
         firmware,
         part,
         filename,
+        ..
     } = offer;
     delivery::render(
         part,
