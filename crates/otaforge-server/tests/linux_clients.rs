@@ -379,6 +379,17 @@ async fn swupdate_installs_a_signed_swu_over_hawkbit_ddi() {
         .raw(b"GET /ci-fleet/controller/v1/dev01 HTTP/1.1\r\nHost: x\r\nAuthorization: GatewayToken nope\r\nConnection: close\r\n\r\n")
         .await;
     assert_eq!(poll.status, 401);
+    // So is another product's key for this tenant.
+    let (_, other_key, _) = server.product("ci-other").await;
+    let poll = server
+        .raw(
+            format!(
+                "GET /ci-fleet/controller/v1/dev01 HTTP/1.1\r\nHost: x\r\nAuthorization: GatewayToken {other_key}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(poll.status, 401, "{}", poll.text());
     drop(client);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,7 +19,13 @@ use crate::error::ApiResult;
 pub enum Identity<'a> {
     /// The product's API key and the device's serial (OTAdrive). A serial the product has
     /// not seen is registered as New.
-    ProductKey { key: &'a str, serial: &'a str },
+    /// `product`: the key must be this product's (the dialect named the product too, as a
+    /// hawkBit tenant does).
+    ProductKey {
+        key: &'a str,
+        serial: &'a str,
+        product: Option<Id>,
+    },
     /// The product, the serial and the device's own password (the static link's Basic auth);
     /// `None` when the request carried no credentials.
     DevicePassword {
@@ -359,12 +365,19 @@ impl AppState {
         let catalog = &self.inner.catalog;
         let store = self.store();
         match req.identity {
-            Identity::ProductKey { key, serial } => {
+            Identity::ProductKey {
+                key,
+                serial,
+                product: named,
+            } => {
                 if key.is_empty() {
                     return Ok(Err(Unauthorized::MissingCredentials));
                 }
                 let serial = crate::core::fleet::check_serial(serial)?;
-                let Some(product) = catalog.product_by_key_digest(store, &digest(key)).await?
+                let Some(product) = catalog
+                    .product_by_key_digest(store, &digest(key))
+                    .await?
+                    .filter(|p| named.is_none_or(|id| id == p.id))
                 else {
                     return Ok(Err(Unauthorized::UnknownKey));
                 };

@@ -54,7 +54,11 @@ fn check_in<'a>(
     };
     let version = param("v");
     Ok(CheckIn {
-        identity: Identity::ProductKey { key, serial },
+        identity: Identity::ProductKey {
+            key,
+            serial,
+            product: None,
+        },
         peer: peer.ip(),
         remembered_running: false,
         closes: None,
