@@ -254,7 +254,8 @@ pub async fn rotate_key(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArtifactKeysBody {
-    /// RSA or ECDSA P-256 public keys in PEM; empty: signatures are reported, not required.
+    /// RSA, ECDSA P-256 or Ed25519 public keys in PEM; empty: signatures are reported, not
+    /// required.
     #[schema(max_items = 16)]
     keys: Vec<String>,
 }

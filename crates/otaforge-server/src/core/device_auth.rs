@@ -30,36 +30,62 @@ pub struct TokenClaims {
 /// Checks `signature` (base64) over `body` with a PEM public key: RSA (PKCS#1 v1.5, SHA-256),
 /// ECDSA P-256 (DER signature, SHA-256) or Ed25519.
 pub fn verify_signature(public_key_pem: &str, body: &[u8], signature: &str) -> Result<(), String> {
-    use rsa::pkcs8::DecodePublicKey;
     let signature = STANDARD
         .decode(signature.trim())
         .map_err(|_| "X-MEN-Signature is not base64".to_string())?;
+    verify_bytes(public_key_pem, body, &signature, Ecdsa::Der)
+}
+
+/// How an ECDSA P-256 signature is written: DER (Mender's authentication requests) or raw
+/// r||s, 64 bytes (`manifest.sig` of Mender artifacts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ecdsa {
+    Der,
+    Raw,
+}
+
+/// Checks `signature` over `message` with a PEM public key: RSA (PKCS#1 v1.5, SHA-256),
+/// ECDSA P-256 (SHA-256, written as `ecdsa` says) or Ed25519.
+pub fn verify_bytes(
+    public_key_pem: &str,
+    message: &[u8],
+    signature: &[u8],
+    ecdsa: Ecdsa,
+) -> Result<(), String> {
+    use rsa::pkcs8::DecodePublicKey;
+    let mismatch = |_| "the signature does not match the body and key".to_string();
     if let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(public_key_pem) {
         use rsa::signature::Verifier;
         let key = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(key);
-        let sig = rsa::pkcs1v15::Signature::try_from(signature.as_slice())
+        let sig = rsa::pkcs1v15::Signature::try_from(signature)
             .map_err(|_| "the RSA signature is malformed".to_string())?;
-        return key
-            .verify(body, &sig)
-            .map_err(|_| "the signature does not match the body and key".into());
+        return key.verify(message, &sig).map_err(mismatch);
     }
     if let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_pem(public_key_pem) {
         use p256::ecdsa::signature::Verifier;
-        let sig = p256::ecdsa::DerSignature::try_from(signature.as_slice())
-            .map_err(|_| "the ECDSA signature is not DER".to_string())?;
-        return key
-            .verify(body, &sig)
-            .map_err(|_| "the signature does not match the body and key".into());
+        let sig = match ecdsa {
+            Ecdsa::Der => p256::ecdsa::DerSignature::try_from(signature)
+                .and_then(|der| p256::ecdsa::Signature::from_der(der.as_bytes())),
+            Ecdsa::Raw => p256::ecdsa::Signature::from_slice(signature),
+        }
+        .map_err(|_| "the ECDSA signature is malformed".to_string())?;
+        return key.verify(message, &sig).map_err(mismatch);
     }
     if let Ok(key) = ed25519_dalek::VerifyingKey::from_public_key_pem(public_key_pem) {
         use ed25519_dalek::Verifier;
-        let sig = ed25519_dalek::Signature::from_slice(&signature)
+        let sig = ed25519_dalek::Signature::from_slice(signature)
             .map_err(|_| "the Ed25519 signature is malformed".to_string())?;
-        return key
-            .verify(body, &sig)
-            .map_err(|_| "the signature does not match the body and key".into());
+        return key.verify(message, &sig).map_err(mismatch);
     }
     Err("the public key is not an RSA, ECDSA P-256 or Ed25519 key in PEM".into())
+}
+
+/// Whether `pem` is a public key signatures can be checked with.
+pub fn is_public_key(pem: &str) -> bool {
+    use rsa::pkcs8::DecodePublicKey;
+    rsa::RsaPublicKey::from_public_key_pem(pem).is_ok()
+        || p256::ecdsa::VerifyingKey::from_public_key_pem(pem).is_ok()
+        || ed25519_dalek::VerifyingKey::from_public_key_pem(pem).is_ok()
 }
 
 /// The serial a Mender identity names: its `mac`, `serial` or `id` attribute, else the only one.

@@ -9,7 +9,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::upload;
 
 /// A Mender artifact of a product with keys must carry `manifest.sig`, and it must verify with
-/// one of them: RSA PKCS#1 v1.5 or ECDSA P-256 (raw r||s), both over SHA-256 of the manifest.
+/// one of them: RSA PKCS#1 v1.5, ECDSA P-256 (raw r||s) or Ed25519, over the manifest.
 fn check_artifact_signature(
     keys: &[String],
     manifest: &[u8],
@@ -24,35 +24,17 @@ fn check_artifact_signature(
     let raw = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
         .map_err(|_| refuse("manifest.sig is not base64"))?;
-    if keys.iter().any(|key| verify_with(key, manifest, &raw)) {
+    use crate::core::device_auth::{Ecdsa, verify_bytes};
+    if keys
+        .iter()
+        .any(|key| verify_bytes(key, manifest, &raw, Ecdsa::Raw).is_ok())
+    {
         Ok(())
     } else {
         Err(refuse(
             "manifest.sig does not verify with any of the product's artifact keys",
         ))
     }
-}
-
-fn verify_with(key: &str, message: &[u8], signature: &[u8]) -> bool {
-    use rsa::pkcs8::DecodePublicKey;
-    use rsa::signature::Verifier;
-    if let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(key) {
-        let key = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(key);
-        return rsa::pkcs1v15::Signature::try_from(signature)
-            .is_ok_and(|sig| key.verify(message, &sig).is_ok());
-    }
-    if let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_pem(key) {
-        return p256::ecdsa::Signature::from_slice(signature)
-            .is_ok_and(|sig| key.verify(message, &sig).is_ok());
-    }
-    false
-}
-
-/// Whether `pem` is a public key artifacts can be checked with (RSA or ECDSA P-256).
-pub fn is_artifact_key(pem: &str) -> bool {
-    use rsa::pkcs8::DecodePublicKey;
-    rsa::RsaPublicKey::from_public_key_pem(pem).is_ok()
-        || p256::ecdsa::VerifyingKey::from_public_key_pem(pem).is_ok()
 }
 
 impl AppState {

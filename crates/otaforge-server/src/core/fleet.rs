@@ -182,12 +182,12 @@ impl AppState {
         let keys: Vec<String> = keys.iter().map(|k| k.trim().to_string()).collect();
         if let Some(i) = keys
             .iter()
-            .position(|k| k.len() > 16 * 1024 || !crate::core::firmware::is_artifact_key(k))
+            .position(|k| k.len() > 16 * 1024 || !crate::core::device_auth::is_public_key(k))
         {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!(
-                    "key {} is not an RSA or ECDSA P-256 public key in PEM",
+                    "key {} is not an RSA, ECDSA P-256 or Ed25519 public key in PEM",
                     i + 1
                 ),
             ));
