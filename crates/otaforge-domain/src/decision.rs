@@ -2,7 +2,7 @@
 //! it asks for, and the firmware picked for it, what the answer is. Every device dialect
 //! reaches it through `core::checkin`; none decides on its own.
 
-use crate::model::{DeviceStatus, Firmware};
+use crate::model::{DeviceStatus, Firmware, Id};
 
 /// What the device told us it runs.
 #[derive(Debug, Clone, Default)]
@@ -74,6 +74,93 @@ impl Family {
             .and_then(|c| c.as_str())
             .and_then(Family::of_chip)
     }
+}
+
+/// A release: one image per family (a group's or a rollout's firmware, the first one
+/// standing for the rest). The image for a device of the family it announces; the first one
+/// when it announces none or the release has none of its family (the decision then says
+/// which chip was wrong).
+pub fn for_family(release: &[Firmware], chip: Option<Family>) -> Option<&Firmware> {
+    chip.and_then(|chip| {
+        release
+            .iter()
+            .find(|f| Family::of_firmware(f) == Some(chip))
+    })
+    .or_else(|| release.first())
+}
+
+/// Whether firmware can form one release: when it holds more than one image, each is for a
+/// known family and no family has two.
+pub fn check_release(release: &[Firmware]) -> Result<(), String> {
+    if release.len() < 2 {
+        return Ok(());
+    }
+    let mut seen: Vec<(Family, &str)> = Vec::new();
+    for firmware in release {
+        let Some(family) = Family::of_firmware(firmware) else {
+            return Err(format!(
+                "firmware {} (id {}) has no known chip family; a release of several images \
+                 needs each image's family",
+                firmware.version, firmware.id
+            ));
+        };
+        if let Some((_, other)) = seen.iter().find(|(f, _)| *f == family) {
+            return Err(format!(
+                "firmware {other} and {} are both for {}; a release holds one image per family",
+                firmware.version,
+                family.as_str()
+            ));
+        }
+        seen.push((family, &firmware.version));
+    }
+    Ok(())
+}
+
+/// Release `new` put in the place of `old` (a finished rollout handing over to its group):
+/// `new`'s images, then those of `old` whose family `new` has no image for.
+pub fn merge_release(new: &[Firmware], old: &[Firmware]) -> Vec<Id> {
+    let families: Vec<Option<Family>> = new.iter().map(Family::of_firmware).collect();
+    let mut ids: Vec<Id> = new.iter().map(|f| f.id).collect();
+    for firmware in old {
+        let family = Family::of_firmware(firmware);
+        if family.is_some() && !families.contains(&family) && !ids.contains(&firmware.id) {
+            ids.push(firmware.id);
+        }
+    }
+    ids
+}
+
+/// Why an image is not for this device: its metadata names the device types (a Mender
+/// artifact's `device_types`) or hardware revisions (a `.swu`'s `hardware`) it is for, and the
+/// device's (the type it declares, the `hw_revision` it reported) is not among them. A device
+/// that has not said is not refused here; its client checks again before installing.
+pub fn not_for_device(
+    firmware: &Firmware,
+    device_type: Option<&str>,
+    hw_revision: Option<&str>,
+) -> Option<String> {
+    let named = |key: &str| {
+        firmware
+            .metadata
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map(|list| list.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>())
+    };
+    for (key, what, theirs) in [
+        ("device_types", "device types", device_type),
+        ("hardware", "hardware revisions", hw_revision),
+    ] {
+        if let (Some(list), Some(theirs)) = (named(key), theirs)
+            && !list.contains(&theirs)
+        {
+            return Some(format!(
+                "firmware {} is for {what} {}; the device is {theirs}",
+                firmware.version,
+                list.join(", ")
+            ));
+        }
+    }
+    None
 }
 
 /// The decision carries the firmware it is about, so no caller needs to look it up again.
@@ -183,6 +270,76 @@ mod tests {
             metadata: serde_json::Value::Null,
             created_at: 0,
         }
+    }
+
+    fn of_chip(id: Id, version: &str, chip: &str) -> Firmware {
+        Firmware {
+            id,
+            version: version.into(),
+            metadata: serde_json::json!({ "chip": chip }),
+            ..firmware()
+        }
+    }
+
+    #[test]
+    fn a_release_gives_each_family_its_image() {
+        let esp = of_chip(1, "2.0", "esp32c3");
+        let linux = of_chip(2, "2.0-linux", "mender");
+        let release = [esp.clone(), linux.clone()];
+        assert_eq!(for_family(&release, Some(Family::Mender)), Some(&linux));
+        assert_eq!(for_family(&release, Some(Family::Esp32)), Some(&esp));
+        // No image of its family, or no family announced: the first, and the decision
+        // names the wrong chip.
+        assert_eq!(for_family(&release, Some(Family::SwUpdate)), Some(&esp));
+        assert_eq!(for_family(&release, None), Some(&esp));
+        assert_eq!(for_family(&[], Some(Family::Esp32)), None);
+        assert_eq!(check_release(&release), Ok(()));
+        assert_eq!(check_release(&[firmware()]), Ok(()));
+        let twice = check_release(&[esp.clone(), of_chip(3, "2.1", "esp32s3")]).unwrap_err();
+        assert!(twice.contains("2.0 and 2.1 are both for esp32"), "{twice}");
+        let unknown = check_release(&[esp.clone(), firmware()]).unwrap_err();
+        assert!(unknown.contains("no known chip family"), "{unknown}");
+    }
+
+    #[test]
+    fn images_go_to_the_device_types_and_hardware_they_name() {
+        let mender = Firmware {
+            metadata: serde_json::json!({"chip": "mender", "device_types": ["rpi4", "bbb"]}),
+            ..firmware()
+        };
+        assert_eq!(not_for_device(&mender, Some("rpi4"), None), None);
+        let refused = not_for_device(&mender, Some("x86"), None).unwrap();
+        assert!(
+            refused.contains("device types rpi4, bbb; the device is x86"),
+            "{refused}"
+        );
+        assert_eq!(not_for_device(&mender, None, None), None, "not said");
+        let swu = Firmware {
+            metadata: serde_json::json!({"chip": "swupdate", "hardware": ["1.0", "1.2"]}),
+            ..firmware()
+        };
+        assert_eq!(not_for_device(&swu, None, Some("1.2")), None);
+        let refused = not_for_device(&swu, None, Some("2.0")).unwrap();
+        assert!(refused.contains("hardware revisions 1.0, 1.2"), "{refused}");
+        assert_eq!(not_for_device(&firmware(), Some("x"), Some("y")), None);
+    }
+
+    #[test]
+    fn a_new_release_keeps_the_old_images_of_families_it_lacks() {
+        let esp_old = of_chip(1, "1.0", "esp32");
+        let linux_old = of_chip(2, "1.0-linux", "swupdate");
+        let esp_new = of_chip(3, "2.0", "esp32");
+        assert_eq!(
+            merge_release(
+                std::slice::from_ref(&esp_new),
+                &[esp_old.clone(), linux_old.clone()]
+            ),
+            vec![3, 2]
+        );
+        assert_eq!(
+            merge_release(&[esp_new, linux_old.clone()], &[esp_old, linux_old]),
+            vec![3, 2]
+        );
     }
 
     fn old() -> Running<'static> {

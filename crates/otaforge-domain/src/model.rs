@@ -36,6 +36,9 @@ pub struct Group {
     pub name: String,
     pub is_default: bool,
     pub firmware_id: Option<Id>,
+    /// The firmware for devices of other families than `firmware_id`'s (at most one image
+    /// per family): a group of ESP32 boards and Linux devices runs one release.
+    pub other_firmware_ids: Vec<Id>,
     #[schema(value_type = Object)]
     pub config: serde_json::Value,
     pub created_at: Millis,
@@ -183,6 +186,8 @@ pub struct GroupPatch {
     pub name: Option<String>,
     /// `Some(None)` unassigns the firmware.
     pub firmware_id: Option<Option<Id>>,
+    /// The firmware for the other families (replaces the list).
+    pub other_firmware_ids: Option<Vec<Id>>,
     pub config: Option<serde_json::Value>,
 }
 
@@ -450,6 +455,8 @@ pub struct Rollout {
     pub id: Id,
     pub product_id: Id,
     pub firmware_id: Id,
+    /// The firmware for devices of other families (one image per family).
+    pub other_firmware_ids: Vec<Id>,
     pub target: RolloutTarget,
     pub stages: Vec<StageSpec>,
     pub rate_per_minute: Option<i64>,
@@ -468,6 +475,7 @@ pub struct Rollout {
 pub struct NewRollout {
     pub product_id: Id,
     pub firmware_id: Id,
+    pub other_firmware_ids: Vec<Id>,
     pub target: RolloutTarget,
     pub stages: Vec<StageSpec>,
     pub rate_per_minute: Option<i64>,

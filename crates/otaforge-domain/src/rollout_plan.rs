@@ -294,20 +294,23 @@ impl Transition {
 /// any offered state, also after a rollback); a device that says it rolled back, or comes
 /// back on the old firmware after the whole new image was served (its stage not returned to
 /// the previous firmware on purpose), rolled back; one that says it failed, failed.
+/// `runs_target`: `None` when the device did not say what it runs (a hawkBit poll or
+/// progress feedback between download and its closing report): that is no sign of a
+/// rollback.
 pub fn member_transition(
     state: MemberState,
-    runs_target: bool,
+    runs_target: Option<bool>,
     result: Option<&UpdateResult>,
     stage_rolled_back: bool,
 ) -> Option<Transition> {
     use MemberState::*;
-    let t = if runs_target {
+    let t = if runs_target == Some(true) {
         Transition {
             from: &[Offered, Downloaded, RolledBack, Failed],
             to: Succeeded,
         }
     } else if matches!(result, Some(UpdateResult::RolledBack { .. }))
-        || (state == Downloaded && !stage_rolled_back)
+        || (state == Downloaded && runs_target == Some(false) && !stage_rolled_back)
     {
         Transition {
             from: &[Offered, Downloaded],
@@ -337,8 +340,18 @@ mod transition_tests {
         let back = UpdateResult::RolledBack {
             version: "1.0".into(),
         };
-        let to =
-            |s, runs, r: Option<&UpdateResult>, rb| member_transition(s, runs, r, rb).map(|t| t.to);
+        let to = |s, runs, r: Option<&UpdateResult>, rb| {
+            member_transition(s, Some(runs), r, rb).map(|t| t.to)
+        };
+        assert_eq!(
+            member_transition(Downloaded, None, None, false).map(|t| t.to),
+            None,
+            "a device that does not say what it runs has not come back on the old firmware"
+        );
+        assert_eq!(
+            member_transition(Downloaded, None, Some(&failed), false).map(|t| t.to),
+            Some(Failed)
+        );
         assert_eq!(to(Offered, true, None, false), Some(Succeeded));
         assert_eq!(to(RolledBack, true, None, false), Some(Succeeded));
         assert_eq!(to(Succeeded, true, None, false), None, "counted once");
@@ -354,7 +367,7 @@ mod transition_tests {
         assert_eq!(to(Offered, false, None, false), None, "still downloading");
         assert_eq!(to(Failed, false, Some(&failed), false), None);
         assert_eq!(
-            member_transition(Offered, true, None, false)
+            member_transition(Offered, Some(true), None, false)
                 .unwrap()
                 .event(),
             "installed"

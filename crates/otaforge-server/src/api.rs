@@ -359,6 +359,11 @@ pub struct GroupPatchBody {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     firmware_id: Option<Option<Id>>,
+    /// The firmware for the group's devices of other chip families than `firmware_id`'s,
+    /// one image per family (replaces the list): one release for ESP32, ESP8266 and Linux
+    /// devices in one group.
+    #[schema(max_items = 8)]
+    other_firmware_ids: Option<Vec<Id>>,
     /// A JSON object, served to the group's devices by `/deviceapi/getconfig`.
     #[schema(value_type = Option<Object>)]
     config: Option<serde_json::Value>,
@@ -376,6 +381,7 @@ pub async fn patch_group(
     let change = GroupChange {
         name: body.name,
         firmware_id: body.firmware_id,
+        other_firmware_ids: body.other_firmware_ids,
         config: body.config,
     };
     let group = state

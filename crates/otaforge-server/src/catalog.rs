@@ -197,14 +197,16 @@ impl Catalog {
         Ok(firmware)
     }
 
-    /// The firmware assigned to the device now: its own (a workspace build), else its group's.
-    /// A personal build (it embeds the device's secrets) counts only when the device proved
-    /// itself with its own password (`by_password`); otherwise the group's firmware is used.
+    /// The firmware assigned to the device now: its own (a workspace build), else its group's
+    /// image for the family it announces (`chip`). A personal build (it embeds the device's
+    /// secrets) counts only when the device proved itself with its own password
+    /// (`by_password`); otherwise the group's firmware is used.
     pub async fn assigned_firmware(
         &self,
         store: &dyn Store,
         device: &Device,
         by_password: bool,
+        chip: Option<crate::decision::Family>,
     ) -> Result<Option<Firmware>> {
         if let Some(id) = device.firmware_id {
             match self.firmware(store, device.product_id, id).await {
@@ -223,13 +225,14 @@ impl Catalog {
             Err(StoreError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        match group.firmware_id {
-            Some(id) => match self.firmware(store, device.product_id, id).await {
-                Ok(firmware) => Ok(Some(firmware)),
-                Err(StoreError::NotFound(_)) => Ok(None),
-                Err(e) => Err(e),
-            },
-            None => Ok(None),
+        let mut release = Vec::with_capacity(1 + group.other_firmware_ids.len());
+        for id in group.firmware_id.iter().chain(&group.other_firmware_ids) {
+            match self.firmware(store, device.product_id, *id).await {
+                Ok(firmware) => release.push(firmware),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
+        Ok(crate::decision::for_family(&release, chip).cloned())
     }
 }

@@ -21,7 +21,7 @@ use otaforge_protocol::UpdateResult;
 
 use crate::AppState;
 use crate::auth::Operator;
-use crate::decision::{Running, runs};
+use crate::decision::{Family, Running, for_family, runs};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath};
 use crate::rollout_plan::{self, Verdict};
@@ -36,7 +36,8 @@ struct Member {
 #[derive(Default)]
 struct Book {
     rollouts: HashMap<Id, Rollout>,
-    firmware: HashMap<Id, Firmware>,
+    /// Each rollout's release: its firmware, then the other families'.
+    firmware: HashMap<Id, Vec<Firmware>>,
     members: HashMap<Id, Member>,
     offers: HashMap<Id, VecDeque<Instant>>,
 }
@@ -55,7 +56,10 @@ impl RolloutBook {
             if r.state == RolloutState::Cancelled {
                 continue;
             }
-            let fw = store.get_firmware(r.product_id, r.firmware_id).await?;
+            let mut release = vec![store.get_firmware(r.product_id, r.firmware_id).await?];
+            for id in &r.other_firmware_ids {
+                release.push(store.get_firmware(r.product_id, *id).await?);
+            }
             for m in store.rollout_members(r.id).await? {
                 fresh.members.insert(
                     m.device_id,
@@ -66,7 +70,7 @@ impl RolloutBook {
                     },
                 );
             }
-            fresh.firmware.insert(r.id, fw);
+            fresh.firmware.insert(r.id, release);
             fresh.rollouts.insert(r.id, r);
         }
         *self.book.write().unwrap_or_else(|e| e.into_inner()) = fresh;
@@ -135,7 +139,9 @@ enum Steer {
 }
 
 impl AppState {
-    fn steer(&self, device: &Device) -> Option<(Member, Rollout, Firmware)> {
+    /// The device's live rollout membership, and the rollout's image for the family the
+    /// device announces.
+    fn steer(&self, device: &Device, chip: Option<Family>) -> Option<(Member, Rollout, Firmware)> {
         let book = self
             .inner
             .rollouts
@@ -144,7 +150,7 @@ impl AppState {
             .unwrap_or_else(|e| e.into_inner());
         let member = book.members.get(&device.id)?.clone();
         let rollout = book.rollouts.get(&member.rollout)?.clone();
-        let firmware = book.firmware.get(&member.rollout)?.clone();
+        let firmware = for_family(book.firmware.get(&member.rollout)?, chip)?.clone();
         Some((member, rollout, firmware))
     }
 
@@ -154,18 +160,23 @@ impl AppState {
         &self,
         device: &Device,
         by_password: bool,
+        chip: Option<Family>,
     ) -> otaforge_store::Result<Option<Firmware>> {
-        if let Steer::Serve(fw) = self.steer_device(device).await? {
+        if let Steer::Serve(fw) = self.steer_device(device, chip).await? {
             return Ok(Some(*fw));
         }
         self.inner
             .catalog
-            .assigned_firmware(self.store(), device, by_password)
+            .assigned_firmware(self.store(), device, by_password, chip)
             .await
     }
 
-    async fn steer_device(&self, device: &Device) -> otaforge_store::Result<Steer> {
-        let Some((member, rollout, firmware)) = self.steer(device) else {
+    async fn steer_device(
+        &self,
+        device: &Device,
+        chip: Option<Family>,
+    ) -> otaforge_store::Result<Steer> {
+        let Some((member, rollout, firmware)) = self.steer(device, chip) else {
             return Ok(Steer::Usual);
         };
         if rollout.rolled_back_stages.contains(&member.stage) {
@@ -211,11 +222,15 @@ impl AppState {
     }
 
     /// After a check-in: what the device runs (and says) moves its rollout membership.
+    /// `told`: the device said what it runs on this request (else `running` is what it last
+    /// reported installed).
     pub(crate) async fn observe(
         &self,
         device: &Device,
         running: &Running<'_>,
+        told: bool,
         feedback: Option<&str>,
+        chip: Option<Family>,
     ) {
         if let Some(text) = feedback {
             let _ = self
@@ -223,14 +238,14 @@ impl AppState {
                 .add_device_event(device.id, "feedback", text)
                 .await;
         }
-        let Some((member, rollout, firmware)) = self.steer(device) else {
+        let Some((member, rollout, firmware)) = self.steer(device, chip) else {
             return;
         };
         let result = feedback.and_then(|f| f.parse::<UpdateResult>().ok());
         let store = self.store();
         let Some(transition) = rollout_plan::member_transition(
             member.state,
-            runs(&firmware, running),
+            told.then(|| runs(&firmware, running)),
             result.as_ref(),
             rollout.rolled_back_stages.contains(&member.stage),
         ) else {
@@ -261,7 +276,8 @@ impl AppState {
 
     /// The whole image of a rollout's firmware was served to the device.
     pub(crate) async fn served_whole(&self, device: &Device, firmware: &Firmware) {
-        let Some((member, rollout, rollout_fw)) = self.steer(device) else {
+        let Some((member, rollout, rollout_fw)) = self.steer(device, Family::of_firmware(firmware))
+        else {
             return;
         };
         if rollout_fw.id != firmware.id || member.state != MemberState::Offered {
@@ -353,15 +369,46 @@ impl AppState {
     }
 }
 
-/// A completed rollout of a group leaves its firmware assigned to the group.
+/// A completed rollout of a group leaves its release assigned to the group; the group's
+/// images for families the rollout had none for stay.
 async fn hand_over_to_group(store: &dyn Store, rollout: &Rollout) -> otaforge_store::Result<()> {
-    if let Some(group) = rollout.target.group_id {
-        let patch = GroupPatch {
-            firmware_id: Some(Some(rollout.firmware_id)),
-            ..GroupPatch::default()
-        };
-        store.update_group(rollout.product_id, group, patch).await?;
-    }
+    let Some(group) = rollout.target.group_id else {
+        return Ok(());
+    };
+    let product = rollout.product_id;
+    let release = async |ids: Vec<Id>| -> otaforge_store::Result<Vec<Firmware>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match store.get_firmware(product, id).await {
+                Ok(firmware) => out.push(firmware),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    };
+    let current = store.get_group(product, group).await?;
+    let old = release(
+        current
+            .firmware_id
+            .into_iter()
+            .chain(current.other_firmware_ids)
+            .collect(),
+    )
+    .await?;
+    let new = release(
+        std::iter::once(rollout.firmware_id)
+            .chain(rollout.other_firmware_ids.iter().copied())
+            .collect(),
+    )
+    .await?;
+    let mut ids = crate::decision::merge_release(&new, &old).into_iter();
+    let patch = GroupPatch {
+        firmware_id: Some(ids.next()),
+        other_firmware_ids: Some(ids.collect()),
+        ..GroupPatch::default()
+    };
+    store.update_group(product, group, patch).await?;
     Ok(())
 }
 
@@ -393,6 +440,11 @@ pub fn routes() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct NewRolloutBody {
     firmware_id: Id,
+    /// The firmware for target devices of other chip families than `firmware_id`'s, one
+    /// image per family: one rollout across ESP32, ESP8266, SWUpdate and Mender devices.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    other_firmware_ids: Vec<Id>,
     #[serde(default)]
     target: RolloutTarget,
     stages: Vec<StageSpec>,
@@ -439,10 +491,10 @@ pub async fn create(
     if body.rate_per_minute.is_some_and(|r| r < 1) {
         return Err(unprocessable("rate_per_minute must be at least 1".into()));
     }
-    let firmware = state
-        .store()
-        .get_firmware(product, body.firmware_id)
+    let release = state
+        .release(product, Some(body.firmware_id), &body.other_firmware_ids)
         .await?;
+    let firmware = release[0].clone();
     let devices = select(&state, product, &body.target).await?;
     // A device is in at most one live rollout.
     let busy: Vec<&str> = {
@@ -531,6 +583,7 @@ pub async fn create(
             NewRollout {
                 product_id: product,
                 firmware_id: firmware.id,
+                other_firmware_ids: body.other_firmware_ids,
                 target: body.target,
                 stages: body.stages,
                 rate_per_minute: body.rate_per_minute,
@@ -603,6 +656,8 @@ pub struct RolloutBody {
     id: Id,
     product_id: Id,
     firmware_id: Id,
+    /// The other families' firmware.
+    other_firmware_ids: Vec<Id>,
     target: RolloutTarget,
     state: RolloutState,
     /// 1-based.
@@ -663,6 +718,7 @@ impl RolloutBody {
             id: r.id,
             product_id: r.product_id,
             firmware_id: r.firmware_id,
+            other_firmware_ids: r.other_firmware_ids.clone(),
             target: r.target.clone(),
             state: r.state,
             current_stage: r.current_stage + 1,

@@ -1288,7 +1288,7 @@ async fn workspace(
     let assigned = match state
         .inner
         .catalog
-        .assigned_firmware(store, &device, true)
+        .assigned_firmware(store, &device, true, None)
         .await
     {
         Ok(Some(f)) => format!("{} ({} bytes)", f.version, f.size),

@@ -5,25 +5,9 @@ mod support;
 
 use reqwest::Method;
 use serde_json::json;
-use support::{Backend, Server};
-
-fn md5_hex(bytes: &[u8]) -> String {
-    use md5::Digest;
-    md5::Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// The OTAdrive library's request: HTTP/1.1, Host, Connection: close, its own headers.
-fn otadrive_request(method: &str, path: &str, extra: &str) -> Vec<u8> {
-    format!(
-        "{method} {path} HTTP/1.1\r\nHost: otadrive.com\r\nUser-Agent: ESP32-http-Update\r\n\
-         x-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\nx-ESP32-free-space: 1310720\r\n\
-         x-ESP32-chip-size: 4194304\r\nx-ESP32-sdk-version: v4.4.7\r\n{extra}Connection: close\r\n\r\n"
-    )
-    .into_bytes()
-}
+use support::{
+    Backend, Server, esp8266_bin, esp8266_request, http_update_request, md5_hex, otadrive_request,
+};
 
 /// Every header line of an answer is `Name: value` with exactly one space after the colon,
 /// and the status line starts `HTTP/1.1 ` (the OTAdrive client reads both at fixed offsets).
@@ -242,36 +226,6 @@ async fn otadrive_update_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(otadrive_update, otadrive_update_story);
-
-/// `HTTPUpdate` on an ESP32: one HTTP/1.0 GET with its x-ESP32-* headers and Basic auth.
-fn http_update_request(
-    path: &str,
-    auth: Option<(&str, &str)>,
-    md5: &str,
-    version: Option<&str>,
-) -> Vec<u8> {
-    let mut req = format!(
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: ESP32-http-Update\r\nConnection: close\r\n\
-         x-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\nx-ESP32-AP-MAC: 24:0A:C4:01:02:04\r\n\
-         x-ESP32-free-space: 1310720\r\nx-ESP32-sketch-size: 200000\r\nx-ESP32-sketch-md5: {md5}\r\n\
-         x-ESP32-chip-size: 4194304\r\nx-ESP32-sdk-version: v4.4.7\r\nx-ESP32-mode: sketch\r\n"
-    );
-    if let Some(v) = version {
-        req.push_str(&format!("x-ESP32-version: {v}\r\n"));
-    }
-    finish_request(req, auth)
-}
-
-/// Ends a stock client's request: Basic credentials when the sketch set them, the blank line.
-fn finish_request(mut req: String, auth: Option<(&str, &str)>) -> Vec<u8> {
-    use base64::Engine;
-    if let Some((user, password)) = auth {
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        req.push_str(&format!("Authorization: Basic {token}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.into_bytes()
-}
 
 async fn static_link_story(backend: Backend) {
     let server = Server::start(backend).await;
@@ -992,45 +946,6 @@ async fn w800_uploads_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(w800_uploads, w800_uploads_story);
-
-/// An Arduino ESP8266 `.bin` laid out as the core's `elf2bin.py` writes it.
-fn esp8266_bin(fill: u8) -> Vec<u8> {
-    use otaforge_formats::esp::build::{SegmentSpec, arduino_esp8266_bin, esp8266_image};
-    let eboot = esp8266_image(
-        0x4010_F000,
-        &[SegmentSpec {
-            load_addr: 0x4010_F000,
-            data: vec![0x11; 256],
-        }],
-    );
-    let sketch = esp8266_image(
-        0x4010_0000,
-        &[
-            SegmentSpec {
-                load_addr: 0x4020_1010,
-                data: vec![fill; 4096],
-            },
-            SegmentSpec {
-                load_addr: 0x3FFE_8000,
-                data: vec![fill ^ 0x5A; 512],
-            },
-        ],
-    );
-    arduino_esp8266_bin(&eboot, &sketch)
-}
-
-/// `ESP8266httpUpdate`'s request: HTTP/1.0, its x-ESP8266-* header set, Basic auth.
-fn esp8266_request(path: &str, mode: &str, md5: &str, auth: Option<(&str, &str)>) -> Vec<u8> {
-    let req = format!(
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: ESP8266-http-Update\r\nConnection: close\r\n\
-         x-ESP8266-Chip-ID: 10606726\r\nx-ESP8266-STA-MAC: 5C:CF:7F:A1:D8:86\r\n\
-         x-ESP8266-AP-MAC: 5E:CF:7F:A1:D8:86\r\nx-ESP8266-free-space: 2822144\r\n\
-         x-ESP8266-sketch-size: 319872\r\nx-ESP8266-sketch-md5: {md5}\r\n\
-         x-ESP8266-chip-size: 4194304\r\nx-ESP8266-sdk-version: 2.2.2-dev(38a443e)\r\n\
-         x-ESP8266-mode: {mode}\r\n"
-    );
-    finish_request(req, auth)
-}
 
 /// The rules the real ESP8266 client needs, decided once and the same on both dialects:
 /// filesystem requests never get the sketch, version-only requests get the version (also

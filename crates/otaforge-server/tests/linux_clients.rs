@@ -162,6 +162,23 @@ impl SwUpdate {
         }
     }
 
+    /// The actions SWUpdate installed so far, in order (from its log).
+    fn installed_actions(&self) -> Vec<i64> {
+        let mut action = None;
+        let mut out = Vec::new();
+        for line in self.log().lines() {
+            if let Some((_, id)) = line.split_once("Associated Action ID for Update Action is ") {
+                action = id.trim().parse().ok();
+            }
+            if line.contains("Update successful, executing post-update actions")
+                && let Some(id) = action
+            {
+                out.push(id);
+            }
+        }
+        out
+    }
+
     /// `swupdate-ipc sendtohawkbit`: what a device's boot script sends after a reboot.
     fn send_to_hawkbit(&self, action: i64, finished: &str, detail: &str) {
         run(Command::new("swupdate-ipc")
@@ -608,13 +625,19 @@ struct MenderClient {
 
 impl MenderClient {
     fn start(dir: &Path, server: &Server, tenant_token: &str, running: &str) -> MenderClient {
-        Self::start_as(dir, server, tenant_token, running, "02:00:00:00:00:01")
+        Self::start_as(
+            dir,
+            &server.base,
+            tenant_token,
+            running,
+            "02:00:00:00:00:01",
+        )
     }
 
     /// As `start`, for the device whose identity is `mac`.
     fn start_as(
         dir: &Path,
-        server: &Server,
+        server_url: &str,
         tenant_token: &str,
         running: &str,
         mac: &str,
@@ -636,7 +659,7 @@ impl MenderClient {
         std::fs::write(
             dir.join("m.conf"),
             json!({
-                "ServerURL": server.base,
+                "ServerURL": server_url,
                 "TenantToken": tenant_token,
                 "UpdatePollIntervalSeconds": 1,
                 "InventoryPollIntervalSeconds": 1,
@@ -666,24 +689,17 @@ impl MenderClient {
     }
 }
 
-/// A server whose product's default group has a single-file artifact `app-1.0.1` that
-/// installs `payload.bin` into `dir/out`, with `filename` naming the file the module installs.
-async fn mender_setup(name: &str, filename: &str) -> (Server, i64, String, PathBuf, Vec<u8>) {
-    let server = Server::start(Backend::Sqlite).await;
-    let (pid, key, group) = server.product(&format!("ci-{name}")).await;
-    let dir = workdir(name);
-    let payload: Vec<u8> = (0..40_000u32).map(|i| (i * 17 % 251) as u8).collect();
-    std::fs::create_dir_all(dir.join("art")).unwrap();
-    std::fs::write(dir.join("art/payload.bin"), &payload).unwrap();
-    std::fs::write(
-        dir.join("art/dest_dir"),
-        dir.join("out").display().to_string(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("art/filename"), filename).unwrap();
-    std::fs::write(dir.join("art/permissions"), "0644").unwrap();
+/// A single-file Mender artifact `name` (device type `otaforge-ci`) that installs `payload`
+/// into `dir/out`, `filename` naming the file the module installs, made in `dir/art-{name}`.
+fn mender_artifact(dir: &Path, name: &str, filename: &str, payload: &[u8]) -> Vec<u8> {
+    let art = dir.join(format!("art-{name}"));
+    std::fs::create_dir_all(&art).unwrap();
+    std::fs::write(art.join("payload.bin"), payload).unwrap();
+    std::fs::write(art.join("dest_dir"), dir.join("out").display().to_string()).unwrap();
+    std::fs::write(art.join("filename"), filename).unwrap();
+    std::fs::write(art.join("permissions"), "0644").unwrap();
     run(Command::new("mender-artifact")
-        .current_dir(dir.join("art"))
+        .current_dir(&art)
         .args([
             "write",
             "module-image",
@@ -693,17 +709,20 @@ async fn mender_setup(name: &str, filename: &str) -> (Server, i64, String, PathB
             "otaforge-ci",
         ])
         .args([
-            "-n",
-            "app-1.0.1",
-            "-o",
-            "a.mender",
-            "-f",
-            "dest_dir",
-            "-f",
-            "filename",
+            "-n", name, "-o", "a.mender", "-f", "dest_dir", "-f", "filename",
         ])
         .args(["-f", "permissions", "-f", "payload.bin"]));
-    let artifact = std::fs::read(dir.join("art/a.mender")).unwrap();
+    std::fs::read(art.join("a.mender")).unwrap()
+}
+
+/// A server whose product's default group has a single-file artifact `app-1.0.1` that
+/// installs `payload.bin` into `dir/out`, with `filename` naming the file the module installs.
+async fn mender_setup(name: &str, filename: &str) -> (Server, i64, String, PathBuf, Vec<u8>) {
+    let server = Server::start(Backend::Sqlite).await;
+    let (pid, key, group) = server.product(&format!("ci-{name}")).await;
+    let dir = workdir(name);
+    let payload: Vec<u8> = (0..40_000u32).map(|i| (i * 17 % 251) as u8).collect();
+    let artifact = mender_artifact(&dir, "app-1.0.1", filename, &payload);
     upload_to_group(&server, pid, group, artifact).await;
     (server, pid, key, dir, payload)
 }
@@ -879,7 +898,7 @@ async fn a_staged_rollout_reaches_two_mender_clients() {
         .map(|(i, mac)| {
             let own = dir.join(format!("client{i}"));
             std::fs::create_dir_all(&own).unwrap();
-            MenderClient::start_as(&own, &server, &key, "app-1.0.0", mac)
+            MenderClient::start_as(&own, &server.base, &key, "app-1.0.0", mac)
         })
         .collect();
     let done = wait_for(
@@ -1073,7 +1092,7 @@ async fn a_cancelled_rollout_cancels_the_open_hawkbit_action() {
 async fn a_failing_linux_stage_halts_its_rollout() {
     let (server, pid, key, dir, _) = mender_setup("mender-halt", "missing.bin").await;
     let id = rollout_over(&server, pid, &["02:00:00:00:00:21"], &[json!("rest")]).await;
-    let client = MenderClient::start_as(&dir, &server, &key, "app-1.0.0", "02:00:00:00:00:21");
+    let client = MenderClient::start_as(&dir, &server.base, &key, "app-1.0.0", "02:00:00:00:00:21");
     let halted = wait_for("the rollout to halt", Duration::from_secs(60), async || {
         let (_, r) = server
             .call(
@@ -1149,5 +1168,650 @@ async fn mender_download_links_are_signed_and_resume() {
         .raw(b"GET /api/devices/v1/deployments/device/deployments/next?artifact_name=a&device_type=otaforge-ci HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.forged\r\nConnection: close\r\n\r\n")
         .await;
     assert_eq!(next.status, 401, "{}", next.text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A board with a stock MCU client, emulated with the exact requests that client sends: it
+/// installs whatever image it is sent and asks again running it (its version is the one
+/// built into the image, as on a real board).
+struct Board {
+    serial: String,
+    /// OTAdrive (`key`: the product key), or the ESP8266 core's client on the static link
+    /// (`product`, `password`).
+    dialect: BoardDialect,
+    images: Vec<(Vec<u8>, String)>,
+    running: Vec<u8>,
+}
+
+enum BoardDialect {
+    OtaDrive { key: String },
+    Esp8266StaticLink { product: i64, password: String },
+}
+
+impl Board {
+    fn version(&self) -> &str {
+        self.images
+            .iter()
+            .find(|(bytes, _)| *bytes == self.running)
+            .map(|(_, v)| v.as_str())
+            .expect("the board runs one of its known images")
+    }
+
+    /// One update check; true when it installed something.
+    async fn check(&mut self, server: &Server) -> bool {
+        let request = match &self.dialect {
+            BoardDialect::OtaDrive { key } => support::otadrive_request(
+                "GET",
+                &format!(
+                    "/deviceapi/update?k={key}&v={}&s={}",
+                    self.version(),
+                    self.serial
+                ),
+                "",
+            ),
+            BoardDialect::Esp8266StaticLink { product, password } => support::esp8266_request(
+                &format!("/ota/{product}/{}", self.serial),
+                "sketch",
+                &support::md5_hex(&self.running),
+                Some((&self.serial, password)),
+            ),
+        };
+        let answer = server.raw(&request).await;
+        match answer.status {
+            200 if !answer.body.is_empty() => {
+                assert!(
+                    self.images.iter().any(|(bytes, _)| *bytes == answer.body),
+                    "{} was sent an image it does not know",
+                    self.serial
+                );
+                self.running = answer.body;
+                true
+            }
+            304 | 204 | 404 => false,
+            other => panic!("{}: unexpected {other}: {}", self.serial, answer.text()),
+        }
+    }
+}
+
+/// The four kinds of device of the mixed-fleet rollouts, their images (v1 in the group, v2
+/// in the rollout) and the server.
+struct MixedFleet {
+    server: Server,
+    /// The product's name: the hawkBit tenant.
+    tenant: String,
+    pid: i64,
+    key: String,
+    group: i64,
+    dir: PathBuf,
+    boards: Vec<Board>,
+    /// v1, then v2, per family: esp32, esp8266, swupdate, mender.
+    v1: Vec<i64>,
+    v2: Vec<i64>,
+    swu_target: PathBuf,
+    swu_payloads: [Vec<u8>; 2],
+}
+
+const SWU_ID: &str = "sw-mixed";
+const MENDER_MAC: &str = "02:00:00:00:00:51";
+
+impl MixedFleet {
+    /// `mender_fails`: the rollout's Mender artifact fails to install.
+    async fn new(name: &str, mender_fails: bool) -> MixedFleet {
+        let server = ddi_server().await;
+        let (pid, key, group) = server.product(name).await;
+        let dir = workdir(name);
+        let swu_target = dir.join("target/payload.bin");
+        let esp32 = [
+            support::fixture("app-v1.bin"),
+            support::fixture("app-v2.bin"),
+        ];
+        let esp8266 = [support::esp8266_bin(0x41), support::esp8266_bin(0x42)];
+        let swu_payloads: [Vec<u8>; 2] = [
+            vec![0x11; 30_000],
+            (0..60_000u32).map(|i| i as u8).collect(),
+        ];
+        let mut v1 = Vec::new();
+        let mut v2 = Vec::new();
+        for (i, ids) in [&mut v1, &mut v2].into_iter().enumerate() {
+            let version = format!("{}.0.0", i + 1);
+            let upload = async |query: &str, bytes: Vec<u8>| {
+                let (status, fw) = server
+                    .upload(&format!("/api/v1/products/{pid}/firmware{query}"), bytes)
+                    .await;
+                assert_eq!(status, 201, "{fw}");
+                fw["id"].as_i64().unwrap()
+            };
+            ids.push(upload("", esp32[i].clone()).await);
+            // Versions are unique in a product, whatever the family.
+            ids.push(upload(&format!("?version={version}-esp8266"), esp8266[i].clone()).await);
+            let swu_dir = dir.join(format!("swu{i}"));
+            std::fs::create_dir_all(&swu_dir).unwrap();
+            for f in ["k.pem", "c.pem"] {
+                std::fs::copy(dir.join(f), swu_dir.join(f)).unwrap();
+            }
+            ids.push(
+                upload(
+                    "",
+                    swu(
+                        &swu_dir,
+                        &format!("{version}-swu"),
+                        &swu_payloads[i],
+                        &swu_target,
+                        false,
+                    ),
+                )
+                .await,
+            );
+            let fails = i == 1 && mender_fails;
+            let artifact = mender_artifact(
+                &dir,
+                &format!("app-{version}"),
+                if fails { "missing.bin" } else { "payload.bin" },
+                &[i as u8 + 1; 20_000],
+            );
+            ids.push(upload("", artifact).await);
+        }
+        // The group runs release v1: one image per family.
+        let (status, g) = server
+            .call(
+                Method::PATCH,
+                &format!("/api/v1/products/{pid}/groups/{group}"),
+                Some(json!({"firmware_id": v1[0], "other_firmware_ids": v1[1..]})),
+            )
+            .await;
+        assert_eq!(status, 200, "{g}");
+        let register = async |serial: &str, password: Option<&str>| {
+            let (status, d) = server
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/products/{pid}/devices"),
+                    Some(json!({"serial": serial, "password": password, "status": "verified"})),
+                )
+                .await;
+            assert_eq!(status, 201, "{d}");
+        };
+        register("esp32-otadrive", None).await;
+        register("10606726", Some("plug-pw")).await;
+        register(SWU_ID, None).await;
+        register(MENDER_MAC, None).await;
+        let images = |pair: &[Vec<u8>; 2]| {
+            vec![
+                (pair[0].clone(), "1.0.0".to_string()),
+                (pair[1].clone(), "2.0.0".to_string()),
+            ]
+        };
+        let boards = vec![
+            Board {
+                serial: "esp32-otadrive".into(),
+                dialect: BoardDialect::OtaDrive { key: key.clone() },
+                images: images(&esp32),
+                running: esp32[0].clone(),
+            },
+            Board {
+                serial: "10606726".into(),
+                dialect: BoardDialect::Esp8266StaticLink {
+                    product: pid,
+                    password: "plug-pw".into(),
+                },
+                images: images(&esp8266),
+                running: esp8266[0].clone(),
+            },
+        ];
+        MixedFleet {
+            server,
+            tenant: name.to_string(),
+            pid,
+            key,
+            group,
+            dir,
+            boards,
+            v1,
+            v2,
+            swu_target,
+            swu_payloads,
+        }
+    }
+
+    /// The rollout of release v2 over the group, in stages of these sizes.
+    async fn roll_out(&self, sizes: &[Value], failure_threshold: f64) -> i64 {
+        let stages: Vec<Value> = sizes
+            .iter()
+            .map(|size| {
+                json!({"size": size, "success_threshold": 1.0, "failure_threshold": failure_threshold,
+                       "window_secs": 0, "auto_advance": true, "auto_rollback": true})
+            })
+            .collect();
+        let (status, rollout) = self
+            .server
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{}/rollouts", self.pid),
+                Some(
+                    json!({"firmware_id": self.v2[0], "other_firmware_ids": self.v2[1..],
+                            "target": {"group_id": self.group}, "stages": stages}),
+                ),
+            )
+            .await;
+        assert_eq!(status, 201, "{rollout}");
+        assert_eq!(rollout["other_firmware_ids"], json!(self.v2[1..]));
+        rollout["id"].as_i64().unwrap()
+    }
+
+    async fn rollout(&self, id: i64) -> Value {
+        self.server
+            .call(
+                Method::GET,
+                &format!("/api/v1/products/{}/rollouts/{id}", self.pid),
+                None,
+            )
+            .await
+            .1
+    }
+
+    fn swupdate(&self) -> SwUpdate {
+        SwUpdate::start(&self.dir, &self.server, &self.tenant, SWU_ID, &self.key)
+    }
+
+    fn mender(&self) -> MenderClient {
+        let own = self.dir.join("mender");
+        std::fs::create_dir_all(&own).unwrap();
+        MenderClient::start_as(&own, &self.server.base, &self.key, "app-1.0.0", MENDER_MAC)
+    }
+}
+
+/// One staged rollout across four devices of four dialects: an ESP32 on the OTAdrive API, an
+/// ESP8266 on its static link, SWUpdate over hawkBit DDI and mender-client. Each device gets
+/// its own family's image of the release; each stage advances on its devices' own success
+/// signals (the boards' next check-in, SWUpdate's closed-success feedback, Mender's final
+/// status); the finished rollout leaves the whole release with the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rollout_reaches_four_dialects() {
+    let mut fleet = MixedFleet::new("ci-mixed", false).await;
+    let id = fleet
+        .roll_out(&[json!({"count": 2}), json!("rest")], 0.5)
+        .await;
+    let swupdate = fleet.swupdate();
+    let mender = fleet.mender();
+    let start = Instant::now();
+    let mut closed = 0;
+    loop {
+        let rollout = fleet.rollout(id).await;
+        if rollout["state"] == "completed" {
+            let succeeded: Vec<i64> = rollout["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["succeeded"].as_i64().unwrap())
+                .collect();
+            assert_eq!(succeeded, [2, 2], "{rollout}");
+            break;
+        }
+        if rollout["state"] != "running" {
+            let (_, members) = fleet
+                .server
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/products/{}/rollouts/{id}/devices", fleet.pid),
+                    None,
+                )
+                .await;
+            panic!(
+                "{rollout}\nmembers: {members}\nswupdate:\n{}",
+                swupdate.log()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the rollout did not complete: {rollout}\nswupdate:\n{}\nmender:\n{}",
+            swupdate.log(),
+            mender.log()
+        );
+        for board in &mut fleet.boards {
+            board.check(&fleet.server).await;
+        }
+        // What SWUpdate's boot script reports after each reboot into a new image.
+        for action in swupdate.installed_actions().into_iter().skip(closed) {
+            swupdate.send_to_hawkbit(action, "success", "Update Installed.");
+            closed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for board in &fleet.boards {
+        assert_eq!(board.version(), "2.0.0", "{}", board.serial);
+    }
+    assert_eq!(
+        std::fs::read(&fleet.swu_target).unwrap(),
+        fleet.swu_payloads[1]
+    );
+    assert_eq!(
+        std::fs::read(fleet.dir.join("out/payload.bin")).unwrap(),
+        [2u8; 20_000],
+        "mender installed release v2's artifact"
+    );
+    let (_, group) = fleet
+        .server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{}/groups/{}", fleet.pid, fleet.group),
+            None,
+        )
+        .await;
+    assert_eq!(group["firmware_id"], fleet.v2[0], "{group}");
+    assert_eq!(group["other_firmware_ids"], json!(fleet.v2[1..]), "{group}");
+    // Nothing more is offered to anyone.
+    for board in &mut fleet.boards {
+        assert!(!board.check(&fleet.server).await, "{}", board.serial);
+    }
+    drop((swupdate, mender));
+    let _ = std::fs::remove_dir_all(&fleet.dir);
+}
+
+/// The same mixed fleet in one stage, whose Mender artifact fails to install: the stage
+/// crosses its failure threshold and halts with auto-rollback. The boards that had installed
+/// the new images are sent release v1's again; SWUpdate's open action is cancelled and, once
+/// it is back, it is offered release v1's `.swu`; mender-client is not offered the failed
+/// deployment again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_stage_of_a_mixed_rollout_rolls_every_dialect_back() {
+    let mut fleet = MixedFleet::new("ci-mixed-halt", true).await;
+    let id = fleet.roll_out(&[json!("rest")], 0.2).await;
+    for board in &mut fleet.boards {
+        assert!(board.check(&fleet.server).await, "{} updated", board.serial);
+        assert!(!board.check(&fleet.server).await);
+        assert_eq!(board.version(), "2.0.0");
+    }
+    let swupdate = fleet.swupdate();
+    let start = Instant::now();
+    while swupdate.installed_actions().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            swupdate.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(swupdate.installed_actions(), [fleet.v2[2]]);
+    let mender = fleet.mender();
+    let halted = wait_for("the rollout to halt", Duration::from_secs(60), async || {
+        let r = fleet.rollout(id).await;
+        (r["state"] == "halted").then_some(r)
+    })
+    .await;
+    assert_eq!(halted["stages"][0]["failed"], 1, "{halted}");
+    assert_eq!(
+        halted["stages"][0]["rolled_back_to_previous"], true,
+        "{halted}"
+    );
+    for board in &mut fleet.boards {
+        assert!(board.check(&fleet.server).await, "{} sent v1", board.serial);
+        assert_eq!(board.version(), "1.0.0", "{}", board.serial);
+    }
+    // SWUpdate is told to cancel its open action, acknowledges it, and installs release v1's
+    // image.
+    let start = Instant::now();
+    while swupdate.installed_actions().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            swupdate.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(swupdate.installed_actions(), [fleet.v2[2], fleet.v1[2]]);
+    assert!(
+        swupdate.log().contains(&format!(
+            "Cancel action available at {}/{}/controller/v1/{SWU_ID}/cancelAction/{}",
+            fleet.server.base, fleet.tenant, fleet.v2[2]
+        )),
+        "{}",
+        swupdate.log()
+    );
+    assert_eq!(
+        std::fs::read(&fleet.swu_target).unwrap(),
+        fleet.swu_payloads[0]
+    );
+    let device = |serial: &'static str| {
+        let fleet = &fleet;
+        async move {
+            let path = format!("/api/v1/products/{}/devices/{serial}", fleet.pid);
+            let (_, d) = fleet.server.call(Method::GET, &path, None).await;
+            let (_, e) = fleet
+                .server
+                .call(Method::GET, &format!("{path}/events"), None)
+                .await;
+            (d, e.to_string())
+        }
+    };
+    let (sw, events) = device(SWU_ID).await;
+    assert_eq!(sw["closed_firmware_id"], fleet.v2[2], "{sw}");
+    assert!(events.contains("2.0.0-swu cancelled"), "{events}");
+    // mender-client reported its failure and is offered nothing more: it runs release v1's
+    // artifact.
+    let (m, events) = device(MENDER_MAC).await;
+    assert_eq!(m["closed_firmware_id"], fleet.v2[3], "{m}");
+    assert!(events.contains("failed app-2.0.0"), "{events}");
+    let fetches = mender.log().matches("Validating the Update Info").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        mender.log().matches("Validating the Update Info").count(),
+        fetches,
+        "the failed deployment is not offered again"
+    );
+    drop((swupdate, mender));
+    let _ = std::fs::remove_dir_all(&fleet.dir);
+}
+
+/// The network between devices and the server, which breaks the first artifact download:
+/// it forwards every connection, and cuts the one that carries `GET /api/devices/v1/download/`
+/// once `cut_after` bytes of its answer have passed. It remembers the `Range` of every
+/// download request.
+struct DroppingLink {
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+impl DroppingLink {
+    async fn start(
+        listener: tokio::net::TcpListener,
+        upstream: std::net::SocketAddr,
+        cut_after: usize,
+    ) -> DroppingLink {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let ranges = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, r) = (cuts.clone(), ranges.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (cuts, ranges) = (c.clone(), r.clone());
+                tokio::spawn(async move {
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let download = Arc::new(AtomicBool::new(false));
+                    let seen = download.clone();
+                    let up = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = from_client.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            if text.starts_with("GET /api/devices/v1/download/") {
+                                let range = text
+                                    .lines()
+                                    .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                                    .map(|l| l[6..].trim().to_string());
+                                ranges.lock().unwrap().push(range);
+                                seen.store(true, Ordering::SeqCst);
+                            }
+                            if to_server.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let mut buf = vec![0u8; 4096];
+                    let mut passed = 0usize;
+                    while let Ok(n) = from_server.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if download.load(Ordering::SeqCst) && cuts.load(Ordering::SeqCst) == 0 {
+                            let room = cut_after.saturating_sub(passed).min(n);
+                            let _ = to_client.write_all(&buf[..room]).await;
+                            passed += room;
+                            if passed >= cut_after {
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                            continue;
+                        }
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Dropping both halves closes the connection, as a lost link does.
+                    up.abort();
+                });
+            }
+        });
+        DroppingLink { cuts, ranges }
+    }
+}
+
+/// mender-client's download breaks part-way (the connection is cut); the client resumes it
+/// after its fixed 60 s wait with `Range: bytes=N-`, the server answers 206 with
+/// `Content-Range`, and the artifact installs whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mender_client_resumes_a_dropped_download() {
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_url = format!("http://{}", front.local_addr().unwrap());
+    let server = Server::start_with(
+        Backend::Sqlite,
+        support::Options {
+            public_url: Some(front_url.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let link = DroppingLink::start(front, server.addr, 64 * 1024).await;
+    let (pid, key, group) = server.product("ci-mender-resume").await;
+    let dir = workdir("mender-resume");
+    // Bytes that do not compress, so the artifact is larger than the cut.
+    let mut x = 0x1234_5678u32;
+    let payload: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let artifact = mender_artifact(&dir, "app-1.0.1", "payload.bin", &payload);
+    assert!(artifact.len() > 200 * 1024);
+    upload_to_group(&server, pid, group, artifact).await;
+    let mac = "02:00:00:00:00:61";
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": mac, "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let client = MenderClient::start_as(&dir, &front_url, &key, "app-1.0.0", mac);
+    let device_path = format!("/api/v1/products/{pid}/devices/{mac}");
+    let device = wait_for(
+        "the resumed install",
+        Duration::from_secs(150),
+        async || {
+            let (_, d) = server.call(Method::GET, &device_path, None).await;
+            (d["version"] == "app-1.0.1").then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(device["version"], "app-1.0.1");
+    assert_eq!(
+        link.cuts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the first download was cut"
+    );
+    let ranges = link.ranges.lock().unwrap().clone();
+    assert_eq!(
+        ranges.first(),
+        Some(&None),
+        "the first download asks for the whole file"
+    );
+    let resumed = ranges.iter().flatten().next().unwrap_or_else(|| {
+        panic!(
+            "no download resumed with a range: {ranges:?}\n{}",
+            client.log()
+        )
+    });
+    let from: usize = resumed
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{resumed}"));
+    assert!(from > 0 && from <= 64 * 1024, "{resumed}");
+    assert_eq!(std::fs::read(dir.join("out/payload.bin")).unwrap(), payload);
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `.swu` names the hardware revisions it installs on: a controller whose configData says
+/// it is another revision is not offered it (and the refusal is on its timeline, once); one
+/// that says it is a named revision is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swu_goes_only_to_the_hardware_it_names() {
+    let server = ddi_server().await;
+    let (pid, _, group) = server.product("ci-hw").await;
+    let dir = workdir("swupdate-hw");
+    let image = swu(&dir, "4.0.0", b"payload", &dir.join("target/p.bin"), false);
+    let fw = upload_to_group(&server, pid, group, image).await;
+    assert_eq!(fw["metadata"]["hardware"], json!(["1.0"]));
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "dev-hw", "password": "tt-hw", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let root = "/ci-hw/controller/v1/dev-hw";
+    let says = async |revision: &str| {
+        let (status, _) = ddi(
+            &server,
+            "PUT",
+            &format!("{root}/configData"),
+            "tt-hw",
+            Some(json!({"mode": "merge", "data": {"board": "ci", "hw_revision": revision}})),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let (status, poll) = ddi(&server, "GET", root, "tt-hw", None).await;
+        assert_eq!(status, 200);
+        poll["_links"].get("deploymentBase").is_some()
+    };
+    assert!(!says("2.0").await, "not for revision 2.0");
+    assert!(!says("2.0").await);
+    let (_, events) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/devices/dev-hw/events"),
+            None,
+        )
+        .await;
+    let text = events.to_string();
+    assert_eq!(
+        text.matches("is for hardware revisions 1.0; the device is 2.0")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert!(says("1.0").await, "offered to revision 1.0");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,11 +9,12 @@ use crate::model::*;
 use crate::store::Store;
 
 const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_at, artifact_keys";
-const GROUP_COLS: &str = "id, product_id, name, is_default, firmware_id, config, created_at";
+const GROUP_COLS: &str =
+    "id, product_id, name, is_default, firmware_id, other_firmware, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
      firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id";
-const ROLLOUT_COLS: &str = "id, product_id, firmware_id, target, stages, rate_per_minute, state, \
+const ROLLOUT_COLS: &str = "id, product_id, firmware_id, other_firmware, target, stages, rate_per_minute, state, \
      current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at";
 const MEMBER_COLS: &str =
     "rollout_id, device_id, stage, state, from_version, offered_at, updated_at, message";
@@ -71,6 +72,7 @@ macro_rules! sql_store {
                     name: row.try_get("name")?,
                     is_default: row.try_get::<i64, _>("is_default")? != 0,
                     firmware_id: row.try_get("firmware_id")?,
+                    other_firmware_ids: parse_typed(&row.try_get::<String, _>("other_firmware")?)?,
                     config: parse_json(&config)?,
                     created_at: row.try_get("created_at")?,
                 })
@@ -168,6 +170,7 @@ macro_rules! sql_store {
                     id: row.try_get("id")?,
                     product_id: row.try_get("product_id")?,
                     firmware_id: row.try_get("firmware_id")?,
+                    other_firmware_ids: parse_typed(&row.try_get::<String, _>("other_firmware")?)?,
                     target: parse_typed(&target)?,
                     stages: parse_typed(&stages)?,
                     rate_per_minute: row.try_get("rate_per_minute")?,
@@ -501,7 +504,12 @@ macro_rules! sql_store {
                 .await?
                 .ok_or(StoreError::NotFound("group"))?;
                 let mut group = Self::group(&row)?;
-                if let Some(Some(firmware_id)) = patch.firmware_id {
+                let named = patch
+                    .firmware_id
+                    .flatten()
+                    .into_iter()
+                    .chain(patch.other_firmware_ids.iter().flatten().copied());
+                for firmware_id in named {
                     let found = sqlx::query("SELECT id FROM firmware WHERE product_id = $1 AND id = $2")
                         .bind(product_id)
                         .bind(firmware_id)
@@ -517,15 +525,20 @@ macro_rules! sql_store {
                 if let Some(firmware_id) = patch.firmware_id {
                     group.firmware_id = firmware_id;
                 }
+                if let Some(others) = patch.other_firmware_ids {
+                    group.other_firmware_ids = others;
+                }
                 if let Some(config) = patch.config {
                     group.config = config;
                 }
                 let name = group.name.clone();
                 sqlx::query(
-                    "UPDATE device_groups SET name = $1, firmware_id = $2, config = $3 WHERE id = $4",
+                    "UPDATE device_groups SET name = $1, firmware_id = $2, other_firmware = $3, \
+                     config = $4 WHERE id = $5",
                 )
                 .bind(&group.name)
                 .bind(group.firmware_id)
+                .bind(to_json(&group.other_firmware_ids))
                 .bind(group.config.to_string())
                 .bind(id)
                 .execute(&mut *tx)
@@ -788,11 +801,34 @@ macro_rules! sql_store {
                         "firmware is assigned to group {name:?}; unassign it first"
                     )));
                 }
-                let rollouts = sqlx::query("SELECT id FROM rollouts WHERE firmware_id = $1 ORDER BY id")
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                if let Some(row) = rollouts.first() {
+                let releases = sqlx::query(
+                    "SELECT name, other_firmware FROM device_groups \
+                     WHERE product_id = $1 AND other_firmware <> '[]' ORDER BY id",
+                )
+                .bind(product_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &releases {
+                    let others: Vec<Id> = parse_typed(&row.try_get::<String, _>("other_firmware")?)?;
+                    if others.contains(&id) {
+                        let name: String = row.try_get("name")?;
+                        return Err(StoreError::Conflict(format!(
+                            "firmware is assigned to group {name:?}; unassign it first"
+                        )));
+                    }
+                }
+                let rollouts = sqlx::query(
+                    "SELECT id, firmware_id, other_firmware FROM rollouts WHERE product_id = $1 ORDER BY id",
+                )
+                .bind(product_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &rollouts {
+                    let primary: Id = row.try_get("firmware_id")?;
+                    let others: Vec<Id> = parse_typed(&row.try_get::<String, _>("other_firmware")?)?;
+                    if primary != id && !others.contains(&id) {
+                        continue;
+                    }
                     let rollout: Id = row.try_get("id")?;
                     return Err(StoreError::Conflict(format!(
                         "firmware is the target of rollout {rollout}; it stays while the rollout's history does"
@@ -1265,8 +1301,9 @@ macro_rules! sql_store {
                 let mut tx = self.begin_write().await?;
                 let row = sqlx::query(&format!(
                     "INSERT INTO rollouts (product_id, firmware_id, target, stages, rate_per_minute, state, \
-                     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, 'running', 0, $6, '[]', '', $7, $6, $6) RETURNING {ROLLOUT_COLS}"
+                     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, \
+                     updated_at, other_firmware) \
+                     VALUES ($1, $2, $3, $4, $5, 'running', 0, $6, '[]', '', $7, $6, $6, $8) RETURNING {ROLLOUT_COLS}"
                 ))
                 .bind(new.product_id)
                 .bind(new.firmware_id)
@@ -1275,6 +1312,7 @@ macro_rules! sql_store {
                 .bind(new.rate_per_minute)
                 .bind(now)
                 .bind(&new.created_by)
+                .bind(to_json(&new.other_firmware_ids))
                 .fetch_one(&mut *tx)
                 .await?;
                 let rollout = Self::rollout(&row)?;
@@ -1561,6 +1599,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     ("device keys", include_str!("../migrations/sqlite_8.sql")),
     ("open actions", include_str!("../migrations/sqlite_9.sql")),
     ("artifact keys", include_str!("../migrations/sqlite_10.sql")),
+    ("releases", include_str!("../migrations/sqlite_11.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -1591,6 +1630,7 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
         "artifact keys",
         include_str!("../migrations/postgres_10.sql"),
     ),
+    ("releases", include_str!("../migrations/postgres_11.sql")),
 ];
 
 /// sqlx's migrator over one backend's embedded migrations (no macros: the SQL is

@@ -199,12 +199,48 @@ async fn suite(store: &dyn Store) {
         name: Some("lab-2".into()),
         firmware_id: Some(Some(f1.id)),
         config: Some(serde_json::json!({"alarm": {"number": 1}})),
+        ..GroupPatch::default()
     };
     let lab = store.update_group(p.id, lab.id, patch).await.unwrap();
     assert_eq!((lab.name.as_str(), lab.firmware_id), ("lab-2", Some(f1.id)));
     assert_eq!(lab.config["alarm"]["number"], 1);
+    assert!(lab.other_firmware_ids.is_empty());
     let msg = conflict(store.delete_firmware(p.id, f1.id).await);
     assert!(msg.contains("group"), "{msg}");
+    // A release: the group holds a Linux artifact beside its ESP32 image.
+    let linux = store
+        .create_firmware(NewFirmware {
+            metadata: serde_json::json!({"chip": "mender"}),
+            ..fw("1.0.0-linux", 'f')
+        })
+        .await
+        .unwrap();
+    let others = |ids: Vec<Id>| GroupPatch {
+        other_firmware_ids: Some(ids),
+        ..GroupPatch::default()
+    };
+    not_found(store.update_group(p.id, lab.id, others(vec![9_999])).await);
+    let lab = store
+        .update_group(p.id, lab.id, others(vec![linux.id]))
+        .await
+        .unwrap();
+    assert_eq!(lab.other_firmware_ids, vec![linux.id]);
+    assert_eq!(lab.firmware_id, Some(f1.id), "the patch leaves the rest");
+    assert_eq!(
+        store
+            .get_group(p.id, lab.id)
+            .await
+            .unwrap()
+            .other_firmware_ids,
+        vec![linux.id]
+    );
+    let msg = conflict(store.delete_firmware(p.id, linux.id).await);
+    assert!(msg.contains("lab-2"), "{msg}");
+    let lab = store
+        .update_group(p.id, lab.id, others(vec![]))
+        .await
+        .unwrap();
+    assert!(lab.other_firmware_ids.is_empty());
 
     // ---- devices and telemetry ----
     let d1 = store
@@ -499,6 +535,7 @@ async fn suite(store: &dyn Store) {
             NewRollout {
                 product_id: p.id,
                 firmware_id: f2.id,
+                other_firmware_ids: vec![linux.id],
                 target: RolloutTarget {
                     group_id: Some(lab.id),
                     ..RolloutTarget::default()
@@ -518,6 +555,16 @@ async fn suite(store: &dyn Store) {
     );
     not_found(store.get_rollout(9_999).await);
     assert_eq!(store.list_rollouts(p.id).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .get_rollout(rollout.id)
+            .await
+            .unwrap()
+            .other_firmware_ids,
+        vec![linux.id]
+    );
+    let msg = conflict(store.delete_firmware(p.id, linux.id).await);
+    assert!(msg.contains("rollout"), "{msg}");
     assert_eq!(store.live_rollouts().await.unwrap().len(), 1);
     assert!(
         store

@@ -178,6 +178,7 @@ impl AppState {
             self.set_open_action(&mut device, None).await?;
         }
         let remembered;
+        let told = !(req.remembered_running && req.running.version.is_none()) || installed;
         if req.remembered_running && req.running.version.is_none() {
             remembered = device.telemetry.version.clone();
             req.running = Running {
@@ -191,35 +192,29 @@ impl AppState {
         }
         // What the device runs now moves its rollout membership before its target is picked,
         // so a device that just installed is not offered the same image again.
-        self.observe(&device, &req.running, req.feedback).await;
+        self.observe(&device, &req.running, told, req.feedback, req.chip)
+            .await;
         if req.want == Want::Report {
             return Ok(Answer::Recorded(Box::new(Admitted { product, device })));
         }
         // An offer the device closed without installing is not made again.
         let target = self
-            .target_firmware(&device, by_password)
+            .target_firmware(&device, by_password, req.chip)
             .await?
             .filter(|firmware| device.closed_firmware_id != Some(firmware.id));
-        // An image that names its device types goes to those alone.
-        if let (Some(firmware), Some(kind)) = (&target, req.device_type)
-            && let Some(types) = firmware
-                .metadata
-                .get("device_types")
-                .and_then(|t| t.as_array())
-            && !types.iter().any(|t| t.as_str() == Some(kind))
+        // An image that names its device types or hardware revisions goes to those alone.
+        let hw_revision = device
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get("hw_revision"))
+            .and_then(|v| v.as_str());
+        if let Some(firmware) = &target
+            && let Some(why) = decision::not_for_device(firmware, req.device_type, hw_revision)
         {
             if self.inner.catalog.first_refusal(device.id, firmware.id) {
                 let _ = self
                     .store()
-                    .add_device_event(
-                        device.id,
-                        "refused",
-                        &format!(
-                            "firmware {} is for device types {}; the device is a {kind}",
-                            firmware.version,
-                            serde_json::Value::Array(types.clone())
-                        ),
-                    )
+                    .add_device_event(device.id, "refused", &why)
                     .await;
             }
             return Ok(Answer::NothingAssigned(req.mode));
@@ -258,7 +253,9 @@ impl AppState {
         if part.ends_file(firmware.size.max(0) as u64) {
             self.served_whole(&device, &firmware).await;
         }
-        if req.tracks_actions && device.open_firmware_id != Some(firmware.id) {
+        // An offer opens an action; while another one is open, the device is first told to
+        // cancel that (`cancellation`), and this one opens once it has.
+        if req.tracks_actions && device.open_firmware_id.is_none() {
             self.set_open_action(&mut device, Some(firmware.id)).await?;
         }
         Ok(Answer::Offer(Box::new(Offer {

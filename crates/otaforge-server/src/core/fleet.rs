@@ -75,6 +75,8 @@ pub struct GroupChange {
     pub name: Option<String>,
     /// `Some(None)` unassigns.
     pub firmware_id: Option<Option<Id>>,
+    /// The firmware for devices of other families (replaces the list).
+    pub other_firmware_ids: Option<Vec<Id>>,
     pub config: Option<serde_json::Value>,
 }
 
@@ -263,21 +265,36 @@ impl AppState {
                 "config must be a JSON object",
             ));
         }
-        if let Some(Some(firmware)) = change.firmware_id {
-            let firmware = self.store().get_firmware(product, firmware).await?;
-            if let Some(device) = crate::decision::personal_to(&firmware) {
+        if change.firmware_id.is_some() || change.other_firmware_ids.is_some() {
+            let current = self.store().get_group(product, group).await?;
+            let primary = change.firmware_id.unwrap_or(current.firmware_id);
+            let others = change
+                .other_firmware_ids
+                .as_deref()
+                .unwrap_or(&current.other_firmware_ids);
+            if primary.is_none() && !others.is_empty() {
                 return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "firmware {} embeds the secrets of device {device}; it is served to that device only",
-                        firmware.version
-                    ),
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "other_firmware_ids need a firmware_id: the group's release starts with it",
                 ));
+            }
+            let release = self.release(product, primary, others).await?;
+            for firmware in &release {
+                if let Some(device) = crate::decision::personal_to(firmware) {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "firmware {} embeds the secrets of device {device}; it is served to that device only",
+                            firmware.version
+                        ),
+                    ));
+                }
             }
         }
         let patch = GroupPatch {
             name,
             firmware_id: change.firmware_id,
+            other_firmware_ids: change.other_firmware_ids.clone(),
             config: change.config.clone(),
         };
         let group = self.store().update_group(product, group, patch).await?;
@@ -292,6 +309,9 @@ impl AppState {
                 None => "firmware unassigned".into(),
             });
         }
+        if let Some(others) = &change.other_firmware_ids {
+            detail.push(format!("other families' firmware {others:?}"));
+        }
         if change.config.is_some() {
             detail.push("config".into());
         }
@@ -303,6 +323,29 @@ impl AppState {
         )
         .await;
         Ok(group)
+    }
+
+    /// A release by its firmware ids (the first standing for the rest), checked: every
+    /// image is the product's (404), and no two are for one family (422).
+    pub async fn release(
+        &self,
+        product: Id,
+        first: Option<Id>,
+        others: &[Id],
+    ) -> ApiResult<Vec<Firmware>> {
+        let mut release = Vec::with_capacity(others.len() + 1);
+        for id in first.into_iter().chain(others.iter().copied()) {
+            if release.iter().any(|f: &Firmware| f.id == id) {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("firmware {id} is named twice"),
+                ));
+            }
+            release.push(self.store().get_firmware(product, id).await?);
+        }
+        crate::decision::check_release(&release)
+            .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m))?;
+        Ok(release)
     }
 
     pub async fn delete_group(&self, actor: &Actor, product: Id, group: Id) -> ApiResult<()> {

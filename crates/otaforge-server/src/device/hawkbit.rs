@@ -263,8 +263,23 @@ async fn poll(
         return r;
     }
     let base = controller_url(&state, &caller.product, &controller);
+    let device = state
+        .inner
+        .catalog
+        .device(state.store(), caller.product.id, &controller)
+        .await
+        .ok()
+        .flatten();
     let mut links = serde_json::Map::new();
-    if let Answer::Offer(offer) = &answer {
+    // An open action that is no longer offered is cancelled first; as on hawkBit, the next
+    // action is linked only once the client has closed that one.
+    let cancel = cancellation(device.as_ref().and_then(|d| d.open_firmware_id), &answer);
+    if let Some(open) = cancel {
+        links.insert(
+            "cancelAction".into(),
+            json!({"href": format!("{base}/cancelAction/{open}")}),
+        );
+    } else if let Answer::Offer(offer) = &answer {
         links.insert(
             "deploymentBase".into(),
             json!({"href": format!("{base}/deploymentBase/{}", offer.firmware.id)}),
@@ -274,21 +289,6 @@ async fn poll(
         links.insert(
             "installedBase".into(),
             json!({"href": format!("{base}/installedBase/{}", firmware.id)}),
-        );
-    }
-    let device = state
-        .inner
-        .catalog
-        .device(state.store(), caller.product.id, &controller)
-        .await
-        .ok()
-        .flatten();
-    // An open action that is no longer offered is cancelled first (the client checks this
-    // link before deploymentBase).
-    if let Some(open) = cancellation(device.as_ref().and_then(|d| d.open_firmware_id), &answer) {
-        links.insert(
-            "cancelAction".into(),
-            json!({"href": format!("{base}/cancelAction/{open}")}),
         );
     }
     // configData is asked for until the device has sent its attributes once (a client that
