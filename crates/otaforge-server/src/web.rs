@@ -600,6 +600,8 @@ struct GroupRow {
     firmware: String,
     /// (firmware id, version, assigned here)
     options: Vec<(Id, String, bool)>,
+    /// (firmware id, version, one of the group's images for other families)
+    others: Vec<(Id, String, bool)>,
 }
 
 struct DeviceRow {
@@ -720,10 +722,20 @@ async fn product_page(
                 id: g.id,
                 name: g.name.clone(),
                 devices: devices.iter().filter(|d| d.group_id == g.id).count(),
-                firmware: version_of(g.firmware_id),
+                firmware: std::iter::once(version_of(g.firmware_id))
+                    .chain(g.other_firmware_ids.iter().map(|id| version_of(Some(*id))))
+                    .collect::<Vec<_>>()
+                    .join(" + "),
                 options: firmware
                     .iter()
                     .map(|f| (f.id, f.version.clone(), Some(f.id) == g.firmware_id))
+                    .collect(),
+                others: firmware
+                    .iter()
+                    .map(|f| {
+                        let chosen = g.other_firmware_ids.contains(&f.id);
+                        (f.id, f.version.clone(), chosen)
+                    })
                     .collect(),
             })
             .collect(),
@@ -924,39 +936,50 @@ async fn create_group(
     }
 }
 
-#[derive(Deserialize)]
-struct AssignForm {
-    csrf: String,
-    firmware_id: String,
-}
-
+/// The assign form: `csrf`, `firmware_id` (empty: none) and any number of
+/// `other_firmware_id` (the group's images for other families).
 async fn assign(
     State(state): State<AppState>,
     web: Web,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
-    axum::Form(form): axum::Form<AssignForm>,
+    axum::Form(form): axum::Form<Vec<(String, String)>>,
 ) -> Response {
-    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+    fn field<'a>(form: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> {
+        form.iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.trim())
+    }
+    let csrf = field(&form, "csrf").next().unwrap_or_default();
+    let actor = match web.operator_form(csrf).and_then(|()| web.actor()) {
         Ok(a) => a,
         Err(r) => return r,
     };
     let back = format!("/products/{product}");
-    let firmware_id = match form.firmware_id.trim() {
+    let invalid = || {
+        message(
+            StatusCode::BAD_REQUEST,
+            "Invalid firmware",
+            "pick a firmware from the list",
+            &back,
+        )
+    };
+    let firmware_id = match field(&form, "firmware_id").next().unwrap_or_default() {
         "" => None,
         id => match id.parse() {
             Ok(id) => Some(id),
-            Err(_) => {
-                return message(
-                    StatusCode::BAD_REQUEST,
-                    "Invalid firmware",
-                    "pick a firmware from the list",
-                    &back,
-                );
-            }
+            Err(_) => return invalid(),
         },
+    };
+    let Ok(others) = field(&form, "other_firmware_id")
+        .filter(|v| !v.is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<Id>, _>>()
+    else {
+        return invalid();
     };
     let change = crate::core::fleet::GroupChange {
         firmware_id: Some(firmware_id),
+        other_firmware_ids: Some(others),
         ..Default::default()
     };
     match state.change_group(&actor, product, group, change).await {

@@ -1427,6 +1427,7 @@ impl MixedFleet {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_rollout_reaches_four_dialects() {
     let mut fleet = MixedFleet::new("ci-mixed", false).await;
+    release_on_the_product_page(&fleet).await;
     let id = fleet
         .roll_out(&[json!({"count": 2}), json!("rest")], 0.5)
         .await;
@@ -1583,8 +1584,29 @@ async fn a_failing_stage_of_a_mixed_rollout_rolls_every_dialect_back() {
         }
     };
     let (sw, events) = device(SWU_ID).await;
-    assert_eq!(sw["closed_firmware_id"], fleet.v2[2], "{sw}");
     assert!(events.contains("2.0.0-swu cancelled"), "{events}");
+    // A cancel is no failure: the image is not closed to the device, and its rollout
+    // membership does not count it failed.
+    assert!(sw["closed_firmware_id"].is_null(), "{sw}");
+    assert_eq!(sw["open_firmware_id"], fleet.v1[2], "{sw}");
+    let (_, members) = fleet
+        .server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{}/rollouts/{id}/devices", fleet.pid),
+            None,
+        )
+        .await;
+    let state_of = |serial: &str| {
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["serial"] == serial)
+            .map(|m| m["state"].clone())
+    };
+    assert_eq!(state_of(SWU_ID), Some(json!("downloaded")), "{members}");
+    assert_eq!(state_of(MENDER_MAC), Some(json!("failed")), "{members}");
     // mender-client reported its failure and is offered nothing more: it runs release v1's
     // artifact.
     let (m, events) = device(MENDER_MAC).await;
@@ -1814,4 +1836,60 @@ async fn a_swu_goes_only_to_the_hardware_it_names() {
     );
     assert!(says("1.0").await, "offered to revision 1.0");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The product page shows a group's release and assigns one through the same fleet operation
+/// as the API: two images of one family are refused with the reason, a valid release is set.
+async fn release_on_the_product_page(fleet: &MixedFleet) {
+    let server = &fleet.server;
+    let cookie = server.operator_session("rel-op").await;
+    let page = server
+        .get_with_cookie(&format!("/products/{}", fleet.pid), &cookie)
+        .await;
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert!(
+        html.contains("1.0.0 + 1.0.0-esp8266 + 1.0.0-swu + app-1.0.0"),
+        "{html}"
+    );
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .unwrap()
+        .to_string();
+    let post = async |others: &[i64]| {
+        let mut body = format!("csrf={csrf}&firmware_id={}", fleet.v1[0]);
+        for id in others {
+            body.push_str(&format!("&other_firmware_id={id}"));
+        }
+        server
+            .raw(
+                format!(
+                    "POST /products/{}/groups/{}/assign HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    fleet.pid,
+                    fleet.group,
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+    };
+    let refused = post(&[fleet.v2[0], fleet.v1[1]]).await;
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert!(
+        refused.text().contains("are both for esp32"),
+        "{}",
+        refused.text()
+    );
+    let set = post(&fleet.v1[1..]).await;
+    assert_eq!(set.status, 303, "{}", set.text());
+    let (_, group) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{}/groups/{}", fleet.pid, fleet.group),
+            None,
+        )
+        .await;
+    assert_eq!(group["other_firmware_ids"], json!(fleet.v1[1..]), "{group}");
 }

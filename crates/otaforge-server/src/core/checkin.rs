@@ -63,6 +63,9 @@ pub struct CheckIn<'a> {
     /// The dialect has actions the device must be told to cancel (hawkBit): the firmware
     /// offered is remembered as the device's open action until it reports the end of it.
     pub tracks_actions: bool,
+    /// The device answered the cancel of this open action: the action ends, and the
+    /// firmware is not closed to it (a later rollout may offer it again).
+    pub ends_action: Option<Id>,
     pub mode: Mode,
     /// The family the device announces (its header set), if it does.
     pub chip: Option<Family>,
@@ -172,8 +175,8 @@ impl AppState {
             device.closed_firmware_id = Some(firmware);
         }
         if req.tracks_actions
-            && (installed || req.closes.is_some())
             && device.open_firmware_id.is_some()
+            && (installed || req.closes.is_some() || req.ends_action == device.open_firmware_id)
         {
             self.set_open_action(&mut device, None).await?;
         }

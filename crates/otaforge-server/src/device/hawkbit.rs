@@ -147,8 +147,13 @@ async fn check_in(
     want: Want<'_>,
     running: Option<&str>,
     feedback: Option<&str>,
-    closes: Option<Id>,
+    ends: Ends,
 ) -> Result<Answer, Response> {
+    let (closes, ends_action) = match ends {
+        Ends::No => (None, None),
+        Ends::Closes(id) => (Some(id), None),
+        Ends::Cancelled(id) => (None, Some(id)),
+    };
     let identity = match caller.token {
         // A gateway token of another product than the tenant's is no token for this tenant.
         Token::Gateway(key) => Identity::ProductKey {
@@ -178,6 +183,7 @@ async fn check_in(
         remembered_running: true,
         closes,
         tracks_actions: true,
+        ends_action,
         device_type: None,
         mode: Mode::App,
         chip: Some(Family::SwUpdate),
@@ -189,6 +195,16 @@ async fn check_in(
         want,
     };
     state.check_in(req).await.map_err(error_text)
+}
+
+/// How a request ends the device's action, if it does.
+#[derive(Clone, Copy)]
+enum Ends {
+    No,
+    /// Closed without installing (failure, rejected, cancelled by the device).
+    Closes(Id),
+    /// The device answered our cancel.
+    Cancelled(Id),
 }
 
 /// This dialect's refusals; `None` for answers that are not refusals.
@@ -249,7 +265,17 @@ async fn poll(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let answer = match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
+    let answer = match check_in(
+        &state,
+        peer,
+        &caller,
+        Want::FirmwareHead,
+        None,
+        None,
+        Ends::No,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -318,7 +344,7 @@ async fn offered(
     action: Id,
     want: Want<'_>,
 ) -> Result<crate::core::checkin::Offer, Response> {
-    match check_in(state, peer, caller, want, None, None, None).await? {
+    match check_in(state, peer, caller, want, None, None, Ends::No).await? {
         Answer::Offer(offer) if offer.firmware.id == action => Ok(*offer),
         answer => Err(refusal_of(&answer).unwrap_or_else(|| {
             text(
@@ -411,7 +437,17 @@ async fn installed_base(
         Ok(c) => c,
         Err(r) => return r,
     };
-    match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
+    match check_in(
+        &state,
+        peer,
+        &caller,
+        Want::FirmwareHead,
+        None,
+        None,
+        Ends::No,
+    )
+    .await
+    {
         Ok(Answer::UpToDate(firmware)) if firmware.id == action => {
             let mut body = deployment_body(&state, &caller, &firmware);
             body["actionHistory"] = json!({"status": "finished", "messages": []});
@@ -591,7 +627,7 @@ async fn feedback(
         Want::Report,
         running,
         said.as_deref(),
-        closes,
+        closes.map_or(Ends::No, Ends::Closes),
     )
     .await
     {
@@ -613,7 +649,17 @@ async fn cancel_action(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let answer = match check_in(&state, peer, &caller, Want::FirmwareHead, None, None, None).await {
+    let answer = match check_in(
+        &state,
+        peer,
+        &caller,
+        Want::FirmwareHead,
+        None,
+        None,
+        Ends::No,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -650,13 +696,13 @@ async fn cancel_feedback(
             Ok(found) => found,
             Err(r) => return r,
         };
-    let said = UpdateResult::Failed {
-        reason: format!(
-            "{} cancelled ({} {})",
-            firmware.version, body.status.execution, body.status.result.finished
-        ),
-    }
-    .to_string();
+    // The action ends either way: whether or not the client could stop it, the server no
+    // longer offers it (a cancel linked forever would have the client retry forever). It is
+    // no failure of the firmware.
+    let said = format!(
+        "{} cancelled ({} {})",
+        firmware.version, body.status.execution, body.status.result.finished
+    );
     let caller = caller(product, &controller, &headers);
     match check_in(
         &state,
@@ -665,7 +711,7 @@ async fn cancel_feedback(
         Want::Report,
         None,
         Some(&said),
-        Some(action),
+        Ends::Cancelled(action),
     )
     .await
     {
@@ -695,7 +741,7 @@ async fn config_data(
         };
     let caller = caller(product, &controller, &headers);
     let admitted: Admitted =
-        match check_in(&state, peer, &caller, Want::Report, None, None, None).await {
+        match check_in(&state, peer, &caller, Want::Report, None, None, Ends::No).await {
             Ok(Answer::Recorded(admitted)) => *admitted,
             Ok(answer) => return refusal(answer),
             Err(r) => return r,

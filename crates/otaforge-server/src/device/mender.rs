@@ -156,6 +156,7 @@ async fn check_in(
         remembered_running: running.is_none(),
         closes,
         tracks_actions: false,
+        ends_action: None,
         mode: Mode::App,
         chip: Some(Family::Mender),
         device_type,

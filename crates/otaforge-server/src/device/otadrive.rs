@@ -63,6 +63,7 @@ fn check_in<'a>(
         remembered_running: false,
         closes: None,
         tracks_actions: false,
+        ends_action: None,
         device_type: None,
         running: headers.running(version, headers.get("x-check-sketch-md5") == Some("1")),
         mode: headers.mode(),

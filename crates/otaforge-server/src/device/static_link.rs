@@ -115,6 +115,7 @@ async fn fetch(
         remembered_running: false,
         closes: None,
         tracks_actions: false,
+        ends_action: None,
         device_type: None,
         running: device_headers.running(None, false),
         mode: device_headers.mode(),
