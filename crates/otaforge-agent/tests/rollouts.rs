@@ -257,7 +257,7 @@ async fn healthy(fleet: Fleet) {
         .await
         .unwrap();
     assert_eq!(group.firmware_id, Some(fleet.v2));
-    let audit = fleet.state.store().audit_log(50).await.unwrap();
+    let audit = fleet.state.store().audit_log(None, 50).await.unwrap();
     let actions: Vec<&str> = audit.iter().rev().map(|a| a.action.as_str()).collect();
     assert_eq!(
         actions,
@@ -281,7 +281,8 @@ async fn healthy(fleet: Fleet) {
         )
         .await;
     let kinds: Vec<&str> = events
-        .as_array()
+        .get("items")
+        .and_then(|i| i.as_array())
         .unwrap()
         .iter()
         .rev()
@@ -490,7 +491,7 @@ async fn failing(fleet: Fleet) {
             fleet
                 .state
                 .store()
-                .device_events(m.device_id, 10)
+                .device_events(m.device_id, None, 10)
                 .await
                 .unwrap()
                 .is_empty()
@@ -665,7 +666,7 @@ async fn the_rate_cap_holds_and_operators_pause_resume_and_cancel() {
     let audit: Vec<String> = fleet
         .state
         .store()
-        .audit_log(10)
+        .audit_log(None, 10)
         .await
         .unwrap()
         .into_iter()

@@ -555,3 +555,78 @@ pub struct AuditEntry {
     pub subject: String,
     pub detail: String,
 }
+
+/// How a device list is ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceSort {
+    /// By serial (the default).
+    #[default]
+    Serial,
+    /// By the time of the last check-in (never seen first).
+    LastSeen,
+    /// By registration (oldest first).
+    Created,
+}
+
+/// Where the previous page of a device list ended: the last row's sort key and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceCursor {
+    Serial(String),
+    LastSeen(Millis, Id),
+    Created(Id),
+}
+
+/// Which devices of a product a list or count takes, in which order, from where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceQuery {
+    pub status: Option<DeviceStatus>,
+    pub group_id: Option<Id>,
+    /// Exactly this reported version.
+    pub version: Option<String>,
+    /// Last check-in before (never seen counts as before) or at/after this time.
+    pub seen_before: Option<Millis>,
+    pub seen_after: Option<Millis>,
+    pub serial_prefix: Option<String>,
+    /// Part of the serial, any case.
+    pub search: Option<String>,
+    pub sort: DeviceSort,
+    pub descending: bool,
+    /// Rows after this one (in the order asked for).
+    pub after: Option<DeviceCursor>,
+    pub limit: i64,
+}
+
+impl DeviceQuery {
+    /// Whether its cursor (if any) comes from a list in its order.
+    pub fn cursor_fits(&self) -> bool {
+        matches!(
+            (&self.sort, &self.after),
+            (_, None)
+                | (DeviceSort::Serial, Some(DeviceCursor::Serial(_)))
+                | (DeviceSort::LastSeen, Some(DeviceCursor::LastSeen(..)))
+                | (DeviceSort::Created, Some(DeviceCursor::Created(_)))
+        )
+    }
+
+    /// The cursor that continues after `device` in this query's order.
+    pub fn cursor_after(&self, device: &Device) -> DeviceCursor {
+        match self.sort {
+            DeviceSort::Serial => DeviceCursor::Serial(device.serial.clone()),
+            DeviceSort::LastSeen => {
+                DeviceCursor::LastSeen(device.telemetry.last_seen.unwrap_or(0), device.id)
+            }
+            DeviceSort::Created => DeviceCursor::Created(device.id),
+        }
+    }
+}
+
+/// How many devices of a product are in each group, on each version, with each status (one
+/// row per combination).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceTally {
+    pub group_id: Id,
+    pub status: DeviceStatus,
+    pub version: Option<String>,
+    pub count: i64,
+}

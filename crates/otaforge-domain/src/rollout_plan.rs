@@ -92,15 +92,20 @@ pub struct StageCounts {
 
 impl StageCounts {
     pub fn add(&mut self, state: MemberState) {
-        self.total += 1;
-        match state {
-            MemberState::Pending => self.pending += 1,
-            MemberState::Offered => self.offered += 1,
-            MemberState::Downloaded => self.downloaded += 1,
-            MemberState::Succeeded => self.succeeded += 1,
-            MemberState::RolledBack => self.rolled_back += 1,
-            MemberState::Failed => self.failed += 1,
-        }
+        self.add_many(state, 1);
+    }
+
+    /// `n` members in `state`.
+    pub fn add_many(&mut self, state: MemberState, n: u64) {
+        self.total += n;
+        *match state {
+            MemberState::Pending => &mut self.pending,
+            MemberState::Offered => &mut self.offered,
+            MemberState::Downloaded => &mut self.downloaded,
+            MemberState::Succeeded => &mut self.succeeded,
+            MemberState::RolledBack => &mut self.rolled_back,
+            MemberState::Failed => &mut self.failed,
+        } += n;
     }
 
     pub fn bad(&self) -> u64 {
@@ -110,9 +115,16 @@ impl StageCounts {
 
 /// Counts per stage from members' (stage, state).
 pub fn count(members: impl IntoIterator<Item = (i64, MemberState)>) -> HashMap<i64, StageCounts> {
+    tally(members.into_iter().map(|(stage, state)| (stage, state, 1)))
+}
+
+/// Counts per stage from (stage, state, how many), as the database counts them.
+pub fn tally(rows: impl IntoIterator<Item = (i64, MemberState, i64)>) -> HashMap<i64, StageCounts> {
     let mut out: HashMap<i64, StageCounts> = HashMap::new();
-    for (stage, state) in members {
-        out.entry(stage).or_default().add(state);
+    for (stage, state, n) in rows {
+        out.entry(stage)
+            .or_default()
+            .add_many(state, n.max(0) as u64);
     }
     out
 }

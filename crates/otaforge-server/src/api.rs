@@ -528,24 +528,97 @@ pub async fn create_device(
     Ok(created(DeviceBody::new(&state, device)))
 }
 
+/// Which devices a list takes and in which order.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeviceListQuery {
+    /// Items per page (1 to 1000; 100 unless given).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
+    status: Option<DeviceStatus>,
+    /// A group id.
+    group: Option<Id>,
+    /// Exactly this reported version.
+    version: Option<String>,
+    /// Last check-in before this time (ms since 1970; never seen counts as before).
+    seen_before: Option<Millis>,
+    /// Last check-in at or after this time (ms since 1970).
+    seen_after: Option<Millis>,
+    /// Serials starting with this.
+    #[param(max_length = 64)]
+    serial_prefix: Option<String>,
+    /// Serials containing this, any case.
+    #[param(max_length = 64)]
+    q: Option<String>,
+    sort: Option<DeviceSort>,
+    /// `desc` for the reverse order.
+    #[param(pattern = "^(asc|desc)$")]
+    order: Option<String>,
+    /// Also count every device the filters take (`total`).
+    count: Option<bool>,
+}
+
+impl DeviceListQuery {
+    /// The store's query for one page (`limit + 1` rows, to see whether another follows).
+    pub fn to_store(&self) -> ApiResult<(DeviceQuery, i64)> {
+        let limit = crate::page::limit(self.limit)?;
+        let descending = match self.order.as_deref() {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(other) => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("order must be asc or desc, not {other:?}"),
+                ));
+            }
+        };
+        for (name, text) in [("serial_prefix", &self.serial_prefix), ("q", &self.q)] {
+            if text.as_ref().is_some_and(|t| t.chars().count() > 64) {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{name} is longer than 64 characters"),
+                ));
+            }
+        }
+        let query = DeviceQuery {
+            status: self.status,
+            group_id: self.group,
+            version: self.version.clone(),
+            seen_before: self.seen_before,
+            seen_after: self.seen_after,
+            serial_prefix: self.serial_prefix.clone(),
+            search: self.q.clone(),
+            sort: self.sort.unwrap_or_default(),
+            descending,
+            after: crate::page::decode(self.cursor.as_deref())?,
+            limit: limit + 1,
+        };
+        if !query.cursor_fits() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "cursor comes from a list in another order (sort)",
+            ));
+        }
+        Ok((query, limit))
+    }
+}
+
 #[utoipa::path(get, path = "/api/v1/products/{product}/devices", tag = "devices",
-    security(("bearer" = [])), params(("product" = i64, Path)),
-    responses((status = 200, body = [DeviceBody]), Refusals))]
+    security(("bearer" = [])), params(("product" = i64, Path), DeviceListQuery),
+    responses((status = 200, body = crate::page::Page<DeviceBody>), Refusals))]
 pub async fn list_devices(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<Json<Vec<DeviceBody>>> {
-    state.store().get_product(product).await?;
-    // Reports still in the buffer are part of what the server knows.
-    state.flush_telemetry().await?;
-    let devices = state.store().list_devices(product).await?;
-    Ok(Json(
-        devices
-            .into_iter()
-            .map(|d| DeviceBody::new(&state, d))
-            .collect(),
-    ))
+    ApiQuery(query): ApiQuery<DeviceListQuery>,
+) -> ApiResult<Json<crate::page::Page<DeviceBody>>> {
+    let count = query.count.unwrap_or(false);
+    let (query, limit) = query.to_store()?;
+    let page = state.device_page(product, &query, limit, count).await?;
+    Ok(Json(page.map(|d| DeviceBody::new(&state, d))))
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product}/devices/{serial}", tag = "devices",

@@ -20,6 +20,7 @@ mod diagnostics;
 mod error;
 mod extract;
 mod openapi;
+mod page;
 pub mod range;
 pub use otaforge_domain::rollout_plan;
 mod rollouts;

@@ -23,7 +23,8 @@ use crate::AppState;
 use crate::auth::Operator;
 use crate::decision::{Family, Running, for_family, runs};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiPath};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::page::Page;
 use crate::rollout_plan::{self, Verdict};
 
 #[derive(Debug, Clone)]
@@ -314,8 +315,7 @@ impl AppState {
             let Some(spec) = rollout.stages.get(rollout.current_stage as usize).cloned() else {
                 continue;
             };
-            let members = store.rollout_members(rollout.id).await?;
-            let counts = rollout_plan::count(members.iter().map(|m| (m.stage, m.state)));
+            let counts = rollout_plan::tally(store.member_counts(rollout.id).await?);
             let stage = counts
                 .get(&rollout.current_stage)
                 .copied()
@@ -693,7 +693,11 @@ pub struct MemberBody {
 
 impl RolloutBody {
     pub fn new(r: &Rollout, members: &[(i64, MemberState)]) -> Self {
-        let counts = rollout_plan::count(members.iter().copied());
+        Self::counted(r, &rollout_plan::count(members.iter().copied()))
+    }
+
+    /// With the members counted per stage.
+    pub fn counted(r: &Rollout, counts: &HashMap<i64, rollout_plan::StageCounts>) -> Self {
         let stages = r
             .stages
             .iter()
@@ -731,14 +735,10 @@ impl RolloutBody {
         }
     }
 
-    fn of(r: &Rollout, members: &[RolloutMember]) -> Self {
-        Self::new(
-            r,
-            &members
-                .iter()
-                .map(|m| (m.stage, m.state))
-                .collect::<Vec<_>>(),
-        )
+    /// Counted by the database.
+    async fn of(state: &AppState, r: &Rollout) -> ApiResult<Self> {
+        let counts = rollout_plan::tally(state.store().member_counts(r.id).await?);
+        Ok(Self::counted(r, &counts))
     }
 }
 
@@ -753,8 +753,7 @@ pub async fn list(
     state.store().get_product(product).await?;
     let mut out = Vec::new();
     for r in state.store().list_rollouts(product).await? {
-        let members = state.store().rollout_members(r.id).await?;
-        out.push(RolloutBody::of(&r, &members));
+        out.push(RolloutBody::of(&state, &r).await?);
     }
     Ok(axum::Json(out))
 }
@@ -776,42 +775,57 @@ pub async fn show(
     ApiPath((product, rollout)): ApiPath<(Id, Id)>,
 ) -> ApiResult<axum::Json<RolloutBody>> {
     let r = owned(&state, product, rollout).await?;
-    let members = state.store().rollout_members(r.id).await?;
-    Ok(axum::Json(RolloutBody::of(&r, &members)))
+    Ok(axum::Json(RolloutBody::of(&state, &r).await?))
+}
+
+/// A page of a list ordered newest first or by position: `limit` and `cursor`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page (1 to 1000; 100 unless given).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product}/rollouts/{rollout}/devices", tag = "rollouts",
-    security(("bearer" = [])), params(("product" = i64, Path), ("rollout" = i64, Path)),
-    responses((status = 200, body = [MemberBody]), crate::openapi::Refusals))]
+    security(("bearer" = [])), params(("product" = i64, Path), ("rollout" = i64, Path), PageQuery),
+    responses((status = 200, body = Page<MemberBody>), crate::openapi::Refusals))]
 pub async fn members(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, rollout)): ApiPath<(Id, Id)>,
-) -> ApiResult<axum::Json<Vec<MemberBody>>> {
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> ApiResult<axum::Json<Page<MemberBody>>> {
     let r = owned(&state, product, rollout).await?;
-    let devices: HashMap<Id, String> = state
+    let limit = crate::page::limit(query.limit)?;
+    let after = crate::page::decode::<(i64, Id)>(query.cursor.as_deref())?;
+    let rows = state
         .store()
-        .list_devices(product)
-        .await?
-        .into_iter()
-        .map(|d| (d.id, d.serial))
-        .collect();
-    let list = state
-        .store()
-        .rollout_members(r.id)
-        .await?
-        .into_iter()
-        .map(|m| MemberBody {
-            serial: devices.get(&m.device_id).cloned(),
+        .rollout_members_page(r.id, after, limit + 1)
+        .await?;
+    let mut serials = HashMap::new();
+    for m in rows.iter().take(limit as usize) {
+        if let Ok(d) = state.store().device_by_id(m.device_id).await {
+            serials.insert(m.device_id, d.serial);
+        }
+    }
+    Ok(axum::Json(crate::page::of(
+        rows,
+        limit,
+        |m| (m.stage, m.device_id),
+        |m| MemberBody {
+            serial: serials.get(&m.device_id).cloned(),
             stage: m.stage + 1,
             state: m.state,
             from_version: m.from_version,
             offered_at: m.offered_at,
             updated_at: m.updated_at,
             message: m.message,
-        })
-        .collect();
-    Ok(axum::Json(list))
+        },
+    )))
 }
 
 /// pause, resume, cancel, approve.
@@ -880,29 +894,38 @@ pub async fn act(
     ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
 ) -> ApiResult<axum::Json<RolloutBody>> {
     let r = apply_action(&state, &op.actor(), product, rollout, &action).await?;
-    let members = state.store().rollout_members(r.id).await?;
-    Ok(axum::Json(RolloutBody::of(&r, &members)))
+    Ok(axum::Json(RolloutBody::of(&state, &r).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product}/devices/{serial}/events", tag = "devices",
-    security(("bearer" = [])), params(("product" = i64, Path), ("serial" = String, Path)),
-    responses((status = 200, body = [DeviceEvent]), crate::openapi::Refusals))]
+    security(("bearer" = [])), params(("product" = i64, Path), ("serial" = String, Path), PageQuery),
+    responses((status = 200, body = Page<DeviceEvent>), crate::openapi::Refusals))]
 pub async fn events(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
-) -> ApiResult<axum::Json<Vec<DeviceEvent>>> {
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> ApiResult<axum::Json<Page<DeviceEvent>>> {
     let device = state.store().get_device(product, &serial).await?;
-    Ok(axum::Json(
-        state.store().device_events(device.id, 200).await?,
-    ))
+    let limit = crate::page::limit(query.limit)?;
+    let before = crate::page::decode::<Id>(query.cursor.as_deref())?;
+    let rows = state
+        .store()
+        .device_events(device.id, before, limit + 1)
+        .await?;
+    Ok(axum::Json(crate::page::of(rows, limit, |e| e.id, |e| e)))
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit", security(("bearer" = [])),
-    responses((status = 200, body = [AuditEntry]), crate::openapi::Refusals))]
+    params(PageQuery),
+    responses((status = 200, body = Page<AuditEntry>), crate::openapi::Refusals))]
 pub async fn audit(
     State(state): State<AppState>,
     _op: Operator,
-) -> ApiResult<axum::Json<Vec<AuditEntry>>> {
-    Ok(axum::Json(state.store().audit_log(500).await?))
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> ApiResult<axum::Json<Page<AuditEntry>>> {
+    let limit = crate::page::limit(query.limit)?;
+    let before = crate::page::decode::<Id>(query.cursor.as_deref())?;
+    let rows = state.store().audit_log(before, limit + 1).await?;
+    Ok(axum::Json(crate::page::of(rows, limit, |e| e.id, |e| e)))
 }

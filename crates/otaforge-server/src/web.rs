@@ -536,7 +536,10 @@ async fn home(State(state): State<AppState>, web: Web, Query(q): Query<Notice>) 
     let mut products = Vec::new();
     for p in store.list_products().await.unwrap_or_default() {
         products.push(ProductRow {
-            devices: store.list_devices(p.id).await.map(|d| d.len()).unwrap_or(0),
+            devices: store
+                .count_devices(p.id, &DeviceQuery::default())
+                .await
+                .unwrap_or(0) as usize,
             firmware: store
                 .list_firmware(p.id)
                 .await
@@ -622,6 +625,13 @@ struct ProductPage {
     csrf: String,
     notice: Option<String>,
     groups: Vec<GroupRow>,
+    /// The device list's filters, how many devices they take, how many there are.
+    search: String,
+    /// (status, the list shows only it)
+    status_options: Vec<(&'static str, bool)>,
+    matching: i64,
+    total_devices: i64,
+    next_page: Option<String>,
     devices: Vec<DeviceRow>,
     firmware: Vec<Firmware>,
     versions_chart: String,
@@ -629,11 +639,24 @@ struct ProductPage {
     rollouts: Vec<(Id, String, String, String)>,
 }
 
+/// The product page's query: a notice, and which devices its list shows.
+#[derive(Deserialize)]
+struct ProductQuery {
+    notice: Option<String>,
+    /// Serials containing this.
+    q: Option<String>,
+    status: Option<String>,
+    cursor: Option<String>,
+}
+
+/// Devices shown per page of the product page.
+const DEVICES_PER_PAGE: i64 = 100;
+
 async fn product_page(
     State(state): State<AppState>,
     web: Web,
     ApiPath(product): ApiPath<Id>,
-    Query(q): Query<Notice>,
+    Query(q): Query<ProductQuery>,
 ) -> Response {
     if let Err(r) = web.operator() {
         return r;
@@ -644,24 +667,55 @@ async fn product_page(
         return message(StatusCode::NOT_FOUND, "Not found", "no such product", "/");
     };
     let groups = store.list_groups(product).await.unwrap_or_default();
-    let devices = store.list_devices(product).await.unwrap_or_default();
+    // The charts and counts come from the database's tally; the list is one page.
+    let tally = store.device_tally(product).await.unwrap_or_default();
+    let search = q.q.as_deref().map(str::trim).filter(|t| !t.is_empty());
+    let status = q
+        .status
+        .as_deref()
+        .and_then(otaforge_store::model::DeviceStatus::parse);
+    let back = format!("/products/{product}");
+    let query = DeviceQuery {
+        search: search.map(|t| t.chars().take(64).collect()),
+        status,
+        after: match crate::page::decode(q.cursor.as_deref()) {
+            Ok(after) => after,
+            Err(e) => return titled_error(e, "Invalid page", &back),
+        },
+        limit: DEVICES_PER_PAGE + 1,
+        ..DeviceQuery::default()
+    };
+    let rows = store.device_page(product, &query).await.unwrap_or_default();
+    let shown = crate::page::of(rows, DEVICES_PER_PAGE, |d| query.cursor_after(d), |d| d);
+    let matching = store.count_devices(product, &query).await.unwrap_or(0);
+    let next_page = shown.next.as_ref().map(|cursor| {
+        let mut url = form_urlencoded::Serializer::new(String::new());
+        if let Some(t) = search {
+            url.append_pair("q", t);
+        }
+        if let Some(s) = status {
+            url.append_pair("status", s.as_str());
+        }
+        url.append_pair("cursor", cursor);
+        format!("/products/{product}?{}", url.finish())
+    });
+    let devices = shown.items;
     let firmware = store.list_firmware(product).await.unwrap_or_default();
     let versions_chart = {
         use crate::svg::{Bar, stacked_bars};
         const COLORS: [&str; 6] = [
             "#2563eb", "#16a34a", "#f59e0b", "#9333ea", "#dc2626", "#64748b",
         ];
-        let mut versions: Vec<String> = devices
-            .iter()
-            .map(|d| {
-                d.telemetry
-                    .version
-                    .clone()
-                    .unwrap_or_else(|| "unknown".into())
-            })
-            .collect();
+        // The six versions most devices run.
+        let mut by_version: std::collections::BTreeMap<String, i64> = Default::default();
+        for t in &tally {
+            let v = t.version.clone().unwrap_or_else(|| "unknown".into());
+            *by_version.entry(v).or_default() += t.count;
+        }
+        let mut versions: Vec<(String, i64)> = by_version.into_iter().collect();
+        versions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut versions: Vec<String> = versions.into_iter().take(6).map(|(v, _)| v).collect();
         versions.sort();
-        versions.dedup();
         let names: Vec<&String> = versions.iter().take(6).collect();
         let bars: Vec<Bar> = groups
             .iter()
@@ -671,14 +725,14 @@ async fn product_page(
                     .iter()
                     .enumerate()
                     .map(|(i, v)| {
-                        let n = devices
+                        let n = tally
                             .iter()
-                            .filter(|d| {
-                                d.group_id == g.id
-                                    && d.telemetry.version.as_deref().unwrap_or("unknown")
-                                        == v.as_str()
+                            .filter(|t| {
+                                t.group_id == g.id
+                                    && t.version.as_deref().unwrap_or("unknown") == v.as_str()
                             })
-                            .count() as u64;
+                            .map(|t| t.count.max(0) as u64)
+                            .sum();
                         (n, COLORS[i % COLORS.len()], (*v).clone())
                     })
                     .collect(),
@@ -716,12 +770,24 @@ async fn product_page(
         username: web.name(),
         csrf: web.csrf.clone(),
         notice: q.notice,
+        search: search.unwrap_or_default().to_string(),
+        status_options: ["new", "verified", "blocked", "disabled"]
+            .into_iter()
+            .map(|s| (s, status.is_some_and(|f| f.as_str() == s)))
+            .collect(),
+        matching,
+        total_devices: tally.iter().map(|t| t.count).sum(),
+        next_page,
         groups: groups
             .iter()
             .map(|g| GroupRow {
                 id: g.id,
                 name: g.name.clone(),
-                devices: devices.iter().filter(|d| d.group_id == g.id).count(),
+                devices: tally
+                    .iter()
+                    .filter(|t| t.group_id == g.id)
+                    .map(|t| t.count.max(0) as usize)
+                    .sum(),
                 firmware: std::iter::once(version_of(g.firmware_id))
                     .chain(g.other_firmware_ids.iter().map(|id| version_of(Some(*id))))
                     .collect::<Vec<_>>()
@@ -798,8 +864,7 @@ async fn rollout_page(
         Ok(r) if r.product_id == product => r,
         _ => return message(StatusCode::NOT_FOUND, "Not found", "no such rollout", &back),
     };
-    let members = store.rollout_members(r.id).await.unwrap_or_default();
-    let counts = crate::rollout_plan::count(members.iter().map(|m| (m.stage, m.state)));
+    let counts = crate::rollout_plan::tally(store.member_counts(r.id).await.unwrap_or_default());
     let firmware = store
         .get_firmware(product, r.firmware_id)
         .await
@@ -905,7 +970,7 @@ async fn audit_page(State(state): State<AppState>, web: Web) -> Response {
     }
     let entries = state
         .store()
-        .audit_log(500)
+        .audit_log(None, 500)
         .await
         .unwrap_or_default()
         .into_iter()
@@ -1361,7 +1426,7 @@ async fn workspace(
         })
         .collect();
     let timeline = store
-        .device_events(device.id, 30)
+        .device_events(device.id, None, 30)
         .await
         .unwrap_or_default()
         .into_iter()

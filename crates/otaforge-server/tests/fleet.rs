@@ -1065,7 +1065,8 @@ async fn esp8266_rules_story(backend: Backend) {
         )
         .await;
     let refused: Vec<_> = events
-        .as_array()
+        .get("items")
+        .and_then(|i| i.as_array())
         .unwrap()
         .iter()
         .filter(|e| e["kind"] == "refused")
@@ -1376,7 +1377,8 @@ async fn deletes_story(backend: Backend) {
     // The audit log names who did it.
     let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
     let actions: Vec<&str> = audit
-        .as_array()
+        .get("items")
+        .and_then(|i| i.as_array())
         .unwrap()
         .iter()
         .map(|a| a["action"].as_str().unwrap())
@@ -1396,3 +1398,101 @@ async fn deletes_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(deletes, deletes_story);
+
+/// Device lists come in pages: 100 unless asked, a cursor to the next page, the filters and
+/// the order the request names, a count on request; bad paging arguments are a 422 naming
+/// them. The product page shows one page, how many devices match, and a link to the next.
+async fn device_lists_are_paged_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, _, _) = server.product("paged").await;
+    for i in 0..150 {
+        let status = if i % 3 == 0 { "new" } else { "verified" };
+        let (code, d) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(json!({"serial": format!("unit-{i:03}"), "status": status})),
+            )
+            .await;
+        assert_eq!(code, 201, "{d}");
+    }
+    let list = format!("/api/v1/products/{pid}/devices");
+    let (code, first) = server.call(Method::GET, &list, None).await;
+    assert_eq!(code, 200, "{first}");
+    let items = first["items"].as_array().unwrap();
+    assert_eq!(items.len(), 100);
+    assert_eq!(items[0]["serial"], "unit-000");
+    assert!(first.get("total").is_none(), "counted only on request");
+    let next = first["next"].as_str().unwrap();
+    let (_, rest) = server
+        .call(Method::GET, &format!("{list}?cursor={next}"), None)
+        .await;
+    let rest = rest["items"].as_array().unwrap().clone();
+    assert_eq!(rest.len(), 50);
+    assert_eq!(rest[0]["serial"], "unit-100");
+    let (_, counted) = server
+        .call(
+            Method::GET,
+            &format!("{list}?status=new&count=true&limit=10&order=desc"),
+            None,
+        )
+        .await;
+    assert_eq!(counted["total"], 50, "{counted}");
+    assert_eq!(counted["items"][0]["serial"], "unit-147");
+    assert_eq!(counted["items"].as_array().unwrap().len(), 10);
+    let (_, found) = server
+        .call(Method::GET, &format!("{list}?q=T-12&count=true"), None)
+        .await;
+    assert_eq!(found["total"], 10, "unit-120 to unit-129: {found}");
+    for (query, names, status) in [
+        ("limit=0", "limit", 422),
+        ("limit=1001", "limit", 422),
+        ("cursor=not-a-cursor", "cursor", 422),
+        ("order=sideways", "order", 422),
+        ("sort=colour", "sort", 400),
+    ] {
+        let (code, e) = server
+            .call(Method::GET, &format!("{list}?{query}"), None)
+            .await;
+        assert_eq!(code, status, "{query}: {e}");
+        assert!(e.to_string().contains(names), "{query}: {e}");
+    }
+    // A cursor of one order does not continue another.
+    let (code, e) = server
+        .call(
+            Method::GET,
+            &format!("{list}?sort=created&cursor={next}"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 422, "{e}");
+
+    let cookie = server.operator_session("pager").await;
+    let page = server
+        .get_with_cookie(&format!("/products/{pid}"), &cookie)
+        .await;
+    let html = page.text();
+    assert!(html.contains("150 of 150 devices"), "{html}");
+    assert_eq!(
+        html.matches("/workspace/").count(),
+        100,
+        "one page of devices"
+    );
+    let href = html
+        .split("id=\"next-devices\" href=\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .unwrap()
+        .replace("&amp;", "&");
+    let page = server.get_with_cookie(&href, &cookie).await;
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert_eq!(html.matches("/workspace/").count(), 50);
+    assert!(!html.contains("next-devices"), "the last page");
+    let page = server
+        .get_with_cookie(&format!("/products/{pid}?q=unit-14&status=new"), &cookie)
+        .await;
+    assert!(page.text().contains("3 of 150 devices"), "{}", page.text());
+    server.finish().await;
+}
+on_both_backends!(device_lists_are_paged, device_lists_are_paged_story);

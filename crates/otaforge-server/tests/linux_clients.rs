@@ -1599,7 +1599,8 @@ async fn a_failing_stage_of_a_mixed_rollout_rolls_every_dialect_back() {
         .await;
     let state_of = |serial: &str| {
         members
-            .as_array()
+            .get("items")
+            .and_then(|i| i.as_array())
             .unwrap()
             .iter()
             .find(|m| m["serial"] == serial)

@@ -872,7 +872,8 @@ async fn secrets_stay_sealed_and_bot_sessions_end_with_their_reason() {
         "registered device",
     ] {
         let entry = audit
-            .as_array()
+            .get("items")
+            .and_then(|i| i.as_array())
             .unwrap()
             .iter()
             .find(|a| a["action"] == action)

@@ -49,6 +49,111 @@ fn parse_json(text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| StoreError::Invalid(format!("stored json: {e}")))
 }
 
+/// A value bound to a numbered placeholder of a query built at run time.
+enum Arg {
+    Int(i64),
+    Text(String),
+}
+
+/// `LIKE` pattern text with `%`, `_` and the escape character itself escaped (`ESCAPE '\\'`).
+fn like_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The `WHERE` clause (from `product_id = $1` on) and, with `paged`, the cursor condition,
+/// `ORDER BY` and `LIMIT` of a device query, with its arguments in placeholder order.
+fn device_query_sql(product_id: Id, q: &DeviceQuery, paged: bool) -> Result<(String, Vec<Arg>)> {
+    let mut args = vec![Arg::Int(product_id)];
+    let mut sql = String::from("product_id = $1");
+    let arg = |args: &mut Vec<Arg>, value: Arg| {
+        args.push(value);
+        format!("${}", args.len())
+    };
+    if let Some(status) = q.status {
+        let n = arg(&mut args, Arg::Text(status.as_str().into()));
+        sql.push_str(&format!(" AND status = {n}"));
+    }
+    if let Some(group) = q.group_id {
+        let n = arg(&mut args, Arg::Int(group));
+        sql.push_str(&format!(" AND group_id = {n}"));
+    }
+    if let Some(version) = &q.version {
+        let n = arg(&mut args, Arg::Text(version.clone()));
+        sql.push_str(&format!(" AND version = {n}"));
+    }
+    if let Some(before) = q.seen_before {
+        let n = arg(&mut args, Arg::Int(before));
+        sql.push_str(&format!(" AND COALESCE(last_seen, 0) < {n}"));
+    }
+    if let Some(after) = q.seen_after {
+        let n = arg(&mut args, Arg::Int(after));
+        sql.push_str(&format!(" AND last_seen >= {n}"));
+    }
+    if let Some(prefix) = q.serial_prefix.as_deref().filter(|p| !p.is_empty()) {
+        let p = arg(&mut args, Arg::Text(prefix.into()));
+        let len = arg(&mut args, Arg::Int(prefix.chars().count() as i64));
+        sql.push_str(&format!(
+            " AND serial >= {p} AND substr(serial, 1, CAST({len} AS INTEGER)) = {p}"
+        ));
+    }
+    if let Some(search) = q.search.as_deref().filter(|s| !s.is_empty()) {
+        let n = arg(
+            &mut args,
+            Arg::Text(format!("%{}%", like_escaped(&search.to_lowercase()))),
+        );
+        sql.push_str(&format!(" AND LOWER(serial) LIKE {n} ESCAPE '\\'"));
+    }
+    if !paged {
+        return Ok((sql, args));
+    }
+    let (cmp, dir) = if q.descending {
+        ("<", "DESC")
+    } else {
+        (">", "ASC")
+    };
+    let order = match (&q.sort, &q.after) {
+        (DeviceSort::Serial, after) => {
+            if let Some(DeviceCursor::Serial(serial)) = after {
+                let n = arg(&mut args, Arg::Text(serial.clone()));
+                sql.push_str(&format!(" AND serial {cmp} {n}"));
+            }
+            format!("serial {dir}")
+        }
+        (DeviceSort::LastSeen, after) => {
+            if let Some(DeviceCursor::LastSeen(seen, id)) = after {
+                let k = arg(&mut args, Arg::Int(*seen));
+                let i = arg(&mut args, Arg::Int(*id));
+                sql.push_str(&format!(
+                    " AND (COALESCE(last_seen, 0) {cmp} {k} OR (COALESCE(last_seen, 0) = {k} AND id {cmp} {i}))"
+                ));
+            }
+            format!("COALESCE(last_seen, 0) {dir}, id {dir}")
+        }
+        (DeviceSort::Created, after) => {
+            if let Some(DeviceCursor::Created(id)) = after {
+                let n = arg(&mut args, Arg::Int(*id));
+                sql.push_str(&format!(" AND id {cmp} {n}"));
+            }
+            format!("id {dir}")
+        }
+    };
+    if !q.cursor_fits() {
+        return Err(StoreError::Invalid(
+            "the cursor comes from a list in another order".into(),
+        ));
+    }
+    let n = arg(&mut args, Arg::Int(q.limit.clamp(1, 10_000)));
+    sql.push_str(&format!(" ORDER BY {order} LIMIT {n}"));
+    Ok((sql, args))
+}
+
 macro_rules! sql_store {
     ($store:ident, $db:ty, $row:ty, $backend:literal, $begin:literal) => {
         impl $store {
@@ -614,6 +719,56 @@ macro_rules! sql_store {
                 .fetch_all(&self.read)
                 .await?;
                 rows.iter().map(Self::device).collect()
+            }
+
+            async fn device_page(&self, product_id: Id, query: &DeviceQuery) -> Result<Vec<Device>> {
+                let (filter, args) = device_query_sql(product_id, query, true)?;
+                let sql = format!("SELECT {DEVICE_COLS} FROM devices WHERE {filter}");
+                let mut q = sqlx::query(&sql);
+                for a in args {
+                    q = match a {
+                        Arg::Int(v) => q.bind(v),
+                        Arg::Text(t) => q.bind(t),
+                    };
+                }
+                let rows = q.fetch_all(&self.read).await?;
+                rows.iter().map(Self::device).collect()
+            }
+
+            async fn count_devices(&self, product_id: Id, query: &DeviceQuery) -> Result<i64> {
+                let (filter, args) = device_query_sql(product_id, query, false)?;
+                let sql = format!("SELECT COUNT(*) AS n FROM devices WHERE {filter}");
+                let mut q = sqlx::query(&sql);
+                for a in args {
+                    q = match a {
+                        Arg::Int(v) => q.bind(v),
+                        Arg::Text(t) => q.bind(t),
+                    };
+                }
+                Ok(q.fetch_one(&self.read).await?.try_get("n")?)
+            }
+
+            async fn device_tally(&self, product_id: Id) -> Result<Vec<DeviceTally>> {
+                let rows = sqlx::query(
+                    "SELECT group_id, status, version, COUNT(*) AS n FROM devices \
+                     WHERE product_id = $1 GROUP BY group_id, status, version",
+                )
+                .bind(product_id)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let status: String = row.try_get("status")?;
+                        Ok(DeviceTally {
+                            group_id: row.try_get("group_id")?,
+                            status: DeviceStatus::parse(&status).ok_or_else(|| {
+                                StoreError::Invalid(format!("stored device status {status:?}"))
+                            })?,
+                            version: row.try_get("version")?,
+                            count: row.try_get("n")?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn find_device(&self, product_id: Id, serial: &str) -> Result<Option<Device>> {
@@ -1388,6 +1543,46 @@ macro_rules! sql_store {
                 rows.iter().map(Self::member).collect()
             }
 
+            async fn rollout_members_page(
+                &self,
+                rollout_id: Id,
+                after: Option<(i64, Id)>,
+                limit: i64,
+            ) -> Result<Vec<RolloutMember>> {
+                let (stage, device) = after.unwrap_or((-1, -1));
+                let rows = sqlx::query(&format!(
+                    "SELECT {MEMBER_COLS} FROM rollout_devices WHERE rollout_id = $1 \
+                     AND (stage > $2 OR (stage = $2 AND device_id > $3)) \
+                     ORDER BY stage, device_id LIMIT $4"
+                ))
+                .bind(rollout_id)
+                .bind(stage)
+                .bind(device)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::member).collect()
+            }
+
+            async fn member_counts(&self, rollout_id: Id) -> Result<Vec<(i64, MemberState, i64)>> {
+                let rows = sqlx::query(
+                    "SELECT stage, state, COUNT(*) AS n FROM rollout_devices WHERE rollout_id = $1 \
+                     GROUP BY stage, state",
+                )
+                .bind(rollout_id)
+                .fetch_all(&self.write)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let state: String = row.try_get("state")?;
+                        let state = MemberState::parse(&state).ok_or_else(|| {
+                            StoreError::Invalid(format!("stored member state {state:?}"))
+                        })?;
+                        Ok((row.try_get("stage")?, state, row.try_get("n")?))
+                    })
+                    .collect()
+            }
+
             async fn move_member(
                 &self,
                 rollout_id: Id,
@@ -1439,12 +1634,18 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn device_events(&self, device_id: Id, limit: i64) -> Result<Vec<DeviceEvent>> {
+            async fn device_events(
+                &self,
+                device_id: Id,
+                before: Option<Id>,
+                limit: i64,
+            ) -> Result<Vec<DeviceEvent>> {
                 let rows = sqlx::query(
                     "SELECT id, device_id, at, kind, detail FROM device_events WHERE device_id = $1 \
-                     ORDER BY id DESC LIMIT $2",
+                     AND id < $2 ORDER BY id DESC LIMIT $3",
                 )
                 .bind(device_id)
+                .bind(before.unwrap_or(Id::MAX))
                 .bind(limit)
                 .fetch_all(&self.read)
                 .await?;
@@ -1473,10 +1674,12 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+            async fn audit_log(&self, before: Option<Id>, limit: i64) -> Result<Vec<AuditEntry>> {
                 let rows = sqlx::query(
-                    "SELECT id, at, actor, action, subject, detail FROM audit_log ORDER BY id DESC LIMIT $1",
+                    "SELECT id, at, actor, action, subject, detail FROM audit_log WHERE id < $1 \
+                     ORDER BY id DESC LIMIT $2",
                 )
+                .bind(before.unwrap_or(Id::MAX))
                 .bind(limit)
                 .fetch_all(&self.read)
                 .await?;
@@ -1600,6 +1803,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     ("open actions", include_str!("../migrations/sqlite_9.sql")),
     ("artifact keys", include_str!("../migrations/sqlite_10.sql")),
     ("releases", include_str!("../migrations/sqlite_11.sql")),
+    ("list indexes", include_str!("../migrations/sqlite_12.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -1631,6 +1835,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/postgres_10.sql"),
     ),
     ("releases", include_str!("../migrations/postgres_11.sql")),
+    (
+        "list indexes",
+        include_str!("../migrations/postgres_12.sql"),
+    ),
 ];
 
 /// sqlx's migrator over one backend's embedded migrations (no macros: the SQL is

@@ -48,6 +48,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_device(&self, new: NewDevice) -> Result<Device>;
     async fn list_devices(&self, product_id: Id) -> Result<Vec<Device>>;
+    /// One page of a product's devices: the query's filters, order and cursor, at most its
+    /// limit (1 to 10,000).
+    async fn device_page(&self, product_id: Id, query: &DeviceQuery) -> Result<Vec<Device>>;
+    /// How many devices the query's filters take (its order, cursor and limit ignored).
+    async fn count_devices(&self, product_id: Id, query: &DeviceQuery) -> Result<i64>;
+    /// A product's devices counted by group, status and version.
+    async fn device_tally(&self, product_id: Id) -> Result<Vec<DeviceTally>>;
     async fn find_device(&self, product_id: Id, serial: &str) -> Result<Option<Device>>;
     async fn get_device(&self, product_id: Id, serial: &str) -> Result<Device>;
     async fn update_device(
@@ -158,6 +165,15 @@ pub trait Store: Send + Sync + 'static {
     /// Saves state, stage, rolled-back stages and message.
     async fn update_rollout(&self, rollout: &Rollout) -> Result<()>;
     async fn rollout_members(&self, rollout_id: Id) -> Result<Vec<RolloutMember>>;
+    /// Members in (stage, device) order after `after`, at most `limit`.
+    async fn rollout_members_page(
+        &self,
+        rollout_id: Id,
+        after: Option<(i64, Id)>,
+        limit: i64,
+    ) -> Result<Vec<RolloutMember>>;
+    /// How many members are in each (stage, state), counted by the database.
+    async fn member_counts(&self, rollout_id: Id) -> Result<Vec<(i64, MemberState, i64)>>;
     /// Moves a member from one of `from` to `to`; false when it was in none of them (so a
     /// transition is counted once, whatever retries and restarts happen).
     async fn move_member(
@@ -172,9 +188,14 @@ pub trait Store: Send + Sync + 'static {
     async fn offers_since(&self, rollout_id: Id, since: Millis) -> Result<i64>;
 
     async fn add_device_event(&self, device_id: Id, kind: &str, detail: &str) -> Result<()>;
-    /// Newest first.
-    async fn device_events(&self, device_id: Id, limit: i64) -> Result<Vec<DeviceEvent>>;
+    /// Newest first, older than `before` (an event id) when given.
+    async fn device_events(
+        &self,
+        device_id: Id,
+        before: Option<Id>,
+        limit: i64,
+    ) -> Result<Vec<DeviceEvent>>;
     async fn audit(&self, actor: &str, action: &str, subject: &str, detail: &str) -> Result<()>;
-    /// Newest first.
-    async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+    /// Newest first, older than `before` (an entry id) when given.
+    async fn audit_log(&self, before: Option<Id>, limit: i64) -> Result<Vec<AuditEntry>>;
 }

@@ -61,6 +61,7 @@ async fn sqlite_conforms() {
     let (store, dir) = sqlite().await;
     assert_eq!(store.backend(), "sqlite");
     suite(&*store).await;
+    paging(&*store).await;
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -70,6 +71,7 @@ async fn postgres_conforms() {
     let (store, name) = postgres().await;
     assert_eq!(store.backend(), "postgres");
     suite(&*store).await;
+    paging(&*store).await;
     drop(store);
     drop_pg(&name).await;
 }
@@ -629,7 +631,7 @@ async fn suite(store: &dyn Store) {
         .add_device_event(d1.id, "installed", "2.0.0")
         .await
         .unwrap();
-    let events = store.device_events(d1.id, 10).await.unwrap();
+    let events = store.device_events(d1.id, None, 10).await.unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(events[0].kind, "installed", "newest first");
     store
@@ -640,7 +642,7 @@ async fn suite(store: &dyn Store) {
         .audit("ann", "deleted group", "lab", "from 127.0.0.1")
         .await
         .unwrap();
-    let log = store.audit_log(1).await.unwrap();
+    let log = store.audit_log(None, 1).await.unwrap();
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].action, "deleted group", "newest first");
 
@@ -804,4 +806,274 @@ async fn databases_from_before_the_migrator_are_adopted() {
         assert!(store.user_by_name("old").await.unwrap().is_some());
     }
     drop_pg(&name).await;
+}
+
+/// Every page of `query`, fetched `size` at a time as the API does (one row more than it
+/// shows, to know whether another page follows).
+async fn all_pages(store: &dyn Store, product: Id, query: &DeviceQuery, size: i64) -> Vec<String> {
+    let mut query = query.clone();
+    let mut out = Vec::new();
+    loop {
+        query.limit = size + 1;
+        let rows = store.device_page(product, &query).await.unwrap();
+        let more = rows.len() as i64 > size;
+        for d in rows.iter().take(size as usize) {
+            out.push(d.serial.clone());
+        }
+        if !more {
+            return out;
+        }
+        query.after = Some(query.cursor_after(&rows[size as usize - 1]));
+    }
+}
+
+/// Paged, filtered, sorted and counted lists, as the database does them.
+async fn paging(store: &dyn Store) {
+    let p = store.create_product("paging", "paging-key").await.unwrap();
+    let other = store.create_group(p.id, "other").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let d = store
+            .create_device(NewDevice {
+                product_id: p.id,
+                group_id: (i % 5 == 0).then_some(other.id),
+                serial: format!("pg-{i:02}"),
+                status: if i % 2 == 0 {
+                    DeviceStatus::Verified
+                } else {
+                    DeviceStatus::New
+                },
+                password_hash: None,
+            })
+            .await
+            .unwrap();
+        ids.push(d.id);
+    }
+    // Ten devices seen, in pairs at the same moment (ties across page ends); the rest never.
+    let batch: Vec<(Id, Telemetry)> = (0..10)
+        .map(|i| {
+            (
+                ids[i],
+                Telemetry {
+                    last_seen: Some(1_000 + (i as i64 / 2) * 10),
+                    version: Some(if i < 4 { "1.0" } else { "2.0" }.into()),
+                    ..Telemetry::default()
+                },
+            )
+        })
+        .collect();
+    store.record_telemetry(&batch).await.unwrap();
+    let all: Vec<String> = (0..25).map(|i| format!("pg-{i:02}")).collect();
+    let base = DeviceQuery::default();
+    assert_eq!(all_pages(store, p.id, &base, 10).await, all);
+    assert_eq!(all_pages(store, p.id, &base, 1).await, all);
+    let desc = DeviceQuery {
+        descending: true,
+        ..base.clone()
+    };
+    let mut reversed = all.clone();
+    reversed.reverse();
+    assert_eq!(all_pages(store, p.id, &desc, 7).await, reversed);
+    // By last check-in: never seen first, ties in id order, no row twice or lost.
+    let seen = DeviceQuery {
+        sort: DeviceSort::LastSeen,
+        ..base.clone()
+    };
+    let by_seen = all_pages(store, p.id, &seen, 3).await;
+    let mut expected: Vec<String> = all[10..].to_vec();
+    expected.extend(all[..10].iter().cloned());
+    assert_eq!(by_seen, expected);
+    let seen_desc = DeviceQuery {
+        descending: true,
+        ..seen.clone()
+    };
+    let mut back = expected.clone();
+    back.reverse();
+    assert_eq!(all_pages(store, p.id, &seen_desc, 4).await, back);
+    let created = DeviceQuery {
+        sort: DeviceSort::Created,
+        ..base.clone()
+    };
+    assert_eq!(all_pages(store, p.id, &created, 6).await, all);
+    // Filters, and counts that agree with them.
+    let cases: Vec<(DeviceQuery, Vec<String>)> = vec![
+        (
+            DeviceQuery {
+                status: Some(DeviceStatus::New),
+                ..base.clone()
+            },
+            all.iter().skip(1).step_by(2).cloned().collect(),
+        ),
+        (
+            DeviceQuery {
+                group_id: Some(other.id),
+                ..base.clone()
+            },
+            all.iter().step_by(5).cloned().collect(),
+        ),
+        (
+            DeviceQuery {
+                version: Some("1.0".into()),
+                ..base.clone()
+            },
+            all[..4].to_vec(),
+        ),
+        (
+            DeviceQuery {
+                serial_prefix: Some("pg-1".into()),
+                ..base.clone()
+            },
+            all[10..20].to_vec(),
+        ),
+        (
+            DeviceQuery {
+                search: Some("G-2".into()),
+                ..base.clone()
+            },
+            all[20..].to_vec(),
+        ),
+        (
+            DeviceQuery {
+                search: Some("%".into()),
+                ..base.clone()
+            },
+            vec![],
+        ),
+        (
+            DeviceQuery {
+                seen_after: Some(1_020),
+                ..base.clone()
+            },
+            all[4..10].to_vec(),
+        ),
+        (
+            DeviceQuery {
+                seen_before: Some(1_010),
+                ..base.clone()
+            },
+            all[..2].iter().chain(&all[10..]).cloned().collect(),
+        ),
+    ];
+    for (query, want) in cases {
+        assert_eq!(all_pages(store, p.id, &query, 4).await, want, "{query:?}");
+        assert_eq!(
+            store.count_devices(p.id, &query).await.unwrap(),
+            want.len() as i64,
+            "{query:?}"
+        );
+    }
+    let mixed = DeviceQuery {
+        sort: DeviceSort::Created,
+        after: Some(DeviceCursor::Serial("pg-03".into())),
+        ..base.clone()
+    };
+    assert!(matches!(
+        store.device_page(p.id, &mixed).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let tally = store.device_tally(p.id).await.unwrap();
+    assert_eq!(tally.iter().map(|t| t.count).sum::<i64>(), 25);
+    let on_two: i64 = tally
+        .iter()
+        .filter(|t| t.version.as_deref() == Some("2.0"))
+        .map(|t| t.count)
+        .sum();
+    assert_eq!(on_two, 6);
+
+    // Rollout members in pages, counted by the database.
+    let fw = store
+        .create_firmware(NewFirmware {
+            product_id: p.id,
+            version: "9.0".into(),
+            size: 1,
+            md5: "0".repeat(32),
+            sha256: "9".repeat(64),
+            format: "raw".into(),
+            metadata: serde_json::json!({}),
+        })
+        .await
+        .unwrap();
+    let members: Vec<(Id, i64, Option<String>)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, (i % 2) as i64, None))
+        .collect();
+    let rollout = store
+        .create_rollout(
+            NewRollout {
+                product_id: p.id,
+                firmware_id: fw.id,
+                other_firmware_ids: vec![],
+                target: RolloutTarget::default(),
+                stages: vec![],
+                rate_per_minute: None,
+                created_by: "ann".into(),
+            },
+            &members,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .move_member(
+                rollout.id,
+                ids[3],
+                &[MemberState::Pending],
+                MemberState::Offered,
+                ""
+            )
+            .await
+            .unwrap()
+    );
+    let mut seen_members = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .rollout_members_page(rollout.id, after, 4)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|m| (m.stage, m.device_id));
+        seen_members.extend(page.into_iter().map(|m| (m.stage, m.device_id)));
+    }
+    let mut want: Vec<(i64, Id)> = members.iter().map(|(d, s, _)| (*s, *d)).collect();
+    want.sort();
+    assert_eq!(seen_members, want);
+    let mut counts = store.member_counts(rollout.id).await.unwrap();
+    counts.sort_by_key(|(stage, state, _)| (*stage, state.as_str()));
+    assert_eq!(
+        counts,
+        vec![
+            (0, MemberState::Pending, 13),
+            (1, MemberState::Offered, 1),
+            (1, MemberState::Pending, 11),
+        ]
+    );
+
+    // Events and the audit log, newest first, page by page.
+    for i in 0..5 {
+        store
+            .add_device_event(ids[0], "note", &format!("e{i}"))
+            .await
+            .unwrap();
+    }
+    let first = store.device_events(ids[0], None, 2).await.unwrap();
+    let second = store
+        .device_events(ids[0], first.last().map(|e| e.id), 2)
+        .await
+        .unwrap();
+    let details: Vec<&str> = first
+        .iter()
+        .chain(&second)
+        .map(|e| e.detail.as_str())
+        .collect();
+    assert_eq!(details, ["e4", "e3", "e2", "e1"]);
+    let newest = store.audit_log(None, 1).await.unwrap();
+    if let Some(top) = newest.first() {
+        let older = store.audit_log(Some(top.id), 3).await.unwrap();
+        assert!(older.iter().all(|a| a.id < top.id));
+    }
+    store.delete_product(p.id).await.unwrap();
 }

@@ -136,9 +136,25 @@ pub enum DeviceAction {
         #[arg(long)]
         password: Option<String>,
     },
+    /// Every device the filters take, one JSON object a line, fetched a page at a time.
     List {
         #[arg(long)]
         product: i64,
+        /// new, verified, blocked or disabled.
+        #[arg(long)]
+        status: Option<String>,
+        /// A group id.
+        #[arg(long)]
+        group: Option<i64>,
+        /// Exactly this reported version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Serials containing this.
+        #[arg(long)]
+        search: Option<String>,
+        /// serial, last_seen or created.
+        #[arg(long)]
+        sort: Option<String>,
     },
     Show {
         #[arg(long)]
@@ -412,9 +428,46 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                     )
                     .await?
                 }
-                DeviceAction::List { product } => {
-                    api.json(M::GET, &format!("/api/v1/products/{product}/devices"), None)
-                        .await?
+                DeviceAction::List {
+                    product,
+                    status,
+                    group,
+                    version,
+                    search,
+                    sort,
+                } => {
+                    let mut filters = form_urlencoded::Serializer::new(String::new());
+                    filters.append_pair("limit", "1000");
+                    let pairs = [
+                        ("status", status),
+                        ("group", group.map(|g| g.to_string())),
+                        ("version", version),
+                        ("q", search),
+                        ("sort", sort),
+                    ];
+                    for (name, value) in pairs {
+                        if let Some(v) = value {
+                            filters.append_pair(name, &v);
+                        }
+                    }
+                    let filters = filters.finish();
+                    let mut cursor: Option<String> = None;
+                    loop {
+                        let mut path = format!("/api/v1/products/{product}/devices?{filters}");
+                        if let Some(c) = &cursor {
+                            path.push_str("&cursor=");
+                            path.push_str(c);
+                        }
+                        let page = api.json(M::GET, &path, None).await?;
+                        for item in page["items"].as_array().into_iter().flatten() {
+                            println!("{item}");
+                        }
+                        match page["next"].as_str() {
+                            Some(next) => cursor = Some(next.to_string()),
+                            None => break,
+                        }
+                    }
+                    Value::Null
                 }
                 DeviceAction::Show { product, serial } => {
                     api.json(

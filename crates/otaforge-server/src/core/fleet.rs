@@ -438,6 +438,26 @@ impl AppState {
 
     // ---- devices ----
 
+    /// One page of a product's devices (`query.limit` is `limit + 1`), with the count of
+    /// all the filters take when `count`.
+    pub async fn device_page(
+        &self,
+        product: Id,
+        query: &DeviceQuery,
+        limit: i64,
+        count: bool,
+    ) -> ApiResult<crate::page::Page<Device>> {
+        self.inner.catalog.product(self.store(), product).await?;
+        // Reports still in the buffer are part of what the server knows.
+        self.flush_telemetry().await?;
+        let rows = self.store().device_page(product, query).await?;
+        let mut page = crate::page::of(rows, limit, |d| query.cursor_after(d), |d| d);
+        if count {
+            page.total = Some(self.store().count_devices(product, query).await?);
+        }
+        Ok(page)
+    }
+
     pub async fn register_device(
         &self,
         actor: &Actor,
