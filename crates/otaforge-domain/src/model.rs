@@ -630,3 +630,43 @@ pub struct DeviceTally {
     pub version: Option<String>,
     pub count: i64,
 }
+
+/// A row of a device import: created, or brought to these values when its serial exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedDevice {
+    pub serial: String,
+    pub group_id: Id,
+    pub status: DeviceStatus,
+    /// Argon2id PHC string; `None` keeps what the device has.
+    pub password_hash: Option<String>,
+    /// PEM; `None` keeps what the device has.
+    pub public_key: Option<String>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ImportOutcome {
+    /// Rows read.
+    pub rows: u64,
+    pub created: u64,
+    /// Rows whose serial existed (their values set again).
+    pub updated: u64,
+}
+
+/// One change to every device a filter takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkChange {
+    Status(DeviceStatus),
+    Group(Id),
+    Delete,
+}
+
+/// One stage of a planned rollout, as its dry run shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlannedStage {
+    pub count: i64,
+    /// Members not running the rollout's version (they will download it).
+    pub updating: i64,
+    /// The first members, in the plan's order.
+    pub serials: Vec<String>,
+}

@@ -8,36 +8,79 @@ use otaforge_protocol::UpdateResult;
 use crate::model::{Id, MemberState, StageSize, StageSpec};
 use sha2::{Digest, Sha256};
 
-/// Splits devices into stages. The order inside the rollout is a hash of the rollout's seed
-/// and each serial, so membership is stable, spread over the fleet, and the same in a dry run
-/// and in the real run. Returns, per stage, the chosen device ids (stages may be empty).
-pub fn plan(seed: &str, devices: &[(Id, String)], stages: &[StageSpec]) -> Vec<Vec<Id>> {
-    let mut order: Vec<([u8; 32], Id)> = devices
-        .iter()
-        .map(|(id, serial)| {
-            let mut h = Sha256::new();
-            h.update(seed.as_bytes());
-            h.update([0]);
-            h.update(serial.as_bytes());
-            (h.finalize().into(), *id)
-        })
-        .collect();
-    order.sort();
-    let total = order.len();
-    let mut next = 0usize;
-    let mut out = Vec::with_capacity(stages.len());
-    for stage in stages {
-        let remaining = total - next;
-        let want = match stage.size {
-            StageSize::Count(n) => usize::try_from(n).unwrap_or(usize::MAX),
-            StageSize::Percent(p) => ((p.clamp(0.0, 100.0) / 100.0) * total as f64).ceil() as usize,
-            StageSize::Rest => remaining,
+/// The prime the fleet order is taken modulo: larger than any device id (ids are below 2^32).
+pub const ORDER_PRIME: i64 = 4_294_967_311;
+
+/// The order a rollout's seed puts devices in: by `(id * multiplier + offset) % ORDER_PRIME`,
+/// then id. A permutation of the ids (the multiplier is below the prime), different for each
+/// seed, and one the database computes with integer arithmetic both SQLite and PostgreSQL
+/// have (the multiplier is below 2^31, so nothing overflows for ids below 2^32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetOrder {
+    pub multiplier: i64,
+    pub offset: i64,
+}
+
+impl FleetOrder {
+    pub fn of_seed(seed: &str) -> FleetOrder {
+        let h = Sha256::digest(seed.as_bytes());
+        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or([0; 8]));
+        FleetOrder {
+            multiplier: 1 + (word(0) % ((1u64 << 31) - 1)) as i64,
+            offset: (word(8) % ORDER_PRIME as u64) as i64,
         }
-        .min(remaining);
-        out.push(order[next..next + want].iter().map(|(_, id)| *id).collect());
-        next += want;
     }
-    out
+
+    /// A device's place (smaller first; ties by id).
+    pub fn key(self, id: Id) -> i64 {
+        ((id as i128 * self.multiplier as i128 + self.offset as i128) % ORDER_PRIME as i128) as i64
+    }
+}
+
+/// How many of `total` devices each stage takes, in order: counts and percentages of the
+/// fleet as far as devices remain, "rest" what remains.
+pub fn stage_sizes(total: u64, stages: &[StageSpec]) -> Vec<u64> {
+    let mut next = 0u64;
+    stages
+        .iter()
+        .map(|stage| {
+            let remaining = total - next;
+            let want = match stage.size {
+                StageSize::Count(n) => n,
+                StageSize::Percent(p) => {
+                    ((p.clamp(0.0, 100.0) / 100.0) * total as f64).ceil() as u64
+                }
+                StageSize::Rest => remaining,
+            }
+            .min(remaining);
+            next += want;
+            want
+        })
+        .collect()
+}
+
+/// Splits devices into stages: the fleet in the seed's order (`FleetOrder`), cut by
+/// `stage_sizes`. The database plans real rollouts the same way; this is its reference.
+/// Returns, per stage, the chosen device ids (stages may be empty).
+pub fn plan(seed: &str, devices: &[(Id, String)], stages: &[StageSpec]) -> Vec<Vec<Id>> {
+    let order = FleetOrder::of_seed(seed);
+    let mut ids: Vec<(i64, Id)> = devices
+        .iter()
+        .map(|(id, _)| (order.key(*id), *id))
+        .collect();
+    ids.sort();
+    let mut next = 0usize;
+    stage_sizes(ids.len() as u64, stages)
+        .into_iter()
+        .map(|n| {
+            let stage = ids[next..next + n as usize]
+                .iter()
+                .map(|(_, id)| *id)
+                .collect();
+            next += n as usize;
+            stage
+        })
+        .collect()
 }
 
 /// Checks a stage list before a rollout starts; the message names the problem.

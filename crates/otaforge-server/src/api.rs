@@ -29,6 +29,10 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/products/{product}/groups/{group}/resources",
             get(list_resources).post(upload_resource),
         )
+        .route(
+            "/api/v1/products/{product}/devices/import",
+            post(import_devices),
+        )
         .layer(DefaultBodyLimit::disable());
     Router::new()
         .route("/api/v1/openapi.json", get(crate::openapi::document))
@@ -63,6 +67,14 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/api/v1/products/{product}/devices",
             get(list_devices).post(create_device),
+        )
+        .route(
+            "/api/v1/products/{product}/devices/bulk",
+            post(bulk_devices),
+        )
+        .route(
+            "/api/v1/products/{product}/devices/export",
+            get(export_devices),
         )
         .route(
             "/api/v1/products/{product}/devices/{serial}",
@@ -619,6 +631,202 @@ pub async fn list_devices(
     let (query, limit) = query.to_store()?;
     let page = state.device_page(product, &query, limit, count).await?;
     Ok(Json(page.map(|d| DeviceBody::new(&state, d))))
+}
+
+/// The most an import may carry (a million rows with keys fit).
+const IMPORT_LIMIT: u64 = 512 * 1024 * 1024;
+
+#[utoipa::path(post, path = "/api/v1/products/{product}/devices/import", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    request_body(content = String, content_type = "text/csv",
+        description = "a header line naming the columns (serial, and any of group, status, \
+            password or token, password_hash, public_key), then one device a line; existing \
+            serials are updated; any bad row refuses the whole file"),
+    responses((status = 200, body = ImportOutcome), Refusals))]
+pub async fn import_devices(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(product): ApiPath<Id>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<ImportOutcome>> {
+    let bytes = upload::read_limited(&headers, body, IMPORT_LIMIT).await?;
+    Ok(Json(
+        state.import_devices(&op.actor(), product, &bytes).await?,
+    ))
+}
+
+/// Which devices a bulk change takes: the filters of the device list.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceFilter {
+    status: Option<DeviceStatus>,
+    group: Option<Id>,
+    version: Option<String>,
+    seen_before: Option<Millis>,
+    seen_after: Option<Millis>,
+    #[schema(max_length = 64)]
+    serial_prefix: Option<String>,
+    #[schema(max_length = 64)]
+    q: Option<String>,
+}
+
+/// A change to every device a filter takes.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkBody {
+    /// verify, block, disable, unverify (back to new), move (needs `group_id`) or delete.
+    #[schema(pattern = "^(verify|block|disable|unverify|move|delete)$")]
+    action: String,
+    group_id: Option<Id>,
+    #[serde(default)]
+    filter: DeviceFilter,
+    /// An empty filter takes every device only with this.
+    #[serde(default)]
+    all: bool,
+}
+
+/// How many devices a bulk change changed.
+#[derive(Serialize, ToSchema)]
+pub struct BulkOutcome {
+    changed: u64,
+}
+
+#[utoipa::path(post, path = "/api/v1/products/{product}/devices/bulk", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path)), request_body = BulkBody,
+    responses((status = 200, body = BulkOutcome), Refusals))]
+pub async fn bulk_devices(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(product): ApiPath<Id>,
+    ApiJson(body): ApiJson<BulkBody>,
+) -> ApiResult<Json<BulkOutcome>> {
+    let change = match (body.action.as_str(), body.group_id) {
+        ("verify", None) => BulkChange::Status(DeviceStatus::Verified),
+        ("block", None) => BulkChange::Status(DeviceStatus::Blocked),
+        ("disable", None) => BulkChange::Status(DeviceStatus::Disabled),
+        ("unverify", None) => BulkChange::Status(DeviceStatus::New),
+        ("delete", None) => BulkChange::Delete,
+        ("move", Some(group)) => BulkChange::Group(group),
+        ("move", None) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "move needs a group_id",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "group_id goes with move only",
+            ));
+        }
+        (other, None) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("no action {other:?}: verify, block, disable, unverify, move or delete"),
+            ));
+        }
+    };
+    let f = body.filter;
+    for (name, text) in [("serial_prefix", &f.serial_prefix), ("q", &f.q)] {
+        if text.as_ref().is_some_and(|t| t.chars().count() > 64) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{name} is longer than 64 characters"),
+            ));
+        }
+    }
+    let filter = DeviceQuery {
+        status: f.status,
+        group_id: f.group,
+        version: f.version,
+        seen_before: f.seen_before,
+        seen_after: f.seen_after,
+        serial_prefix: f.serial_prefix,
+        search: f.q,
+        ..DeviceQuery::default()
+    };
+    let changed = state
+        .bulk_devices(&op.actor(), product, &filter, body.all, change)
+        .await?;
+    Ok(Json(BulkOutcome { changed }))
+}
+
+#[utoipa::path(get, path = "/api/v1/products/{product}/devices/export", tag = "devices",
+    security(("bearer" = [])), params(("product" = i64, Path)),
+    responses((status = 200, content_type = "text/csv",
+        description = "serial, group, status, version, last_seen, created_at: every device, \
+            streamed in registration order", body = String), Refusals))]
+pub async fn export_devices(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath(product): ApiPath<Id>,
+) -> ApiResult<Response> {
+    let product = state.store().get_product(product).await?;
+    state.flush_telemetry().await?;
+    let groups: std::collections::HashMap<Id, String> = state
+        .store()
+        .list_groups(product.id)
+        .await?
+        .into_iter()
+        .map(|g| (g.id, g.name))
+        .collect();
+    let header = "serial,group,status,version,last_seen,created_at\n".to_string();
+    let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(header) });
+    let start = Some(DeviceQuery {
+        sort: DeviceSort::Created,
+        limit: 1000,
+        ..DeviceQuery::default()
+    });
+    let pages = futures_util::stream::unfold(start, move |query| {
+        let state = state.clone();
+        let groups = groups.clone();
+        async move {
+            let mut query = query?;
+            let rows = match state.store().device_page(product.id, &query).await {
+                Ok(rows) => rows,
+                Err(e) => return Some((Err(std::io::Error::other(e.to_string())), None)),
+            };
+            let mut out = csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(Vec::new());
+            for d in &rows {
+                let _ = out.write_record([
+                    d.serial.as_str(),
+                    groups.get(&d.group_id).map(String::as_str).unwrap_or(""),
+                    d.status.as_str(),
+                    d.telemetry.version.as_deref().unwrap_or(""),
+                    &d.telemetry
+                        .last_seen
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    &d.created_at.to_string(),
+                ]);
+            }
+            let text = String::from_utf8(out.into_inner().unwrap_or_default()).unwrap_or_default();
+            let next = (rows.len() as i64 == query.limit).then(|| {
+                query.after = rows.last().map(|d| query.cursor_after(d));
+                query
+            });
+            Some((Ok(text), next))
+        }
+    });
+    use futures_util::StreamExt;
+    let body = Body::from_stream(first.chain(pages));
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/csv; charset=utf-8".to_string(),
+            ),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{}-devices.csv\"", product.name),
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product}/devices/{serial}", tag = "devices",

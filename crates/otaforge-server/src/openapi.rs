@@ -99,6 +99,9 @@ impl Modify for Bearer {
         crate::api::delete_resource,
         crate::api::list_devices,
         crate::api::create_device,
+        crate::api::import_devices,
+        crate::api::bulk_devices,
+        crate::api::export_devices,
         crate::api::get_device,
         crate::api::patch_device,
         crate::api::delete_device,
@@ -137,6 +140,8 @@ impl Modify for Bearer {
         m::MemberState,
         m::DeviceEvent,
         m::AuditEntry,
+        m::DeviceSort,
+        m::ImportOutcome,
     ))
 )]
 pub struct ApiDoc;

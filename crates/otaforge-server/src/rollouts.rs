@@ -61,15 +61,24 @@ impl RolloutBook {
             for id in &r.other_firmware_ids {
                 release.push(store.get_firmware(r.product_id, *id).await?);
             }
-            for m in store.rollout_members(r.id).await? {
-                fresh.members.insert(
-                    m.device_id,
-                    Member {
-                        rollout: r.id,
-                        stage: m.stage,
-                        state: m.state,
-                    },
-                );
+            // In pages, so a rollout of a million devices never sits in memory twice.
+            let mut after = None;
+            loop {
+                let page = store.rollout_members_page(r.id, after, 10_000).await?;
+                let Some(last) = page.last() else {
+                    break;
+                };
+                after = Some((last.stage, last.device_id));
+                for m in page {
+                    fresh.members.insert(
+                        m.device_id,
+                        Member {
+                            rollout: r.id,
+                            stage: m.stage,
+                            state: m.state,
+                        },
+                    );
+                }
             }
             fresh.firmware.insert(r.id, release);
             fresh.rollouts.insert(r.id, r);
@@ -454,26 +463,20 @@ pub struct NewRolloutBody {
     /// Orders the fleet into stages; the same request (and seed) gives the same stages, so a
     /// dry run shows exactly who the real run will pick.
     seed: Option<String>,
+    /// Serials a dry run lists per stage (0 to 1000; 100 unless given); every stage's count
+    /// and bytes are there whatever this says.
+    #[schema(minimum = 0, maximum = 1000)]
+    preview: Option<i64>,
 }
 
-/// Devices a target selects, with what they run now.
-async fn select(state: &AppState, product: Id, target: &RolloutTarget) -> ApiResult<Vec<Device>> {
-    if let Some(g) = target.group_id {
-        state.store().get_group(product, g).await?;
+/// The devices a rollout target takes, as a device filter.
+fn target_filter(target: &RolloutTarget) -> otaforge_store::model::DeviceQuery {
+    otaforge_store::model::DeviceQuery {
+        group_id: target.group_id,
+        status: target.status,
+        version: target.version.clone(),
+        ..Default::default()
     }
-    state.flush_telemetry().await?;
-    let devices = state.store().list_devices(product).await?;
-    Ok(devices
-        .into_iter()
-        .filter(|d| target.group_id.is_none_or(|g| d.group_id == g))
-        .filter(|d| target.status.is_none_or(|s| d.status == s))
-        .filter(|d| {
-            target
-                .version
-                .as_deref()
-                .is_none_or(|v| d.telemetry.version.as_deref() == Some(v))
-        })
-        .collect())
 }
 
 #[utoipa::path(post, path = "/api/v1/products/{product}/rollouts", tag = "rollouts",
@@ -491,32 +494,37 @@ pub async fn create(
     if body.rate_per_minute.is_some_and(|r| r < 1) {
         return Err(unprocessable("rate_per_minute must be at least 1".into()));
     }
+    let preview = match body.preview {
+        None => crate::page::DEFAULT_LIMIT,
+        Some(n) if (0..=crate::page::MAX_LIMIT).contains(&n) => n,
+        Some(n) => {
+            return Err(unprocessable(format!(
+                "preview must be 0 to {}, not {n}",
+                crate::page::MAX_LIMIT
+            )));
+        }
+    };
     let release = state
         .release(product, Some(body.firmware_id), &body.other_firmware_ids)
         .await?;
     let firmware = release[0].clone();
-    let devices = select(&state, product, &body.target).await?;
+    if let Some(g) = body.target.group_id {
+        state.store().get_group(product, g).await?;
+    }
+    // Reports still buffered are part of what the devices run.
+    state.flush_telemetry().await?;
+    let store = state.store();
+    let filter = target_filter(&body.target);
+    let total = store.count_devices(product, &filter).await?;
+    let sizes = rollout_plan::stage_sizes(total.max(0) as u64, &body.stages);
     // A device is in at most one live rollout.
-    let busy: Vec<&str> = {
-        let book = state
-            .inner
-            .rollouts
-            .book
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        devices
-            .iter()
-            .filter(|d| book.members.contains_key(&d.id))
-            .map(|d| d.serial.as_str())
-            .collect()
-    };
-    if !busy.is_empty() && !body.dry_run {
+    let (busy, one_busy) = store.busy_devices(product, &filter).await?;
+    if busy > 0 && !body.dry_run {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "{} of these devices are already in a live rollout (e.g. {})",
-                busy.len(),
-                busy[0]
+                "{busy} of these devices are already in a live rollout (e.g. {})",
+                one_busy.unwrap_or_default()
             ),
         ));
     }
@@ -527,59 +535,35 @@ pub async fn create(
             serde_json::to_string(&body.target).unwrap_or_default()
         )
     });
-    let pairs: Vec<(Id, String)> = devices.iter().map(|d| (d.id, d.serial.clone())).collect();
-    let stages = rollout_plan::plan(&seed, &pairs, &body.stages);
-    let by_id: HashMap<Id, &Device> = devices.iter().map(|d| (d.id, d)).collect();
-    let needs_bytes = |id: &Id| {
-        by_id
-            .get(id)
-            .is_some_and(|d| d.telemetry.version.as_deref() != Some(firmware.version.as_str()))
-    };
-    let preview: Vec<StagePreview> = stages
-        .iter()
+    let order = rollout_plan::FleetOrder::of_seed(&seed);
+    let shown = if body.dry_run { preview } else { 0 };
+    let planned = store
+        .preview_plan(product, &filter, order, &sizes, &firmware.version, shown)
+        .await?;
+    let stage_previews: Vec<StagePreview> = planned
+        .into_iter()
         .enumerate()
-        .map(|(i, ids)| {
-            let updating = ids.iter().filter(|id| needs_bytes(id)).count() as i64;
-            StagePreview {
-                stage: i + 1,
-                devices: ids
-                    .iter()
-                    .filter_map(|id| by_id.get(id).map(|d| d.serial.clone()))
-                    .collect(),
-                count: ids.len(),
-                bytes: updating * firmware.size,
-            }
+        .map(|(i, s)| StagePreview {
+            stage: i + 1,
+            count: s.count as usize,
+            bytes: s.updating * firmware.size,
+            devices: s.serials,
         })
         .collect();
-    let total_bytes: i64 = preview.iter().map(|s| s.bytes).sum();
+    let total_bytes: i64 = stage_previews.iter().map(|s| s.bytes).sum();
     if body.dry_run {
         return Ok(axum::Json(DryRun {
             dry_run: true,
             firmware: firmware.version.clone(),
-            total_devices: devices.len(),
+            total_devices: total as usize,
             total_bytes,
-            stages: preview,
-            already_in_rollouts: busy.len(),
+            stages: stage_previews,
+            already_in_rollouts: busy as usize,
         })
         .into_response());
     }
-    let by_id = &by_id;
-    let members: Vec<(Id, i64, Option<String>)> = stages
-        .iter()
-        .enumerate()
-        .flat_map(|(i, ids)| {
-            ids.iter().map(move |id| {
-                (
-                    *id,
-                    i as i64,
-                    by_id.get(id).and_then(|d| d.telemetry.version.clone()),
-                )
-            })
-        })
-        .collect();
-    let rollout = state
-        .store()
-        .create_rollout(
+    let rollout = store
+        .create_planned_rollout(
             NewRollout {
                 product_id: product,
                 firmware_id: firmware.id,
@@ -589,7 +573,9 @@ pub async fn create(
                 rate_per_minute: body.rate_per_minute,
                 created_by: op.0.username.clone(),
             },
-            &members,
+            &filter,
+            order,
+            &sizes,
         )
         .await?;
     state
@@ -597,19 +583,13 @@ pub async fn create(
             &op.actor(),
             "started rollout",
             &format!("rollout {}", rollout.id),
-            &format!("firmware {} to {} devices", firmware.version, devices.len()),
+            &format!("firmware {} to {total} devices", firmware.version),
         )
         .await;
     state.inner.rollouts.load(state.store()).await?;
     state.inner.catalog.invalidate();
     let out = Created {
-        rollout: RolloutBody::new(
-            &rollout,
-            &members
-                .iter()
-                .map(|(_, s, _)| (*s, MemberState::Pending))
-                .collect::<Vec<_>>(),
-        ),
+        rollout: RolloutBody::of(&state, &rollout).await?,
         total_bytes,
     };
     Ok((StatusCode::CREATED, axum::Json(out)).into_response())
@@ -619,6 +599,7 @@ pub async fn create(
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct StagePreview {
     stage: usize,
+    /// Its first members in the plan's order (as many as `preview` asked).
     devices: Vec<String>,
     count: usize,
     bytes: i64,
@@ -692,10 +673,6 @@ pub struct MemberBody {
 }
 
 impl RolloutBody {
-    pub fn new(r: &Rollout, members: &[(i64, MemberState)]) -> Self {
-        Self::counted(r, &rollout_plan::count(members.iter().copied()))
-    }
-
     /// With the members counted per stage.
     pub fn counted(r: &Rollout, counts: &HashMap<i64, rollout_plan::StageCounts>) -> Self {
         let stages = r

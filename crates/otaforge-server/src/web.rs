@@ -687,7 +687,12 @@ async fn product_page(
     };
     let rows = store.device_page(product, &query).await.unwrap_or_default();
     let shown = crate::page::of(rows, DEVICES_PER_PAGE, |d| query.cursor_after(d), |d| d);
-    let matching = store.count_devices(product, &query).await.unwrap_or(0);
+    // A first page that is the whole list is its own count (no second pass over the fleet).
+    let matching = if shown.next.is_none() && query.after.is_none() {
+        shown.items.len() as i64
+    } else {
+        store.count_devices(product, &query).await.unwrap_or(0)
+    };
     let next_page = shown.next.as_ref().map(|cursor| {
         let mut url = form_urlencoded::Serializer::new(String::new());
         if let Some(t) = search {

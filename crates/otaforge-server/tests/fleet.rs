@@ -41,7 +41,7 @@ async fn otadrive_update_story(backend: Backend) {
             None,
         )
         .await;
-    let device = devices
+    let device = devices["items"]
         .as_array()
         .unwrap()
         .iter()
@@ -1496,3 +1496,170 @@ async fn device_lists_are_paged_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(device_lists_are_paged, device_lists_are_paged_story);
+
+/// Devices come in by CSV (created, then updated on a re-run, never doubled), a file with any
+/// bad row is refused whole with the faults by line, changes by filter reach exactly the
+/// devices the filter takes, and the export streams every device.
+async fn bulk_device_work_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, _, _) = server.product("bulk").await;
+    let (status, lab) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/groups"),
+            Some(json!({"name": "lab"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{lab}");
+    let key = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEVs/o5+uQbTjL3chynL4wXgUg2R9\nq9UU8I5mEovUf86QZ7kOBIjJwqnzD1omageEHWwHdBO6B+dFabmdT9POxg==\n-----END PUBLIC KEY-----";
+    let mut csv = String::from("serial,group,status,token,public_key\n");
+    for i in 0..1000 {
+        let group = if i % 4 == 0 { "lab" } else { "" };
+        let status = if i % 2 == 0 { "new" } else { "verified" };
+        let token = if i < 2 {
+            format!("tt-{i}")
+        } else {
+            String::new()
+        };
+        let public_key = if i == 7 {
+            format!("\"{key}\"")
+        } else {
+            String::new()
+        };
+        csv.push_str(&format!(
+            "imp-{i:04},{group},{status},{token},{public_key}\n"
+        ));
+    }
+    let import = format!("/api/v1/products/{pid}/devices/import");
+    let (status, outcome) = server.upload(&import, csv.clone().into_bytes()).await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(
+        outcome,
+        json!({"rows": 1000, "created": 1000, "updated": 0})
+    );
+    let (status, again) = server.upload(&import, csv.into_bytes()).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, json!({"rows": 1000, "created": 0, "updated": 1000}));
+    let list = format!("/api/v1/products/{pid}/devices");
+    let count = async |query: &str| {
+        let (_, page) = server
+            .call(
+                Method::GET,
+                &format!("{list}?count=true&limit=1&{query}"),
+                None,
+            )
+            .await;
+        page["total"].as_i64().unwrap()
+    };
+    assert_eq!(count("").await, 1000);
+    assert_eq!(count(&format!("group={}", lab["id"])).await, 250);
+    assert_eq!(count("status=new").await, 500);
+    let (_, d) = server
+        .call(Method::GET, &format!("{list}/imp-0001"), None)
+        .await;
+    assert_eq!(
+        d["has_password"], true,
+        "the token is the device's password: {d}"
+    );
+
+    // One bad file: nothing of it lands, every fault is named by its line.
+    let bad = "serial,group,status\nfine-1,,verified\nbad/serial,,new\nfine-2,nowhere,new\nfine-3,,sideways\nfine-1,,new\n";
+    let (status, e) = server.upload(&import, bad.as_bytes().to_vec()).await;
+    assert_eq!(status, 422, "{e}");
+    let text = e["error"].as_str().unwrap();
+    for part in [
+        "4 bad rows, nothing imported",
+        "line 3:",
+        "line 4: no group \"nowhere\"",
+        "line 5: status \"sideways\"",
+        "line 6: serial \"fine-1\" is on line 2 too",
+    ] {
+        assert!(text.contains(part), "{part} missing: {text}");
+    }
+    assert_eq!(count("").await, 1000, "nothing half-imported");
+    let (status, e) = server
+        .upload(&import, b"serial,colour\nx,red\n".to_vec())
+        .await;
+    assert_eq!(status, 422);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown column \"colour\""),
+        "{e}"
+    );
+
+    // Changes by filter.
+    let bulk = format!("/api/v1/products/{pid}/devices/bulk");
+    let (status, done) = server
+        .call(
+            Method::POST,
+            &bulk,
+            Some(
+                json!({"action": "verify", "filter": {"status": "new", "serial_prefix": "imp-00"}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["changed"], 50, "imp-0000..imp-0099, every other one");
+    assert_eq!(count("status=new").await, 450);
+    let (_, done) = server
+        .call(
+            Method::POST,
+            &bulk,
+            Some(json!({"action": "move", "group_id": lab["id"], "filter": {"q": "-09"}})),
+        )
+        .await;
+    assert_eq!(done["changed"], 100, "{done}");
+    let (status, e) = server
+        .call(Method::POST, &bulk, Some(json!({"action": "delete"})))
+        .await;
+    assert_eq!(status, 422, "an empty filter needs all: {e}");
+    let (status, e) = server
+        .call(Method::POST, &bulk, Some(json!({"action": "move"})))
+        .await;
+    assert_eq!(status, 422, "{e}");
+    let (_, done) = server
+        .call(
+            Method::POST,
+            &bulk,
+            Some(json!({"action": "delete", "filter": {"serial_prefix": "imp-09"}})),
+        )
+        .await;
+    assert_eq!(done["changed"], 100, "{done}");
+    assert_eq!(count("").await, 900);
+
+    // The export: a header and every device.
+    let response = server
+        .http
+        .get(server.url(&format!("/api/v1/products/{pid}/devices/export")))
+        .bearer_auth(support::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let text = response.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "serial,group,status,version,last_seen,created_at");
+    assert_eq!(lines.len(), 901);
+    assert!(
+        lines[1].starts_with("imp-0000,lab,verified,"),
+        "{}",
+        lines[1]
+    );
+    let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
+    let audit = audit.to_string();
+    assert!(audit.contains("imported devices"), "{audit}");
+    assert!(audit.contains("bulk deleted"), "{audit}");
+    server.finish().await;
+}
+on_both_backends!(bulk_device_work, bulk_device_work_story);

@@ -7,6 +7,7 @@ use sqlx::Row;
 use crate::error::{Result, StoreError};
 use crate::model::*;
 use crate::store::Store;
+use otaforge_domain::rollout_plan::{FleetOrder, ORDER_PRIME};
 
 const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_at, artifact_keys";
 const GROUP_COLS: &str =
@@ -69,7 +70,14 @@ fn like_escaped(text: &str) -> String {
 
 /// The `WHERE` clause (from `product_id = $1` on) and, with `paged`, the cursor condition,
 /// `ORDER BY` and `LIMIT` of a device query, with its arguments in placeholder order.
-fn device_query_sql(product_id: Id, q: &DeviceQuery, paged: bool) -> Result<(String, Vec<Arg>)> {
+/// `backend`: "sqlite" or "postgres" (SQLite's `LIKE` ignores ASCII case, PostgreSQL's
+/// `ILIKE` does; serials are ASCII).
+fn device_query_sql(
+    backend: &str,
+    product_id: Id,
+    q: &DeviceQuery,
+    paged: bool,
+) -> Result<(String, Vec<Arg>)> {
     let mut args = vec![Arg::Int(product_id)];
     let mut sql = String::from("product_id = $1");
     let arg = |args: &mut Vec<Arg>, value: Arg| {
@@ -104,11 +112,9 @@ fn device_query_sql(product_id: Id, q: &DeviceQuery, paged: bool) -> Result<(Str
         ));
     }
     if let Some(search) = q.search.as_deref().filter(|s| !s.is_empty()) {
-        let n = arg(
-            &mut args,
-            Arg::Text(format!("%{}%", like_escaped(&search.to_lowercase()))),
-        );
-        sql.push_str(&format!(" AND LOWER(serial) LIKE {n} ESCAPE '\\'"));
+        let n = arg(&mut args, Arg::Text(format!("%{}%", like_escaped(search))));
+        let like = if backend == "postgres" { "ILIKE" } else { "LIKE" };
+        sql.push_str(&format!(" AND serial {like} {n} ESCAPE '\\'"));
     }
     if !paged {
         return Ok((sql, args));
@@ -152,6 +158,42 @@ fn device_query_sql(product_id: Id, q: &DeviceQuery, paged: bool) -> Result<(Str
     let n = arg(&mut args, Arg::Int(q.limit.clamp(1, 10_000)));
     sql.push_str(&format!(" ORDER BY {order} LIMIT {n}"));
     Ok((sql, args))
+}
+
+/// The devices a target takes, numbered (`rn`, from 1) in a rollout's fleet order.
+fn ranked_devices_sql(
+    backend: &str,
+    product_id: Id,
+    target: &DeviceQuery,
+    order: FleetOrder,
+) -> Result<(String, Vec<Arg>)> {
+    let (filter, mut args) = device_query_sql(backend, product_id, target, false)?;
+    args.push(Arg::Int(order.multiplier));
+    let m = args.len();
+    args.push(Arg::Int(order.offset));
+    let o = args.len();
+    Ok((
+        format!(
+            "SELECT id, serial, version, ROW_NUMBER() OVER \
+             (ORDER BY (id * ${m} + ${o}) % {ORDER_PRIME}, id) AS rn FROM devices WHERE {filter}"
+        ),
+        args,
+    ))
+}
+
+/// The stage of a numbered device (`CASE WHEN rn <= end of stage 1 THEN 0 ...`) and the
+/// placeholder of the last planned number.
+fn stage_case(sizes: &[u64], args: &mut Vec<Arg>) -> (String, String) {
+    let mut case = String::from("CAST(CASE");
+    let mut end = 0u64;
+    for (i, size) in sizes.iter().enumerate() {
+        end += size;
+        args.push(Arg::Int(end as i64));
+        case.push_str(&format!(" WHEN rn <= ${} THEN {i}", args.len()));
+    }
+    case.push_str(" ELSE -1 END AS BIGINT)");
+    args.push(Arg::Int(end as i64));
+    (case, format!("${}", args.len()))
 }
 
 macro_rules! sql_store {
@@ -722,7 +764,7 @@ macro_rules! sql_store {
             }
 
             async fn device_page(&self, product_id: Id, query: &DeviceQuery) -> Result<Vec<Device>> {
-                let (filter, args) = device_query_sql(product_id, query, true)?;
+                let (filter, args) = device_query_sql($backend, product_id, query, true)?;
                 let sql = format!("SELECT {DEVICE_COLS} FROM devices WHERE {filter}");
                 let mut q = sqlx::query(&sql);
                 for a in args {
@@ -736,7 +778,7 @@ macro_rules! sql_store {
             }
 
             async fn count_devices(&self, product_id: Id, query: &DeviceQuery) -> Result<i64> {
-                let (filter, args) = device_query_sql(product_id, query, false)?;
+                let (filter, args) = device_query_sql($backend, product_id, query, false)?;
                 let sql = format!("SELECT COUNT(*) AS n FROM devices WHERE {filter}");
                 let mut q = sqlx::query(&sql);
                 for a in args {
@@ -746,6 +788,123 @@ macro_rules! sql_store {
                     };
                 }
                 Ok(q.fetch_one(&self.read).await?.try_get("n")?)
+            }
+
+            async fn import_devices(
+                &self,
+                product_id: Id,
+                rows: &[ImportedDevice],
+            ) -> Result<ImportOutcome> {
+                /// Rows per statement: 6 placeholders each, far under both backends' limits.
+                const BATCH: usize = 500;
+                let mut tx = self.begin_write().await?;
+                let count = async |tx: &mut sqlx::Transaction<'_, $db>| -> Result<i64> {
+                    Ok(sqlx::query("SELECT COUNT(*) AS n FROM devices WHERE product_id = $1")
+                        .bind(product_id)
+                        .fetch_one(&mut **tx)
+                        .await?
+                        .try_get("n")?)
+                };
+                let before = count(&mut tx).await?;
+                let groups: Vec<Id> = sqlx::query("SELECT id FROM device_groups WHERE product_id = $1")
+                    .bind(product_id)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get("id"))
+                    .collect::<std::result::Result<_, _>>()?;
+                if let Some(row) = rows.iter().find(|r| !groups.contains(&r.group_id)) {
+                    return Err(StoreError::Invalid(format!(
+                        "device {:?}: group {} is not this product's",
+                        row.serial, row.group_id
+                    )));
+                }
+                let now = now_millis();
+                for chunk in rows.chunks(BATCH) {
+                    let mut sql = String::from(
+                        "INSERT INTO devices (product_id, group_id, serial, status, password_hash, public_key, created_at) VALUES ",
+                    );
+                    for i in 0..chunk.len() {
+                        let b = i * 6;
+                        if i > 0 {
+                            sql.push_str(", ");
+                        }
+                        sql.push_str(&format!(
+                            "($1, ${}, ${}, ${}, ${}, ${}, ${})",
+                            b + 2,
+                            b + 3,
+                            b + 4,
+                            b + 5,
+                            b + 6,
+                            b + 7
+                        ));
+                    }
+                    sql.push_str(
+                        " ON CONFLICT (product_id, serial) DO UPDATE SET group_id = excluded.group_id, \
+                         status = excluded.status, \
+                         password_hash = COALESCE(excluded.password_hash, devices.password_hash), \
+                         public_key = COALESCE(excluded.public_key, devices.public_key)",
+                    );
+                    let mut q = sqlx::query(&sql).bind(product_id);
+                    for row in chunk {
+                        q = q
+                            .bind(row.group_id)
+                            .bind(&row.serial)
+                            .bind(row.status.as_str())
+                            .bind(&row.password_hash)
+                            .bind(&row.public_key)
+                            .bind(now);
+                    }
+                    q.execute(&mut *tx).await.map_err(|e| {
+                        conflict(e, || "two rows of the import name one serial".to_string())
+                    })?;
+                }
+                let after = count(&mut tx).await?;
+                tx.commit().await?;
+                let created = (after - before).max(0) as u64;
+                Ok(ImportOutcome {
+                    rows: rows.len() as u64,
+                    created,
+                    updated: rows.len() as u64 - created.min(rows.len() as u64),
+                })
+            }
+
+            async fn bulk_devices(
+                &self,
+                product_id: Id,
+                filter: &DeviceQuery,
+                change: BulkChange,
+            ) -> Result<u64> {
+                let (filter, mut args) = device_query_sql($backend, product_id, filter, false)?;
+                let sql = match change {
+                    BulkChange::Delete => format!("DELETE FROM devices WHERE {filter}"),
+                    BulkChange::Status(status) => {
+                        args.push(Arg::Text(status.as_str().into()));
+                        format!("UPDATE devices SET status = ${} WHERE {filter}", args.len())
+                    }
+                    BulkChange::Group(group) => {
+                        let found = sqlx::query(
+                            "SELECT id FROM device_groups WHERE product_id = $1 AND id = $2",
+                        )
+                        .bind(product_id)
+                        .bind(group)
+                        .fetch_optional(&self.write)
+                        .await?;
+                        if found.is_none() {
+                            return Err(StoreError::NotFound("group"));
+                        }
+                        args.push(Arg::Int(group));
+                        format!("UPDATE devices SET group_id = ${} WHERE {filter}", args.len())
+                    }
+                };
+                let mut q = sqlx::query(&sql);
+                for a in args {
+                    q = match a {
+                        Arg::Int(v) => q.bind(v),
+                        Arg::Text(t) => q.bind(t),
+                    };
+                }
+                Ok(q.execute(&self.write).await?.rows_affected())
             }
 
             async fn device_tally(&self, product_id: Id) -> Result<Vec<DeviceTally>> {
@@ -1488,6 +1647,156 @@ macro_rules! sql_store {
                 Ok(rollout)
             }
 
+            async fn create_planned_rollout(
+                &self,
+                new: NewRollout,
+                target: &DeviceQuery,
+                order: FleetOrder,
+                sizes: &[u64],
+            ) -> Result<Rollout> {
+                let now = now_millis();
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(&format!(
+                    "INSERT INTO rollouts (product_id, firmware_id, target, stages, rate_per_minute, state, \
+                     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, \
+                     updated_at, other_firmware) \
+                     VALUES ($1, $2, $3, $4, $5, 'running', 0, $6, '[]', '', $7, $6, $6, $8) RETURNING {ROLLOUT_COLS}"
+                ))
+                .bind(new.product_id)
+                .bind(new.firmware_id)
+                .bind(to_json(&new.target))
+                .bind(to_json(&new.stages))
+                .bind(new.rate_per_minute)
+                .bind(now)
+                .bind(&new.created_by)
+                .bind(to_json(&new.other_firmware_ids))
+                .fetch_one(&mut *tx)
+                .await?;
+                let rollout = Self::rollout(&row)?;
+                let (ranked, mut args) = ranked_devices_sql($backend, new.product_id, target, order)?;
+                let (stage, planned) = stage_case(sizes, &mut args);
+                args.push(Arg::Int(rollout.id));
+                let rid = args.len();
+                args.push(Arg::Int(now));
+                let at = args.len();
+                let sql = format!(
+                    "INSERT INTO rollout_devices (rollout_id, device_id, stage, state, from_version, updated_at, message) \
+                     SELECT ${rid}, id, {stage}, 'pending', version, ${at}, '' FROM ({ranked}) ranked WHERE rn <= {planned} \
+                     ORDER BY id"
+                );
+                let mut q = sqlx::query(&sql);
+                for a in args {
+                    q = match a {
+                        Arg::Int(v) => q.bind(v),
+                        Arg::Text(t) => q.bind(t),
+                    };
+                }
+                q.execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(rollout)
+            }
+
+            async fn preview_plan(
+                &self,
+                product_id: Id,
+                target: &DeviceQuery,
+                order: FleetOrder,
+                sizes: &[u64],
+                version: &str,
+                preview: i64,
+            ) -> Result<Vec<PlannedStage>> {
+                let (ranked, mut args) = ranked_devices_sql($backend, product_id, target, order)?;
+                let (stage, planned) = stage_case(sizes, &mut args);
+                args.push(Arg::Text(version.to_string()));
+                let v = args.len();
+                let counts_sql = format!(
+                    "SELECT {stage} AS stage, COUNT(*) AS n, \
+                     SUM(CASE WHEN version IS NULL OR version <> ${v} THEN 1 ELSE 0 END) AS updating \
+                     FROM ({ranked}) ranked WHERE rn <= {planned} GROUP BY 1"
+                );
+                let mut out = vec![PlannedStage::default(); sizes.len()];
+                let mut q = sqlx::query(&counts_sql);
+                for a in args {
+                    q = match a {
+                        Arg::Int(v) => q.bind(v),
+                        Arg::Text(t) => q.bind(t),
+                    };
+                }
+                for row in q.fetch_all(&self.read).await? {
+                    let i: i64 = row.try_get("stage")?;
+                    if let Some(s) = out.get_mut(i as usize) {
+                        s.count = row.try_get("n")?;
+                        s.updating = row.try_get::<Option<i64>, _>("updating")?.unwrap_or(0);
+                    }
+                }
+                // The first `preview` of each stage, in one pass.
+                let (ranked, mut args) = ranked_devices_sql($backend, product_id, target, order)?;
+                let mut windows = Vec::new();
+                let mut start = 0u64;
+                for (i, size) in sizes.iter().enumerate() {
+                    let take = (*size).min(preview.max(0) as u64);
+                    if take > 0 {
+                        args.push(Arg::Int(start as i64));
+                        let from = args.len();
+                        args.push(Arg::Int((start + take) as i64));
+                        let to = args.len();
+                        args.push(Arg::Int(i as i64));
+                        let stage = args.len();
+                        windows.push((format!("(rn > ${from} AND rn <= ${to})"), stage, from, to));
+                    }
+                    start += size;
+                }
+                if windows.is_empty() {
+                    return Ok(out);
+                }
+                let case: String = windows
+                    .iter()
+                    .map(|(w, stage, _, _)| format!(" WHEN {w} THEN ${stage}"))
+                    .collect();
+                let any: Vec<&str> = windows.iter().map(|(w, ..)| w.as_str()).collect();
+                let sql = format!(
+                    "SELECT serial, CASE{case} END AS stage FROM ({ranked}) ranked \
+                     WHERE {} ORDER BY rn",
+                    any.join(" OR ")
+                );
+                let mut q = sqlx::query(&sql);
+                for a in args {
+                    q = match a {
+                        Arg::Int(v) => q.bind(v),
+                        Arg::Text(t) => q.bind(t),
+                    };
+                }
+                for row in q.fetch_all(&self.read).await? {
+                    let i: i64 = row.try_get("stage")?;
+                    if let Some(s) = out.get_mut(i as usize) {
+                        s.serials.push(row.try_get("serial")?);
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn busy_devices(
+                &self,
+                product_id: Id,
+                target: &DeviceQuery,
+            ) -> Result<(i64, Option<String>)> {
+                let (filter, args) = device_query_sql($backend, product_id, target, false)?;
+                let sql = format!(
+                    "SELECT COUNT(*) AS n, MIN(serial) AS one FROM devices WHERE {filter} AND id IN \
+                     (SELECT m.device_id FROM rollout_devices m JOIN rollouts r ON r.id = m.rollout_id \
+                      WHERE r.state <> 'completed' AND r.state <> 'cancelled')"
+                );
+                let mut q = sqlx::query(&sql);
+                for a in args {
+                    q = match a {
+                        Arg::Int(v) => q.bind(v),
+                        Arg::Text(t) => q.bind(t),
+                    };
+                }
+                let row = q.fetch_one(&self.read).await?;
+                Ok((row.try_get("n")?, row.try_get("one")?))
+            }
+
             async fn get_rollout(&self, id: Id) -> Result<Rollout> {
                 let row = sqlx::query(&format!("SELECT {ROLLOUT_COLS} FROM rollouts WHERE id = $1"))
                     .bind(id)
@@ -1552,7 +1861,7 @@ macro_rules! sql_store {
                 let (stage, device) = after.unwrap_or((-1, -1));
                 let rows = sqlx::query(&format!(
                     "SELECT {MEMBER_COLS} FROM rollout_devices WHERE rollout_id = $1 \
-                     AND (stage > $2 OR (stage = $2 AND device_id > $3)) \
+                     AND (stage, device_id) > ($2, $3) \
                      ORDER BY stage, device_id LIMIT $4"
                 ))
                 .bind(rollout_id)
@@ -1720,9 +2029,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(std::time::Duration::from_secs(10));
+        // The one writer gets a larger page cache (32 MiB): imports and rollouts of a
+        // million rows rebuild index pages it would otherwise read again and again.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("cache_size", "-32768"))
             .await?;
         {
             // sqlx's migrator takes no lock on SQLite: two processes opening one file at

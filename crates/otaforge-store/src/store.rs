@@ -4,6 +4,7 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::model::*;
+use otaforge_domain::rollout_plan::FleetOrder;
 
 /// Persistent state of the fleet. Implemented once per database backend
 /// (`SqliteStore`, `PgStore`); the server holds an `Arc<dyn Store>` chosen at start-up.
@@ -53,6 +54,20 @@ pub trait Store: Send + Sync + 'static {
     async fn device_page(&self, product_id: Id, query: &DeviceQuery) -> Result<Vec<Device>>;
     /// How many devices the query's filters take (its order, cursor and limit ignored).
     async fn count_devices(&self, product_id: Id, query: &DeviceQuery) -> Result<i64>;
+    /// Creates or updates these devices (by serial) in one transaction: all or nothing.
+    async fn import_devices(
+        &self,
+        product_id: Id,
+        rows: &[ImportedDevice],
+    ) -> Result<ImportOutcome>;
+    /// Applies `change` to every device of the product the filter takes (its order, cursor
+    /// and limit ignored); how many it changed. A group must be the product's.
+    async fn bulk_devices(
+        &self,
+        product_id: Id,
+        filter: &DeviceQuery,
+        change: BulkChange,
+    ) -> Result<u64>;
     /// A product's devices counted by group, status and version.
     async fn device_tally(&self, product_id: Id) -> Result<Vec<DeviceTally>>;
     async fn find_device(&self, product_id: Id, serial: &str) -> Result<Option<Device>>;
@@ -159,6 +174,33 @@ pub trait Store: Send + Sync + 'static {
         members: &[(Id, i64, Option<String>)],
     ) -> Result<Rollout>;
     async fn get_rollout(&self, id: Id) -> Result<Rollout>;
+    /// Creates a rollout with its members in one transaction, planned by the database: the
+    /// devices `target` takes, in `order`, cut into stages of `sizes` (members beyond their
+    /// sum are left out); each member keeps the version it ran.
+    async fn create_planned_rollout(
+        &self,
+        new: NewRollout,
+        target: &DeviceQuery,
+        order: FleetOrder,
+        sizes: &[u64],
+    ) -> Result<Rollout>;
+    /// The same plan without storing it: per stage its size, how many members do not run
+    /// `version`, and its first `preview` serials.
+    async fn preview_plan(
+        &self,
+        product_id: Id,
+        target: &DeviceQuery,
+        order: FleetOrder,
+        sizes: &[u64],
+        version: &str,
+        preview: i64,
+    ) -> Result<Vec<PlannedStage>>;
+    /// Devices `target` takes that are members of a live rollout: how many, and one serial.
+    async fn busy_devices(
+        &self,
+        product_id: Id,
+        target: &DeviceQuery,
+    ) -> Result<(i64, Option<String>)>;
     async fn list_rollouts(&self, product_id: Id) -> Result<Vec<Rollout>>;
     /// Rollouts not completed, of every product.
     async fn live_rollouts(&self) -> Result<Vec<Rollout>>;

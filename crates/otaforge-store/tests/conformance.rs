@@ -1052,6 +1052,91 @@ async fn paging(store: &dyn Store) {
         ]
     );
 
+    // A rollout planned by the database picks exactly the devices the reference plan does.
+    let specs: Vec<StageSpec> = [
+        StageSize::Count(3),
+        StageSize::Percent(40.0),
+        StageSize::Rest,
+    ]
+    .into_iter()
+    .map(|size| StageSpec {
+        size,
+        success_threshold: 1.0,
+        failure_threshold: 0.5,
+        window_secs: 0,
+        auto_advance: true,
+        auto_rollback: false,
+    })
+    .collect();
+    let order = otaforge_domain::rollout_plan::FleetOrder::of_seed("seed-1");
+    let verified = DeviceQuery {
+        status: Some(DeviceStatus::Verified),
+        ..DeviceQuery::default()
+    };
+    let taken = store.count_devices(p.id, &verified).await.unwrap();
+    assert_eq!(taken, 13);
+    let sizes = otaforge_domain::rollout_plan::stage_sizes(taken as u64, &specs);
+    assert_eq!(sizes, [3, 6, 4]);
+    let pairs: Vec<(Id, String)> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(i, id)| (*id, format!("pg-{i:02}")))
+        .collect();
+    let reference = otaforge_domain::rollout_plan::plan("seed-1", &pairs, &specs);
+    let preview = store
+        .preview_plan(p.id, &verified, order, &sizes, "1.0", 2)
+        .await
+        .unwrap();
+    let serial_of = |id: &Id| pairs.iter().find(|(i, _)| i == id).unwrap().1.clone();
+    for (stage, planned) in preview.iter().enumerate() {
+        assert_eq!(planned.count as usize, reference[stage].len());
+        let first: Vec<String> = reference[stage].iter().take(2).map(serial_of).collect();
+        assert_eq!(planned.serials, first, "stage {stage}");
+    }
+    // Devices 0, 2 run 1.0: they need no bytes.
+    let updating: i64 = preview.iter().map(|s| s.updating).sum();
+    assert_eq!(updating, 11);
+    store.delete_firmware(p.id, fw.id).await.ok();
+    let planned = store
+        .create_planned_rollout(
+            NewRollout {
+                product_id: p.id,
+                firmware_id: fw.id,
+                other_firmware_ids: vec![],
+                target: RolloutTarget::default(),
+                stages: specs.clone(),
+                rate_per_minute: None,
+                created_by: "ann".into(),
+            },
+            &verified,
+            order,
+            &sizes,
+        )
+        .await
+        .unwrap();
+    let members = store.rollout_members(planned.id).await.unwrap();
+    for (stage, want) in reference.iter().enumerate() {
+        let mut got: Vec<Id> = members
+            .iter()
+            .filter(|m| m.stage == stage as i64)
+            .map(|m| m.device_id)
+            .collect();
+        let mut want = want.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "stage {stage}");
+    }
+    let first = members.iter().find(|m| m.device_id == ids[0]).unwrap();
+    assert_eq!(first.from_version.as_deref(), Some("1.0"));
+    assert_eq!(first.state, MemberState::Pending);
+    let (busy, one) = store
+        .busy_devices(p.id, &DeviceQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(busy, 25, "in the first rollout or this one");
+    assert!(one.is_some());
+
     // Events and the audit log, newest first, page by page.
     for i in 0..5 {
         store

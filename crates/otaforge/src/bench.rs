@@ -36,6 +36,13 @@ pub struct BenchArgs {
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure the management side instead (paged lists, pages, export, a rollout over
+    /// every device, the server's peak memory).
+    #[arg(long)]
+    management: bool,
+    /// The database `otaforge serve` uses (default: SQLite in a temporary folder).
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 /// One measured run.
@@ -261,9 +268,12 @@ async fn api(
 }
 
 struct Prepared {
+    pid: i64,
     key: String,
     serials: Vec<String>,
     version: String,
+    import_secs: f64,
+    reimport_secs: f64,
 }
 
 async fn prepare(
@@ -311,48 +321,59 @@ async fn prepare(
         Some(json!({ "firmware_id": firmware["id"] })),
     )
     .await?;
-    let serials: Vec<String> = (0..devices).map(|i| format!("bench{i:06x}")).collect();
-    let progress = indicatif::ProgressBar::new(devices as u64);
-    progress.set_message("registering devices");
-    let path = format!("/api/v1/products/{pid}/devices");
-    let chunks: Vec<Vec<String>> = serials
-        .chunks(devices.div_ceil(16).max(1))
-        .map(<[String]>::to_vec)
-        .collect();
-    let mut tasks = Vec::new();
-    for chunk in chunks {
-        let (http, base, token, path, progress) = (
-            http.clone(),
-            base.to_string(),
-            token.to_string(),
-            path.clone(),
-            progress.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            for serial in chunk {
-                api(
-                    &http,
-                    &base,
-                    &token,
-                    reqwest::Method::POST,
-                    &path,
-                    Some(json!({ "serial": serial })),
-                )
-                .await?;
-                progress.inc(1);
-            }
-            anyhow::Ok(())
-        }));
+    let serials: Vec<String> = (0..devices).map(|i| format!("bench{i:07x}")).collect();
+    let mut csv = String::with_capacity(devices * 24 + 16);
+    csv.push_str("serial,status\n");
+    for serial in &serials {
+        csv.push_str(serial);
+        csv.push_str(",verified\n");
     }
-    for task in tasks {
-        task.await??;
-    }
-    progress.finish_and_clear();
+    let started = Instant::now();
+    let outcome = import(&http, base, token, pid, csv.clone()).await?;
+    let first = started.elapsed();
+    let started = Instant::now();
+    let again = import(&http, base, token, pid, csv).await?;
+    let rerun = started.elapsed();
+    eprintln!(
+        "registered by CSV import: {} rows in {:.1} s ({} created); the same file again in {:.1} s ({} created, {} updated)",
+        outcome["rows"],
+        first.as_secs_f64(),
+        outcome["created"],
+        rerun.as_secs_f64(),
+        again["created"],
+        again["updated"]
+    );
     Ok(Prepared {
+        pid,
         key,
         serials,
         version,
+        import_secs: first.as_secs_f64(),
+        reimport_secs: rerun.as_secs_f64(),
     })
+}
+
+/// `POST …/devices/import` with this CSV.
+async fn import(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    pid: i64,
+    csv: String,
+) -> anyhow::Result<Value> {
+    let response = http
+        .post(format!("{base}/api/v1/products/{pid}/devices/import"))
+        .bearer_auth(token)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await?;
+    let status = response.status();
+    let text = response.text().await?;
+    if !status.is_success() {
+        bail!("importing the devices: {status}: {text}");
+    }
+    Ok(serde_json::from_str(&text)?)
 }
 
 async fn start_nginx(nginx: &Path, root: &Path, file: &str) -> anyhow::Result<(Child, u16)> {
@@ -451,20 +472,41 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let port = free_port()?;
     let token = format!("bench-{}", std::process::id());
     let exe = std::env::current_exe()?;
-    let server = tokio::process::Command::new(exe)
+    let mut command = tokio::process::Command::new(exe);
+    command
         .args([
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--data-dir",
         ])
-        .arg(dir.join("data"))
+        .arg(dir.join("data"));
+    if let Some(url) = &args.database_url {
+        command.args(["--database-url", url]);
+    }
+    let mut server = command
         .env("OTAFORGE_ADMIN_TOKEN", &token)
         .env("OTAFORGE_LOG", "warn")
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .context("starting otaforge serve")?;
+    let server_pid = server.id().unwrap_or(0);
+    // The first operator's password, printed once at the first start.
+    let (password_tx, password_rx) = tokio::sync::oneshot::channel::<String>();
+    if let Some(stdout) = server.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut tx = Some(password_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(p) = line.trim().strip_prefix("password: ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(p.to_string());
+                }
+            }
+        });
+    }
     let _server = Child { child: server };
     wait_for_port(port).await?;
     let base = format!("http://127.0.0.1:{port}");
@@ -474,6 +516,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         image.len()
     );
     let prepared = prepare(&base, &token, &image, args.devices).await?;
+    if args.management {
+        println!(
+            "  server peak RSS after the imports: {:.0} MiB",
+            crate::bench_fleet::peak_mib(server_pid)
+        );
+        let password = tokio::time::timeout(Duration::from_secs(10), password_rx)
+            .await
+            .context("the server printed no operator password")??;
+        let mut figures = crate::bench_fleet::measure(
+            &base,
+            &token,
+            &password,
+            server_pid,
+            prepared.pid,
+            args.devices,
+        )
+        .await?;
+        figures["import_secs"] = json!(prepared.import_secs);
+        figures["reimport_secs"] = json!(prepared.reimport_secs);
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&figures)?)?;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
+    drop(password_rx);
 
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let check_in = |version: &str| Target {

@@ -161,6 +161,47 @@ pub enum DeviceAction {
         product: i64,
         serial: String,
     },
+    /// Create or update devices from a CSV file (a header naming the columns: serial, and any
+    /// of group, status, password or token, password_hash, public_key); a file with a bad row
+    /// is refused whole, the faults listed by line.
+    Import {
+        #[arg(long)]
+        product: i64,
+        file: std::path::PathBuf,
+    },
+    /// Every device as CSV (serial, group, status, version, last_seen, created_at).
+    Export {
+        #[arg(long)]
+        product: i64,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// One change to every device the filters take: verify, block, disable, unverify, move
+    /// (with --to-group) or delete.
+    Bulk {
+        #[arg(long)]
+        product: i64,
+        action: String,
+        #[arg(long)]
+        to_group: Option<i64>,
+        /// Only devices with this status.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only devices of this group.
+        #[arg(long)]
+        group: Option<i64>,
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        serial_prefix: Option<String>,
+        /// Serials containing this.
+        #[arg(long)]
+        search: Option<String>,
+        /// Needed when no filter is given: every device of the product.
+        #[arg(long)]
+        all: bool,
+    },
     Set {
         #[arg(long)]
         product: i64,
@@ -469,6 +510,69 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                     }
                     Value::Null
                 }
+                DeviceAction::Import { product, file } => {
+                    upload(
+                        &api,
+                        &format!("/api/v1/products/{product}/devices/import"),
+                        &file,
+                        "text/csv",
+                    )
+                    .await?
+                }
+                DeviceAction::Export { product, out } => {
+                    use std::io::Write;
+                    let response = api
+                        .request(
+                            M::GET,
+                            &format!("/api/v1/products/{product}/devices/export"),
+                        )
+                        .send()
+                        .await
+                        .with_context(|| format!("cannot reach the server at {}", api.base))?;
+                    if !response.status().is_success() {
+                        let status = response.status();
+                        bail!("{status}: {}", response.text().await.unwrap_or_default());
+                    }
+                    let mut sink: Box<dyn Write> = match &out {
+                        Some(path) => Box::new(std::io::BufWriter::new(
+                            std::fs::File::create(path)
+                                .with_context(|| format!("creating {}", path.display()))?,
+                        )),
+                        None => Box::new(std::io::stdout().lock()),
+                    };
+                    let mut body = response.bytes_stream();
+                    while let Some(chunk) = body.next().await {
+                        sink.write_all(&chunk?)?;
+                    }
+                    sink.flush()?;
+                    Value::Null
+                }
+                DeviceAction::Bulk {
+                    product,
+                    action,
+                    to_group,
+                    status,
+                    group,
+                    version,
+                    serial_prefix,
+                    search,
+                    all,
+                } => {
+                    let filter = json!({
+                        "status": status, "group": group, "version": version,
+                        "serial_prefix": serial_prefix, "q": search,
+                    });
+                    let mut body = json!({ "action": action, "filter": filter, "all": all });
+                    if let Some(g) = to_group {
+                        body["group_id"] = json!(g);
+                    }
+                    api.json(
+                        M::POST,
+                        &format!("/api/v1/products/{product}/devices/bulk"),
+                        Some(body),
+                    )
+                    .await?
+                }
                 DeviceAction::Show { product, serial } => {
                     api.json(
                         M::GET,
@@ -519,7 +623,13 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                     product,
                     file,
                     version,
-                } => upload(&api, product, &file, version.as_deref()).await?,
+                } => {
+                    let mut path = format!("/api/v1/products/{product}/firmware");
+                    if let Some(v) = version {
+                        path.push_str(&format!("?version={}", urlencode(&v)));
+                    }
+                    upload(&api, &path, &file, "application/octet-stream").await?
+                }
                 FirmwareAction::List { product } => {
                     api.json(
                         M::GET,
@@ -543,12 +653,13 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Streams the file to the server with a progress bar on stderr.
+/// Streams the file to the server with a progress bar on stderr (and says so while the
+/// server works on it after the last byte).
 async fn upload(
     api: &Api,
-    product: i64,
+    path: &str,
     file: &std::path::Path,
-    version: Option<&str>,
+    content_type: &str,
 ) -> anyhow::Result<Value> {
     let handle = tokio::fs::File::open(file)
         .await
@@ -564,15 +675,14 @@ async fn upload(
     let stream = tokio_util::io::ReaderStream::new(handle).inspect(move |chunk| {
         if let Ok(chunk) = chunk {
             progress.inc(chunk.len() as u64);
+            if progress.position() >= size {
+                progress.set_message("sent; the server is working on it");
+            }
         }
     });
-    let mut path = format!("/api/v1/products/{product}/firmware");
-    if let Some(v) = version {
-        path.push_str(&format!("?version={}", urlencode(v)));
-    }
     let req = api
-        .request(reqwest::Method::POST, &path)
-        .header("content-type", "application/octet-stream")
+        .request(reqwest::Method::POST, path)
+        .header("content-type", content_type)
         .header("content-length", size)
         .body(reqwest::Body::wrap_stream(stream));
     let result = api.send(req).await;

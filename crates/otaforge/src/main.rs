@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_fleet;
 mod client;
 mod device_cmd;
 

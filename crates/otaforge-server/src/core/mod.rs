@@ -3,6 +3,7 @@
 //! the CLI call. Nothing here knows axum; the edges (`device`, `api`, `web`) translate.
 
 pub mod accounts;
+pub mod bulk;
 pub mod checkin;
 pub mod device_auth;
 pub mod firmware;
