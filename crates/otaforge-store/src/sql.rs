@@ -113,7 +113,11 @@ fn device_query_sql(
     }
     if let Some(search) = q.search.as_deref().filter(|s| !s.is_empty()) {
         let n = arg(&mut args, Arg::Text(format!("%{}%", like_escaped(search))));
-        let like = if backend == "postgres" { "ILIKE" } else { "LIKE" };
+        let like = if backend == "postgres" {
+            "ILIKE"
+        } else {
+            "LIKE"
+        };
         sql.push_str(&format!(" AND serial {like} {n} ESCAPE '\\'"));
     }
     if !paged {
@@ -861,6 +865,11 @@ macro_rules! sql_store {
                 }
                 let after = count(&mut tx).await?;
                 tx.commit().await?;
+                // After a large import the planner's statistics are stale (PostgreSQL would
+                // scan instead of using the serial index until autovacuum runs).
+                if rows.len() >= 10_000 {
+                    sqlx::query("ANALYZE devices").execute(&self.write).await?;
+                }
                 let created = (after - before).max(0) as u64;
                 Ok(ImportOutcome {
                     rows: rows.len() as u64,

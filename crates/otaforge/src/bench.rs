@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Check-ins as a fleet makes them: every request another device (no answer cached
+    /// from a poll a moment ago), each with the OTAdrive client's full ESP32 header set.
+    #[arg(long)]
+    realistic: bool,
     /// Measure the management side instead (paged lists, pages, export, a rollout over
     /// every device, the server's peak memory).
     #[arg(long)]
@@ -554,7 +558,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .map(|s| format!("/deviceapi/update?k={}&v={version}&s={s}", prepared.key))
                 .collect(),
         ),
-        headers: String::new(),
+        headers: if args.realistic {
+            "x-ESP32-STA-MAC: 24:0A:C4:01:02:03\r\nx-ESP32-AP-MAC: 24:0A:C4:01:02:04\r\n\
+             x-ESP32-free-space: 1310720\r\nx-ESP32-sketch-size: 400000\r\n\
+             x-ESP32-sketch-md5: 0123456789abcdef0123456789abcdef\r\n\
+             x-ESP32-chip-size: 4194304\r\nx-ESP32-sdk-version: v4.4.7\r\n\
+             x-ESP32-mode: sketch\r\n"
+                .to_string()
+        } else {
+            String::new()
+        },
         expect: 0,
     };
     let mut results = serde_json::Map::new();
@@ -565,17 +578,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.seconds,
         image.len()
     );
-    // Warm the caches once.
+    // Warm the caches once (a fleet's polls are too far apart for that: not when realistic).
     let _ = load(
         &Target {
             expect: 304,
             ..check_in(&prepared.version)
         },
         4,
-        1,
+        if args.realistic { 0 } else { 1 },
         None,
     )
     .await;
+    println!(
+        "  {}",
+        if args.realistic {
+            "realistic: each request another device, with the OTAdrive client's full header set"
+        } else {
+            "the same devices again and again, no device headers: this measures the cache"
+        }
+    );
     let ota_304 = load(
         &Target {
             expect: 304,
