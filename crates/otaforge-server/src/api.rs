@@ -37,6 +37,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/openapi.json", get(crate::openapi::document))
         .route("/api/v1/auth/login", post(login))
+        .route("/api/v1/server", get(server_status))
         .route("/api/v1/tokens", get(list_tokens))
         .route(
             "/api/v1/tokens/{token}",
@@ -631,6 +632,24 @@ pub async fn list_devices(
     let (query, limit) = query.to_store()?;
     let page = state.device_page(product, &query, limit, count).await?;
     Ok(Json(page.map(|d| DeviceBody::new(&state, d))))
+}
+
+/// What the server holds in memory and how its report buffer keeps up.
+#[derive(Serialize, ToSchema)]
+pub struct ServerStatus {
+    /// Devices the check-in path finds without reading the database.
+    devices_in_memory: usize,
+    /// The last write of buffered device reports.
+    telemetry: crate::telemetry::FlushStats,
+}
+
+#[utoipa::path(get, path = "/api/v1/server", tag = "tokens", security(("bearer" = [])),
+    responses((status = 200, body = ServerStatus), Refusals))]
+pub async fn server_status(State(state): State<AppState>, _op: Operator) -> Json<ServerStatus> {
+    Json(ServerStatus {
+        devices_in_memory: state.inner.catalog.devices_in_memory(),
+        telemetry: state.inner.telemetry.stats(),
+    })
 }
 
 /// The most an import may carry (a million rows with keys fit).

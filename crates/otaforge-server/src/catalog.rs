@@ -1,7 +1,11 @@
 //! A read-through cache of what a device check-in needs (product by API key, device by
 //! serial, group, firmware), so that a poll answered 304 costs no database round trip.
-//! Every management write clears it; entries also expire after a few seconds so that
-//! several server processes sharing one database converge.
+//! Every management write clears it, and a changed device row forgets that device.
+//! Processes sharing one database (`serve` and `worker`, several nodes) stay coherent through
+//! it: `sync`, every half second, publishes this process's writes (a new cache generation for
+//! a management write, the serials of changed devices) and applies the others'. Devices stay
+//! cached for ten minutes, longer than a fleet's polling interval, so a poll from a device
+//! seen before reads nothing; the rest expires after a few seconds.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -13,31 +17,43 @@ use otaforge_store::{Result, Store, StoreError};
 
 const TTL: Duration = Duration::from_secs(5);
 const MAX_ENTRIES: usize = 200_000;
+/// Devices: kept longer than a fleet polls, and as many as a large fleet has.
+const DEVICE_TTL: Duration = Duration::from_secs(600);
+const MAX_DEVICES: usize = 2_000_000;
 
 struct TtlMap<K, V> {
     entries: RwLock<HashMap<K, (Instant, V)>>,
+    ttl: Duration,
+    max: usize,
 }
 
 impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     fn new() -> Self {
+        Self::with(TTL, MAX_ENTRIES)
+    }
+
+    fn with(ttl: Duration, max: usize) -> Self {
         TtlMap {
             entries: RwLock::new(HashMap::new()),
+            ttl,
+            max,
         }
     }
 
     fn get(&self, key: &K) -> Option<V> {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         match entries.get(key) {
-            Some((at, v)) if at.elapsed() < TTL => Some(v.clone()),
+            Some((at, v)) if at.elapsed() < self.ttl => Some(v.clone()),
             _ => None,
         }
     }
 
     fn put(&self, key: K, value: V) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= MAX_ENTRIES {
-            entries.retain(|_, (at, _)| at.elapsed() < TTL);
-            if entries.len() >= MAX_ENTRIES {
+        if entries.len() >= self.max {
+            let ttl = self.ttl;
+            entries.retain(|_, (at, _)| at.elapsed() < ttl);
+            if entries.len() >= self.max {
                 entries.clear();
             }
         }
@@ -59,6 +75,20 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     }
 }
 
+/// A device as the cache keeps it: what check-ins decide by. What a device reports about
+/// itself besides its version (addresses, sizes, SDK, sketch MD5) is left out: nothing
+/// decides by it, and a million devices cost less memory without it.
+fn lean(mut device: Device) -> std::sync::Arc<Device> {
+    let t = &mut device.telemetry;
+    t.sketch_md5 = None;
+    t.sta_mac = None;
+    t.ap_mac = None;
+    t.sdk_version = None;
+    t.free_space = None;
+    t.chip_size = None;
+    std::sync::Arc::new(device)
+}
+
 pub struct Catalog {
     products: TtlMap<String, Option<Product>>,
     products_by_id: TtlMap<Id, Product>,
@@ -66,9 +96,17 @@ pub struct Catalog {
     products_by_name: TtlMap<String, Option<Product>>,
     /// (device, firmware) pairs whose wrong-chip refusal is already on the timeline.
     refusals: std::sync::Mutex<std::collections::HashSet<(Id, Id)>>,
-    devices: TtlMap<(Id, String), Device>,
+    /// Shared, so a million of them cost their rows and a pointer each in the table.
+    devices: TtlMap<(Id, String), std::sync::Arc<Device>>,
     groups: TtlMap<(Id, Id), Group>,
     firmware: TtlMap<(Id, Id), Firmware>,
+    /// What `sync` has to publish: a management write happened; these devices changed.
+    pending: std::sync::Mutex<(bool, Vec<(Id, String)>)>,
+    /// The newest cache generation and device change this process has applied.
+    generation: std::sync::atomic::AtomicI64,
+    change: std::sync::atomic::AtomicI64,
+    /// The devices were forgotten all at once: `sync` loads them again (`warm`).
+    cold: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Catalog {
@@ -78,27 +116,150 @@ impl Default for Catalog {
             products_by_id: TtlMap::new(),
             products_by_name: TtlMap::new(),
             refusals: Default::default(),
-            devices: TtlMap::new(),
+            devices: TtlMap::with(DEVICE_TTL, MAX_DEVICES),
             groups: TtlMap::new(),
             firmware: TtlMap::new(),
+            pending: Default::default(),
+            generation: std::sync::atomic::AtomicI64::new(-1),
+            change: std::sync::atomic::AtomicI64::new(-1),
+            cold: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }
 
 impl Catalog {
-    /// Forgets everything; called after every management write.
+    /// Forgets everything; called after every management write (and, through `sync`, in
+    /// every other process).
     pub fn invalidate(&self) {
+        self.clear();
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+    }
+
+    fn clear(&self) {
         self.products.clear();
         self.products_by_id.clear();
         self.products_by_name.clear();
         self.devices.clear();
+        self.cold.store(true, std::sync::atomic::Ordering::SeqCst);
         self.groups.clear();
         self.firmware.clear();
     }
 
-    /// Forgets one device (its row changed).
+    /// Forgets one device (its row changed), here and, through `sync`, everywhere.
     pub fn forget_device(&self, product_id: Id, serial: &str) {
         self.devices.remove(&(product_id, serial.to_string()));
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .push((product_id, serial.to_string()));
+    }
+
+    /// Publishes this process's writes and applies the others' (see the module's text).
+    pub async fn sync(&self, store: &dyn Store) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.generation.load(Ordering::SeqCst) < 0 {
+            // First run: what is in the database now is what this process starts from.
+            self.generation
+                .store(store.cache_generation().await?, Ordering::SeqCst);
+            self.change
+                .store(store.last_device_change().await?, Ordering::SeqCst);
+        }
+        let (bump, changed) =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let publish = async {
+            if !changed.is_empty() {
+                store.add_device_changes(&changed).await?;
+            }
+            if bump {
+                store.bump_cache_generation().await?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = publish.await {
+            // Published on the next run.
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.0 |= bump;
+            pending.1.extend(changed);
+            return Err(e);
+        }
+        let generation = store.cache_generation().await?;
+        if generation != self.generation.swap(generation, Ordering::SeqCst) {
+            self.clear();
+        }
+        let mut seen = self.change.load(Ordering::SeqCst);
+        loop {
+            let changes = store.device_changes_since(seen).await?;
+            let Some(last) = changes.last() else {
+                break;
+            };
+            seen = last.0;
+            for (_, product, serial) in &changes {
+                self.devices.remove(&(*product, serial.clone()));
+            }
+            if changes.len() < 10_000 {
+                break;
+            }
+        }
+        self.change.store(seen, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// How many devices are in memory now.
+    pub fn devices_in_memory(&self) -> usize {
+        self.devices
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Whether the devices were forgotten all at once since the last `warm` (and takes the
+    /// flag: the caller warms them).
+    pub fn take_cold(&self) -> bool {
+        self.cold.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Loads every device of every product (at start: the first poll of each device then
+    /// reads nothing either). Returns how many.
+    pub async fn warm(&self, store: &dyn Store) -> Result<usize> {
+        let mut loaded = 0;
+        for product in store.list_products().await? {
+            let mut query = otaforge_store::model::DeviceQuery {
+                sort: otaforge_store::model::DeviceSort::Created,
+                limit: 10_000,
+                ..Default::default()
+            };
+            loop {
+                // A row that changes while its page is in flight must not stay cached as it
+                // was read: the changes since just before the read are forgotten again after.
+                let before = store.last_device_change().await?;
+                let page = store.device_page(product.id, &query).await?;
+                let full = page.len() as i64 == query.limit;
+                query.after = page.last().map(|d| query.cursor_after(d));
+                for device in page {
+                    self.devices
+                        .put((device.product_id, device.serial.clone()), lean(device));
+                    loaded += 1;
+                }
+                for (_, product, serial) in store.device_changes_since(before).await? {
+                    self.devices.remove(&(product, serial));
+                }
+                let pending = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .1
+                    .clone();
+                for key in pending {
+                    self.devices.remove(&key);
+                }
+                if !full || loaded >= MAX_DEVICES {
+                    break;
+                }
+            }
+        }
+        Ok(loaded)
     }
 
     pub async fn product_by_key_digest(
@@ -155,10 +316,10 @@ impl Catalog {
     ) -> Result<Device> {
         let key = (product_id, serial.to_string());
         if let Some(device) = self.devices.get(&key) {
-            return Ok(device);
+            return Ok((*device).clone());
         }
         let device = store.register_device(product_id, serial).await?;
-        self.devices.put(key, device.clone());
+        self.devices.put(key, lean(device.clone()));
         Ok(device)
     }
 
@@ -170,11 +331,11 @@ impl Catalog {
     ) -> Result<Option<Device>> {
         let key = (product_id, serial.to_string());
         if let Some(device) = self.devices.get(&key) {
-            return Ok(Some(device));
+            return Ok(Some((*device).clone()));
         }
         let device = store.find_device(product_id, serial).await?;
         if let Some(device) = &device {
-            self.devices.put(key, device.clone());
+            self.devices.put(key, lean(device.clone()));
         }
         Ok(device)
     }

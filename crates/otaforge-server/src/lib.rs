@@ -150,6 +150,56 @@ impl AppState {
         &self.inner.config
     }
 
+    /// Keeps this process's caches coherent with the others sharing the database: every
+    /// half second, publishes its writes and applies theirs (`Catalog::sync`).
+    /// `warm`: also keep every device in memory (`serve`; a build worker needs none).
+    pub fn spawn_cache_sync(&self, warm: bool) -> tokio::task::JoinHandle<()> {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut warming: Option<tokio::task::JoinHandle<()>> = None;
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut cold_since: Option<std::time::Instant> = None;
+            loop {
+                tick.tick().await;
+                if let Err(e) = state.inner.catalog.sync(&*state.inner.store).await {
+                    tracing::warn!(error = %e, "syncing the caches failed; will retry");
+                }
+                // Devices forgotten all at once are loaded again once writes settle (2 s
+                // without another such forgetting), so polls keep reading nothing.
+                if !warm {
+                    continue;
+                }
+                if state.inner.catalog.take_cold() {
+                    cold_since = Some(std::time::Instant::now());
+                } else if cold_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(2))
+                    && warming.as_ref().is_none_or(|w| w.is_finished())
+                {
+                    cold_since = None;
+                    let state = state.clone();
+                    warming = Some(tokio::spawn(async move {
+                        let started = std::time::Instant::now();
+                        match state.inner.catalog.warm(&*state.inner.store).await {
+                            Ok(n) => tracing::info!(
+                                devices = n,
+                                seconds = started.elapsed().as_secs_f64(),
+                                "devices loaded into memory"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "loading devices into memory failed")
+                            }
+                        }
+                    }));
+                }
+            }
+        })
+    }
+
+    /// Publishes this process's cache changes and applies the others' now.
+    pub async fn sync_caches(&self) -> otaforge_store::Result<()> {
+        self.inner.catalog.sync(&*self.inner.store).await
+    }
+
     /// Writes buffered device reports now.
     pub async fn flush_telemetry(&self) -> otaforge_store::Result<usize> {
         self.inner.telemetry.flush(&*self.inner.store).await
@@ -279,6 +329,7 @@ pub async fn serve(
             }
         })
     };
+    let cache_sync = state.spawn_cache_sync(true);
     let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
     let workers: Vec<_> = (0..state.inner.compile.workers)
         .map(|i| {
@@ -353,6 +404,11 @@ pub async fn serve(
         let _ = worker.await;
     }
     let written = state.flush_telemetry().await?;
+    cache_sync.abort();
+    // What this process changed last reaches the others.
+    if let Err(e) = state.sync_caches().await {
+        tracing::warn!(error = %e, "publishing the last cache changes failed");
+    }
     tracing::info!(devices = written, "device reports written; bye");
     Ok(())
 }

@@ -97,6 +97,7 @@ impl Modify for Bearer {
         crate::api::list_resources,
         crate::api::upload_resource,
         crate::api::delete_resource,
+        crate::api::server_status,
         crate::api::list_devices,
         crate::api::create_device,
         crate::api::import_devices,

@@ -10,24 +10,50 @@ use otaforge_store::model::{Id, Telemetry};
 #[derive(Default)]
 pub struct TelemetryBuffer {
     pending: Mutex<HashMap<Id, Telemetry>>,
+    /// When the oldest report still pending came in.
+    oldest: Mutex<Option<std::time::Instant>>,
     /// One flush at a time: concurrent batches would lock the same rows in two orders.
     flushing: tokio::sync::Mutex<()>,
+    last: Mutex<FlushStats>,
+}
+
+/// The last flush: how many devices it wrote, how long the write took, and how long its
+/// oldest report had waited in memory until written (the flush lag).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct FlushStats {
+    pub devices: usize,
+    pub write_ms: u64,
+    pub lag_ms: u64,
+    /// Reports waiting now.
+    pub pending: usize,
 }
 
 impl TelemetryBuffer {
     /// Folds a report into the pending batch.
     pub fn record(&self, device: Id, report: Telemetry) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.is_empty() {
+            *self.oldest.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
+        }
         pending.entry(device).or_default().merge(report);
+    }
+
+    /// The last flush's figures, and how many reports wait now.
+    pub fn stats(&self) -> FlushStats {
+        let mut stats = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        stats.pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).len();
+        stats
     }
 
     /// Writes everything pending. On failure the batch goes back into the buffer, under
     /// any newer reports, so nothing is lost.
     pub async fn flush(&self, store: &dyn Store) -> otaforge_store::Result<usize> {
         let _one_at_a_time = self.flushing.lock().await;
-        let mut batch: Vec<(Id, Telemetry)> = {
+        let (mut batch, oldest): (Vec<(Id, Telemetry)>, _) = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut *pending).into_iter().collect()
+            let oldest = self.oldest.lock().unwrap_or_else(|e| e.into_inner()).take();
+            (std::mem::take(&mut *pending).into_iter().collect(), oldest)
         };
         // Rows in id order, so that any other writer locking several devices cannot deadlock
         // with this batch.
@@ -35,10 +61,22 @@ impl TelemetryBuffer {
         if batch.is_empty() {
             return Ok(0);
         }
+        let started = std::time::Instant::now();
         match store.record_telemetry(&batch).await {
-            Ok(()) => Ok(batch.len()),
+            Ok(()) => {
+                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = FlushStats {
+                    devices: batch.len(),
+                    write_ms: started.elapsed().as_millis() as u64,
+                    lag_ms: oldest.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
+                    pending: 0,
+                };
+                Ok(batch.len())
+            }
             Err(err) => {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut first = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
+                *first = oldest.or(*first);
+                drop(first);
                 for (id, mut older) in batch {
                     if let Some(newer) = pending.remove(&id) {
                         older.merge(newer);

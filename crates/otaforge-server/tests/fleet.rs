@@ -1663,3 +1663,68 @@ async fn bulk_device_work_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(bulk_device_work, bulk_device_work_story);
+
+/// Two servers on one database (as `serve` and `worker`, or two nodes) stay coherent though
+/// each keeps devices in memory: an operator's change through one reaches the other's
+/// check-ins within a second or two, and so does a device row one of them changed.
+async fn caches_stay_coherent_across_processes_story(backend: Backend) {
+    let a = Server::start(backend).await;
+    let b = Server::start_with(
+        backend,
+        support::Options {
+            data_dir: Some(a.data_dir.clone()),
+            database_url: Some(a.state.config().database_url()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pid, key, group) = a.product("shared").await;
+    let image = support::fixture("app-v2.bin");
+    let (status, fw) = a
+        .upload(&format!("/api/v1/products/{pid}/firmware"), image)
+        .await;
+    assert_eq!(status, 201, "{fw}");
+    let (status, _) = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": fw["id"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "both-1", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let poll = format!("/deviceapi/update?k={key}&v=2.0.0&s=both-1");
+    let on_b = async || b.raw(&otadrive_request("HEAD", &poll, "")).await.status;
+    assert_eq!(on_b().await, 304, "B answers from its cache from now on");
+    let (status, _) = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/devices/both-1"),
+            Some(json!({"status": "blocked"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let start = std::time::Instant::now();
+    while on_b().await != 401 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "B still answers from a stale cache"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let took = start.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    b.finish().await;
+    a.finish().await;
+}
+on_both_backends!(
+    caches_stay_coherent_across_processes,
+    caches_stay_coherent_across_processes_story
+);

@@ -916,6 +916,59 @@ macro_rules! sql_store {
                 Ok(q.execute(&self.write).await?.rows_affected())
             }
 
+            async fn bump_cache_generation(&self) -> Result<i64> {
+                let row = sqlx::query("UPDATE cache_generation SET n = n + 1 WHERE id = 1 RETURNING n")
+                    .fetch_one(&self.write)
+                    .await?;
+                Ok(row.try_get("n")?)
+            }
+
+            async fn cache_generation(&self) -> Result<i64> {
+                let row = sqlx::query("SELECT n FROM cache_generation WHERE id = 1")
+                    .fetch_one(&self.write)
+                    .await?;
+                Ok(row.try_get("n")?)
+            }
+
+            async fn add_device_changes(&self, devices: &[(Id, String)]) -> Result<()> {
+                let now = now_millis();
+                let mut tx = self.begin_write().await?;
+                for (product_id, serial) in devices {
+                    sqlx::query("INSERT INTO device_changes (product_id, serial, at) VALUES ($1, $2, $3)")
+                        .bind(product_id)
+                        .bind(serial)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                // Older than a minute: every process has read them.
+                sqlx::query("DELETE FROM device_changes WHERE at < $1")
+                    .bind(now - 60_000)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn device_changes_since(&self, seq: i64) -> Result<Vec<(i64, Id, String)>> {
+                let rows = sqlx::query(
+                    "SELECT seq, product_id, serial FROM device_changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
+                )
+                .bind(seq)
+                .fetch_all(&self.write)
+                .await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get("seq")?, r.try_get("product_id")?, r.try_get("serial")?)))
+                    .collect()
+            }
+
+            async fn last_device_change(&self) -> Result<i64> {
+                let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS n FROM device_changes")
+                    .fetch_one(&self.write)
+                    .await?;
+                Ok(row.try_get("n")?)
+            }
+
             async fn device_tally(&self, product_id: Id) -> Result<Vec<DeviceTally>> {
                 let rows = sqlx::query(
                     "SELECT group_id, status, version, COUNT(*) AS n FROM devices \
@@ -2124,6 +2177,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     ("artifact keys", include_str!("../migrations/sqlite_10.sql")),
     ("releases", include_str!("../migrations/sqlite_11.sql")),
     ("list indexes", include_str!("../migrations/sqlite_12.sql")),
+    (
+        "cache coherence",
+        include_str!("../migrations/sqlite_13.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -2158,6 +2215,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "list indexes",
         include_str!("../migrations/postgres_12.sql"),
+    ),
+    (
+        "cache coherence",
+        include_str!("../migrations/postgres_13.sql"),
     ),
 ];
 

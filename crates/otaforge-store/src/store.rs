@@ -68,6 +68,16 @@ pub trait Store: Send + Sync + 'static {
         filter: &DeviceQuery,
         change: BulkChange,
     ) -> Result<u64>;
+    /// Says a management write happened (every process forgets its caches); the new value.
+    async fn bump_cache_generation(&self) -> Result<i64>;
+    async fn cache_generation(&self) -> Result<i64>;
+    /// Says these devices' rows changed (every process forgets them); entries older than a
+    /// minute are dropped.
+    async fn add_device_changes(&self, devices: &[(Id, String)]) -> Result<()>;
+    /// Device changes after `seq`, oldest first (at most 10,000).
+    async fn device_changes_since(&self, seq: i64) -> Result<Vec<(i64, Id, String)>>;
+    /// The sequence number of the newest device change (0 when none).
+    async fn last_device_change(&self) -> Result<i64>;
     /// A product's devices counted by group, status and version.
     async fn device_tally(&self, product_id: Id) -> Result<Vec<DeviceTally>>;
     async fn find_device(&self, product_id: Id, serial: &str) -> Result<Option<Device>>;

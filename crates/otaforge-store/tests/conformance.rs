@@ -1160,5 +1160,26 @@ async fn paging(store: &dyn Store) {
         let older = store.audit_log(Some(top.id), 3).await.unwrap();
         assert!(older.iter().all(|a| a.id < top.id));
     }
+    // What keeps caches of several processes coherent.
+    let g = store.cache_generation().await.unwrap();
+    assert_eq!(store.bump_cache_generation().await.unwrap(), g + 1);
+    assert_eq!(store.cache_generation().await.unwrap(), g + 1);
+    let since = store.last_device_change().await.unwrap();
+    store
+        .add_device_changes(&[(p.id, "pg-01".into()), (p.id, "pg-02".into())])
+        .await
+        .unwrap();
+    let changes = store.device_changes_since(since).await.unwrap();
+    let serials: Vec<&str> = changes.iter().map(|(_, _, s)| s.as_str()).collect();
+    assert_eq!(serials, ["pg-01", "pg-02"]);
+    assert!(changes[0].0 > since && changes[1].0 > changes[0].0);
+    assert_eq!(store.last_device_change().await.unwrap(), changes[1].0);
+    assert!(
+        store
+            .device_changes_since(changes[1].0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store.delete_product(p.id).await.unwrap();
 }

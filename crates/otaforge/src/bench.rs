@@ -546,6 +546,35 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     drop(password_rx);
+    let http = reqwest::Client::new();
+    if args.realistic {
+        // A fleet's server has seen every device poll: it holds them all in memory. After
+        // the import it loads them again; measured once that is done.
+        let started = Instant::now();
+        loop {
+            let status = api(
+                &http,
+                &base,
+                &token,
+                reqwest::Method::GET,
+                "/api/v1/server",
+                None,
+            )
+            .await?;
+            if status["devices_in_memory"].as_u64().unwrap_or(0) >= args.devices as u64 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(180) {
+                bail!("the server did not load the devices into memory within 180 s: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "the server holds the {} devices in memory ({:.1} s after the import)",
+            args.devices,
+            started.elapsed().as_secs_f64()
+        );
+    }
 
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let check_in = |version: &str| Target {
@@ -631,6 +660,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await;
     row(&format!("otaforge check-in at {half:.0}/s"), &ota_half);
+    let status = api(
+        &http,
+        &base,
+        &token,
+        reqwest::Method::GET,
+        "/api/v1/server",
+        None,
+    )
+    .await?;
+    let flush = &status["telemetry"];
+    println!(
+        "  reports: last flush wrote {} devices in {} ms, its oldest report waited {} ms; {} waiting",
+        flush["devices"], flush["write_ms"], flush["lag_ms"], flush["pending"]
+    );
+    println!(
+        "  server peak RSS: {:.0} MiB",
+        crate::bench_fleet::peak_mib(server_pid)
+    );
+    results.insert("server_status".into(), status.clone());
     results.insert("otaforge_checkin_304".into(), ota_304.to_json());
     results.insert("otaforge_download".into(), ota_dl.to_json());
     results.insert("otaforge_checkin_half_rate".into(), ota_half.to_json());

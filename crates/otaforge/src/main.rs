@@ -211,6 +211,8 @@ async fn worker(args: ServeArgs) -> anyhow::Result<()> {
         database = state.store().backend(),
         "otaforge worker is compiling queued builds"
     );
+    // What the builds change (a device's assignment) reaches `serve`'s caches.
+    let cache_sync = state.spawn_cache_sync(false);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let tasks: Vec<_> = (0..workers)
         .map(|i| {
@@ -225,6 +227,10 @@ async fn worker(args: ServeArgs) -> anyhow::Result<()> {
     let _ = stop.send(true);
     for task in tasks {
         let _ = task.await;
+    }
+    cache_sync.abort();
+    if let Err(e) = state.sync_caches().await {
+        tracing::warn!(error = %e, "publishing the last cache changes failed");
     }
     Ok(())
 }
