@@ -56,6 +56,26 @@ enum Arg {
     Text(String),
 }
 
+/// A query with these arguments bound to its placeholders in order.
+fn bound<'q, DB>(
+    sql: &'q str,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut q = sqlx::query::<DB>(sql);
+    for a in args {
+        q = match a {
+            Arg::Int(v) => q.bind(v),
+            Arg::Text(t) => q.bind(t),
+        };
+    }
+    q
+}
+
 /// `LIKE` pattern text with `%`, `_` and the escape character itself escaped (`ESCAPE '\\'`).
 fn like_escaped(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -770,13 +790,7 @@ macro_rules! sql_store {
             async fn device_page(&self, product_id: Id, query: &DeviceQuery) -> Result<Vec<Device>> {
                 let (filter, args) = device_query_sql($backend, product_id, query, true)?;
                 let sql = format!("SELECT {DEVICE_COLS} FROM devices WHERE {filter}");
-                let mut q = sqlx::query(&sql);
-                for a in args {
-                    q = match a {
-                        Arg::Int(v) => q.bind(v),
-                        Arg::Text(t) => q.bind(t),
-                    };
-                }
+                let q = bound(&sql, args);
                 let rows = q.fetch_all(&self.read).await?;
                 rows.iter().map(Self::device).collect()
             }
@@ -784,13 +798,7 @@ macro_rules! sql_store {
             async fn count_devices(&self, product_id: Id, query: &DeviceQuery) -> Result<i64> {
                 let (filter, args) = device_query_sql($backend, product_id, query, false)?;
                 let sql = format!("SELECT COUNT(*) AS n FROM devices WHERE {filter}");
-                let mut q = sqlx::query(&sql);
-                for a in args {
-                    q = match a {
-                        Arg::Int(v) => q.bind(v),
-                        Arg::Text(t) => q.bind(t),
-                    };
-                }
+                let q = bound(&sql, args);
                 Ok(q.fetch_one(&self.read).await?.try_get("n")?)
             }
 
@@ -906,13 +914,7 @@ macro_rules! sql_store {
                         format!("UPDATE devices SET group_id = ${} WHERE {filter}", args.len())
                     }
                 };
-                let mut q = sqlx::query(&sql);
-                for a in args {
-                    q = match a {
-                        Arg::Int(v) => q.bind(v),
-                        Arg::Text(t) => q.bind(t),
-                    };
-                }
+                let q = bound(&sql, args);
                 Ok(q.execute(&self.write).await?.rows_affected())
             }
 
@@ -1746,13 +1748,7 @@ macro_rules! sql_store {
                      SELECT ${rid}, id, {stage}, 'pending', version, ${at}, '' FROM ({ranked}) ranked WHERE rn <= {planned} \
                      ORDER BY id"
                 );
-                let mut q = sqlx::query(&sql);
-                for a in args {
-                    q = match a {
-                        Arg::Int(v) => q.bind(v),
-                        Arg::Text(t) => q.bind(t),
-                    };
-                }
+                let q = bound(&sql, args);
                 q.execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(rollout)
@@ -1777,13 +1773,7 @@ macro_rules! sql_store {
                      FROM ({ranked}) ranked WHERE rn <= {planned} GROUP BY 1"
                 );
                 let mut out = vec![PlannedStage::default(); sizes.len()];
-                let mut q = sqlx::query(&counts_sql);
-                for a in args {
-                    q = match a {
-                        Arg::Int(v) => q.bind(v),
-                        Arg::Text(t) => q.bind(t),
-                    };
-                }
+                let q = bound(&counts_sql, args);
                 for row in q.fetch_all(&self.read).await? {
                     let i: i64 = row.try_get("stage")?;
                     if let Some(s) = out.get_mut(i as usize) {
@@ -1821,13 +1811,7 @@ macro_rules! sql_store {
                      WHERE {} ORDER BY rn",
                     any.join(" OR ")
                 );
-                let mut q = sqlx::query(&sql);
-                for a in args {
-                    q = match a {
-                        Arg::Int(v) => q.bind(v),
-                        Arg::Text(t) => q.bind(t),
-                    };
-                }
+                let q = bound(&sql, args);
                 for row in q.fetch_all(&self.read).await? {
                     let i: i64 = row.try_get("stage")?;
                     if let Some(s) = out.get_mut(i as usize) {
@@ -1848,13 +1832,7 @@ macro_rules! sql_store {
                      (SELECT m.device_id FROM rollout_devices m JOIN rollouts r ON r.id = m.rollout_id \
                       WHERE r.state <> 'completed' AND r.state <> 'cancelled')"
                 );
-                let mut q = sqlx::query(&sql);
-                for a in args {
-                    q = match a {
-                        Arg::Int(v) => q.bind(v),
-                        Arg::Text(t) => q.bind(t),
-                    };
-                }
+                let q = bound(&sql, args);
                 let row = q.fetch_one(&self.read).await?;
                 Ok((row.try_get("n")?, row.try_get("one")?))
             }

@@ -197,6 +197,25 @@ async fn check_in(
     state.check_in(req).await.map_err(error_text)
 }
 
+/// What the pipeline offers the controller now (a poll, a look at an action), reporting
+/// nothing.
+async fn what_now(
+    state: &AppState,
+    peer: SocketAddr,
+    caller: &Caller<'_>,
+) -> Result<Answer, Response> {
+    check_in(
+        state,
+        peer,
+        caller,
+        Want::FirmwareHead,
+        None,
+        None,
+        Ends::No,
+    )
+    .await
+}
+
 /// How a request ends the device's action, if it does.
 #[derive(Clone, Copy)]
 enum Ends {
@@ -265,17 +284,7 @@ async fn poll(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let answer = match check_in(
-        &state,
-        peer,
-        &caller,
-        Want::FirmwareHead,
-        None,
-        None,
-        Ends::No,
-    )
-    .await
-    {
+    let answer = match what_now(&state, peer, &caller).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -437,17 +446,7 @@ async fn installed_base(
         Ok(c) => c,
         Err(r) => return r,
     };
-    match check_in(
-        &state,
-        peer,
-        &caller,
-        Want::FirmwareHead,
-        None,
-        None,
-        Ends::No,
-    )
-    .await
-    {
+    match what_now(&state, peer, &caller).await {
         Ok(Answer::UpToDate(firmware)) if firmware.id == action => {
             let mut body = deployment_body(&state, &caller, &firmware);
             body["actionHistory"] = json!({"status": "finished", "messages": []});
@@ -649,17 +648,7 @@ async fn cancel_action(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let answer = match check_in(
-        &state,
-        peer,
-        &caller,
-        Want::FirmwareHead,
-        None,
-        None,
-        Ends::No,
-    )
-    .await
-    {
+    let answer = match what_now(&state, peer, &caller).await {
         Ok(a) => a,
         Err(r) => return r,
     };
