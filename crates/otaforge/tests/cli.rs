@@ -65,6 +65,27 @@ fn cli(server: &str, token: Option<&str>, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
+/// A list the CLI prints one JSON object a line (fetched page by page), as an array.
+fn cli_lines(server: &str, token: Option<&str>, args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("OTAFORGE_URL", server)
+        .env_remove("OTAFORGE_ADMIN_TOKEN");
+    if let Some(t) = token {
+        cmd.env("OTAFORGE_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "otaforge {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or(serde_json::Value::Null))
+        .collect()
+}
+
 fn start(
     data: &Path,
     port: u16,
@@ -242,12 +263,70 @@ fn operator_session_from_the_terminal() {
     assert_eq!(password, None);
     let products = cli(&server, Some("automation-token"), &["product", "list"]);
     assert_eq!(products[0]["name"], "demo");
-    let devices = cli(
+    let devices = cli_lines(
         &server,
         Some("automation-token"),
         &["device", "list", "--product", &pid],
     );
     assert_eq!(devices[0]["serial"], "bot_001");
+    // Many devices at once: an import, a filtered list, a bulk change, the export.
+    let csv = data.join("fleet.csv");
+    std::fs::write(
+        &csv,
+        "serial,status\nimp-1,new\nimp-2,new\nimp-3,verified\n",
+    )
+    .unwrap();
+    let imported = cli(
+        &server,
+        Some("automation-token"),
+        &["device", "import", "--product", &pid, csv.to_str().unwrap()],
+    );
+    assert_eq!(imported["created"], 3, "{imported}");
+    let listed = cli_lines(
+        &server,
+        Some("automation-token"),
+        &[
+            "device",
+            "list",
+            "--product",
+            &pid,
+            "--search",
+            "imp-",
+            "--status",
+            "new",
+        ],
+    );
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    let changed = cli(
+        &server,
+        Some("automation-token"),
+        &[
+            "device",
+            "bulk",
+            "--product",
+            &pid,
+            "verify",
+            "--serial-prefix",
+            "imp-",
+        ],
+    );
+    assert_eq!(changed["changed"], 3, "{changed}");
+    let exported = data.join("export.csv");
+    cli(
+        &server,
+        Some("automation-token"),
+        &[
+            "device",
+            "export",
+            "--product",
+            &pid,
+            "--out",
+            exported.to_str().unwrap(),
+        ],
+    );
+    let text = std::fs::read_to_string(&exported).unwrap();
+    assert_eq!(text.lines().count(), 5, "a header and four devices: {text}");
+    assert!(text.contains("imp-2,Default,verified"), "{text}");
     terminate(child);
     let _ = std::fs::remove_dir_all(&data);
 }
