@@ -202,11 +202,12 @@ async fn a_rollout_survives_kill_minus_9() {
     let members = api(
         &base,
         reqwest::Method::GET,
-        &format!("/api/v1/products/{pid}/rollouts/{rid}/devices"),
+        &format!("/api/v1/products/{pid}/rollouts/{rid}/devices?limit=1000"),
         None,
     )
     .await;
-    let mut seen: Vec<&str> = members
+    assert!(members["next"].is_null(), "one page holds the 300");
+    let mut seen: Vec<&str> = members["items"]
         .as_array()
         .unwrap()
         .iter()
