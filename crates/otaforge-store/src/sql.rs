@@ -398,6 +398,31 @@ macro_rules! sql_store {
                 })
             }
 
+            /// The row of a new rollout (running, in its first stage), in `tx`.
+            async fn insert_rollout(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                new: &NewRollout,
+                now: Millis,
+            ) -> Result<Rollout> {
+                let row = sqlx::query(&format!(
+                    "INSERT INTO rollouts (product_id, firmware_id, target, stages, rate_per_minute, state, \
+                     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, \
+                     updated_at, other_firmware) \
+                     VALUES ($1, $2, $3, $4, $5, 'running', 0, $6, '[]', '', $7, $6, $6, $8) RETURNING {ROLLOUT_COLS}"
+                ))
+                .bind(new.product_id)
+                .bind(new.firmware_id)
+                .bind(to_json(&new.target))
+                .bind(to_json(&new.stages))
+                .bind(new.rate_per_minute)
+                .bind(now)
+                .bind(&new.created_by)
+                .bind(to_json(&new.other_firmware_ids))
+                .fetch_one(&mut **tx)
+                .await?;
+                Self::rollout(&row)
+            }
+
             async fn begin_write(&self) -> Result<sqlx::Transaction<'static, $db>> {
                 Ok(self.write.begin_with($begin).await?)
             }
@@ -1677,23 +1702,7 @@ macro_rules! sql_store {
             ) -> Result<Rollout> {
                 let now = now_millis();
                 let mut tx = self.begin_write().await?;
-                let row = sqlx::query(&format!(
-                    "INSERT INTO rollouts (product_id, firmware_id, target, stages, rate_per_minute, state, \
-                     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, \
-                     updated_at, other_firmware) \
-                     VALUES ($1, $2, $3, $4, $5, 'running', 0, $6, '[]', '', $7, $6, $6, $8) RETURNING {ROLLOUT_COLS}"
-                ))
-                .bind(new.product_id)
-                .bind(new.firmware_id)
-                .bind(to_json(&new.target))
-                .bind(to_json(&new.stages))
-                .bind(new.rate_per_minute)
-                .bind(now)
-                .bind(&new.created_by)
-                .bind(to_json(&new.other_firmware_ids))
-                .fetch_one(&mut *tx)
-                .await?;
-                let rollout = Self::rollout(&row)?;
+                let rollout = Self::insert_rollout(&mut tx, &new, now).await?;
                 for (device, stage, version) in members {
                     sqlx::query(
                         "INSERT INTO rollout_devices (rollout_id, device_id, stage, state, from_version, updated_at, message) \
@@ -1720,23 +1729,7 @@ macro_rules! sql_store {
             ) -> Result<Rollout> {
                 let now = now_millis();
                 let mut tx = self.begin_write().await?;
-                let row = sqlx::query(&format!(
-                    "INSERT INTO rollouts (product_id, firmware_id, target, stages, rate_per_minute, state, \
-                     current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, \
-                     updated_at, other_firmware) \
-                     VALUES ($1, $2, $3, $4, $5, 'running', 0, $6, '[]', '', $7, $6, $6, $8) RETURNING {ROLLOUT_COLS}"
-                ))
-                .bind(new.product_id)
-                .bind(new.firmware_id)
-                .bind(to_json(&new.target))
-                .bind(to_json(&new.stages))
-                .bind(new.rate_per_minute)
-                .bind(now)
-                .bind(&new.created_by)
-                .bind(to_json(&new.other_firmware_ids))
-                .fetch_one(&mut *tx)
-                .await?;
-                let rollout = Self::rollout(&row)?;
+                let rollout = Self::insert_rollout(&mut tx, &new, now).await?;
                 let (ranked, mut args) = ranked_devices_sql($backend, new.product_id, target, order)?;
                 let (stage, planned) = stage_case(sizes, &mut args);
                 args.push(Arg::Int(rollout.id));
