@@ -609,6 +609,17 @@ impl DeviceQuery {
         )
     }
 
+    /// Whether it takes every device (no filter set).
+    pub fn filters_nothing(&self) -> bool {
+        self.status.is_none()
+            && self.group_id.is_none()
+            && self.version.is_none()
+            && self.seen_before.is_none()
+            && self.seen_after.is_none()
+            && self.serial_prefix.as_deref().is_none_or(str::is_empty)
+            && self.search.as_deref().is_none_or(str::is_empty)
+    }
+
     /// The cursor that continues after `device` in this query's order.
     pub fn cursor_after(&self, device: &Device) -> DeviceCursor {
         match self.sort {

@@ -685,14 +685,14 @@ async fn product_page(
         limit: DEVICES_PER_PAGE + 1,
         ..DeviceQuery::default()
     };
-    let rows = store.device_page(product, &query).await.unwrap_or_default();
-    let shown = crate::page::of(rows, DEVICES_PER_PAGE, |d| query.cursor_after(d), |d| d);
-    // A first page that is the whole list is its own count (no second pass over the fleet).
-    let matching = if shown.next.is_none() && query.after.is_none() {
-        shown.items.len() as i64
-    } else {
-        store.count_devices(product, &query).await.unwrap_or(0)
+    let shown = match state
+        .device_page(product, &query, DEVICES_PER_PAGE, true)
+        .await
+    {
+        Ok(page) => page,
+        Err(e) => return titled_error(e, "Not listed", &back),
     };
+    let matching = shown.total.unwrap_or(0);
     let next_page = shown.next.as_ref().map(|cursor| {
         let mut url = form_urlencoded::Serializer::new(String::new());
         if let Some(t) = search {

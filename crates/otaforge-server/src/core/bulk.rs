@@ -247,15 +247,9 @@ impl AppState {
         all: bool,
         change: BulkChange,
     ) -> ApiResult<u64> {
+        crate::core::fleet::check_device_query(filter)?;
         let product = self.store().get_product(product).await?;
-        let unfiltered = DeviceQuery {
-            sort: filter.sort,
-            descending: filter.descending,
-            after: filter.after.clone(),
-            limit: filter.limit,
-            ..DeviceQuery::default()
-        };
-        if *filter == unfiltered && !all {
+        if filter.filters_nothing() && !all {
             return Err(unprocessable(
                 "the filter takes every device; say \"all\": true to mean it".into(),
             ));

@@ -34,6 +34,29 @@ pub fn check_name(what: &str, name: &str) -> ApiResult<String> {
 }
 
 /// Serials are what devices send: printable ASCII without spaces or `/`, at most 64 bytes.
+/// A device list's or bulk change's query: search texts of at most 64 characters, and a
+/// cursor from a list in the query's own order.
+pub fn check_device_query(query: &DeviceQuery) -> ApiResult<()> {
+    for (name, text) in [
+        ("serial_prefix", &query.serial_prefix),
+        ("q", &query.search),
+    ] {
+        if text.as_ref().is_some_and(|t| t.chars().count() > 64) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{name} is longer than 64 characters"),
+            ));
+        }
+    }
+    if !query.cursor_fits() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "cursor comes from a list in another order (sort)",
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_serial(serial: &str) -> ApiResult<String> {
     if serial.is_empty()
         || serial.len() > 64
@@ -439,7 +462,7 @@ impl AppState {
     // ---- devices ----
 
     /// One page of a product's devices (`query.limit` is `limit + 1`), with the count of
-    /// all the filters take when `count`.
+    /// all the filters take when `count`. The API, the pages and the CLI list through it.
     pub async fn device_page(
         &self,
         product: Id,
@@ -447,13 +470,19 @@ impl AppState {
         limit: i64,
         count: bool,
     ) -> ApiResult<crate::page::Page<Device>> {
+        check_device_query(query)?;
         self.inner.catalog.product(self.store(), product).await?;
         // Reports still in the buffer are part of what the server knows.
         self.flush_telemetry().await?;
         let rows = self.store().device_page(product, query).await?;
         let mut page = crate::page::of(rows, limit, |d| query.cursor_after(d), |d| d);
         if count {
-            page.total = Some(self.store().count_devices(product, query).await?);
+            // A first page that is the whole list is its own count (no second pass).
+            page.total = Some(if page.next.is_none() && query.after.is_none() {
+                page.items.len() as i64
+            } else {
+                self.store().count_devices(product, query).await?
+            });
         }
         Ok(page)
     }
