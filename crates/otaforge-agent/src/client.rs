@@ -139,6 +139,11 @@ impl Updater {
     }
 
     /// Remembers an outcome to report on the next check-in.
+    /// Talks to another server from the next request on (a fleet behind several nodes).
+    pub fn set_endpoint(&mut self, endpoint: Endpoint) {
+        self.endpoint = endpoint;
+    }
+
     pub fn report(&mut self, outcome: Outcome) {
         self.pending = Some(outcome);
     }

@@ -28,7 +28,10 @@ pub enum SimDialect {
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    pub server: String,
+    /// The servers (nodes) devices talk to: each poll goes to the next one in turn, so a
+    /// fleet behind several nodes reaches every one of them, and a dead node costs a
+    /// device one failed poll.
+    pub servers: Vec<String>,
     pub dialect: SimDialect,
     /// Device serials; their number is the fleet size.
     pub serials: Vec<String>,
@@ -171,7 +174,15 @@ pub async fn run(
     config: SimConfig,
     progress: impl Fn(&Counters, Duration) + Send + 'static,
 ) -> anyhow::Result<Summary> {
-    let server = Url::parse(&config.server)?;
+    if config.servers.is_empty() {
+        anyhow::bail!("the simulator needs at least one server URL");
+    }
+    let servers = config
+        .servers
+        .iter()
+        .map(|s| Url::parse(s).map_err(|e| anyhow::anyhow!("server URL {s:?}: {e}")))
+        .collect::<anyhow::Result<Vec<Url>>>()?;
+    let servers = Arc::new(servers);
     let config = Arc::new(config);
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -192,15 +203,15 @@ pub async fn run(
 
     let mut tasks = Vec::with_capacity(config.serials.len());
     for (i, serial) in config.serials.iter().enumerate() {
-        let (config, counters, stop, server) = (
+        let (config, counters, stop, servers) = (
             config.clone(),
             counters.clone(),
             stop.clone(),
-            server.clone(),
+            servers.clone(),
         );
         let serial = serial.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = device_life(i, &serial, &config, &server, &counters, &stop).await {
+            if let Err(e) = device_life(i, &serial, &config, &servers, &counters, &stop).await {
                 tracing::warn!(serial, error = %e, "a simulated device stopped");
             }
         }));
@@ -269,7 +280,7 @@ async fn device_life(
     index: usize,
     serial: &str,
     config: &SimConfig,
-    server: &Url,
+    servers: &[Url],
     counters: &Counters,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
@@ -294,22 +305,26 @@ async fn device_life(
         chip_size: u64::from(layout.flash_size),
     };
     refresh_info(&mut ota, &mut info)?;
-    let endpoint = match &config.dialect {
-        SimDialect::OtaDrive { api_key } => Endpoint::OtaDrive {
-            server: server.clone(),
-            api_key: api_key.clone(),
-        },
-        SimDialect::StaticLink {
-            product_id,
-            password,
-        } => Endpoint::StaticLink {
-            url: server.with_path(&format!(
-                "{}/ota/{product_id}/{serial}",
-                server.path.trim_end_matches('/')
-            )),
-            password: password.clone(),
-        },
-    };
+    let endpoints: Vec<Endpoint> = servers
+        .iter()
+        .map(|server| match &config.dialect {
+            SimDialect::OtaDrive { api_key } => Endpoint::OtaDrive {
+                server: server.clone(),
+                api_key: api_key.clone(),
+            },
+            SimDialect::StaticLink {
+                product_id,
+                password,
+            } => Endpoint::StaticLink {
+                url: server.with_path(&format!(
+                    "{}/ota/{product_id}/{serial}",
+                    server.path.trim_end_matches('/')
+                )),
+                password: password.clone(),
+            },
+        })
+        .collect();
+    let endpoint = endpoints[index % endpoints.len()].clone();
     let policy = Policy {
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_secs(5),
@@ -338,10 +353,15 @@ async fn device_life(
     // Spread the first polls over one interval.
     let first = config.poll.mul_f64(draw(config.seed, serial, "phase"));
     let mut wait = first;
+    let mut polls = 0usize;
     loop {
         if !nap(wait, stop).await {
             break;
         }
+        if endpoints.len() > 1 {
+            updater.set_endpoint(endpoints[(index + polls) % endpoints.len()].clone());
+        }
+        polls += 1;
         let j = (draw(config.seed ^ updater.stats.requests, serial, "jitter") * 2.0 - 1.0)
             * config.jitter;
         wait = config.poll.mul_f64((1.0 + j).max(0.05));

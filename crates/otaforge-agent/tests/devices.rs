@@ -115,7 +115,7 @@ async fn fleet_updates_through_power_loss_rollbacks_and_drops() {
         server.add_device(product, s, None).await;
     }
     let config = SimConfig {
-        server: server.base.clone(),
+        servers: vec![server.base.clone()],
         dialect: SimDialect::OtaDrive { api_key: key },
         serials: serials.clone(),
         initial_image: v1,

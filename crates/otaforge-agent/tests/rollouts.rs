@@ -154,7 +154,7 @@ impl Fleet {
 
     fn sim(&self, fail_health: f64, until: Option<&str>, stop: Arc<AtomicBool>) -> SimConfig {
         SimConfig {
-            server: self.base.clone(),
+            servers: vec![self.base.clone()],
             dialect: SimDialect::OtaDrive {
                 api_key: self.key.clone(),
             },

@@ -623,6 +623,10 @@ pub async fn list_devices(
 /// What the server holds in memory and how its report buffer keeps up.
 #[derive(Serialize, ToSchema)]
 pub struct ServerStatus {
+    /// This node's name among those sharing the database (host, process id, a random tag).
+    node: String,
+    /// Whether this node is the one evaluating rollout gates now (exactly one is).
+    evaluates_gates: bool,
     /// Devices the check-in path finds without reading the database.
     devices_in_memory: usize,
     /// The last write of buffered device reports.
@@ -633,6 +637,11 @@ pub struct ServerStatus {
     responses((status = 200, body = ServerStatus), Refusals))]
 pub async fn server_status(State(state): State<AppState>, _op: Operator) -> Json<ServerStatus> {
     Json(ServerStatus {
+        node: state.inner.node.clone(),
+        evaluates_gates: state
+            .inner
+            .gates_held
+            .load(std::sync::atomic::Ordering::Relaxed),
         devices_in_memory: state.inner.catalog.devices_in_memory(),
         telemetry: state.inner.telemetry.stats(),
     })

@@ -32,6 +32,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `sqlite://PATH` or `postgres://...`; `None` means SQLite in `data_dir`.
     pub database_url: Option<String>,
+    /// Where firmware and resource blobs live: `s3://BUCKET?endpoint=URL` (shared by
+    /// several nodes) or `file:///FOLDER`; `None` means the `blobs` folder in `data_dir`.
+    pub blob_url: Option<String>,
     /// The base URL devices reach the server at, for static links. Default `http://{listen}`.
     pub public_url: Option<String>,
     /// A bearer token that is always a valid admin token (`OTAFORGE_ADMIN_TOKEN`).
@@ -56,6 +59,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./otaforge-data"),
             database_url: None,
+            blob_url: None,
             public_url: None,
             admin_token: None,
             max_upload_bytes: 32 * 1024 * 1024,

@@ -69,6 +69,10 @@ struct Inner {
     /// One build at a time per board: builds of a board share its cache folder.
     board_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     rollouts: rollouts::RolloutBook,
+    /// This process among the nodes sharing the database (for leases).
+    node: String,
+    /// Whether this node holds the gates lease now.
+    gates_held: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -91,6 +95,7 @@ impl AppState {
     ) -> Self {
         let blob_cache = delivery::BlobCache::new(config.blob_cache_bytes);
         let compile = config.compile.clone();
+        let passwords = core::passwords::PasswordGuard::new(store.clone());
         AppState {
             inner: Arc::new(Inner {
                 config,
@@ -99,12 +104,14 @@ impl AppState {
                 blob_cache,
                 catalog: catalog::Catalog::default(),
                 telemetry: telemetry::TelemetryBuffer::default(),
-                passwords: core::passwords::PasswordGuard::default(),
+                passwords,
                 sealer,
                 compile,
                 builds_ready: tokio::sync::Notify::new(),
                 board_locks: Default::default(),
                 rollouts: rollouts::RolloutBook::default(),
+                node: node_name(),
+                gates_held: Default::default(),
             }),
         }
     }
@@ -129,14 +136,19 @@ impl AppState {
                     .with_context(|| format!("restricting {}", file.display()))?;
             }
         }
-        let blobs = BlobStore::local(&config.blob_dir())
-            .with_context(|| format!("opening the blob folder {}", config.blob_dir().display()))?;
+        let blobs = match &config.blob_url {
+            Some(url) => BlobStore::open_url(url)
+                .with_context(|| format!("opening the blob store {}", redact_url(url)))?,
+            None => BlobStore::local(&config.blob_dir()).with_context(|| {
+                format!("opening the blob folder {}", config.blob_dir().display())
+            })?,
+        };
         let sealer = secrets::Sealer::load(&config.data_dir)?;
         let state = Self::new(config, store, blobs, sealer);
         state
             .inner
             .rollouts
-            .load(state.store())
+            .refresh(state.store())
             .await
             .context("loading the live rollouts")?;
         Ok(state)
@@ -165,11 +177,15 @@ impl AppState {
                 if let Err(e) = state.inner.catalog.sync(&*state.inner.store).await {
                     tracing::warn!(error = %e, "syncing the caches failed; will retry");
                 }
-                // Devices forgotten all at once are loaded again once writes settle (2 s
-                // without another such forgetting), so polls keep reading nothing.
                 if !warm {
                     continue;
                 }
+                // Rollouts another node created, moved on or ended.
+                if let Err(e) = state.inner.rollouts.refresh(&*state.inner.store).await {
+                    tracing::warn!(error = %e, "refreshing the live rollouts failed; will retry");
+                }
+                // Devices forgotten all at once are loaded again once writes settle (2 s
+                // without another such forgetting), so polls keep reading nothing.
                 if state.inner.catalog.take_cold() {
                     cold_since = Some(std::time::Instant::now());
                 } else if cold_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(2))
@@ -218,6 +234,75 @@ impl AppState {
             // Another process created it first.
             Err(otaforge_store::StoreError::Conflict(_)) => Ok(None),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The lease of the node that evaluates rollout gates.
+const GATES_LEASE: &str = "rollout gates";
+
+/// This process's name among the nodes: host, process id and a random tag.
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into());
+    let mut tag = [0u8; 3];
+    let _ = getrandom::fill(&mut tag);
+    format!("{host}-{}-{}", std::process::id(), auth::hex(&tag))
+}
+
+impl AppState {
+    /// How long a node holds the gates without renewing: another node takes over at most
+    /// this long (plus one renewal period) after the holder dies.
+    const GATES_LEASE_TTL: Duration = Duration::from_secs(6);
+
+    /// Runs forever: holds (or waits for) the gates lease, and while this node holds it,
+    /// evaluates the rollout gates every `rollout_tick` and prunes spent counting windows.
+    /// Exactly one node of those sharing the database does this at a time.
+    async fn hold_the_gates(self) {
+        let renew = self.inner.config.rollout_tick.min(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(renew);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut held = false;
+        let mut last_pass: Option<std::time::Instant> = None;
+        loop {
+            tick.tick().await;
+            let ttl = Self::GATES_LEASE_TTL.as_millis() as i64;
+            let now_held = match self
+                .store()
+                .hold_lease(GATES_LEASE, &self.inner.node, ttl)
+                .await
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the gates lease failed; will retry");
+                    false
+                }
+            };
+            if now_held != held {
+                held = now_held;
+                self.inner
+                    .gates_held
+                    .store(held, std::sync::atomic::Ordering::Relaxed);
+                if held {
+                    tracing::info!(node = %self.inner.node, "this node now evaluates the rollout gates");
+                } else {
+                    tracing::info!(node = %self.inner.node, "another node evaluates the rollout gates");
+                }
+            }
+            if !held || last_pass.is_some_and(|t| t.elapsed() < self.inner.config.rollout_tick) {
+                continue;
+            }
+            last_pass = Some(std::time::Instant::now());
+            // Reports first: the gates judge what devices said.
+            let _ = self.flush_telemetry().await;
+            if let Err(e) = self.evaluate_rollouts().await {
+                tracing::warn!(error = %e, "evaluating rollouts failed; will retry");
+            }
+            let spent = otaforge_store::model::now_millis() - 600_000;
+            if let Err(e) = self.store().prune_slots(spent).await {
+                tracing::warn!(error = %e, "pruning counting windows failed");
+            }
         }
     }
 }
@@ -314,21 +399,7 @@ pub async fn serve(
         })
     };
 
-    let gates = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(state.inner.config.rollout_tick);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                // Reports first: the gates judge what devices said.
-                let _ = state.flush_telemetry().await;
-                if let Err(e) = state.evaluate_rollouts().await {
-                    tracing::warn!(error = %e, "evaluating rollouts failed; will retry");
-                }
-            }
-        })
-    };
+    let gates = tokio::spawn(state.clone().hold_the_gates());
     let cache_sync = state.spawn_cache_sync(true);
     let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
     let workers: Vec<_> = (0..state.inner.compile.workers)
@@ -398,6 +469,11 @@ pub async fn serve(
     }
     flusher.abort();
     gates.abort();
+    // Another node takes the gates over at once rather than when the lease runs out.
+    let _ = state
+        .store()
+        .release_lease(GATES_LEASE, &state.inner.node)
+        .await;
     let _ = stop_workers.send(true);
     for worker in workers {
         // A build in progress finishes (its compiler is bounded by the wall-time cap).

@@ -4,9 +4,8 @@
 //! Every member transition is a conditional database update, so a device is counted once
 //! whatever retries, restarts or crashes happen; counts are always read from the rows.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::RwLock;
-use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -40,28 +39,44 @@ struct Book {
     /// Each rollout's release: its firmware, then the other families'.
     firmware: HashMap<Id, Vec<Firmware>>,
     members: HashMap<Id, Member>,
-    offers: HashMap<Id, VecDeque<Instant>>,
 }
 
-/// Live rollouts and their members, mirrored from the database.
+/// Live rollouts and their members, mirrored from the database. The database is the truth:
+/// every node refreshes the rollouts twice a second (`refresh`), and a member's state here
+/// is a hint that every transition checks against its row (`move_member` is conditional; a
+/// move that finds another state reads the row back).
 #[derive(Default)]
 pub struct RolloutBook {
     book: RwLock<Book>,
+    /// One refresh at a time: a new rollout's members are loaded once.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl RolloutBook {
-    /// Loads every live rollout (at start-up, and after a restart mid-rollout).
-    pub async fn load(&self, store: &dyn Store) -> otaforge_store::Result<()> {
-        let mut fresh = Book::default();
-        for r in store.live_rollouts().await? {
-            if r.state == RolloutState::Cancelled {
-                continue;
-            }
+    /// Brings the book up to date with the database: rollouts that are no longer live are
+    /// dropped with their members, new ones are loaded with theirs (in pages, so a rollout
+    /// of a million devices never sits in memory twice), and the others take their rows'
+    /// state, stage and rolled-back stages. Cheap when nothing is new: one query of the
+    /// live rollouts.
+    pub async fn refresh(&self, store: &dyn Store) -> otaforge_store::Result<()> {
+        let _one = self.refreshing.lock().await;
+        let live: Vec<Rollout> = store
+            .live_rollouts()
+            .await?
+            .into_iter()
+            .filter(|r| r.state != RolloutState::Cancelled)
+            .collect();
+        let known: std::collections::HashSet<Id> = {
+            let book = self.book.read().unwrap_or_else(|e| e.into_inner());
+            book.rollouts.keys().copied().collect()
+        };
+        let mut loaded = Vec::new();
+        for r in live.iter().filter(|r| !known.contains(&r.id)) {
             let mut release = vec![store.get_firmware(r.product_id, r.firmware_id).await?];
             for id in &r.other_firmware_ids {
                 release.push(store.get_firmware(r.product_id, *id).await?);
             }
-            // In pages, so a rollout of a million devices never sits in memory twice.
+            let mut members = Vec::new();
             let mut after = None;
             loop {
                 let page = store.rollout_members_page(r.id, after, 10_000).await?;
@@ -69,22 +84,51 @@ impl RolloutBook {
                     break;
                 };
                 after = Some((last.stage, last.device_id));
-                for m in page {
-                    fresh.members.insert(
+                members.extend(page.into_iter().map(|m| {
+                    (
                         m.device_id,
                         Member {
                             rollout: r.id,
                             stage: m.stage,
                             state: m.state,
                         },
-                    );
-                }
+                    )
+                }));
             }
-            fresh.firmware.insert(r.id, release);
-            fresh.rollouts.insert(r.id, r);
+            loaded.push((r.id, release, members));
         }
-        *self.book.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
+        let ids: std::collections::HashSet<Id> = live.iter().map(|r| r.id).collect();
+        let gone: Vec<Id> = book
+            .rollouts
+            .keys()
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            for id in &gone {
+                book.rollouts.remove(id);
+                book.firmware.remove(id);
+            }
+            book.members.retain(|_, m| !gone.contains(&m.rollout));
+        }
+        for (id, release, members) in loaded {
+            book.firmware.insert(id, release);
+            book.members.extend(members);
+        }
+        for r in live {
+            book.rollouts.insert(r.id, r);
+        }
         Ok(())
+    }
+
+    /// A deleted device leaves the rollout it was in.
+    pub fn forget_device(&self, device: Id) {
+        self.book
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .members
+            .remove(&device);
     }
 
     fn set_state(&self, device: Id, state: MemberState) {
@@ -110,33 +154,19 @@ impl RolloutBook {
             book.rollouts.insert(r.id, r);
         }
     }
+}
 
-    /// Room under the rate cap for one more first offer (and takes it).
-    fn take_offer_slot(&self, rollout: &Rollout) -> bool {
-        let Some(cap) = rollout.rate_per_minute else {
-            return true;
-        };
-        let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
-        let window = book.offers.entry(rollout.id).or_default();
-        while window
-            .front()
-            .is_some_and(|t| t.elapsed() >= Duration::from_secs(60))
-        {
-            window.pop_front();
-        }
-        if (window.len() as i64) < cap {
-            window.push_back(Instant::now());
-            true
-        } else {
-            false
-        }
-    }
+/// The rate cap's window of first offers, counted in the database so that every node
+/// shares it.
+fn offers_key(rollout: Id) -> String {
+    format!("rollout:{rollout}:offers")
+}
 
-    fn give_back_offer_slot(&self, rollout: Id) {
-        let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = book.offers.get_mut(&rollout) {
-            w.pop_back();
-        }
+/// Room under the rate cap for one more first offer in this minute (and takes it).
+async fn take_offer_slot(store: &dyn Store, rollout: &Rollout) -> otaforge_store::Result<bool> {
+    match rollout.rate_per_minute {
+        None => Ok(true),
+        Some(cap) => store.take_slot(&offers_key(rollout.id), 60_000, cap).await,
     }
 }
 
@@ -198,7 +228,19 @@ impl AppState {
         }
         let released =
             rollout.state == RolloutState::Running && member.stage <= rollout.current_stage;
-        if !released || !self.inner.rollouts.take_offer_slot(&rollout) {
+        if !released {
+            return Ok(Steer::Usual);
+        }
+        // Another node may have offered it already: the row says.
+        match self.store().rollout_member(rollout.id, device.id).await? {
+            None => return Ok(Steer::Usual),
+            Some(row) if row.state != MemberState::Pending => {
+                self.inner.rollouts.set_state(device.id, row.state);
+                return Ok(Steer::Serve(Box::new(firmware)));
+            }
+            Some(_) => {}
+        }
+        if !take_offer_slot(self.store(), &rollout).await? {
             return Ok(Steer::Usual);
         }
         let moved = self
@@ -225,9 +267,19 @@ impl AppState {
                 .await;
             Ok(Steer::Serve(Box::new(firmware)))
         } else {
-            self.inner.rollouts.give_back_offer_slot(rollout.id);
-            // Another process moved it: read it back next time.
-            Ok(Steer::Usual)
+            if rollout.rate_per_minute.is_some() {
+                self.store()
+                    .give_back_slot(&offers_key(rollout.id), false)
+                    .await?;
+            }
+            // Another node offered it in between.
+            match self.store().rollout_member(rollout.id, device.id).await? {
+                Some(row) if row.state != MemberState::Pending => {
+                    self.inner.rollouts.set_state(device.id, row.state);
+                    Ok(Steer::Serve(Box::new(firmware)))
+                }
+                _ => Ok(Steer::Usual),
+            }
         }
     }
 
@@ -248,39 +300,53 @@ impl AppState {
                 .add_device_event(device.id, "feedback", text)
                 .await;
         }
-        let Some((member, rollout, firmware)) = self.steer(device, chip) else {
+        let Some((mut member, rollout, firmware)) = self.steer(device, chip) else {
             return;
         };
         let result = feedback.and_then(|f| f.parse::<UpdateResult>().ok());
         let store = self.store();
-        let Some(transition) = rollout_plan::member_transition(
-            member.state,
-            told.then(|| runs(&firmware, running)),
-            result.as_ref(),
-            rollout.rolled_back_stages.contains(&member.stage),
-        ) else {
-            return;
-        };
-        let (from, to, kind) = (transition.from, transition.to, transition.event());
-        let detail = match (&result, to) {
-            (_, MemberState::Succeeded) => format!("running {}", firmware.version),
-            (Some(UpdateResult::Failed { reason }), MemberState::Failed) => reason.clone(),
-            _ => format!(
-                "back on {} after {}",
-                running.version.unwrap_or("?"),
-                firmware.version
-            ),
-        };
-        match store
-            .move_member(rollout.id, device.id, from, to, &detail)
-            .await
-        {
-            Ok(true) => {
-                self.inner.rollouts.set_state(device.id, to);
-                let _ = store.add_device_event(device.id, kind, &detail).await;
+        // Twice at most: when the row is in another state than this node's book says
+        // (another node moved it), the transition is judged again from the row's state.
+        for _ in 0..2 {
+            let Some(transition) = rollout_plan::member_transition(
+                member.state,
+                told.then(|| runs(&firmware, running)),
+                result.as_ref(),
+                rollout.rolled_back_stages.contains(&member.stage),
+            ) else {
+                return;
+            };
+            let (from, to, kind) = (transition.from, transition.to, transition.event());
+            let detail = match (&result, to) {
+                (_, MemberState::Succeeded) => format!("running {}", firmware.version),
+                (Some(UpdateResult::Failed { reason }), MemberState::Failed) => reason.clone(),
+                _ => format!(
+                    "back on {} after {}",
+                    running.version.unwrap_or("?"),
+                    firmware.version
+                ),
+            };
+            match store
+                .move_member(rollout.id, device.id, from, to, &detail)
+                .await
+            {
+                Ok(true) => {
+                    self.inner.rollouts.set_state(device.id, to);
+                    let _ = store.add_device_event(device.id, kind, &detail).await;
+                    return;
+                }
+                Ok(false) => match store.rollout_member(rollout.id, device.id).await {
+                    Ok(Some(row)) if row.state != member.state => {
+                        self.inner.rollouts.set_state(device.id, row.state);
+                        member.state = row.state;
+                    }
+                    _ => return,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording a rollout transition failed");
+                    return;
+                }
             }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "recording a rollout transition failed"),
         }
     }
 
@@ -290,7 +356,11 @@ impl AppState {
         else {
             return;
         };
-        if rollout_fw.id != firmware.id || member.state != MemberState::Offered {
+        // This node's book may not know yet that another node offered it: the move is
+        // conditional on the row.
+        if rollout_fw.id != firmware.id
+            || !matches!(member.state, MemberState::Pending | MemberState::Offered)
+        {
             return;
         }
         if let Ok(true) = self
@@ -586,7 +656,7 @@ pub async fn create(
             &format!("firmware {} to {total} devices", firmware.version),
         )
         .await;
-    state.inner.rollouts.load(state.store()).await?;
+    state.inner.rollouts.refresh(state.store()).await?;
     state.inner.catalog.invalidate();
     let out = Created {
         rollout: RolloutBody::of(&state, &rollout).await?,
@@ -854,7 +924,7 @@ pub async fn apply_action(
     state.inner.rollouts.put_rollout(r.clone());
     if r.state == Cancelled {
         // Members of a cancelled rollout keep what they run; nobody new is offered anything.
-        state.inner.rollouts.load(state.store()).await?;
+        state.inner.rollouts.refresh(state.store()).await?;
     }
     state.inner.catalog.invalidate();
     Ok(r)

@@ -41,6 +41,55 @@ impl BlobStore {
         })
     }
 
+    /// The blob store a URL names: `s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME` (an
+    /// S3-compatible object store; credentials from `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`, an `http://` endpoint allowed for a store on a private
+    /// network) or `file:///FOLDER` (a local folder). Several nodes share an S3 store.
+    pub fn open_url(url: &str) -> Result<Self> {
+        let invalid = |why: String| crate::StoreError::Invalid(format!("blob URL {url:?}: {why}"));
+        if let Some(path) = url.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err(invalid("a file:// URL names a folder".into()));
+            }
+            return Self::local(std::path::Path::new(path));
+        }
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err(invalid(
+                "use s3://BUCKET?endpoint=URL or file:///FOLDER".into(),
+            ));
+        };
+        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        if bucket.is_empty() {
+            return Err(invalid("no bucket named after s3://".into()));
+        }
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            builder = match key {
+                "endpoint" => {
+                    let http = value.starts_with("http://");
+                    if !http && !value.starts_with("https://") {
+                        return Err(invalid(format!("endpoint {value:?} is not an http(s) URL")));
+                    }
+                    builder.with_endpoint(value).with_allow_http(http)
+                }
+                "region" => builder.with_region(value),
+                other => {
+                    return Err(invalid(format!(
+                        "unknown setting {other:?} (known: endpoint, region)"
+                    )));
+                }
+            };
+        }
+        let s3 = builder.build().map_err(|e| invalid(e.to_string()))?;
+        let inner: Arc<dyn ObjectStore> = match prefix.trim_matches('/') {
+            "" => Arc::new(s3),
+            p => Arc::new(object_store::prefix::PrefixStore::new(s3, p)),
+        };
+        Ok(Self::new(inner))
+    }
+
     /// Wraps any `object_store` backend.
     pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
         BlobStore { inner, root: None }

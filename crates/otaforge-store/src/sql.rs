@@ -1965,6 +1965,78 @@ macro_rules! sql_store {
                 Ok(row.try_get("n")?)
             }
 
+            async fn rollout_member(&self, rollout_id: Id, device_id: Id) -> Result<Option<RolloutMember>> {
+                let row = sqlx::query(&format!(
+                    "SELECT {MEMBER_COLS} FROM rollout_devices WHERE rollout_id = $1 AND device_id = $2"
+                ))
+                .bind(rollout_id)
+                .bind(device_id)
+                .fetch_optional(&self.write)
+                .await?;
+                row.as_ref().map(Self::member).transpose()
+            }
+
+            async fn hold_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool> {
+                let now = now_millis();
+                let row = sqlx::query(
+                    "INSERT INTO leases (name, holder, until) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+                     WHERE leases.holder = excluded.holder OR leases.until < $4 RETURNING holder",
+                )
+                .bind(name)
+                .bind(holder)
+                .bind(now + ttl_ms)
+                .bind(now)
+                .fetch_optional(&self.write)
+                .await?;
+                Ok(row.is_some())
+            }
+
+            async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+                sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+                    .bind(name)
+                    .bind(holder)
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn take_slot(&self, key: &str, window_ms: i64, cap: i64) -> Result<bool> {
+                let now = now_millis();
+                let row = sqlx::query(
+                    "INSERT INTO count_windows (key, since, count) SELECT $1, $2, 1 WHERE $4 > 0 \
+                     ON CONFLICT (key) DO UPDATE SET \
+                     count = CASE WHEN count_windows.since <= $2 - $3 THEN 1 ELSE count_windows.count + 1 END, \
+                     since = CASE WHEN count_windows.since <= $2 - $3 THEN $2 ELSE count_windows.since END \
+                     WHERE (count_windows.since <= $2 - $3 OR count_windows.count < $4) AND $4 > 0 RETURNING count",
+                )
+                .bind(key)
+                .bind(now)
+                .bind(window_ms)
+                .bind(cap)
+                .fetch_optional(&self.write)
+                .await?;
+                Ok(row.is_some())
+            }
+
+            async fn give_back_slot(&self, key: &str, forget: bool) -> Result<()> {
+                let sql = if forget {
+                    "DELETE FROM count_windows WHERE key = $1"
+                } else {
+                    "UPDATE count_windows SET count = count - 1 WHERE key = $1 AND count > 0"
+                };
+                sqlx::query(sql).bind(key).execute(&self.write).await?;
+                Ok(())
+            }
+
+            async fn prune_slots(&self, before: Millis) -> Result<u64> {
+                let done = sqlx::query("DELETE FROM count_windows WHERE since < $1")
+                    .bind(before)
+                    .execute(&self.write)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
             async fn add_device_event(&self, device_id: Id, kind: &str, detail: &str) -> Result<()> {
                 sqlx::query("INSERT INTO device_events (device_id, at, kind, detail) VALUES ($1, $2, $3, $4)")
                     .bind(device_id)
@@ -2152,6 +2224,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
         "cache coherence",
         include_str!("../migrations/sqlite_13.sql"),
     ),
+    ("several nodes", include_str!("../migrations/sqlite_14.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -2190,6 +2263,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "cache coherence",
         include_str!("../migrations/postgres_13.sql"),
+    ),
+    (
+        "several nodes",
+        include_str!("../migrations/postgres_14.sql"),
     ),
 ];
 

@@ -238,6 +238,22 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool>;
     /// Members first offered at or after `since`.
     async fn offers_since(&self, rollout_id: Id, since: Millis) -> Result<i64>;
+    /// One member as the database holds it now.
+    async fn rollout_member(&self, rollout_id: Id, device_id: Id) -> Result<Option<RolloutMember>>;
+
+    // ---- several nodes on one database ----
+    /// Takes or renews the lease `name` for `holder` until `ttl_ms` from now; false while
+    /// another holder's lease runs.
+    async fn hold_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool>;
+    /// Gives the lease up if `holder` has it (so another node takes over at once).
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+    /// Counts one more use of `key` in its window (which starts at the first use and lasts
+    /// `window_ms`) if fewer than `cap` were counted there; false when the window is full.
+    async fn take_slot(&self, key: &str, window_ms: i64, cap: i64) -> Result<bool>;
+    /// Takes one counted use of `key` back (`forget`: all of them).
+    async fn give_back_slot(&self, key: &str, forget: bool) -> Result<()>;
+    /// Removes windows that began before `before`.
+    async fn prune_slots(&self, before: Millis) -> Result<u64>;
 
     async fn add_device_event(&self, device_id: Id, kind: &str, detail: &str) -> Result<()>;
     /// Newest first, older than `before` (an event id) when given.

@@ -106,6 +106,64 @@ fn not_found<T: std::fmt::Debug>(r: otaforge_store::Result<T>) {
 async fn suite(store: &dyn Store) {
     let now = now_millis();
 
+    // ---- several nodes: leases and shared counting windows ----
+    assert!(store.hold_lease("gates", "one", 60_000).await.unwrap());
+    assert!(
+        store.hold_lease("gates", "one", 60_000).await.unwrap(),
+        "renewed"
+    );
+    assert!(
+        !store.hold_lease("gates", "two", 60_000).await.unwrap(),
+        "held by one"
+    );
+    assert!(
+        store.hold_lease("other", "two", 60_000).await.unwrap(),
+        "leases are by name"
+    );
+    store.release_lease("gates", "two").await.unwrap();
+    assert!(
+        !store.hold_lease("gates", "two", 60_000).await.unwrap(),
+        "not two's to give"
+    );
+    store.release_lease("gates", "one").await.unwrap();
+    assert!(
+        store.hold_lease("gates", "two", 1).await.unwrap(),
+        "given up"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(
+        store.hold_lease("gates", "one", 60_000).await.unwrap(),
+        "run out"
+    );
+    for _ in 0..3 {
+        assert!(store.take_slot("k", 60_000, 3).await.unwrap());
+    }
+    assert!(!store.take_slot("k", 60_000, 3).await.unwrap(), "full");
+    store.give_back_slot("k", false).await.unwrap();
+    assert!(
+        store.take_slot("k", 60_000, 3).await.unwrap(),
+        "one given back"
+    );
+    assert!(!store.take_slot("k", 60_000, 3).await.unwrap());
+    assert!(
+        store.take_slot("k2", 60_000, 1).await.unwrap(),
+        "keys are apart"
+    );
+    assert!(
+        !store.take_slot("k3", 60_000, 0).await.unwrap(),
+        "a cap of 0 takes none"
+    );
+    store.give_back_slot("k", true).await.unwrap();
+    assert!(store.take_slot("k", 60_000, 3).await.unwrap(), "forgotten");
+    assert!(store.take_slot("short", 1, 1).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(
+        store.take_slot("short", 1, 1).await.unwrap(),
+        "a new window"
+    );
+    assert_eq!(store.prune_slots(now_millis() + 1).await.unwrap(), 3);
+    assert!(store.take_slot("k2", 60_000, 1).await.unwrap(), "pruned");
+
     // ---- users and tokens ----
     assert_eq!(store.count_users().await.unwrap(), 0);
     let ann = store.create_user("ann", "$argon2id$x", true).await.unwrap();
@@ -596,6 +654,19 @@ async fn suite(store: &dyn Store) {
     let members = store.rollout_members(rollout.id).await.unwrap();
     let m1 = members.iter().find(|m| m.device_id == d1.id).unwrap();
     assert_eq!(m1.state, MemberState::Offered);
+    let row = store
+        .rollout_member(rollout.id, d1.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((row.device_id, row.state), (d1.id, MemberState::Offered));
+    assert!(
+        store
+            .rollout_member(rollout.id, 9_999)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(m1.from_version.as_deref(), Some("1.0.0"));
     assert!(m1.offered_at.is_some());
     assert_eq!(store.offers_since(rollout.id, now - 1).await.unwrap(), 1);

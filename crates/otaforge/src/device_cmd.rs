@@ -138,8 +138,9 @@ pub struct SimArgs {
     devices: usize,
     /// A running server to talk to (with --api-key); without it the simulator starts its own
     /// server on a temporary SQLite database, registers the devices and assigns --target.
+    /// Give it more than once for several nodes: each poll goes to the next one in turn.
     #[arg(long, requires = "api_key")]
-    server: Option<String>,
+    server: Vec<String>,
     #[arg(long, env = "OTAFORGE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Serial prefix of the virtual devices (serials are PREFIX000000, PREFIX000001, ...).
@@ -289,9 +290,9 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
     let serials: Vec<String> = (0..args.devices)
         .map(|i| format!("{}{i:06}", args.prefix))
         .collect();
-    let (server, api_key, until, _guard) = match (&args.server, &args.api_key) {
-        (Some(server), Some(key)) => (
-            server.clone(),
+    let (servers, api_key, until, _guard) = match (args.server.is_empty(), &args.api_key) {
+        (false, Some(key)) => (
+            args.server.clone(),
             key.clone(),
             args.until_version.clone(),
             None,
@@ -303,7 +304,7 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
             eprintln!("starting an embedded server with {} devices", serials.len());
             let (server, key, version, stop, dir) = embedded_server(&serials, target).await?;
             (
-                server,
+                vec![server],
                 key,
                 Some(args.until_version.clone().unwrap_or(version)),
                 Some((stop, dir)),
@@ -312,7 +313,7 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
     };
     let slot_size = (initial.len() as u32 * 4).max(256 * 1024);
     let config = SimConfig {
-        server,
+        servers,
         dialect: SimDialect::OtaDrive { api_key },
         serials,
         initial_image: initial,

@@ -55,6 +55,11 @@ struct ServeArgs {
     /// sqlite://PATH or postgres://USER@HOST/DB (default: SQLite in the data folder).
     #[arg(long, env = "OTAFORGE_DATABASE_URL")]
     database_url: Option<String>,
+    /// Where firmware blobs live: s3://BUCKET?endpoint=URL (shared by several nodes; keys
+    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or file:///FOLDER (default: the
+    /// blobs folder in the data folder).
+    #[arg(long, env = "OTAFORGE_BLOB_URL")]
+    blob_url: Option<String>,
     /// The URL devices reach this server at, used in static firmware links.
     #[arg(long, env = "OTAFORGE_PUBLIC_URL")]
     public_url: Option<String>,
@@ -64,6 +69,10 @@ struct ServeArgs {
     /// The polling interval hawkBit DDI clients (SWUpdate) are told, in seconds.
     #[arg(long, env = "OTAFORGE_DDI_POLL_SECONDS", default_value_t = 300)]
     ddi_poll_seconds: u64,
+    /// How often rollout gates are evaluated (by the one node holding the gates), in
+    /// milliseconds.
+    #[arg(long, env = "OTAFORGE_GATE_INTERVAL_MS", default_value_t = 2000)]
+    gate_interval_ms: u64,
     #[command(flatten)]
     compile: CompileArgs,
 }
@@ -124,6 +133,7 @@ impl ServeArgs {
             listen: self.listen,
             data_dir: self.data_dir,
             database_url: self.database_url,
+            blob_url: self.blob_url,
             public_url: self.public_url,
             admin_token: std::env::var("OTAFORGE_ADMIN_TOKEN")
                 .ok()
@@ -131,6 +141,7 @@ impl ServeArgs {
                 .map(Secret::new),
             max_upload_bytes: self.max_upload_mb * 1024 * 1024,
             ddi_poll: std::time::Duration::from_secs(self.ddi_poll_seconds.max(1)),
+            rollout_tick: std::time::Duration::from_millis(self.gate_interval_ms.max(100)),
             compile: self.compile.config(),
             ..Config::default()
         }

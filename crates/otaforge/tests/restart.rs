@@ -124,7 +124,7 @@ async fn a_rollout_survives_kill_minus_9() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let config = SimConfig {
-        server: base.clone(),
+        servers: vec![base.clone()],
         dialect: SimDialect::OtaDrive { api_key: key },
         serials: serials.clone(),
         initial_image: v1,

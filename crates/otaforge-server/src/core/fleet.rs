@@ -244,7 +244,7 @@ impl AppState {
         }
         store.delete_product(product).await?;
         self.changed();
-        self.inner.rollouts.load(store).await?;
+        self.inner.rollouts.refresh(store).await?;
         for sha in firmware
             .iter()
             .map(|f| &f.sha256)
@@ -578,7 +578,7 @@ impl AppState {
             .await?;
         self.store().delete_device(product, serial).await?;
         self.changed();
-        self.inner.rollouts.load(self.store()).await?;
+        self.inner.rollouts.forget_device(device.id);
         self.audited(actor, "deleted device", &format!("device {serial}"), "")
             .await;
         Ok(())

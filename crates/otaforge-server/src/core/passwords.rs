@@ -15,8 +15,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use otaforge_store::Store;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -49,82 +51,68 @@ pub fn normalise_name(name: &str) -> String {
         .collect()
 }
 
-struct Window {
-    since: Instant,
-    count: u32,
-}
-
-/// Attempts per key in a sliding five-minute window. An attempt is counted when it starts
-/// (so concurrent guesses count), and forgotten for the name when it succeeds.
+/// Attempts per key in a five-minute window that starts at the first attempt, counted in
+/// the database so that every node sharing it keeps the same count. An attempt is counted
+/// when it starts (so concurrent guesses count), and forgotten for the name when it
+/// succeeds. The address is counted first, so one address makes at most `PER_ADDRESS` rows
+/// per window whatever names it tries; the gates' node prunes spent windows.
 struct Limiter {
-    windows: Mutex<HashMap<String, Window>>,
+    store: Arc<dyn Store>,
 }
 
 impl Limiter {
-    const WINDOW: Duration = Duration::from_secs(300);
+    const WINDOW_MS: i64 = 300_000;
     /// Failures allowed per name and address.
-    const PER_NAME: u32 = 5;
+    const PER_NAME: i64 = 5;
     /// Failures allowed per address over every name.
-    const PER_ADDRESS: u32 = 50;
-    const MAX_KEYS: usize = 200_000;
+    const PER_ADDRESS: i64 = 50;
 
     fn keys(name: &str, peer: IpAddr) -> (String, String) {
         (
-            format!("{peer}|{}", normalise_name(name)),
-            format!("{peer}"),
+            format!("sign-in:{peer}|{}", normalise_name(name)),
+            format!("sign-in:{peer}"),
         )
     }
 
-    /// Takes a slot for one attempt, or refuses it.
-    fn begin(&self, name: &str, peer: IpAddr) -> Result<(), Refused> {
+    /// Takes a slot for one attempt, or refuses it. A database that cannot count refuses
+    /// too (as busy): no guess goes uncounted.
+    async fn begin(&self, name: &str, peer: IpAddr) -> Result<(), Refused> {
         let (by_name, by_address) = Self::keys(name, peer);
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if windows.len() > Self::MAX_KEYS {
-            windows.retain(|_, w| w.since.elapsed() < Self::WINDOW);
-        }
-        let count = |windows: &HashMap<String, Window>, key: &str| match windows.get(key) {
-            Some(w) if w.since.elapsed() < Self::WINDOW => w.count,
-            _ => 0,
+        let store = &*self.store;
+        let busy = |e: otaforge_store::StoreError| {
+            tracing::warn!(error = %e, "counting a sign-in attempt failed");
+            Refused::Busy
         };
-        if count(&windows, &by_name) >= Self::PER_NAME
-            || count(&windows, &by_address) >= Self::PER_ADDRESS
+        if !store
+            .take_slot(&by_address, Self::WINDOW_MS, Self::PER_ADDRESS)
+            .await
+            .map_err(busy)?
         {
             return Err(Refused::RateLimited);
         }
-        for key in [by_name, by_address] {
-            let w = windows.entry(key).or_insert(Window {
-                since: Instant::now(),
-                count: 0,
-            });
-            if w.since.elapsed() >= Self::WINDOW {
-                *w = Window {
-                    since: Instant::now(),
-                    count: 0,
-                };
-            }
-            w.count += 1;
+        if !store
+            .take_slot(&by_name, Self::WINDOW_MS, Self::PER_NAME)
+            .await
+            .map_err(busy)?
+        {
+            let _ = store.give_back_slot(&by_address, false).await;
+            return Err(Refused::RateLimited);
         }
         Ok(())
     }
 
     /// The attempt was right: it does not count against the name or the address.
-    fn succeeded(&self, name: &str, peer: IpAddr) {
+    async fn succeeded(&self, name: &str, peer: IpAddr) {
         let (by_name, by_address) = Self::keys(name, peer);
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        windows.remove(&by_name);
-        if let Some(w) = windows.get_mut(&by_address) {
-            w.count = w.count.saturating_sub(1);
-        }
+        let _ = self.store.give_back_slot(&by_name, true).await;
+        let _ = self.store.give_back_slot(&by_address, false).await;
     }
 
     /// The attempt never ran (no hashing slot): give its slot back.
-    fn abandoned(&self, name: &str, peer: IpAddr) {
+    async fn abandoned(&self, name: &str, peer: IpAddr) {
         let (by_name, by_address) = Self::keys(name, peer);
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         for key in [by_name, by_address] {
-            if let Some(w) = windows.get_mut(&key) {
-                w.count = w.count.saturating_sub(1);
-            }
+            let _ = self.store.give_back_slot(&key, false).await;
         }
     }
 }
@@ -189,22 +177,19 @@ pub struct PasswordGuard {
     dummy: OnceLock<String>,
 }
 
-impl Default for PasswordGuard {
-    fn default() -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self::with_permits((cores * 2).clamp(2, 8))
-    }
-}
-
 impl PasswordGuard {
     const MAX_REMEMBERED: usize = 100_000;
     const WAIT_FOR_SLOT: Duration = Duration::from_secs(1);
 
-    pub fn with_permits(permits: usize) -> Self {
+    /// A guard counting attempts in `store`, with two hashing slots per core (2 to 8).
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::with_permits(store, (cores * 2).clamp(2, 8))
+    }
+
+    pub fn with_permits(store: Arc<dyn Store>, permits: usize) -> Self {
         PasswordGuard {
-            limiter: Limiter {
-                windows: Mutex::new(HashMap::new()),
-            },
+            limiter: Limiter { store },
             hashing: Semaphore::new(permits),
             hashers: OnceLock::new(),
             permits,
@@ -243,11 +228,11 @@ impl PasswordGuard {
                 return Ok(true);
             }
         }
-        self.limiter.begin(name, peer)?;
+        self.limiter.begin(name, peer).await?;
         let permit = match tokio::time::timeout(Self::WAIT_FOR_SLOT, self.hashing.acquire()).await {
             Ok(Ok(permit)) => permit,
             _ => {
-                self.limiter.abandoned(name, peer);
+                self.limiter.abandoned(name, peer).await;
                 return Err(Refused::Busy);
             }
         };
@@ -260,7 +245,7 @@ impl PasswordGuard {
         let ok = hashers.verify(password.to_string(), phc.clone()).await && stored.is_some();
         drop(permit);
         if ok {
-            self.limiter.succeeded(name, peer);
+            self.limiter.succeeded(name, peer).await;
             let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
             if verified.len() >= Self::MAX_REMEMBERED {
                 verified.clear();
@@ -295,6 +280,54 @@ impl PasswordGuard {
 mod tests {
     use super::*;
 
+    /// A folder for a test's SQLite database, removed when dropped.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let mut tag = [0u8; 8];
+            getrandom::fill(&mut tag).unwrap();
+            let dir = std::env::temp_dir().join(format!("otaforge-pw-{}", crate::auth::hex(&tag)));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        async fn store(&self) -> Arc<dyn Store> {
+            let url = format!("sqlite://{}", self.0.join("db.sqlite").display());
+            otaforge_store::open(&url).await.unwrap()
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The count is the database's: a second guard on the same database (another node)
+    /// refuses what the first one counted.
+    #[tokio::test]
+    async fn limits_are_shared_by_every_node_on_the_database() {
+        let dir = TempDir::new();
+        let store = dir.store().await;
+        let (one, two) = (
+            PasswordGuard::with_permits(store.clone(), 1),
+            PasswordGuard::with_permits(store, 1),
+        );
+        let peer: IpAddr = "127.0.0.12".parse().unwrap();
+        let phc = hash_password("right").unwrap();
+        for guard in [&one, &two, &one, &two, &one] {
+            assert_eq!(
+                guard.check("bot", peer, "wrong", Some(&phc)).await,
+                Ok(false)
+            );
+        }
+        assert_eq!(
+            two.check("bot", peer, "right", Some(&phc)).await,
+            Err(Refused::RateLimited)
+        );
+    }
+
     #[test]
     fn names_are_normalised() {
         assert_eq!(normalise_name(" Admin "), "admin");
@@ -304,7 +337,8 @@ mod tests {
 
     #[tokio::test]
     async fn limits_count_attempts_not_kinds_or_spacing() {
-        let guard = PasswordGuard::with_permits(2);
+        let dir = TempDir::new();
+        let guard = PasswordGuard::with_permits(dir.store().await, 2);
         let peer: IpAddr = "127.0.0.9".parse().unwrap();
         let phc = hash_password("right").unwrap();
         for name in ["bot", " bot", "BOT", "b o t", "bot "] {
@@ -332,7 +366,8 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_names_never_match_and_cost_a_hash_like_wrong_passwords() {
-        let guard = PasswordGuard::with_permits(1);
+        let dir = TempDir::new();
+        let guard = PasswordGuard::with_permits(dir.store().await, 1);
         let peer: IpAddr = "127.0.0.11".parse().unwrap();
         assert_eq!(guard.check("nobody", peer, "", None).await, Ok(false));
         assert_eq!(
