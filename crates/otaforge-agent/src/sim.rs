@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use otaforge_device::esp::{EspConfig, EspOta, Layout, init_flash};
-use otaforge_device::flash::SimFlash;
+use otaforge_device::flash::{SectorPool, SimFlash};
 use otaforge_formats::esp::Chip;
 use sha2::{Digest, Sha256};
 
@@ -183,6 +183,8 @@ pub async fn run(
         .map(|s| Url::parse(s).map_err(|e| anyhow::anyhow!("server URL {s:?}: {e}")))
         .collect::<anyhow::Result<Vec<Url>>>()?;
     let servers = Arc::new(servers);
+    // Devices running the same images keep those images' sectors once.
+    let pool = Arc::new(std::sync::Mutex::new(SectorPool::default()));
     let config = Arc::new(config);
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -203,15 +205,18 @@ pub async fn run(
 
     let mut tasks = Vec::with_capacity(config.serials.len());
     for (i, serial) in config.serials.iter().enumerate() {
-        let (config, counters, stop, servers) = (
+        let (config, counters, stop, servers, pool) = (
             config.clone(),
             counters.clone(),
             stop.clone(),
             servers.clone(),
+            pool.clone(),
         );
         let serial = serial.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = device_life(i, &serial, &config, &servers, &counters, &stop).await {
+            if let Err(e) =
+                device_life(i, &serial, &config, &servers, &pool, &counters, &stop).await
+            {
                 tracing::warn!(serial, error = %e, "a simulated device stopped");
             }
         }));
@@ -281,6 +286,7 @@ async fn device_life(
     serial: &str,
     config: &SimConfig,
     servers: &[Url],
+    pool: &std::sync::Mutex<SectorPool>,
     counters: &Counters,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
@@ -290,6 +296,11 @@ async fn device_life(
     let mut ota = EspOta::open(flash, esp_config(config))?;
     ota.boot()?;
     let initial_version = crate::device::running_identity(&mut ota)?.0;
+    let share = |ota: &mut EspOta<SimFlash>| {
+        ota.flash_mut()
+            .share_sectors(&mut pool.lock().unwrap_or_else(|e| e.into_inner()));
+    };
+    share(&mut ota);
     let mut info = DeviceInfo {
         serial: serial.to_string(),
         version: String::new(),
@@ -450,6 +461,8 @@ async fn device_life(
             account(counters, before, updater.stats);
             mark_settled(&mut settled, &info.version.clone());
         }
+        // Whole images only: a broken download's sectors are its own, and short-lived.
+        share(&mut ota);
     }
     Ok(())
 }

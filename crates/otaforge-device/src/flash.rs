@@ -2,9 +2,9 @@
 //! sector to 0xFF, a write can only clear bits), [`SimFlash`] (sparse, counts operations, loses
 //! power on request) and, with `std`, [`FileFlash`] over a file.
 
-use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::String;
+use alloc::sync::Arc;
 
 use crate::common::is_aligned;
 
@@ -153,7 +153,30 @@ impl CutEffect {
     };
 }
 
-type Sector = Box<[u8; SECTOR_LEN]>;
+/// A sector's bytes, shared copy-on-write: clones of a flash, and flashes whose sectors
+/// went through one [`SectorPool`], hold one copy of equal sectors.
+type Sector = Arc<[u8; SECTOR_LEN]>;
+
+/// Sectors seen by [`SimFlash::share_sectors`], one copy of each content: a fleet of
+/// simulated devices that run the same images keeps those images' sectors once.
+#[derive(Default)]
+pub struct SectorPool {
+    sectors: BTreeSet<Sector>,
+}
+
+impl SectorPool {
+    /// At most this many distinct sectors are kept (256 MiB); beyond it a flash keeps its own.
+    pub const MAX_SECTORS: usize = 65_536;
+
+    /// Distinct sectors held.
+    pub fn len(&self) -> usize {
+        self.sectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sectors.is_empty()
+    }
+}
 
 /// An in-memory NOR flash for tests and the fleet simulator.
 ///
@@ -193,9 +216,26 @@ impl SimFlash {
         self.ops
     }
 
-    /// Bytes of memory held by sector contents (4 KiB per non-erased sector).
+    /// Bytes of sector contents this flash holds (4 KiB per non-erased sector, counted
+    /// whether or not another flash shares it).
     pub fn resident_bytes(&self) -> usize {
         self.sectors.len().saturating_mul(SECTOR_LEN)
+    }
+
+    /// Makes every sector whose content `pool` already holds share the pool's copy, and
+    /// adds the others to it (up to [`SectorPool::MAX_SECTORS`]). Reads and writes are
+    /// unchanged: a later write to a shared sector copies it first.
+    pub fn share_sectors(&mut self, pool: &mut SectorPool) {
+        for sector in self.sectors.values_mut() {
+            match pool.sectors.get(&**sector) {
+                Some(shared) if !Arc::ptr_eq(shared, sector) => *sector = shared.clone(),
+                Some(_) => {}
+                None if pool.sectors.len() < SectorPool::MAX_SECTORS => {
+                    pool.sectors.insert(sector.clone());
+                }
+                None => {}
+            }
+        }
     }
 
     /// `Some(n)`: the operation `n` operations from now fails with power loss (`Some(0)` is
@@ -269,7 +309,8 @@ impl SimFlash {
             }
             let sector = sectors
                 .entry(index)
-                .or_insert_with(|| Box::new([0xFF; SECTOR_LEN]));
+                .or_insert_with(|| Arc::new([0xFF; SECTOR_LEN]));
+            let sector = Arc::make_mut(sector);
             if let Some(dst) = sector.get_mut(in_sector..in_sector.saturating_add(piece.len())) {
                 for (d, s) in dst.iter_mut().zip(piece) {
                     *d &= *s;
@@ -370,6 +411,7 @@ impl Flash for SimFlash {
                 }
                 EraseCut::FirstHalf => {
                     if let Some(sector) = self.sectors.get_mut(&index) {
+                        let sector = Arc::make_mut(sector);
                         if let Some(half) = sector.get_mut(..SECTOR_LEN / 2) {
                             half.fill(0xFF);
                         }
@@ -391,6 +433,33 @@ mod tests {
     use super::*;
     use alloc::string::ToString;
     use alloc::vec;
+
+    #[test]
+    fn shared_sectors_are_copied_on_write() {
+        let mut pool = SectorPool::default();
+        let image: alloc::vec::Vec<u8> = (0..3 * SECTOR_LEN).map(|i| (i % 251) as u8).collect();
+        let (mut a, mut b) = (
+            SimFlash::new(64 * 1024).unwrap(),
+            SimFlash::new(64 * 1024).unwrap(),
+        );
+        a.write(0x1000, &image).unwrap();
+        b.write(0x1000, &image).unwrap();
+        a.share_sectors(&mut pool);
+        b.share_sectors(&mut pool);
+        assert_eq!(pool.len(), 3, "equal sectors are kept once");
+        for (x, y) in a.sectors.values().zip(b.sectors.values()) {
+            assert!(Arc::ptr_eq(x, y));
+        }
+        // A write to b's shared sector leaves a's bytes alone.
+        b.erase_sector(0x1000).unwrap();
+        b.write(0x1000, &[0x00; 16]).unwrap();
+        let mut buf = [0u8; 16];
+        a.read(0x1000, &mut buf).unwrap();
+        assert_eq!(&buf[..], &image[..16]);
+        b.read(0x1000, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 16]);
+        assert_eq!(a.resident_bytes(), 3 * SECTOR_LEN);
+    }
 
     #[test]
     fn erased_flash_reads_ff_and_costs_nothing() {

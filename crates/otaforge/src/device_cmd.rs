@@ -290,7 +290,7 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
     let serials: Vec<String> = (0..args.devices)
         .map(|i| format!("{}{i:06}", args.prefix))
         .collect();
-    let (servers, api_key, until, _guard) = match (args.server.is_empty(), &args.api_key) {
+    let (servers, api_key, until, guard) = match (args.server.is_empty(), &args.api_key) {
         (false, Some(key)) => (
             args.server.clone(),
             key.clone(),
@@ -347,6 +347,12 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!("{summary}");
+    let peak = crate::bench_fleet::peak_mib(std::process::id());
+    if guard.is_some() {
+        println!("peak RSS of the simulator and its embedded server: {peak:.0} MiB");
+    } else {
+        println!("peak RSS of the simulator: {peak:.0} MiB");
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary.to_json())?)?;
     }
