@@ -170,6 +170,15 @@ pub struct Firmware {
     pub created_at: Millis,
 }
 
+/// What a firmware list is narrowed to (every field optional).
+#[derive(Debug, Clone, Default)]
+pub struct FirmwareFilter {
+    pub version: Option<String>,
+    pub format: Option<String>,
+    /// The chip the image names (`esp32c3`, `esp8266`, ...).
+    pub chip: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewFirmware {
     pub product_id: Id,

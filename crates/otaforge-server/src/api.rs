@@ -923,16 +923,45 @@ pub async fn upload_firmware(
     Ok(created(firmware))
 }
 
+/// A page of firmware, newest first, narrowed by what the images say.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FirmwareListQuery {
+    /// Items per page (1 to 1000; 100 unless given).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
+    /// Only this version.
+    version: Option<String>,
+    /// Only this image format (`esp32-app`, `esp8266-app`, `w800-xz`, `swu`, `mender`, ...).
+    format: Option<String>,
+    /// Only images for this chip (`esp32`, `esp32c3`, `esp8266`, ...).
+    chip: Option<String>,
+}
+
 #[utoipa::path(get, path = "/api/v1/products/{product}/firmware", tag = "firmware",
-    security(("bearer" = [])), params(("product" = i64, Path)),
-    responses((status = 200, body = [Firmware]), Refusals))]
+    security(("bearer" = [])), params(("product" = i64, Path), FirmwareListQuery),
+    responses((status = 200, body = crate::page::Page<Firmware>), Refusals))]
 pub async fn list_firmware(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<Json<Vec<Firmware>>> {
+    ApiQuery(query): ApiQuery<FirmwareListQuery>,
+) -> ApiResult<Json<crate::page::Page<Firmware>>> {
     state.store().get_product(product).await?;
-    Ok(Json(state.store().list_firmware(product).await?))
+    let limit = crate::page::limit(query.limit)?;
+    let before = crate::page::decode::<Id>(query.cursor.as_deref())?;
+    let filter = otaforge_store::model::FirmwareFilter {
+        version: query.version.filter(|v| !v.is_empty()),
+        format: query.format.filter(|v| !v.is_empty()),
+        chip: query.chip.filter(|v| !v.is_empty()),
+    };
+    let rows = state
+        .store()
+        .firmware_page(product, &filter, before, limit + 1)
+        .await?;
+    Ok(Json(crate::page::of(rows, limit, |f| f.id, |f| f)))
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product}/firmware/{firmware}", tag = "firmware",

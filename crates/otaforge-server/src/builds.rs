@@ -26,6 +26,10 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/builds", post(create))
         .route("/api/v1/builds/{id}", get(show))
         .route("/api/v1/builds/{id}/images/{name}", get(image))
+        .route(
+            "/api/v1/products/{product}/devices/{serial}/builds",
+            get(list),
+        )
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -100,6 +104,65 @@ pub async fn create(
         }),
     )
         .into_response())
+}
+
+/// A build in a list: its state, not its log.
+#[derive(Serialize, ToSchema)]
+pub struct BuildSummary {
+    id: Id,
+    status: BuildStatus,
+    fqbn: String,
+    firmware_id: Option<Id>,
+    requested_by: String,
+    created_at: Millis,
+    started_at: Option<Millis>,
+    finished_at: Option<Millis>,
+}
+
+/// A page of a device's builds, newest first.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BuildListQuery {
+    /// Items per page (1 to 1000; 100 unless given).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
+    /// Only builds in this state.
+    status: Option<BuildStatus>,
+}
+
+#[utoipa::path(get, path = "/api/v1/products/{product}/devices/{serial}/builds", tag = "builds",
+    security(("bearer" = [])), params(("product" = i64, Path), ("serial" = String, Path), BuildListQuery),
+    responses((status = 200, body = crate::page::Page<BuildSummary>), crate::openapi::Refusals))]
+pub async fn list(
+    State(state): State<AppState>,
+    _op: Operator,
+    ApiPath((product, serial)): ApiPath<(Id, String)>,
+    crate::extract::ApiQuery(query): crate::extract::ApiQuery<BuildListQuery>,
+) -> ApiResult<axum::Json<crate::page::Page<BuildSummary>>> {
+    let device = state.store().get_device(product, &serial).await?;
+    let limit = crate::page::limit(query.limit)?;
+    let before = crate::page::decode::<Id>(query.cursor.as_deref())?;
+    let rows = state
+        .store()
+        .build_page(device.id, query.status, before, limit + 1)
+        .await?;
+    Ok(axum::Json(crate::page::of(
+        rows,
+        limit,
+        |b| b.id,
+        |b| BuildSummary {
+            id: b.id,
+            status: b.status,
+            fqbn: b.fqbn,
+            firmware_id: b.firmware_id,
+            requested_by: b.requested_by,
+            created_at: b.created_at,
+            started_at: b.started_at,
+            finished_at: b.finished_at,
+        },
+    )))
 }
 
 #[utoipa::path(get, path = "/api/v1/builds/{id}", tag = "builds", security(("bearer" = [])),

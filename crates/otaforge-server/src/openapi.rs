@@ -112,6 +112,7 @@ impl Modify for Bearer {
         crate::api::delete_firmware,
         crate::api::download_firmware,
         crate::builds::create,
+        crate::builds::list,
         crate::builds::show,
         crate::builds::image,
         crate::rollouts::list,

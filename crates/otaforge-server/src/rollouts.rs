@@ -789,20 +789,45 @@ impl RolloutBody {
     }
 }
 
+/// A page of rollouts, newest first.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RolloutListQuery {
+    /// Items per page (1 to 1000; 100 unless given).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
+    /// Only rollouts in this state.
+    state: Option<RolloutState>,
+}
+
 #[utoipa::path(get, path = "/api/v1/products/{product}/rollouts", tag = "rollouts",
-    security(("bearer" = [])), params(("product" = i64, Path)),
-    responses((status = 200, body = [RolloutBody]), crate::openapi::Refusals))]
+    security(("bearer" = [])), params(("product" = i64, Path), RolloutListQuery),
+    responses((status = 200, body = Page<RolloutBody>), crate::openapi::Refusals))]
 pub async fn list(
     State(state): State<AppState>,
     _op: Operator,
     ApiPath(product): ApiPath<Id>,
-) -> ApiResult<axum::Json<Vec<RolloutBody>>> {
+    ApiQuery(query): ApiQuery<RolloutListQuery>,
+) -> ApiResult<axum::Json<Page<RolloutBody>>> {
     state.store().get_product(product).await?;
-    let mut out = Vec::new();
-    for r in state.store().list_rollouts(product).await? {
-        out.push(RolloutBody::of(&state, &r).await?);
+    let limit = crate::page::limit(query.limit)?;
+    let before = crate::page::decode::<Id>(query.cursor.as_deref())?;
+    let rows = state
+        .store()
+        .rollout_page(product, query.state, before, limit + 1)
+        .await?;
+    let page = crate::page::of(rows, limit, |r| r.id, |r| r);
+    let mut items = Vec::with_capacity(page.items.len());
+    for r in &page.items {
+        items.push(RolloutBody::of(&state, r).await?);
     }
-    Ok(axum::Json(out))
+    Ok(axum::Json(Page {
+        items,
+        next: page.next,
+        total: None,
+    }))
 }
 
 async fn owned(state: &AppState, product: Id, rollout: Id) -> ApiResult<Rollout> {

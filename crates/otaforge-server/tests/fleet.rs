@@ -3,8 +3,9 @@
 
 mod support;
 
+use otaforge_store::model::NewBuild;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{
     Backend, Server, esp8266_bin, esp8266_request, http_update_request, md5_hex, otadrive_request,
 };
@@ -584,7 +585,7 @@ async fn uploads_are_checked_story(backend: Backend) {
 
     // Nothing of the refused uploads stayed: one firmware, one blob.
     let (_, list) = server.call(Method::GET, &fw_path, None).await;
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
     let blobs = count_files(&server.data_dir.join("blobs"));
     assert_eq!(blobs, 1, "only the accepted upload's blob is stored");
     server.finish().await;
@@ -1496,6 +1497,158 @@ async fn device_lists_are_paged_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(device_lists_are_paged, device_lists_are_paged_story);
+
+/// Walks a paged list to its end; returns every item and the number of pages.
+async fn every_page(server: &Server, list: &str) -> (Vec<Value>, usize) {
+    let (mut items, mut pages, mut cursor) = (Vec::new(), 0, None::<String>);
+    loop {
+        let sep = if list.contains('?') { '&' } else { '?' };
+        let path = match &cursor {
+            Some(c) => format!("{list}{sep}cursor={c}"),
+            None => list.to_string(),
+        };
+        let (code, page) = server.call(Method::GET, &path, None).await;
+        assert_eq!(code, 200, "{path}: {page}");
+        items.extend(page["items"].as_array().unwrap().iter().cloned());
+        pages += 1;
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return (items, pages),
+        }
+    }
+}
+
+/// Firmware, rollouts and builds come in pages too, newest first, narrowed by their filters.
+async fn other_lists_are_paged_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, _, group) = server.product("lists").await;
+    let fw = format!("/api/v1/products/{pid}/firmware");
+    let mut ids = Vec::new();
+    for image in ["app-v1.bin", "app-v2.bin"] {
+        let (code, f) = server.upload(&fw, support::fixture(image)).await;
+        assert_eq!(code, 201, "{f}");
+        ids.push(f["id"].as_i64().unwrap());
+    }
+    for v in ["r1", "r2", "r3"] {
+        let (code, f) = server
+            .upload(
+                &format!("{fw}?version={v}"),
+                format!("\x00raw {v}").into_bytes(),
+            )
+            .await;
+        assert_eq!(code, 201, "{f}");
+        ids.push(f["id"].as_i64().unwrap());
+    }
+    let (all, pages) = every_page(&server, &format!("{fw}?limit=2")).await;
+    assert_eq!(pages, 3);
+    let seen: Vec<i64> = all.iter().map(|f| f["id"].as_i64().unwrap()).collect();
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+    for (query, n) in [
+        ("chip=esp32c3", 2),
+        ("format=raw", 3),
+        ("format=esp32-app&chip=esp32c3", 2),
+        ("version=r2", 1),
+        ("chip=esp8266", 0),
+    ] {
+        let (items, _) = every_page(&server, &format!("{fw}?{query}")).await;
+        assert_eq!(items.len(), n, "{query}: {items:?}");
+    }
+    let (code, e) = server
+        .call(Method::GET, &format!("{fw}?cursor=nope"), None)
+        .await;
+    assert_eq!(code, 422, "{e}");
+
+    // Rollouts: one cancelled, one running.
+    for serial in ["l1", "l2"] {
+        let (code, _) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(json!({"serial": serial})),
+            )
+            .await;
+        assert_eq!(code, 201);
+    }
+    let rollouts = format!("/api/v1/products/{pid}/rollouts");
+    let mut rids = Vec::new();
+    for _ in 0..2 {
+        let (code, r) = server
+            .call(
+                Method::POST,
+                &rollouts,
+                Some(json!({"firmware_id": ids[1], "target": {"group_id": group},
+                    "stages": [{"size": "rest"}]})),
+            )
+            .await;
+        assert_eq!(code, 201, "{r}");
+        let rid = r["id"].as_i64().unwrap();
+        rids.push(rid);
+        if rids.len() == 1 {
+            let (code, r) = server
+                .call(Method::POST, &format!("{rollouts}/{rid}/cancel"), None)
+                .await;
+            assert_eq!(code, 200, "{r}");
+        }
+    }
+    let (all, pages) = every_page(&server, &format!("{rollouts}?limit=1")).await;
+    assert_eq!(pages, 2);
+    let seen: Vec<i64> = all.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(seen, [rids[1], rids[0]]);
+    assert!(
+        all[0]["stages"].is_array(),
+        "items carry their stage counts"
+    );
+    for (state, want) in [("cancelled", rids[0]), ("running", rids[1])] {
+        let (items, _) = every_page(&server, &format!("{rollouts}?state={state}")).await;
+        assert_eq!(items.len(), 1, "{state}");
+        assert_eq!(items[0]["id"], want, "{state}");
+    }
+
+    // Builds of a device.
+    let device = server.state.store().get_device(pid, "l1").await.unwrap();
+    let mut bids = Vec::new();
+    for _ in 0..3 {
+        let b = server
+            .state
+            .store()
+            .create_build(NewBuild {
+                product_id: Some(pid),
+                device_id: Some(device.id),
+                fqbn: "esp32:esp32:esp32".into(),
+                files: Default::default(),
+                requested_by: "test".into(),
+            })
+            .await
+            .unwrap();
+        bids.push(b.id);
+    }
+    let builds = format!("/api/v1/products/{pid}/devices/l1/builds");
+    let (all, pages) = every_page(&server, &format!("{builds}?limit=2")).await;
+    assert_eq!(pages, 2);
+    let seen: Vec<i64> = all.iter().map(|b| b["id"].as_i64().unwrap()).collect();
+    bids.reverse();
+    assert_eq!(seen, bids);
+    assert!(
+        all[0].get("log").is_none(),
+        "a list item leaves the log out"
+    );
+    let (queued, _) = every_page(&server, &format!("{builds}?status=queued")).await;
+    assert_eq!(queued.len(), 3);
+    let (done, _) = every_page(&server, &format!("{builds}?status=succeeded")).await;
+    assert!(done.is_empty());
+    let (code, _) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/devices/nobody/builds"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 404);
+    server.finish().await;
+}
+on_both_backends!(other_lists_are_paged, other_lists_are_paged_story);
 
 /// Devices come in by CSV (created, then updated on a re-run, never doubled), a file with any
 /// bad row is refused whole with the faults by line, changes by filter reach exactly the

@@ -1180,6 +1180,36 @@ macro_rules! sql_store {
                 rows.iter().map(Self::firmware).collect()
             }
 
+            async fn firmware_page(
+                &self,
+                product_id: Id,
+                filter: &FirmwareFilter,
+                before: Option<Id>,
+                limit: i64,
+            ) -> Result<Vec<Firmware>> {
+                let chip = if $backend == "postgres" {
+                    "(metadata::jsonb ->> 'chip')"
+                } else {
+                    "json_extract(metadata, '$.chip')"
+                };
+                let sql = format!(
+                    "SELECT {FIRMWARE_COLS} FROM firmware WHERE product_id = $1 \
+                     AND ($2 IS NULL OR id < $2) AND ($3 IS NULL OR version = $3) \
+                     AND ($4 IS NULL OR format = $4) AND ($5 IS NULL OR {chip} = $5) \
+                     ORDER BY id DESC LIMIT $6"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(product_id)
+                    .bind(before)
+                    .bind(filter.version.as_deref())
+                    .bind(filter.format.as_deref())
+                    .bind(filter.chip.as_deref())
+                    .bind(limit)
+                    .fetch_all(&self.read)
+                    .await?;
+                rows.iter().map(Self::firmware).collect()
+            }
+
             async fn get_firmware(&self, product_id: Id, id: Id) -> Result<Firmware> {
                 let row = sqlx::query(&format!(
                     "SELECT {FIRMWARE_COLS} FROM firmware WHERE product_id = $1 AND id = $2"
@@ -1589,6 +1619,27 @@ macro_rules! sql_store {
                 rows.iter().map(Self::build).collect()
             }
 
+            async fn build_page(
+                &self,
+                device_id: Id,
+                status: Option<BuildStatus>,
+                before: Option<Id>,
+                limit: i64,
+            ) -> Result<Vec<Build>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {BUILD_COLS} FROM builds WHERE device_id = $1 \
+                     AND ($2 IS NULL OR id < $2) AND ($3 IS NULL OR status = $3) \
+                     ORDER BY id DESC LIMIT $4"
+                ))
+                .bind(device_id)
+                .bind(before)
+                .bind(status.map(BuildStatus::as_str))
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::build).collect()
+            }
+
             async fn claim_build(&self, worker: &str) -> Result<Option<Build>> {
                 // The status test in the UPDATE makes the claim atomic: of two workers that
                 // picked the same id, one updates no row and tries again later. Fair: the
@@ -1849,9 +1900,30 @@ macro_rules! sql_store {
                 rows.iter().map(Self::rollout).collect()
             }
 
+            async fn rollout_page(
+                &self,
+                product_id: Id,
+                state: Option<RolloutState>,
+                before: Option<Id>,
+                limit: i64,
+            ) -> Result<Vec<Rollout>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {ROLLOUT_COLS} FROM rollouts WHERE product_id = $1 \
+                     AND ($2 IS NULL OR id < $2) AND ($3 IS NULL OR state = $3) \
+                     ORDER BY id DESC LIMIT $4"
+                ))
+                .bind(product_id)
+                .bind(before)
+                .bind(state.map(RolloutState::as_str))
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await?;
+                rows.iter().map(Self::rollout).collect()
+            }
+
             async fn live_rollouts(&self) -> Result<Vec<Rollout>> {
                 let rows = sqlx::query(&format!(
-                    "SELECT {ROLLOUT_COLS} FROM rollouts WHERE state <> 'completed' ORDER BY id"
+                    "SELECT {ROLLOUT_COLS} FROM rollouts WHERE state NOT IN ('completed', 'cancelled') ORDER BY id"
                 ))
                 .fetch_all(&self.write)
                 .await?;

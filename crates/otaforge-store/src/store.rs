@@ -97,6 +97,15 @@ pub trait Store: Send + Sync + 'static {
     /// Refuses a second firmware with the same version in a product.
     async fn create_firmware(&self, new: NewFirmware) -> Result<Firmware>;
     async fn list_firmware(&self, product_id: Id) -> Result<Vec<Firmware>>;
+    /// A page of a product's firmware, newest first, below the id `before`, filtered by
+    /// version, format and chip (the image's own `metadata.chip`).
+    async fn firmware_page(
+        &self,
+        product_id: Id,
+        filter: &FirmwareFilter,
+        before: Option<Id>,
+        limit: i64,
+    ) -> Result<Vec<Firmware>>;
     async fn get_firmware(&self, product_id: Id, id: Id) -> Result<Firmware>;
     /// Refuses a firmware still assigned to a group or a device, or the target of a rollout.
     async fn delete_firmware(&self, product_id: Id, id: Id) -> Result<()>;
@@ -156,6 +165,14 @@ pub trait Store: Send + Sync + 'static {
     async fn get_build(&self, id: Id) -> Result<Build>;
     /// Newest first.
     async fn list_builds(&self, device_id: Id, limit: i64) -> Result<Vec<Build>>;
+    /// A page of a device's builds, newest first, below the id `before`.
+    async fn build_page(
+        &self,
+        device_id: Id,
+        status: Option<BuildStatus>,
+        before: Option<Id>,
+        limit: i64,
+    ) -> Result<Vec<Build>>;
     /// Takes a queued build for `worker`, if any: the oldest of the requester with the fewest
     /// builds running. Two workers never get the same one.
     async fn claim_build(&self, worker: &str) -> Result<Option<Build>>;
@@ -212,6 +229,14 @@ pub trait Store: Send + Sync + 'static {
         target: &DeviceQuery,
     ) -> Result<(i64, Option<String>)>;
     async fn list_rollouts(&self, product_id: Id) -> Result<Vec<Rollout>>;
+    /// A page of a product's rollouts, newest first, below the id `before`.
+    async fn rollout_page(
+        &self,
+        product_id: Id,
+        state: Option<RolloutState>,
+        before: Option<Id>,
+        limit: i64,
+    ) -> Result<Vec<Rollout>>;
     /// Rollouts not completed, of every product.
     async fn live_rollouts(&self) -> Result<Vec<Rollout>>;
     /// Saves state, stage, rolled-back stages and message.

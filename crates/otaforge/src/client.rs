@@ -231,9 +231,18 @@ pub enum FirmwareAction {
         #[arg(long)]
         version: Option<String>,
     },
+    /// Every firmware, newest first, one JSON object a line.
     List {
         #[arg(long)]
         product: i64,
+        #[arg(long)]
+        version: Option<String>,
+        /// Only images for this chip (esp32, esp32c3, esp8266, ...).
+        #[arg(long)]
+        chip: Option<String>,
+        /// Only this image format (esp32-app, esp8266-app, w800-xz, swu, mender, ...).
+        #[arg(long)]
+        format: Option<String>,
     },
     Delete {
         #[arg(long)]
@@ -492,23 +501,11 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                         }
                     }
                     let filters = filters.finish();
-                    let mut cursor: Option<String> = None;
-                    loop {
-                        let mut path = format!("/api/v1/products/{product}/devices?{filters}");
-                        if let Some(c) = &cursor {
-                            path.push_str("&cursor=");
-                            path.push_str(c);
-                        }
-                        let page = api.json(M::GET, &path, None).await?;
-                        for item in page["items"].as_array().into_iter().flatten() {
-                            println!("{item}");
-                        }
-                        match page["next"].as_str() {
-                            Some(next) => cursor = Some(next.to_string()),
-                            None => break,
-                        }
-                    }
-                    Value::Null
+                    print_every_page(
+                        &api,
+                        &format!("/api/v1/products/{product}/devices?{filters}"),
+                    )
+                    .await?
                 }
                 DeviceAction::Import { product, file } => {
                     upload(
@@ -630,11 +627,24 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                     }
                     upload(&api, &path, &file, "application/octet-stream").await?
                 }
-                FirmwareAction::List { product } => {
-                    api.json(
-                        M::GET,
-                        &format!("/api/v1/products/{product}/firmware"),
-                        None,
+                FirmwareAction::List {
+                    product,
+                    version,
+                    chip,
+                    format,
+                } => {
+                    let mut filters = form_urlencoded::Serializer::new(String::new());
+                    filters.append_pair("limit", "1000");
+                    for (name, value) in [("version", version), ("chip", chip), ("format", format)]
+                    {
+                        if let Some(v) = value {
+                            filters.append_pair(name, &v);
+                        }
+                    }
+                    let filters = filters.finish();
+                    print_every_page(
+                        &api,
+                        &format!("/api/v1/products/{product}/firmware?{filters}"),
                     )
                     .await?
                 }
@@ -651,6 +661,27 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Walks a paged list (`path` with its query) to its end, printing one item a line as each
+/// page arrives.
+async fn print_every_page(api: &Api, path: &str) -> anyhow::Result<Value> {
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut page_path = path.to_string();
+        if let Some(c) = &cursor {
+            page_path.push_str("&cursor=");
+            page_path.push_str(c);
+        }
+        let page = api.json(reqwest::Method::GET, &page_path, None).await?;
+        for item in page["items"].as_array().into_iter().flatten() {
+            println!("{item}");
+        }
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return Ok(Value::Null),
+        }
+    }
 }
 
 /// Streams the file to the server with a progress bar on stderr (and says so while the
