@@ -86,6 +86,7 @@ impl Agent {
             sta_mac: mac_of(&config.serial),
             free_space: 0,
             chip_size: u64::from(ota.flash().size()),
+            chip: None,
         };
         refresh_info(&mut ota, &mut info)?;
         let seed = config

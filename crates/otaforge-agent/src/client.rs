@@ -29,6 +29,10 @@ pub struct DeviceInfo {
     pub sta_mac: String,
     pub free_space: u64,
     pub chip_size: u64,
+    /// `None`: an ESP32, which says so with the `x-ESP32-*` header set of the Arduino
+    /// client. Another chip (`w800`) is named by `x-otaforge-chip` instead, with no ESP
+    /// headers (the version travels in the query of the OTAdrive dialect).
+    pub chip: Option<String>,
 }
 
 /// How the outcome of the last update attempt is told to the server on the next check-in:
@@ -190,21 +194,27 @@ impl Updater {
     }
 
     fn headers(&mut self, device: &DeviceInfo) -> Vec<(String, String)> {
-        let mut h = vec![
-            ("User-Agent".to_string(), "ESP32-http-Update".to_string()),
-            ("x-ESP32-STA-MAC".to_string(), device.sta_mac.clone()),
-            (
-                "x-ESP32-free-space".to_string(),
-                device.free_space.to_string(),
-            ),
-            (
-                "x-ESP32-chip-size".to_string(),
-                device.chip_size.to_string(),
-            ),
-            ("x-ESP32-mode".to_string(), "sketch".to_string()),
-            ("x-ESP32-version".to_string(), device.version.clone()),
-        ];
-        if let Some(md5) = &device.sketch_md5 {
+        let mut h = match &device.chip {
+            None => vec![
+                ("User-Agent".to_string(), "ESP32-http-Update".to_string()),
+                ("x-ESP32-STA-MAC".to_string(), device.sta_mac.clone()),
+                (
+                    "x-ESP32-free-space".to_string(),
+                    device.free_space.to_string(),
+                ),
+                (
+                    "x-ESP32-chip-size".to_string(),
+                    device.chip_size.to_string(),
+                ),
+                ("x-ESP32-mode".to_string(), "sketch".to_string()),
+                ("x-ESP32-version".to_string(), device.version.clone()),
+            ],
+            Some(chip) => vec![
+                ("User-Agent".to_string(), "OTAForge-client".to_string()),
+                (otaforge_protocol::CHIP_HEADER.to_string(), chip.clone()),
+            ],
+        };
+        if let Some(md5) = device.sketch_md5.as_ref().filter(|_| device.chip.is_none()) {
             h.push(("x-ESP32-sketch-md5".to_string(), md5.clone()));
         }
         if let Endpoint::StaticLink { password, .. } = &self.endpoint {

@@ -5,7 +5,9 @@ use md5::{Digest, Md5};
 use otaforge_device::ImageSize;
 use otaforge_device::esp::{AppImage, BootOutcome, BootSlot, EspError, EspOta, OtaHandle};
 use otaforge_device::flash::Flash;
+use otaforge_device::w800::{W800Handle, W800Layout, W800Ota};
 use otaforge_formats::esp::{Chip, build};
+use otaforge_formats::w800 as w800_image;
 
 use crate::client::{DeviceInfo, UpdateSink, hex};
 
@@ -65,6 +67,87 @@ impl<F: Flash + Send> UpdateSink for EspSink<'_, F> {
             self.ota.abort(handle);
         }
     }
+}
+
+/// Writes a download into a W800's `app_ota` partition the way `wm_ota_ops` does; the
+/// bootloader unpacks (xz) or copies it into `app` on the next reboot.
+pub struct W800Sink<'a, F: Flash> {
+    ota: &'a mut W800Ota<F>,
+    handle: Option<W800Handle>,
+}
+
+impl<'a, F: Flash> W800Sink<'a, F> {
+    pub fn new(ota: &'a mut W800Ota<F>) -> Self {
+        W800Sink { ota, handle: None }
+    }
+}
+
+impl<F: Flash + Send> UpdateSink for W800Sink<'_, F> {
+    fn begin(&mut self, size: u64) -> Result<(), String> {
+        let size =
+            u32::try_from(size).map_err(|_| format!("an image of {size} bytes cannot fit"))?;
+        let handle = self
+            .ota
+            .begin(ImageSize::Known(size))
+            .map_err(|e| e.to_string())?;
+        self.handle = Some(handle);
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), String> {
+        let handle = self.handle.as_mut().ok_or("write before begin")?;
+        self.ota.write(handle, data).map_err(|e| e.to_string())
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        let handle = self.handle.take().ok_or("finish before begin")?;
+        self.ota.end(handle).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn abort(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.ota.abort(handle);
+        }
+    }
+}
+
+/// A W800 application image (`.img`) for `layout` carrying `version`, with `filler` bytes of
+/// pseudo-random code: what a simulated W800 runs from the start.
+pub fn demo_w800_image(layout: &W800Layout, version: &str, filler: usize) -> Vec<u8> {
+    let code = filler_bytes(version, filler);
+    w800_image::build_image(&layout.app_header(version, 1), &code)
+        .expect("a demo W800 image fits its header")
+}
+
+/// The xz OTA image of [`demo_w800_image`] (the `.img` compressed whole, under an OTA header
+/// marked xz), as the WM IoT SDK's tools make them for `wm_ota_ops`.
+pub fn demo_w800_ota(layout: &W800Layout, version: &str, filler: usize) -> Vec<u8> {
+    let inner = demo_w800_image(layout, version, filler);
+    let mut xz = Vec::new();
+    lzma_rs::xz_compress(&mut &inner[..], &mut xz).expect("compressing into memory");
+    w800_image::build_image(&layout.ota_header(version, 2), &xz)
+        .expect("a demo W800 OTA image fits its header")
+}
+
+/// Deterministic pseudo-random bytes, different per version, with some repetition as code
+/// has (so compression has something to do).
+fn filler_bytes(version: &str, n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9E37_79B9
+        ^ version
+            .bytes()
+            .fold(0u32, |a, b| a.rotate_left(5) ^ b as u32);
+    (0..n)
+        .map(|i| {
+            if i % 64 < 32 {
+                (i % 7) as u8
+            } else {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            }
+        })
+        .collect()
 }
 
 /// The version and MD5 of the running image, as a device reports them.

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use otaforge_device::esp::{EspConfig, EspOta, Layout, init_flash};
 use otaforge_device::flash::{SectorPool, SimFlash};
+use otaforge_device::w800::{self, UpdateAction, W800Config, W800Layout, W800Ota};
 use otaforge_formats::esp::Chip;
 use sha2::{Digest, Sha256};
 
 use crate::client::{Check, DeviceInfo, Endpoint, Faults, Outcome, Policy, Updater};
-use crate::device::{EspSink, refresh_info};
+use crate::device::{EspSink, W800Sink, refresh_info};
 use crate::http::Url;
 
 /// How the virtual devices reach the server.
@@ -52,11 +53,40 @@ pub struct SimConfig {
     pub drop_rate: f64,
     /// Stop after this long...
     pub duration: Duration,
-    /// ...or as soon as every device runs this version or has rolled back from it.
+    /// ...or as soon as every device runs this version or has rolled back from it (build
+    /// metadata aside: a W800 running `2.0.0+w800` runs `2.0.0`).
     pub until_version: Option<String>,
     pub seed: u64,
     /// Set from outside to end the run early.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Share of the devices that are W800s instead (`wm_ota_ops` and the bootloader copy
+    /// over the same kind of flash, xz OTA images), on the OTAdrive dialect with
+    /// `x-otaforge-chip: w800`. They cannot roll back (the bootloader copies the update over
+    /// the app), so `fail_health` and `power_loss` are the ESP devices' only.
+    pub w800_share: f64,
+    /// The `.img` every W800 runs at the start, made for [`w800_layout`] (needed when
+    /// `w800_share` > 0).
+    pub w800_image: Option<Vec<u8>>,
+}
+
+/// The flash layout of a simulated W800 with OTA slots of `slot_size` bytes: images it runs
+/// or is sent must be made for it (their headers name its addresses).
+pub fn w800_layout(slot_size: u32) -> W800Layout {
+    W800Layout::small(slot_size, slot_size)
+}
+
+/// Whether `version` is `until_version`, build metadata aside (SemVer: `2.0.0+w800` is
+/// `2.0.0` built for another chip; one product holds each version string once).
+fn reached(config: &SimConfig, version: &str) -> bool {
+    let core = |v: &str| v.split('+').next().unwrap_or(v).to_string();
+    config
+        .until_version
+        .as_deref()
+        .is_some_and(|until| core(until) == core(version))
+}
+
+fn is_w800(config: &SimConfig, serial: &str) -> bool {
+    config.w800_share > 0.0 && draw(config.seed, serial, "w800") < config.w800_share
 }
 
 /// What happened, in numbers.
@@ -197,11 +227,28 @@ pub async fn run(
         ota.boot()?;
         crate::device::running_identity(&mut ota)?.0
     };
-    counters
-        .versions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(initial_version, config.serials.len());
+    let w800s = config
+        .serials
+        .iter()
+        .filter(|s| is_w800(&config, s))
+        .count();
+    {
+        let mut versions = counters.versions.lock().unwrap_or_else(|e| e.into_inner());
+        if w800s < config.serials.len() {
+            versions.insert(initial_version, config.serials.len() - w800s);
+        }
+        if w800s > 0 {
+            let image = config
+                .w800_image
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("W800 devices need a first image (w800_image)"))?;
+            let version = otaforge_formats::w800::parse_image(image)
+                .map_err(|e| anyhow::anyhow!("the W800 image: {e}"))?
+                .header
+                .version;
+            *versions.entry(version).or_default() += w800s;
+        }
+    }
 
     let mut tasks = Vec::with_capacity(config.serials.len());
     for (i, serial) in config.serials.iter().enumerate() {
@@ -214,9 +261,12 @@ pub async fn run(
         );
         let serial = serial.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) =
+            let life = if is_w800(&config, &serial) {
+                w800_life(i, &serial, &config, &servers, &pool, &counters, &stop).await
+            } else {
                 device_life(i, &serial, &config, &servers, &pool, &counters, &stop).await
-            {
+            };
+            if let Err(e) = life {
                 tracing::warn!(serial, error = %e, "a simulated device stopped");
             }
         }));
@@ -314,6 +364,7 @@ async fn device_life(
         ),
         free_space: u64::from(config.slot_size),
         chip_size: u64::from(layout.flash_size),
+        chip: None,
     };
     refresh_info(&mut ota, &mut info)?;
     let endpoints: Vec<Endpoint> = servers
@@ -336,17 +387,9 @@ async fn device_life(
         })
         .collect();
     let endpoint = endpoints[index % endpoints.len()].clone();
-    let policy = Policy {
-        backoff_base: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(5),
-        faults: Faults {
-            drop_rate: config.drop_rate,
-        },
-        ..Policy::default()
-    };
     let mut updater = Updater::new(
         endpoint,
-        policy,
+        sim_policy(config),
         config.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
     );
     let fails_health = draw(config.seed, serial, "health") < config.fail_health;
@@ -354,7 +397,7 @@ async fn device_life(
     let mut rejected: Option<String> = None;
     let mut settled = false;
     let mark_settled = |settled: &mut bool, version: &str| {
-        if !*settled && config.until_version.as_deref() == Some(version) {
+        if !*settled && reached(config, version) {
             *settled = true;
             counters.settled.fetch_add(1, Ordering::Relaxed);
         }
@@ -465,6 +508,141 @@ async fn device_life(
         share(&mut ota);
     }
     Ok(())
+}
+
+/// A W800's life: polls (each to the next server in turn), downloads an offer into
+/// `app_ota` through `wm_ota_ops`, reboots so that the bootloader unpacks it into `app`, and
+/// reports what it runs.
+async fn w800_life(
+    index: usize,
+    serial: &str,
+    config: &SimConfig,
+    servers: &[Url],
+    pool: &std::sync::Mutex<SectorPool>,
+    counters: &Counters,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let SimDialect::OtaDrive { api_key } = &config.dialect else {
+        anyhow::bail!("simulated W800s talk the OTAdrive dialect");
+    };
+    let layout = w800_layout(config.slot_size);
+    let image = config
+        .w800_image
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("W800 devices need a first image"))?;
+    let mut flash = SimFlash::new(layout.flash_size)?;
+    w800::init_flash(&mut flash, &layout, Some(image))?;
+    let mut ota = W800Ota::new(flash, layout, W800Config::default())?;
+    ota.boot()?;
+    let share = |ota: &mut W800Ota<SimFlash>| {
+        ota.flash_mut()
+            .share_sectors(&mut pool.lock().unwrap_or_else(|e| e.into_inner()));
+    };
+    share(&mut ota);
+    let running = |ota: &W800Ota<SimFlash>| ota.get_version().unwrap_or("unknown").to_string();
+    let mut info = DeviceInfo {
+        serial: serial.to_string(),
+        version: running(&ota),
+        sketch_md5: None,
+        sta_mac: format!("02:80:{index:08X}"),
+        free_space: u64::from(layout.app_ota.size),
+        chip_size: u64::from(layout.flash_size),
+        chip: Some("w800".into()),
+    };
+    let endpoints: Vec<Endpoint> = servers
+        .iter()
+        .map(|server| Endpoint::OtaDrive {
+            server: server.clone(),
+            api_key: api_key.clone(),
+        })
+        .collect();
+    let mut updater = Updater::new(
+        endpoints[index % endpoints.len()].clone(),
+        sim_policy(config),
+        config.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    let mut settled = false;
+    let mark_settled = |settled: &mut bool, version: &str| {
+        if !*settled && reached(config, version) {
+            *settled = true;
+            counters.settled.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    mark_settled(&mut settled, &info.version.clone());
+    let mut wait = config.poll.mul_f64(draw(config.seed, serial, "phase"));
+    let mut polls = 0usize;
+    loop {
+        if !nap(wait, stop).await {
+            break;
+        }
+        updater.set_endpoint(endpoints[(index + polls) % endpoints.len()].clone());
+        polls += 1;
+        let j = (draw(config.seed ^ updater.stats.requests, serial, "jitter") * 2.0 - 1.0)
+            * config.jitter;
+        wait = config.poll.mul_f64((1.0 + j).max(0.05));
+        let before = updater.stats;
+        let offer = match updater.check(&info).await {
+            Ok(Check::Offer(offer)) => offer,
+            _ => {
+                account(counters, before, updater.stats);
+                continue;
+            }
+        };
+        let result = {
+            let mut sink = W800Sink::new(&mut ota);
+            updater.download(&info, &offer, &mut sink).await
+        };
+        account(counters, before, updater.stats);
+        if let Err(e) = result {
+            counters.failed_downloads.fetch_add(1, Ordering::Relaxed);
+            updater.report(Outcome::Failed {
+                reason: e.to_string(),
+            });
+            continue;
+        }
+        // The bootloader unpacks app_ota into app at the reboot.
+        let old = info.version.clone();
+        let boot = ota.reboot()?;
+        info.version = running(&ota);
+        match boot.action {
+            UpdateAction::Applied { .. } | UpdateAction::Finished => {
+                counters.installs.fetch_add(1, Ordering::Relaxed);
+                counters.moved(&old, &info.version);
+                updater.report(Outcome::Installed {
+                    version: info.version.clone(),
+                });
+                let before = updater.stats;
+                let _ = updater.alive(&info).await;
+                account(counters, before, updater.stats);
+                mark_settled(&mut settled, &info.version.clone());
+            }
+            UpdateAction::Rejected(e) => {
+                counters.failed_downloads.fetch_add(1, Ordering::Relaxed);
+                updater.report(Outcome::Failed {
+                    reason: format!("the bootloader refused the update: {e}"),
+                });
+            }
+            UpdateAction::None => {
+                updater.report(Outcome::Failed {
+                    reason: "no update found at the reboot".into(),
+                });
+            }
+        }
+        share(&mut ota);
+    }
+    Ok(())
+}
+
+/// How simulated devices retry: quick backoff, and the configured share of dropped ranges.
+fn sim_policy(config: &SimConfig) -> Policy {
+    Policy {
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(5),
+        faults: Faults {
+            drop_rate: config.drop_rate,
+        },
+        ..Policy::default()
+    }
 }
 
 fn account(counters: &Counters, before: crate::client::Stats, after: crate::client::Stats) {

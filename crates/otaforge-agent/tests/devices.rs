@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use otaforge_agent::agent::{Agent, AgentConfig, Pass, init_flash_file};
 use otaforge_agent::client::Endpoint;
-use otaforge_agent::device::demo_image;
+use otaforge_agent::device::{demo_image, demo_w800_image, demo_w800_ota};
 use otaforge_agent::http::Url;
 use otaforge_agent::sim::{self, SimConfig, SimDialect, draw};
 use otaforge_device::esp::Layout;
@@ -130,6 +130,8 @@ async fn fleet_updates_through_power_loss_rollbacks_and_drops() {
         until_version: Some("2.0.0".into()),
         seed: 7,
         stop: None,
+        w800_share: 0.0,
+        w800_image: None,
     };
     let summary = sim::run(config, |_, _| {}).await.unwrap();
     let failing: Vec<&String> = serials
@@ -186,6 +188,108 @@ fn temp_flash(tag: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("otaforge-flash-{tag}-{}.bin", std::process::id()));
     let _ = std::fs::remove_file(&path);
     path
+}
+
+/// One release (an ESP32-C3 image and a W800 xz OTA image) assigned to one group reaches a
+/// fleet of both: each device gets its own family's image (an ESP image would not pass the
+/// W800 bootloader, nor the other way round), the W800s through `wm_ota_ops` and the
+/// bootloader's xz unpacking, and the fleet converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_fleet_of_esp32s_and_w800s_takes_one_release() {
+    let server = Server::start("mixed").await;
+    let slot = 64 * 1024;
+    let layout = sim::w800_layout(slot);
+    let esp_v2 = demo_image(CHIP, "mixed", "2.0.0", 30_000);
+    // One product holds each version once: the W800 build says so in its build metadata.
+    let w800_v2 = demo_w800_ota(&layout, "2.0.0+w800", 30_000);
+    assert!(
+        otaforge_formats::w800::parse_image(&w800_v2)
+            .unwrap()
+            .is_xz(),
+        "the W800 target is an xz OTA image"
+    );
+    let (product, key) = server.product_with(esp_v2, None).await;
+    let w800_fw = server
+        .state
+        .store_firmware(product, w800_v2.into(), None)
+        .await
+        .unwrap();
+    assert_eq!(w800_fw.metadata["chip"], "w800");
+    let group = server.state.store().list_groups(product).await.unwrap()[0].id;
+    server
+        .state
+        .store()
+        .update_group(
+            product,
+            group,
+            GroupPatch {
+                other_firmware_ids: Some(vec![w800_fw.id]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let serials: Vec<String> = (0..60).map(|i| format!("mix{i:03}")).collect();
+    for s in &serials {
+        server.add_device(product, s, None).await;
+    }
+    let w800s: Vec<&String> = serials
+        .iter()
+        .filter(|s| draw(5, s, "w800") < 0.5)
+        .collect();
+    assert!(
+        (10..50).contains(&w800s.len()),
+        "both kinds in the fleet: {}",
+        w800s.len()
+    );
+    let config = SimConfig {
+        servers: vec![server.base.clone()],
+        dialect: SimDialect::OtaDrive { api_key: key },
+        serials: serials.clone(),
+        initial_image: demo_image(CHIP, "mixed", "1.0.0", 20_000),
+        chip: CHIP,
+        slot_size: slot,
+        poll: Duration::from_millis(300),
+        jitter: 0.3,
+        fail_health: 0.0,
+        power_loss: 0.0,
+        drop_rate: 0.05,
+        duration: Duration::from_secs(60),
+        until_version: Some("2.0.0".into()),
+        seed: 5,
+        stop: None,
+        w800_share: 0.5,
+        w800_image: Some(demo_w800_image(&layout, "1.0.0", 20_000)),
+    };
+    let summary = sim::run(config, |_, _| {}).await.unwrap();
+    assert!(summary.converged, "{summary}");
+    assert_eq!(summary.installs, 60, "{summary}");
+    assert_eq!(
+        summary.versions.get("2.0.0").copied(),
+        Some(60 - w800s.len()),
+        "{summary}"
+    );
+    assert_eq!(
+        summary.versions.get("2.0.0+w800").copied(),
+        Some(w800s.len()),
+        "{summary}"
+    );
+    // The server heard each W800 say what it runs.
+    server.state.flush_telemetry().await.unwrap();
+    for serial in w800s {
+        let d = server
+            .state
+            .store()
+            .get_device(product, serial)
+            .await
+            .unwrap();
+        assert_eq!(
+            d.telemetry.version.as_deref(),
+            Some("2.0.0+w800"),
+            "{serial}"
+        );
+    }
+    server.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,6 +171,8 @@ impl Fleet {
             until_version: until.map(str::to_string),
             seed: 11,
             stop: Some(stop),
+            w800_share: 0.0,
+            w800_image: None,
         }
     }
 }

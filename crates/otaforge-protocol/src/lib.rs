@@ -14,6 +14,11 @@ use core::str::FromStr;
 /// Sent on the check-in after an update attempt; the value is an `UpdateResult`.
 pub const UPDATE_RESULT_HEADER: &str = "x-otaforge-update-result";
 
+/// Names the device's chip on a check-in when its header set does not: the ESP32 and
+/// ESP8266 clients name every header after their chip, a W800 running the OTAForge client
+/// sends `x-otaforge-chip: w800`. The server picks the image of that family from a release.
+pub const CHIP_HEADER: &str = "x-otaforge-chip";
+
 /// The longest version or reason the header carries; longer text is cut.
 pub const MAX_TEXT: usize = 120;
 

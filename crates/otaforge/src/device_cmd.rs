@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use otaforge_agent::agent::{Agent, AgentConfig, init_flash_file};
 use otaforge_agent::client::Endpoint;
-use otaforge_agent::device::demo_image;
+use otaforge_agent::device::{demo_image, demo_w800_image, demo_w800_ota};
 use otaforge_agent::http::Url;
 use otaforge_agent::sim::{self, SimConfig, SimDialect};
 use otaforge_device::esp::Layout;
@@ -180,6 +180,18 @@ pub struct SimArgs {
     json: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Share of the devices that are W800s (xz OTA images through the bootloader copy, on
+    /// the OTAdrive dialect with `x-otaforge-chip: w800`); the rest are --chip.
+    #[arg(long, default_value_t = 0.0)]
+    w800_share: f64,
+    /// The .img the W800s start with (default: a generated 1.0.0 image for the simulator's
+    /// W800 layout).
+    #[arg(long)]
+    w800_image: Option<PathBuf>,
+    /// The xz OTA image rolled out to the W800s in embedded mode (default: a generated
+    /// 2.0.0+w800: one product holds each version once).
+    #[arg(long)]
+    w800_target: Option<PathBuf>,
 }
 
 fn read_or(path: &Option<PathBuf>, make: impl FnOnce() -> Vec<u8>) -> anyhow::Result<Vec<u8>> {
@@ -189,10 +201,11 @@ fn read_or(path: &Option<PathBuf>, make: impl FnOnce() -> Vec<u8>) -> anyhow::Re
     }
 }
 
-/// An in-process server with a product, the devices registered and `target` assigned.
+/// An in-process server with a product, the devices registered and `release` (one image
+/// per chip family, the first one's version awaited) assigned to their group.
 async fn embedded_server(
     serials: &[String],
-    target: Vec<u8>,
+    release: Vec<Vec<u8>>,
 ) -> anyhow::Result<(
     String,
     String,
@@ -215,17 +228,26 @@ async fn embedded_server(
     let product = store
         .create_product("sim", &otaforge_server::auth::digest(&key))
         .await?;
-    let firmware = state
-        .store_firmware(product.id, target.into(), None)
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))?;
-    let version = firmware.version.clone();
+    let mut ids = Vec::new();
+    let mut version = String::new();
+    for image in release {
+        let firmware = state
+            .store_firmware(product.id, image.into(), None)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        if ids.is_empty() {
+            version = firmware.version.clone();
+        }
+        ids.push(firmware.id);
+    }
+    let mut ids = ids.into_iter();
     store
         .update_group(
             product.id,
             product.default_group_id,
             GroupPatch {
-                firmware_id: Some(Some(firmware.id)),
+                firmware_id: Some(ids.next()),
+                other_firmware_ids: Some(ids.collect()),
                 ..GroupPatch::default()
             },
         )
@@ -290,6 +312,16 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
     let serials: Vec<String> = (0..args.devices)
         .map(|i| format!("{}{i:06}", args.prefix))
         .collect();
+    let slot_size = (initial.len() as u32 * 4).max(256 * 1024);
+    let w800_share = args.w800_share.clamp(0.0, 1.0);
+    let w800_layout = sim::w800_layout(slot_size);
+    let w800_image = if w800_share > 0.0 {
+        Some(read_or(&args.w800_image, || {
+            demo_w800_image(&w800_layout, "1.0.0", 48 * 1024)
+        })?)
+    } else {
+        None
+    };
     let (servers, api_key, until, guard) = match (args.server.is_empty(), &args.api_key) {
         (false, Some(key)) => (
             args.server.clone(),
@@ -298,11 +330,16 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
             None,
         ),
         _ => {
-            let target = read_or(&args.target, || {
+            let mut release = vec![read_or(&args.target, || {
                 demo_image(chip, "otaforge-sim", "2.0.0", 48 * 1024)
-            })?;
+            })?];
+            if w800_share > 0.0 {
+                release.push(read_or(&args.w800_target, || {
+                    demo_w800_ota(&w800_layout, "2.0.0+w800", 48 * 1024)
+                })?);
+            }
             eprintln!("starting an embedded server with {} devices", serials.len());
-            let (server, key, version, stop, dir) = embedded_server(&serials, target).await?;
+            let (server, key, version, stop, dir) = embedded_server(&serials, release).await?;
             (
                 vec![server],
                 key,
@@ -311,7 +348,6 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let slot_size = (initial.len() as u32 * 4).max(256 * 1024);
     let config = SimConfig {
         servers,
         dialect: SimDialect::OtaDrive { api_key },
@@ -328,6 +364,8 @@ pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
         until_version: until,
         seed: args.seed,
         stop: None,
+        w800_share,
+        w800_image,
     };
     let total = config.serials.len();
     let summary = sim::run(config, move |c, t| {

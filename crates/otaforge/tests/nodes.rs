@@ -382,6 +382,8 @@ async fn two_nodes_behave_as_one_server() {
         until_version: Some("2.0.0".into()),
         seed: 11,
         stop: Some(stop.clone()),
+        w800_share: 0.0,
+        w800_image: None,
     };
     let fleet = tokio::spawn(sim::run(config, |_, _| {}));
 

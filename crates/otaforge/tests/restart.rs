@@ -139,6 +139,8 @@ async fn a_rollout_survives_kill_minus_9() {
         until_version: Some("2.0.0".into()),
         seed: 3,
         stop: Some(stop.clone()),
+        w800_share: 0.0,
+        w800_image: None,
     };
     let fleet = tokio::spawn(sim::run(config, |_, _| {}));
 

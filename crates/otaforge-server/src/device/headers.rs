@@ -62,9 +62,13 @@ impl<'a> DeviceHeaders<'a> {
         }
     }
 
-    /// The chip family the header set announces: the ESP8266 and ESP32 clients name every
+    /// The chip family the header set announces: the chip header of the OTAForge client
+    /// (`x-otaforge-chip`) when there is one, else the ESP8266 and ESP32 clients name every
     /// header after their chip.
     pub fn family(&self) -> Option<Family> {
+        if let Some(chip) = self.get(otaforge_protocol::CHIP_HEADER) {
+            return Family::of_chip(&chip.to_ascii_lowercase());
+        }
         let names = || self.headers.keys().map(|n| n.as_str());
         if names().any(|n| n.starts_with("x-esp8266-")) {
             Some(Family::Esp8266)
