@@ -1,8 +1,10 @@
 //! `otaforge agent`: a real Linux device agent. Its flash is a plain file laid out
 //! byte-for-byte like an ESP32's (partition table at 0x8000, otadata, ota_0, ota_1), so
-//! esptool and other standard tools can read it. It polls the server, installs into the
-//! spare slot, reboots through the bootloader model, runs a health check, marks the app
-//! valid or rolls back, and reports.
+//! esptool and other standard tools can read it, or like a W800's (`app` at 0xF000,
+//! `app_ota` at 0x131000 on 2 MB). It polls the server, installs into the spare slot (ESP)
+//! or `app_ota` (W800), reboots through the bootloader model, runs a health check, marks the
+//! app valid or rolls back (ESP; a W800's bootloader copies the update over the app, so it
+//! keeps no image to go back to), and reports.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,11 +12,12 @@ use std::time::Duration;
 use anyhow::Context;
 use otaforge_device::esp::{BootSlot, EspConfig, EspOta, Layout, init_flash};
 use otaforge_device::flash::{FileFlash, Flash};
+use otaforge_device::w800::{UpdateAction, W800Boot, W800Config, W800Layout, W800Ota};
 use otaforge_formats::esp::Chip;
 use otaforge_formats::otadata::OtaState;
 
-use crate::client::{Check, DeviceInfo, Endpoint, Outcome, Policy, Updater};
-use crate::device::{EspSink, describe_boot, refresh_info};
+use crate::client::{Check, DeviceInfo, Endpoint, Outcome, Policy, UpdateSink, Updater};
+use crate::device::{EspSink, W800Sink, describe_boot, running_identity};
 
 /// Makes a flash file: the layout's partition table, erased otadata and, if given, a first
 /// image in the first app slot (what flashing by wire does).
@@ -31,12 +34,38 @@ pub fn init_flash_file(path: &Path, layout: &Layout, image: Option<&[u8]>) -> an
     Ok(())
 }
 
+/// Makes a W800 flash file (2 MB, the SDK's OTA partition table) with its first `.img` in
+/// `app`.
+pub fn init_w800_flash_file(path: &Path, image: &[u8]) -> anyhow::Result<()> {
+    if path.exists() {
+        anyhow::bail!(
+            "{} exists; remove it first to make a new flash",
+            path.display()
+        );
+    }
+    let layout = W800Layout::default_2mb();
+    let mut flash = FileFlash::create(path, layout.flash_size)
+        .with_context(|| format!("creating {}", path.display()))?;
+    otaforge_device::w800::init_flash(&mut flash, &layout, Some(image))
+        .context("writing the first image")?;
+    Ok(())
+}
+
+/// The device the agent plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentChip {
+    /// An ESP32 of this chip: the ESP-IDF OTA engine, two slots, rollback.
+    Esp(Chip),
+    /// A W800: `wm_ota_ops` and the bootloader's copy (xz images), on the W800's 2 MB layout.
+    W800,
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub flash: PathBuf,
     pub endpoint: Endpoint,
     pub serial: String,
-    pub chip: Chip,
+    pub chip: AgentChip,
     pub interval: Duration,
     /// Run after an update boots; exit status 0 means healthy. Without one, the new firmware
     /// is healthy when it boots and reaches the server.
@@ -58,37 +87,139 @@ pub enum Pass {
 
 pub struct Agent {
     config: AgentConfig,
-    ota: EspOta<FileFlash>,
+    engine: Engine,
     updater: Updater,
     info: DeviceInfo,
+}
+
+/// The update engine over the flash file.
+enum Engine {
+    Esp(EspOta<FileFlash>),
+    W800(W800Ota<FileFlash>),
+}
+
+impl Engine {
+    fn open(config: &AgentConfig) -> anyhow::Result<Engine> {
+        let flash = FileFlash::open(&config.flash)
+            .with_context(|| format!("opening the flash file {}", config.flash.display()))?;
+        Ok(match config.chip {
+            AgentChip::Esp(chip) => Engine::Esp(
+                EspOta::open(
+                    flash,
+                    EspConfig {
+                        expected_chip: chip,
+                        rollback: true,
+                    },
+                )
+                .context("reading the partition table")?,
+            ),
+            AgentChip::W800 => Engine::W800(
+                W800Ota::new(flash, W800Layout::default_2mb(), W800Config::default())
+                    .context("a W800 flash file is 2 MB")?,
+            ),
+        })
+    }
+
+    /// Boots through the bootloader model; says what happened, and whether a bootloader
+    /// that applies updates itself (W800) refused or found none, so the old image runs.
+    fn boot(&mut self) -> anyhow::Result<(String, bool)> {
+        Ok(match self {
+            Engine::Esp(ota) => (describe_boot(&ota.boot().context("booting")?), false),
+            Engine::W800(ota) => {
+                let boot = ota.boot().context("booting")?;
+                let kept = matches!(boot.action, UpdateAction::None | UpdateAction::Rejected(_));
+                (describe_w800_boot(&boot), kept)
+            }
+        })
+    }
+
+    /// The version and (ESP) MD5 of the running image.
+    fn identity(&mut self) -> anyhow::Result<(String, Option<String>)> {
+        Ok(match self {
+            Engine::Esp(ota) => running_identity(ota)?,
+            Engine::W800(ota) => (ota.get_version().unwrap_or("unknown").to_string(), None),
+        })
+    }
+
+    /// Whether the running image waits for its health check (ESP only).
+    fn pending_verify(&mut self) -> anyhow::Result<bool> {
+        Ok(match self {
+            Engine::Esp(ota) => match ota.running_slot() {
+                Some(BootSlot::Ota(n)) => {
+                    ota.get_state_partition(n)? == Some(OtaState::PendingVerify)
+                }
+                _ => false,
+            },
+            Engine::W800(_) => false,
+        })
+    }
+
+    fn sink(&mut self) -> Box<dyn UpdateSink + '_> {
+        match self {
+            Engine::Esp(ota) => Box::new(EspSink::new(ota)),
+            Engine::W800(ota) => Box::new(W800Sink::new(ota)),
+        }
+    }
+
+    fn confirm(&mut self) -> anyhow::Result<()> {
+        if let Engine::Esp(ota) = self {
+            ota.mark_app_valid_cancel_rollback()?;
+        }
+        Ok(())
+    }
+
+    /// Goes back to the previous image; `None` when there is none to go back to (W800).
+    fn roll_back(&mut self) -> anyhow::Result<Option<String>> {
+        Ok(match self {
+            Engine::Esp(ota) => Some(describe_boot(&ota.mark_app_invalid_rollback_and_reboot()?)),
+            Engine::W800(_) => None,
+        })
+    }
+
+    fn flash_size(&self) -> u32 {
+        match self {
+            Engine::Esp(ota) => ota.flash().size(),
+            Engine::W800(ota) => ota.flash().size(),
+        }
+    }
+}
+
+fn describe_w800_boot(boot: &W800Boot) -> String {
+    let version = &boot.header.version;
+    match &boot.action {
+        UpdateAction::None => format!("booted app ({version})"),
+        UpdateAction::Applied { xz: true } => {
+            format!("unpacked the xz update into app; booted {version}")
+        }
+        UpdateAction::Applied { xz: false } => {
+            format!("copied the update into app; booted {version}")
+        }
+        UpdateAction::Finished => format!("finished an interrupted update; booted {version}"),
+        UpdateAction::Rejected(e) => format!("refused the update ({e}); booted app ({version})"),
+    }
 }
 
 impl Agent {
     /// Opens the flash and boots it through the bootloader model. An image left unconfirmed
     /// by the previous run is health-checked now.
     pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
-        let flash = FileFlash::open(&config.flash)
-            .with_context(|| format!("opening the flash file {}", config.flash.display()))?;
-        let mut ota = EspOta::open(
-            flash,
-            EspConfig {
-                expected_chip: config.chip,
-                rollback: true,
-            },
-        )
-        .context("reading the partition table")?;
-        let outcome = ota.boot().context("booting")?;
-        tracing::info!("{}", describe_boot(&outcome));
-        let mut info = DeviceInfo {
+        let mut engine = Engine::open(&config)?;
+        // Booted outside the log macro: its arguments are not evaluated when logging is off.
+        let (boot, _) = engine.boot()?;
+        tracing::info!("{boot}");
+        let (version, sketch_md5) = engine.identity()?;
+        let info = DeviceInfo {
             serial: config.serial.clone(),
-            version: String::new(),
-            sketch_md5: None,
+            version,
+            sketch_md5,
             sta_mac: mac_of(&config.serial),
             free_space: 0,
-            chip_size: u64::from(ota.flash().size()),
-            chip: None,
+            chip_size: u64::from(engine.flash_size()),
+            chip: match config.chip {
+                AgentChip::Esp(_) => None,
+                AgentChip::W800 => Some("w800".into()),
+            },
         };
-        refresh_info(&mut ota, &mut info)?;
         let seed = config
             .serial
             .bytes()
@@ -98,7 +229,7 @@ impl Agent {
         let updater = Updater::new(config.endpoint.clone(), Policy::default(), seed);
         let mut agent = Agent {
             config,
-            ota,
+            engine,
             updater,
             info,
         };
@@ -113,12 +244,12 @@ impl Agent {
     }
 
     fn pending_verify(&mut self) -> anyhow::Result<bool> {
-        Ok(match self.ota.running_slot() {
-            Some(BootSlot::Ota(n)) => {
-                self.ota.get_state_partition(n)? == Some(OtaState::PendingVerify)
-            }
-            _ => false,
-        })
+        self.engine.pending_verify()
+    }
+
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        (self.info.version, self.info.sketch_md5) = self.engine.identity()?;
+        Ok(())
     }
 
     async fn healthy(&mut self) -> bool {
@@ -142,7 +273,7 @@ impl Agent {
     async fn confirm_or_roll_back(&mut self, from: Option<String>) -> anyhow::Result<Pass> {
         let tried = self.info.version.clone();
         if self.healthy().await {
-            self.ota.mark_app_valid_cancel_rollback()?;
+            self.engine.confirm()?;
             tracing::info!(version = %tried, "health check passed; the update is confirmed");
             self.updater.report(Outcome::Installed {
                 version: tried.clone(),
@@ -155,9 +286,18 @@ impl Agent {
                 to: tried,
             })
         } else {
-            let outcome = self.ota.mark_app_invalid_rollback_and_reboot()?;
-            refresh_info(&mut self.ota, &mut self.info)?;
-            tracing::warn!(version = %tried, "health check failed; {}", describe_boot(&outcome));
+            let Some(boot) = self.engine.roll_back()? else {
+                let reason = format!(
+                    "{tried} failed its health check and this chip keeps no image to go back to"
+                );
+                tracing::warn!("{reason}");
+                self.updater.report(Outcome::Failed {
+                    reason: reason.clone(),
+                });
+                return Ok(Pass::Failed(reason));
+            };
+            self.refresh()?;
+            tracing::warn!(version = %tried, "health check failed; {boot}");
             self.updater.report(Outcome::RolledBack {
                 version: tried.clone(),
             });
@@ -179,8 +319,8 @@ impl Agent {
         };
         tracing::info!(size = offer.size, version = ?offer.version, "downloading an update");
         let result = {
-            let mut sink = EspSink::new(&mut self.ota);
-            self.updater.download(&self.info, &offer, &mut sink).await
+            let mut sink = self.engine.sink();
+            self.updater.download(&self.info, &offer, &mut *sink).await
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "the update failed; still running {}", self.info.version);
@@ -190,9 +330,17 @@ impl Agent {
             return Ok(Pass::Failed(e.to_string()));
         }
         let from = self.info.version.clone();
-        let outcome = self.ota.boot().context("rebooting into the update")?;
-        tracing::info!("{}", describe_boot(&outcome));
-        refresh_info(&mut self.ota, &mut self.info)?;
+        let (boot, kept_old) = self.engine.boot().context("rebooting into the update")?;
+        tracing::info!("{boot}");
+        self.refresh()?;
+        if kept_old {
+            // The bootloader kept the old image (a W800 refusing a bad update).
+            let reason = format!("the update did not boot: {boot}");
+            self.updater.report(Outcome::Failed {
+                reason: reason.clone(),
+            });
+            return Ok(Pass::Failed(reason));
+        }
         self.confirm_or_roll_back(Some(from)).await
     }
 

@@ -125,8 +125,45 @@ pub fn demo_w800_ota(layout: &W800Layout, version: &str, filler: usize) -> Vec<u
     let inner = demo_w800_image(layout, version, filler);
     let mut xz = Vec::new();
     lzma_rs::xz_compress(&mut &inner[..], &mut xz).expect("compressing into memory");
+    declare_small_dictionary(&mut xz);
     w800_image::build_image(&layout.ota_header(version, 2), &xz)
         .expect("a demo W800 OTA image fits its header")
+}
+
+/// lzma-rs declares an 8 MiB LZMA2 dictionary though its encoder emits no matches at all;
+/// the W800 bootloader sizes its buffer by that field (at most 64 KiB). Declares 32 KiB, as
+/// the SDK's `bin2img.py` images do, in the first block header, and mends the header's CRC.
+fn declare_small_dictionary(xz: &mut [u8]) {
+    const STREAM_HEADER: usize = 12;
+    const DICT_32_KIB: u8 = 6; // (2 | 0) << (6 / 2 + 11)
+    let Some(&size_byte) = xz.get(STREAM_HEADER) else {
+        return;
+    };
+    let header_len = (usize::from(size_byte) + 1) * 4;
+    let Some(header) = xz.get_mut(STREAM_HEADER..STREAM_HEADER + header_len) else {
+        return;
+    };
+    let flags = header[1];
+    let mut at = 2;
+    // Optional compressed and uncompressed sizes (multibyte integers) come first.
+    for present in [flags & 0x40 != 0, flags & 0x80 != 0] {
+        if present {
+            while at < header.len() && header[at] & 0x80 != 0 {
+                at += 1;
+            }
+            at += 1;
+        }
+    }
+    // The one filter: LZMA2 (id 0x21), one property byte: the dictionary size.
+    if header
+        .get(at..at + 3)
+        .is_some_and(|f| f[0] == 0x21 && f[1] == 1)
+    {
+        header[at + 2] = DICT_32_KIB;
+        let body = header_len - 4;
+        let crc = crc32fast::hash(&header[..body]);
+        header[body..].copy_from_slice(&crc.to_le_bytes());
+    }
 }
 
 /// Deterministic pseudo-random bytes, different per version, with some repetition as code

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use otaforge_agent::agent::{Agent, AgentConfig, Pass, init_flash_file};
+use otaforge_agent::agent::{
+    Agent, AgentChip, AgentConfig, Pass, init_flash_file, init_w800_flash_file,
+};
 use otaforge_agent::client::Endpoint;
 use otaforge_agent::device::{demo_image, demo_w800_image, demo_w800_ota};
 use otaforge_agent::http::Url;
@@ -309,7 +311,7 @@ async fn linux_agent_installs_and_rolls_back_on_a_flash_file() {
             password: "12345".into(),
         },
         serial: "bot_001".into(),
-        chip: CHIP,
+        chip: AgentChip::Esp(CHIP),
         interval: Duration::from_secs(1),
         health_cmd: Some("test \"$OTAFORGE_VERSION\" != 2.0.0".into()),
         once: true,
@@ -363,6 +365,55 @@ async fn linux_agent_installs_and_rolls_back_on_a_flash_file() {
     server.finish().await;
 }
 
+/// `otaforge agent --chip w800`: a W800 flash file (the SDK's 2 MB layout) takes an xz OTA
+/// image through `wm_ota_ops` and the bootloader's unpacking, over the OTAdrive dialect
+/// naming its chip; a restart runs the new app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linux_agent_plays_a_w800() {
+    let server = Server::start("w800-agent").await;
+    let layout = otaforge_device::w800::W800Layout::default_2mb();
+    let v1 = demo_w800_image(&layout, "1.0.0", 30_000);
+    let v2 = demo_w800_ota(&layout, "2.0.0", 40_000);
+    let v2_app = demo_w800_image(&layout, "2.0.0", 40_000);
+    let (product, key) = server.product_with(v2, None).await;
+    server.add_device(product, "w800-1", None).await;
+    let flash = temp_flash("w800");
+    init_w800_flash_file(&flash, &v1).unwrap();
+    let config = AgentConfig {
+        flash: flash.clone(),
+        endpoint: Endpoint::OtaDrive {
+            server: Url::parse(&server.base).unwrap(),
+            api_key: key,
+        },
+        serial: "w800-1".into(),
+        chip: AgentChip::W800,
+        interval: Duration::from_secs(1),
+        health_cmd: Some("true".into()),
+        once: true,
+    };
+    let mut agent = Agent::start(config.clone()).await.unwrap();
+    assert_eq!(agent.version(), "1.0.0");
+    let pass = agent.pass().await.unwrap();
+    assert_eq!(
+        pass,
+        Pass::Installed {
+            from: "1.0.0".into(),
+            to: "2.0.0".into()
+        }
+    );
+    assert_eq!(agent.pass().await.unwrap(), Pass::UpToDate("2.0.0".into()));
+    drop(agent);
+    // The bootloader unpacked the xz image into app, byte for byte.
+    let bytes = std::fs::read(&flash).unwrap();
+    assert_eq!(bytes.len(), 2 * 1024 * 1024);
+    let app = layout.app.offset as usize;
+    assert_eq!(&bytes[app..app + v2_app.len()], v2_app.as_slice());
+    let agent = Agent::start(config).await.unwrap();
+    assert_eq!(agent.version(), "2.0.0");
+    let _ = std::fs::remove_file(&flash);
+    server.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bytes_leave_the_running_image_and_otadata_untouched() {
     let server = Server::start("bad").await;
@@ -381,7 +432,7 @@ async fn bad_bytes_leave_the_running_image_and_otadata_untouched() {
             password: "pw".into(),
         },
         serial: "d1".into(),
-        chip: CHIP,
+        chip: AgentChip::Esp(CHIP),
         interval: Duration::from_secs(1),
         health_cmd: None,
         once: true,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use otaforge_agent::agent::{Agent, AgentConfig, init_flash_file};
+use otaforge_agent::agent::{Agent, AgentChip, AgentConfig, init_flash_file, init_w800_flash_file};
 use otaforge_agent::client::Endpoint;
 use otaforge_agent::device::{demo_image, demo_w800_image, demo_w800_ota};
 use otaforge_agent::http::Url;
@@ -35,17 +35,46 @@ impl ChipArg {
     }
 }
 
+/// The chips the agent can play: the ESP32 family and the W800.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum AgentChipArg {
+    Esp32,
+    Esp32s2,
+    Esp32s3,
+    Esp32c3,
+    Esp32c6,
+    W800,
+}
+
+impl AgentChipArg {
+    fn chip(self) -> AgentChip {
+        let esp = |c| AgentChip::Esp(c);
+        match self {
+            AgentChipArg::Esp32 => esp(Chip::Esp32),
+            AgentChipArg::Esp32s2 => esp(Chip::Esp32S2),
+            AgentChipArg::Esp32s3 => esp(Chip::Esp32S3),
+            AgentChipArg::Esp32c3 => esp(Chip::Esp32C3),
+            AgentChipArg::Esp32c6 => esp(Chip::Esp32C6),
+            AgentChipArg::W800 => AgentChip::W800,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum AgentCommand {
-    /// Make a 4 MB flash file laid out like an ESP32's (two OTA slots), with a first image.
+    /// Make a 4 MB flash file laid out like an ESP32's (two OTA slots), with a first image,
+    /// or with --chip w800 a 2 MB one laid out like a W800's (app, app_ota).
     InitFlash {
         file: PathBuf,
-        /// The image flashed by wire into the first app slot.
+        /// The image flashed by wire into the first app slot (a W800 needs its .img).
         #[arg(long)]
         image: Option<PathBuf>,
         /// No factory partition: the first image goes to ota_0.
         #[arg(long)]
         no_factory: bool,
+        /// esp32 (any ESP32 chip: the layout is the same) or w800.
+        #[arg(long, value_enum, default_value = "esp32")]
+        chip: AgentChipArg,
     },
     /// Poll the server and install updates into the flash file.
     Run(AgentRunArgs),
@@ -68,8 +97,9 @@ pub struct AgentRunArgs {
     link: Option<String>,
     #[arg(long, env = "OTAFORGE_DEVICE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// The chip the flash file is for (w800: the OTAdrive dialect, naming the chip).
     #[arg(long, value_enum, default_value = "esp32c3")]
-    chip: ChipArg,
+    chip: AgentChipArg,
     /// Seconds between polls.
     #[arg(long, default_value_t = 60)]
     interval: u64,
@@ -87,10 +117,20 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
             file,
             image,
             no_factory,
+            chip,
         } => {
             let image = image
                 .map(|p| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
                 .transpose()?;
+            if let AgentChip::W800 = chip.chip() {
+                let image = image.context("a W800 flash needs --image (its .img)")?;
+                init_w800_flash_file(&file, &image)?;
+                println!(
+                    "{} made: 2 MB, app at 0xf000 (0x122000 bytes), app_ota at 0x131000 (0xaf000 bytes)",
+                    file.display()
+                );
+                return Ok(());
+            }
             let mut layout = Layout::default_4mb();
             if no_factory {
                 layout.factory = None;
@@ -116,6 +156,11 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
                     "give --server URL --api-key KEY (OTAdrive) or --link URL --password P (static link)"
                 ),
             };
+            if matches!(args.chip, AgentChipArg::W800)
+                && matches!(endpoint, Endpoint::StaticLink { .. })
+            {
+                bail!("a W800 talks the OTAdrive dialect: give --server URL --api-key KEY");
+            }
             let agent = Agent::start(AgentConfig {
                 flash: args.flash,
                 endpoint,
