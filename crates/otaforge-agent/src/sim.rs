@@ -14,7 +14,7 @@ use otaforge_device::w800::{self, UpdateAction, W800Config, W800Layout, W800Ota}
 use otaforge_formats::esp::Chip;
 use sha2::{Digest, Sha256};
 
-use crate::client::{Check, DeviceInfo, Endpoint, Faults, Outcome, Policy, Updater};
+use crate::client::{Check, DeviceInfo, Endpoint, Faults, Offer, Outcome, Policy, Updater};
 use crate::device::{EspSink, W800Sink, refresh_info};
 use crate::http::Url;
 
@@ -386,59 +386,19 @@ async fn device_life(
             },
         })
         .collect();
-    let endpoint = endpoints[index % endpoints.len()].clone();
-    let mut updater = Updater::new(
-        endpoint,
-        sim_policy(config),
-        config.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
+    let mut life = Rhythm::new(index, serial, config, endpoints, counters, stop);
+    let mut updater = life.updater();
     let fails_health = draw(config.seed, serial, "health") < config.fail_health;
     let mut loses_power = draw(config.seed, serial, "power") < config.power_loss;
     let mut rejected: Option<String> = None;
-    let mut settled = false;
-    let mark_settled = |settled: &mut bool, version: &str| {
-        if !*settled && reached(config, version) {
-            *settled = true;
-            counters.settled.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    mark_settled(&mut settled, &info.version.clone());
-
-    // Spread the first polls over one interval.
-    let first = config.poll.mul_f64(draw(config.seed, serial, "phase"));
-    let mut wait = first;
-    let mut polls = 0usize;
-    loop {
-        if !nap(wait, stop).await {
-            break;
-        }
-        if endpoints.len() > 1 {
-            updater.set_endpoint(endpoints[(index + polls) % endpoints.len()].clone());
-        }
-        polls += 1;
-        let j = (draw(config.seed ^ updater.stats.requests, serial, "jitter") * 2.0 - 1.0)
-            * config.jitter;
-        wait = config.poll.mul_f64((1.0 + j).max(0.05));
-
-        let before = updater.stats;
-        let check = updater.check(&info).await;
-        let offer = match check {
-            Ok(Check::Offer(offer)) => offer,
-            Ok(_) => {
-                account(counters, before, updater.stats);
-                continue;
-            }
-            Err(e) => {
-                tracing::debug!(serial, error = %e, "check failed");
-                account(counters, before, updater.stats);
-                continue;
-            }
-        };
+    life.settle(&info.version);
+    while let Some(offer) = life.next_offer(&mut updater, &info).await {
+        let Some(offer) = offer else { continue };
         if offer.version.is_some() && offer.version == rejected {
             // This device already rolled this version back: it does not take it again.
-            account(counters, before, updater.stats);
             continue;
         }
+        let before = updater.stats;
         if loses_power {
             // Cut somewhere inside the update's flash work (erases and writes).
             let ops = offer.size / 4096 * 2 + 8;
@@ -469,10 +429,7 @@ async fn device_life(
             }
         }
         if let Err(e) = result {
-            counters.failed_downloads.fetch_add(1, Ordering::Relaxed);
-            updater.report(Outcome::Failed {
-                reason: e.to_string(),
-            });
+            life.failed(&mut updater, e.to_string());
             continue;
         }
         // Reboot into the new image, then the health check decides.
@@ -487,22 +444,14 @@ async fn device_life(
             updater.report(Outcome::RolledBack {
                 version: tried.clone(),
             });
-            mark_settled(&mut settled, &tried);
+            life.settle(&tried);
             rejected = Some(tried);
             if info.version != old {
                 counters.moved(&old, &info.version);
             }
         } else {
             ota.mark_app_valid_cancel_rollback()?;
-            counters.installs.fetch_add(1, Ordering::Relaxed);
-            counters.moved(&old, &info.version);
-            updater.report(Outcome::Installed {
-                version: info.version.clone(),
-            });
-            let before = updater.stats;
-            let _ = updater.alive(&info).await;
-            account(counters, before, updater.stats);
-            mark_settled(&mut settled, &info.version.clone());
+            life.installed(&mut updater, &info, &old).await;
         }
         // Whole images only: a broken download's sectors are its own, and short-lived.
         share(&mut ota);
@@ -556,48 +505,19 @@ async fn w800_life(
             api_key: api_key.clone(),
         })
         .collect();
-    let mut updater = Updater::new(
-        endpoints[index % endpoints.len()].clone(),
-        sim_policy(config),
-        config.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
-    let mut settled = false;
-    let mark_settled = |settled: &mut bool, version: &str| {
-        if !*settled && reached(config, version) {
-            *settled = true;
-            counters.settled.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    mark_settled(&mut settled, &info.version.clone());
-    let mut wait = config.poll.mul_f64(draw(config.seed, serial, "phase"));
-    let mut polls = 0usize;
-    loop {
-        if !nap(wait, stop).await {
-            break;
-        }
-        updater.set_endpoint(endpoints[(index + polls) % endpoints.len()].clone());
-        polls += 1;
-        let j = (draw(config.seed ^ updater.stats.requests, serial, "jitter") * 2.0 - 1.0)
-            * config.jitter;
-        wait = config.poll.mul_f64((1.0 + j).max(0.05));
+    let mut life = Rhythm::new(index, serial, config, endpoints, counters, stop);
+    let mut updater = life.updater();
+    life.settle(&info.version);
+    while let Some(offer) = life.next_offer(&mut updater, &info).await {
+        let Some(offer) = offer else { continue };
         let before = updater.stats;
-        let offer = match updater.check(&info).await {
-            Ok(Check::Offer(offer)) => offer,
-            _ => {
-                account(counters, before, updater.stats);
-                continue;
-            }
-        };
         let result = {
             let mut sink = W800Sink::new(&mut ota);
             updater.download(&info, &offer, &mut sink).await
         };
         account(counters, before, updater.stats);
         if let Err(e) = result {
-            counters.failed_downloads.fetch_add(1, Ordering::Relaxed);
-            updater.report(Outcome::Failed {
-                reason: e.to_string(),
-            });
+            life.failed(&mut updater, e.to_string());
             continue;
         }
         // The bootloader unpacks app_ota into app at the reboot.
@@ -606,21 +526,13 @@ async fn w800_life(
         info.version = running(&ota);
         match boot.action {
             UpdateAction::Applied { .. } | UpdateAction::Finished => {
-                counters.installs.fetch_add(1, Ordering::Relaxed);
-                counters.moved(&old, &info.version);
-                updater.report(Outcome::Installed {
-                    version: info.version.clone(),
-                });
-                let before = updater.stats;
-                let _ = updater.alive(&info).await;
-                account(counters, before, updater.stats);
-                mark_settled(&mut settled, &info.version.clone());
+                life.installed(&mut updater, &info, &old).await;
             }
             UpdateAction::Rejected(e) => {
-                counters.failed_downloads.fetch_add(1, Ordering::Relaxed);
-                updater.report(Outcome::Failed {
-                    reason: format!("the bootloader refused the update: {e}"),
-                });
+                life.failed(
+                    &mut updater,
+                    format!("the bootloader refused the update: {e}"),
+                );
             }
             UpdateAction::None => {
                 updater.report(Outcome::Failed {
@@ -631,6 +543,119 @@ async fn w800_life(
         share(&mut ota);
     }
     Ok(())
+}
+
+/// What every simulated device does alike whatever its chip: when it polls (the first poll
+/// somewhere in one interval, then the interval with jitter), which server it asks (the
+/// next in turn), what it counts, and when it has settled.
+struct Rhythm<'a> {
+    index: usize,
+    serial: &'a str,
+    config: &'a SimConfig,
+    endpoints: Vec<Endpoint>,
+    counters: &'a Counters,
+    stop: &'a AtomicBool,
+    wait: Duration,
+    polls: usize,
+    settled: bool,
+}
+
+impl<'a> Rhythm<'a> {
+    fn new(
+        index: usize,
+        serial: &'a str,
+        config: &'a SimConfig,
+        endpoints: Vec<Endpoint>,
+        counters: &'a Counters,
+        stop: &'a AtomicBool,
+    ) -> Self {
+        Rhythm {
+            index,
+            serial,
+            config,
+            endpoints,
+            counters,
+            stop,
+            wait: config.poll.mul_f64(draw(config.seed, serial, "phase")),
+            polls: 0,
+            settled: false,
+        }
+    }
+
+    /// The device's update client, with its own seed.
+    fn updater(&self) -> Updater {
+        Updater::new(
+            self.endpoints[self.index % self.endpoints.len()].clone(),
+            sim_policy(self.config),
+            self.config.seed ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )
+    }
+
+    /// Waits for the next poll and checks: `None` once the simulation stops, `Some(None)`
+    /// when nothing is offered (or the check failed).
+    async fn next_offer(
+        &mut self,
+        updater: &mut Updater,
+        info: &DeviceInfo,
+    ) -> Option<Option<Offer>> {
+        if !nap(self.wait, self.stop).await {
+            return None;
+        }
+        if self.endpoints.len() > 1 {
+            updater.set_endpoint(
+                self.endpoints[(self.index + self.polls) % self.endpoints.len()].clone(),
+            );
+        }
+        self.polls += 1;
+        let j = (draw(
+            self.config.seed ^ updater.stats.requests,
+            self.serial,
+            "jitter",
+        ) * 2.0
+            - 1.0)
+            * self.config.jitter;
+        self.wait = self.config.poll.mul_f64((1.0 + j).max(0.05));
+        let before = updater.stats;
+        let check = updater.check(info).await;
+        account(self.counters, before, updater.stats);
+        Some(match check {
+            Ok(Check::Offer(offer)) => Some(offer),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(serial = self.serial, error = %e, "check failed");
+                None
+            }
+        })
+    }
+
+    /// Counts the device settled once it runs (or rolled back) `until_version`.
+    fn settle(&mut self, version: &str) {
+        if !self.settled && reached(self.config, version) {
+            self.settled = true;
+            self.counters.settled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An update that went no further than the download (or the bootloader's refusal).
+    fn failed(&self, updater: &mut Updater, reason: String) {
+        self.counters
+            .failed_downloads
+            .fetch_add(1, Ordering::Relaxed);
+        updater.report(Outcome::Failed { reason });
+    }
+
+    /// The new image runs and was confirmed: count it and tell the server at once.
+    async fn installed(&mut self, updater: &mut Updater, info: &DeviceInfo, old: &str) {
+        self.counters.installs.fetch_add(1, Ordering::Relaxed);
+        self.counters.moved(old, &info.version);
+        updater.report(Outcome::Installed {
+            version: info.version.clone(),
+        });
+        let before = updater.stats;
+        let _ = updater.alive(info).await;
+        account(self.counters, before, updater.stats);
+        self.settle(&info.version);
+    }
 }
 
 /// How simulated devices retry: quick backoff, and the configured share of dropped ranges.

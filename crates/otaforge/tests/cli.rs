@@ -1,6 +1,8 @@
 //! The binary as an operator uses it: `otaforge serve` prints the first admin password,
 //! the CLI logs in, creates a product, uploads firmware, and SIGTERM stops the server.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,23 +30,10 @@ fn fixture(name: &str) -> PathBuf {
     out.join(name)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::free_port;
 
 fn wait_for_port(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the server did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::wait_for_port(port, "otaforge serve");
 }
 
 fn cli(server: &str, token: Option<&str>, args: &[&str]) -> serde_json::Value {

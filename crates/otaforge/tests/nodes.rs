@@ -4,15 +4,17 @@
 //! node holding the rollout gates is killed with SIGKILL mid-rollout and the other takes the
 //! gates over; at the end every device is counted exactly once.
 
+mod support;
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use otaforge_agent::device::demo_image;
-use otaforge_agent::sim::{self, SimConfig, SimDialect};
+use otaforge_agent::sim;
 use otaforge_formats::esp::Chip;
 use serde_json::{Value, json};
 
@@ -23,34 +25,7 @@ const SECRET: &str = "otaforge-test-secret";
 /// Both nodes seal and sign with one key, as a deployment of several nodes must.
 const SEALING_KEY: &str = "5ea1ed5ea1ed5ea1ed5ea1ed5ea1ed5ea1ed5ea1ed5ea1ed5ea1ed5ea1ed5ea1";
 
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{what} did not start on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use support::{Proc, free_port, wait_for_port};
 
 /// rclone: `OTAFORGE_TEST_RCLONE`, else the one on PATH. Missing, the test fails and says
 /// how to get it.
@@ -171,22 +146,11 @@ async fn call(
     token: &str,
     body: Option<Value>,
 ) -> (reqwest::StatusCode, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(token)
-        .timeout(Duration::from_secs(10));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
+    support::call(base, token, method, path, body).await
 }
 
 async fn api(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let (status, v) = call(base, method, path, TOKEN, body).await;
-    assert!(status.is_success(), "{path}: {status} {v}");
-    v
+    support::api(base, TOKEN, method, path, body).await
 }
 
 async fn login(base: &str, password: &str) -> reqwest::StatusCode {
@@ -366,25 +330,14 @@ async fn two_nodes_behave_as_one_server() {
 
     // The devices poll the two nodes in turn.
     let stop = Arc::new(AtomicBool::new(false));
-    let config = SimConfig {
-        servers: vec![a.base.clone(), b.base.clone()],
-        dialect: SimDialect::OtaDrive { api_key: key },
-        serials: serials.clone(),
-        initial_image: v1,
-        chip,
-        slot_size: 64 * 1024,
-        poll: Duration::from_millis(300),
-        jitter: 0.3,
-        fail_health: 0.0,
-        power_loss: 0.0,
-        drop_rate: 0.0,
-        duration: Duration::from_secs(150),
-        until_version: Some("2.0.0".into()),
-        seed: 11,
-        stop: Some(stop.clone()),
-        w800_share: 0.0,
-        w800_image: None,
-    };
+    let config = support::fleet(
+        vec![a.base.clone(), b.base.clone()],
+        key,
+        serials.clone(),
+        v1,
+        11,
+        stop.clone(),
+    );
     let fleet = tokio::spawn(sim::run(config, |_, _| {}));
 
     // Exactly one node holds the gates.
@@ -444,54 +397,17 @@ async fn two_nodes_behave_as_one_server() {
 
     let summary = fleet.await.unwrap().unwrap();
     assert!(summary.converged, "{summary}");
-    let start = Instant::now();
-    let done = loop {
-        let r = api(
-            &other.base,
-            reqwest::Method::GET,
-            &format!("/api/v1/products/{pid}/rollouts/{rid}"),
-            None,
-        )
-        .await;
-        if r["state"] == "completed" {
-            break r;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "not completed on the surviving node: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done = support::completed_rollout(&other.base, TOKEN, pid, rid).await;
     // Every device counted once: 10 + 20 + 30 members, all succeeded, none twice, none lost.
-    let stages: Vec<(i64, i64, i64)> = done["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["devices"].as_i64().unwrap(),
-                s["succeeded"].as_i64().unwrap(),
-                s["failed"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(stages, [(10, 10, 0), (20, 20, 0), (30, 30, 0)], "{done}");
-    let members = api(
-        &other.base,
-        reqwest::Method::GET,
-        &format!("/api/v1/products/{pid}/rollouts/{rid}/devices?limit=1000"),
-        None,
-    )
-    .await;
-    let mut seen: Vec<&str> = members["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["serial"].as_str().unwrap())
-        .collect();
-    seen.sort();
-    seen.dedup();
-    assert_eq!(seen.len(), 60);
+    assert_eq!(
+        support::stage_counts(&done),
+        [(10, 10, 0), (20, 20, 0), (30, 30, 0)],
+        "{done}"
+    );
+    assert_eq!(
+        support::distinct_members(&other.base, TOKEN, pid, rid).await,
+        60
+    );
     assert_eq!(
         summary.installs, 60,
         "each device installed once: {summary}"

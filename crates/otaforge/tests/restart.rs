@@ -2,13 +2,15 @@
 //! picks it up from the database, the devices carry on, and at the end every device is
 //! counted exactly once.
 
+mod support;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use otaforge_agent::device::demo_image;
-use otaforge_agent::sim::{self, SimConfig, SimDialect};
+use otaforge_agent::sim;
 use otaforge_formats::esp::Chip;
 use serde_json::{Value, json};
 
@@ -29,40 +31,19 @@ fn serve(data: &std::path::Path, port: u16) -> std::process::Child {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::wait_for_port(port, "otaforge serve");
     child
 }
 
 async fn api(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let mut req = reqwest::Client::new()
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(TOKEN);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let v: Value = r.json().await.unwrap_or(Value::Null);
-    assert!(status.is_success(), "{path}: {status} {v}");
-    v
+    support::api(base, TOKEN, method, path, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_survives_kill_minus_9() {
     let data = std::env::temp_dir().join(format!("otaforge-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut server = serve(&data, port);
 
@@ -123,25 +104,14 @@ async fn a_rollout_survives_kill_minus_9() {
     let rid = rollout["id"].as_i64().unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let config = SimConfig {
-        servers: vec![base.clone()],
-        dialect: SimDialect::OtaDrive { api_key: key },
-        serials: serials.clone(),
-        initial_image: v1,
-        chip,
-        slot_size: 64 * 1024,
-        poll: Duration::from_millis(300),
-        jitter: 0.3,
-        fail_health: 0.0,
-        power_loss: 0.0,
-        drop_rate: 0.0,
-        duration: Duration::from_secs(120),
-        until_version: Some("2.0.0".into()),
-        seed: 3,
-        stop: Some(stop.clone()),
-        w800_share: 0.0,
-        w800_image: None,
-    };
+    let config = support::fleet(
+        vec![base.clone()],
+        key,
+        serials.clone(),
+        v1,
+        3,
+        stop.clone(),
+    );
     let fleet = tokio::spawn(sim::run(config, |_, _| {}));
 
     // Mid-stage 1: some devices updated, not all. Then SIGKILL, no goodbye.
@@ -170,54 +140,14 @@ async fn a_rollout_survives_kill_minus_9() {
 
     let summary = fleet.await.unwrap().unwrap();
     assert!(summary.converged, "{summary}");
-    let start = Instant::now();
-    let done = loop {
-        let r = api(
-            &base,
-            reqwest::Method::GET,
-            &format!("/api/v1/products/{pid}/rollouts/{rid}"),
-            None,
-        )
-        .await;
-        if r["state"] == "completed" {
-            break r;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "not completed after the restart: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done = support::completed_rollout(&base, TOKEN, pid, rid).await;
     // Every device counted once: 100 + 200 members, all succeeded, none twice, none lost.
-    let stages: Vec<(i64, i64)> = done["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["devices"].as_i64().unwrap(),
-                s["succeeded"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(stages, [(100, 100), (200, 200)], "{done}");
-    let members = api(
-        &base,
-        reqwest::Method::GET,
-        &format!("/api/v1/products/{pid}/rollouts/{rid}/devices?limit=1000"),
-        None,
-    )
-    .await;
-    assert!(members["next"].is_null(), "one page holds the 300");
-    let mut seen: Vec<&str> = members["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["serial"].as_str().unwrap())
-        .collect();
-    seen.sort();
-    seen.dedup();
-    assert_eq!(seen.len(), 300);
+    assert_eq!(
+        support::stage_counts(&done),
+        [(100, 100, 0), (200, 200, 0)],
+        "{done}"
+    );
+    assert_eq!(support::distinct_members(&base, TOKEN, pid, rid).await, 300);
     assert_eq!(summary.installs, 300, "{summary}");
     server.kill().unwrap();
     server.wait().unwrap();
