@@ -28,6 +28,11 @@ impl<'a, F: Flash> EspSink<'a, F> {
             installed: None,
         }
     }
+
+    /// The flash being written.
+    pub fn flash_mut(&mut self) -> &mut F {
+        self.ota.flash_mut()
+    }
 }
 
 impl<F: Flash + Send> UpdateSink for EspSink<'_, F> {
@@ -79,6 +84,11 @@ pub struct W800Sink<'a, F: Flash> {
 impl<'a, F: Flash> W800Sink<'a, F> {
     pub fn new(ota: &'a mut W800Ota<F>) -> Self {
         W800Sink { ota, handle: None }
+    }
+
+    /// The flash being written.
+    pub fn flash_mut(&mut self) -> &mut F {
+        self.ota.flash_mut()
     }
 }
 

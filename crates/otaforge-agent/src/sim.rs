@@ -406,7 +406,7 @@ async fn device_life(
             ota.flash_mut().set_power_cut(Some(at));
         }
         let result = {
-            let mut sink = EspSink::new(&mut ota);
+            let mut sink = Sharing::new(EspSink::new(&mut ota), pool, EspSink::flash_mut);
             updater.download(&info, &offer, &mut sink).await
         };
         account(counters, before, updater.stats);
@@ -432,6 +432,8 @@ async fn device_life(
             life.failed(&mut updater, e.to_string());
             continue;
         }
+        // The whole image is in: share it before the reboot, health check and report.
+        share(&mut ota);
         // Reboot into the new image, then the health check decides.
         let old = info.version.clone();
         ota.boot()?;
@@ -512,7 +514,7 @@ async fn w800_life(
         let Some(offer) = offer else { continue };
         let before = updater.stats;
         let result = {
-            let mut sink = W800Sink::new(&mut ota);
+            let mut sink = Sharing::new(W800Sink::new(&mut ota), pool, W800Sink::flash_mut);
             updater.download(&info, &offer, &mut sink).await
         };
         account(counters, before, updater.stats);
@@ -520,6 +522,7 @@ async fn w800_life(
             life.failed(&mut updater, e.to_string());
             continue;
         }
+        share(&mut ota);
         // The bootloader unpacks app_ota into app at the reboot.
         let old = info.version.clone();
         let boot = ota.reboot()?;
@@ -655,6 +658,57 @@ impl<'a> Rhythm<'a> {
         let _ = updater.alive(info).await;
         account(self.counters, before, updater.stats);
         self.settle(&info.version);
+    }
+}
+
+/// Shares what a download has written every 16 KiB (less the sector it is filling), so a
+/// fleet downloading one image at the same time holds it about once, not once a device.
+struct Sharing<'p, S> {
+    sink: S,
+    pool: &'p std::sync::Mutex<SectorPool>,
+    flash: fn(&mut S) -> &mut SimFlash,
+    unshared: usize,
+}
+
+impl<'p, S> Sharing<'p, S> {
+    const EVERY: usize = 16 * 1024;
+
+    fn new(
+        sink: S,
+        pool: &'p std::sync::Mutex<SectorPool>,
+        flash: fn(&mut S) -> &mut SimFlash,
+    ) -> Self {
+        Sharing {
+            sink,
+            pool,
+            flash,
+            unshared: 0,
+        }
+    }
+}
+
+impl<S: crate::client::UpdateSink> crate::client::UpdateSink for Sharing<'_, S> {
+    fn begin(&mut self, size: u64) -> Result<(), String> {
+        self.sink.begin(size)
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), String> {
+        self.sink.write(data)?;
+        self.unshared += data.len();
+        if self.unshared >= Self::EVERY {
+            self.unshared = 0;
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            (self.flash)(&mut self.sink).share_written_sectors(&mut pool);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        self.sink.finish()
+    }
+
+    fn abort(&mut self) {
+        self.sink.abort()
     }
 }
 

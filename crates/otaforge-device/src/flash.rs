@@ -189,6 +189,8 @@ impl SectorPool {
 pub struct SimFlash {
     size: u32,
     sectors: BTreeMap<u32, Sector>,
+    /// The sector the last write went into (still being filled, for all we know).
+    last_written: Option<u32>,
     ops: u64,
     cut_in: Option<u64>,
     powered: bool,
@@ -204,6 +206,7 @@ impl SimFlash {
         Ok(SimFlash {
             size,
             sectors: BTreeMap::new(),
+            last_written: None,
             ops: 0,
             cut_in: None,
             powered: true,
@@ -226,7 +229,20 @@ impl SimFlash {
     /// adds the others to it (up to [`SectorPool::MAX_SECTORS`]). Reads and writes are
     /// unchanged: a later write to a shared sector copies it first.
     pub fn share_sectors(&mut self, pool: &mut SectorPool) {
-        for sector in self.sectors.values_mut() {
+        self.share(pool, None);
+    }
+
+    /// [`Self::share_sectors`] but for the sector the last write went into: what a download
+    /// has written so far, less the sector it is filling.
+    pub fn share_written_sectors(&mut self, pool: &mut SectorPool) {
+        self.share(pool, self.last_written);
+    }
+
+    fn share(&mut self, pool: &mut SectorPool, except: Option<u32>) {
+        for (index, sector) in self.sectors.iter_mut() {
+            if Some(*index) == except {
+                continue;
+            }
             match pool.sectors.get(&**sector) {
                 Some(shared) if !Arc::ptr_eq(shared, sector) => *sector = shared.clone(),
                 Some(_) => {}
@@ -299,6 +315,9 @@ impl SimFlash {
 
     /// Writes without checks (the caller checked bounds and NOR rules).
     fn put(&mut self, offset: u32, data: &[u8]) {
+        if let Some(last) = (data.len() as u32).checked_sub(1) {
+            self.last_written = Some(offset.saturating_add(last) / SECTOR_SIZE);
+        }
         let sectors = &mut self.sectors;
         Self::pieces(offset, data.len(), |index, in_sector, range| {
             let Some(piece) = data.get(range) else {
