@@ -352,6 +352,16 @@ async fn suite(store: &dyn Store) {
     let d1 = store.get_device(p.id, "dev-1").await.unwrap();
     assert_eq!(d1.telemetry.version.as_deref(), Some("1.0.0"));
     assert_eq!(d1.telemetry.free_space, Some(1_000));
+    // A later report with less in it keeps what it does not say.
+    let seen = Telemetry {
+        last_seen: Some(5),
+        ..Telemetry::default()
+    };
+    store.record_telemetry(&[(d1.id, seen)]).await.unwrap();
+    let d1 = store.get_device(p.id, "dev-1").await.unwrap();
+    assert_eq!(d1.telemetry.last_seen, Some(5));
+    assert_eq!(d1.telemetry.version.as_deref(), Some("1.0.0"));
+    assert_eq!(d1.telemetry.free_space, Some(1_000));
     let patch = DevicePatch {
         status: Some(DeviceStatus::Blocked),
         group_id: Some(p.default_group_id),

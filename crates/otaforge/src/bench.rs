@@ -93,7 +93,21 @@ struct Child {
 }
 
 impl Drop for Child {
+    /// SIGTERM first (nginx's master then stops its workers; SIGKILL would leave them
+    /// running), SIGKILL after 3 s.
     fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let until = std::time::Instant::now() + Duration::from_secs(3);
+            while std::time::Instant::now() < until {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.start_kill();
     }
 }
