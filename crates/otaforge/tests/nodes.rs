@@ -256,20 +256,10 @@ async fn two_nodes_behave_as_one_server() {
     let group = product["default_group_id"].as_i64().unwrap();
     let key = product["api_key"].as_str().unwrap().to_string();
     let http = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for (image, through) in [(&v1, &b.base), (&v2, &a.base)] {
-        let fw: Value = http
-            .post(format!("{through}/api/v1/products/{pid}/firmware"))
-            .bearer_auth(TOKEN)
-            .body(image.clone())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ids.push(fw["id"].as_i64().unwrap());
-    }
+    let ids = [
+        support::upload(&b.base, TOKEN, pid, &v1).await,
+        support::upload(&a.base, TOKEN, pid, &v2).await,
+    ];
     for (id, image, other) in [(ids[0], &v1, &a.base), (ids[1], &v2, &b.base)] {
         let served = http
             .get(format!(

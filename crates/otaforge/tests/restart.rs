@@ -60,21 +60,10 @@ async fn a_rollout_survives_kill_minus_9() {
     let pid = product["id"].as_i64().unwrap();
     let group = product["default_group_id"].as_i64().unwrap();
     let key = product["api_key"].as_str().unwrap().to_string();
-    let http = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for image in [&v1, &v2] {
-        let fw: Value = http
-            .post(format!("{base}/api/v1/products/{pid}/firmware"))
-            .bearer_auth(TOKEN)
-            .body(image.clone())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ids.push(fw["id"].as_i64().unwrap());
-    }
+    let ids = [
+        support::upload(&base, TOKEN, pid, &v1).await,
+        support::upload(&base, TOKEN, pid, &v2).await,
+    ];
     api(
         &base,
         reqwest::Method::PATCH,

@@ -75,6 +75,21 @@ pub async fn api(
     v
 }
 
+/// Uploads a firmware image; returns its id.
+pub async fn upload(base: &str, token: &str, product: i64, image: &[u8]) -> i64 {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/v1/products/{product}/firmware"))
+        .bearer_auth(token)
+        .body(image.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let fw: Value = r.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 201, "upload: {fw}");
+    fw["id"].as_i64().unwrap()
+}
+
 /// ESP32-C3 devices polling every 300 ms until they all run 2.0.0 (150 s at most).
 pub fn fleet(
     servers: Vec<String>,
