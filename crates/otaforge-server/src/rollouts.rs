@@ -305,12 +305,24 @@ impl AppState {
         };
         let result = feedback.and_then(|f| f.parse::<UpdateResult>().ok());
         let store = self.store();
+        let runs_target = told.then(|| runs(&firmware, running));
+        if member.state == MemberState::Pending && runs_target == Some(true) {
+            // It runs the rollout's image while this node's book says it was never offered
+            // it: another node did, and this node has not heard yet. The row says; without
+            // this, the usual assignment would be offered to a device that just updated.
+            if let Ok(Some(row)) = store.rollout_member(rollout.id, device.id).await
+                && row.state != member.state
+            {
+                self.inner.rollouts.set_state(device.id, row.state);
+                member.state = row.state;
+            }
+        }
         // Twice at most: when the row is in another state than this node's book says
         // (another node moved it), the transition is judged again from the row's state.
         for _ in 0..2 {
             let Some(transition) = rollout_plan::member_transition(
                 member.state,
-                told.then(|| runs(&firmware, running)),
+                runs_target,
                 result.as_ref(),
                 rollout.rolled_back_stages.contains(&member.stage),
             ) else {
