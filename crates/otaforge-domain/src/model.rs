@@ -86,6 +86,8 @@ pub struct Telemetry {
     pub free_space: Option<i64>,
     pub chip_size: Option<i64>,
     pub sdk_version: Option<String>,
+    /// The chip family the device's check-ins announce (`esp32`, `esp8266`, `w800`, ...).
+    pub chip: Option<String>,
 }
 
 impl Telemetry {
@@ -104,6 +106,7 @@ impl Telemetry {
         take(&mut self.free_space, newer.free_space);
         take(&mut self.chip_size, newer.chip_size);
         take(&mut self.sdk_version, newer.sdk_version);
+        take(&mut self.chip, newer.chip);
     }
 }
 
@@ -593,6 +596,8 @@ pub struct DeviceQuery {
     pub group_id: Option<Id>,
     /// Exactly this reported version.
     pub version: Option<String>,
+    /// The chip family its check-ins announce (`esp32`, `esp8266`, `w800`, ...).
+    pub chip: Option<String>,
     /// Last check-in before (never seen counts as before) or at/after this time.
     pub seen_before: Option<Millis>,
     pub seen_after: Option<Millis>,
@@ -623,6 +628,7 @@ impl DeviceQuery {
         self.status.is_none()
             && self.group_id.is_none()
             && self.version.is_none()
+            && self.chip.is_none()
             && self.seen_before.is_none()
             && self.seen_after.is_none()
             && self.serial_prefix.as_deref().is_none_or(str::is_empty)

@@ -556,6 +556,8 @@ pub struct DeviceListQuery {
     group: Option<Id>,
     /// Exactly this reported version.
     version: Option<String>,
+    /// The chip family its check-ins announce: esp32, esp8266, w800, swupdate or mender.
+    chip: Option<String>,
     /// Last check-in before this time (ms since 1970; never seen counts as before).
     seen_before: Option<Millis>,
     /// Last check-in at or after this time (ms since 1970).
@@ -592,6 +594,7 @@ impl DeviceListQuery {
             status: self.status,
             group_id: self.group,
             version: self.version.clone(),
+            chip: self.chip.clone(),
             seen_before: self.seen_before,
             seen_after: self.seen_after,
             serial_prefix: self.serial_prefix.clone(),
@@ -677,6 +680,8 @@ pub struct DeviceFilter {
     status: Option<DeviceStatus>,
     group: Option<Id>,
     version: Option<String>,
+    /// esp32, esp8266, w800, swupdate or mender.
+    chip: Option<String>,
     seen_before: Option<Millis>,
     seen_after: Option<Millis>,
     #[schema(max_length = 64)]
@@ -746,6 +751,7 @@ pub async fn bulk_devices(
         status: f.status,
         group_id: f.group,
         version: f.version,
+        chip: f.chip,
         seen_before: f.seen_before,
         seen_after: f.seen_after,
         serial_prefix: f.serial_prefix,

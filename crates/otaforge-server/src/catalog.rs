@@ -86,6 +86,7 @@ fn lean(mut device: Device) -> std::sync::Arc<Device> {
     t.sdk_version = None;
     t.free_space = None;
     t.chip_size = None;
+    t.chip = None;
     std::sync::Arc::new(device)
 }
 

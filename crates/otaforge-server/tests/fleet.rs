@@ -1650,6 +1650,51 @@ async fn other_lists_are_paged_story(backend: Backend) {
 }
 on_both_backends!(other_lists_are_paged, other_lists_are_paged_story);
 
+/// A device's chip family is what its check-ins announce (the ESP32 client's header set, a
+/// W800's `x-otaforge-chip`), and the device list filters by it.
+async fn devices_by_chip_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, key, _) = server.product("chips").await;
+    for i in 0..3 {
+        let path = format!("/deviceapi/update?k={key}&v=1.0.0&s=esp-{i}");
+        let r = server
+            .raw(&support::otadrive_request("GET", &path, ""))
+            .await;
+        assert_eq!(r.status, 401, "a new device waits to be verified");
+    }
+    let w800 = format!(
+        "GET /deviceapi/update?k={key}&v=1.0.0&s=w800-0 HTTP/1.1\r\nHost: x\r\n\
+         x-otaforge-chip: w800\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(server.raw(w800.as_bytes()).await.status, 401);
+    server.state.flush_telemetry().await.unwrap();
+    let list = format!("/api/v1/products/{pid}/devices");
+    for (chip, want) in [("esp32", 3), ("w800", 1), ("esp8266", 0)] {
+        let (code, page) = server
+            .call(Method::GET, &format!("{list}?chip={chip}&count=true"), None)
+            .await;
+        assert_eq!(code, 200, "{page}");
+        assert_eq!(page["total"], want, "{chip}: {page}");
+    }
+    let (code, e) = server
+        .call(Method::GET, &format!("{list}?chip=z80"), None)
+        .await;
+    assert_eq!(code, 422, "{e}");
+    assert!(e.to_string().contains("chip"), "{e}");
+    // Bulk changes take the same filter.
+    let (code, done) = server
+        .call(
+            Method::POST,
+            &format!("{list}/bulk"),
+            Some(json!({"action": "verify", "filter": {"chip": "esp32"}})),
+        )
+        .await;
+    assert_eq!(code, 200, "{done}");
+    assert_eq!(done["changed"], 3);
+    server.finish().await;
+}
+on_both_backends!(devices_by_chip, devices_by_chip_story);
+
 /// Devices come in by CSV (created, then updated on a re-run, never doubled), a file with any
 /// bad row is refused whole with the faults by line, changes by filter reach exactly the
 /// devices the filter takes, and the export streams every device.

@@ -14,7 +14,7 @@ const GROUP_COLS: &str =
     "id, product_id, name, is_default, firmware_id, other_firmware, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
-     firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id";
+     firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id, chip";
 const ROLLOUT_COLS: &str = "id, product_id, firmware_id, other_firmware, target, stages, rate_per_minute, state, \
      current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at";
 const MEMBER_COLS: &str =
@@ -123,6 +123,10 @@ fn device_query_sql(
     if let Some(after) = q.seen_after {
         let n = arg(&mut args, Arg::Int(after));
         sql.push_str(&format!(" AND last_seen >= {n}"));
+    }
+    if let Some(chip) = &q.chip {
+        let n = arg(&mut args, Arg::Text(chip.clone()));
+        sql.push_str(&format!(" AND chip = {n}"));
     }
     if let Some(prefix) = q.serial_prefix.as_deref().filter(|p| !p.is_empty()) {
         let p = arg(&mut args, Arg::Text(prefix.into()));
@@ -278,6 +282,7 @@ macro_rules! sql_store {
                         free_space: row.try_get("free_space")?,
                         chip_size: row.try_get("chip_size")?,
                         sdk_version: row.try_get("sdk_version")?,
+                        chip: row.try_get("chip")?,
                     },
                 })
             }
@@ -2178,7 +2183,8 @@ const TELEMETRY_SET: &str = "last_seen = COALESCE(t.last_seen, devices.last_seen
      sta_mac = COALESCE(t.sta_mac, devices.sta_mac), ap_mac = COALESCE(t.ap_mac, devices.ap_mac), \
      free_space = COALESCE(t.free_space, devices.free_space), \
      chip_size = COALESCE(t.chip_size, devices.chip_size), \
-     sdk_version = COALESCE(t.sdk_version, devices.sdk_version)";
+     sdk_version = COALESCE(t.sdk_version, devices.sdk_version), \
+     chip = COALESCE(t.chip, devices.chip)";
 
 impl SqliteStore {
     /// Reports in one transaction, a prepared statement per row (SQLite is in-process: a row
@@ -2188,7 +2194,7 @@ impl SqliteStore {
         let sql = format!(
             "UPDATE devices SET {TELEMETRY_SET} FROM (SELECT $1 AS last_seen, $2 AS version, \
              $3 AS sketch_md5, $4 AS sta_mac, $5 AS ap_mac, $6 AS free_space, $7 AS chip_size, \
-             $8 AS sdk_version) AS t WHERE devices.id = $9"
+             $8 AS sdk_version, $10 AS chip) AS t WHERE devices.id = $9"
         );
         for (id, t) in batch {
             sqlx::query(&sql)
@@ -2201,6 +2207,7 @@ impl SqliteStore {
                 .bind(t.chip_size)
                 .bind(&t.sdk_version)
                 .bind(id)
+                .bind(&t.chip)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -2257,8 +2264,8 @@ impl PgStore {
         let sql = format!(
             "UPDATE devices SET {TELEMETRY_SET} FROM UNNEST($1::bigint[], $2::bigint[], \
              $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
-             $9::text[]) AS t(id, last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, \
-             chip_size, sdk_version) WHERE devices.id = t.id"
+             $9::text[], $10::text[]) AS t(id, last_seen, version, sketch_md5, sta_mac, ap_mac, \
+             free_space, chip_size, sdk_version, chip) WHERE devices.id = t.id"
         );
         let mut tx = self.begin_write().await?;
         for chunk in batch.chunks(5_000) {
@@ -2279,6 +2286,7 @@ impl PgStore {
                 .bind(number(|t| t.free_space))
                 .bind(number(|t| t.chip_size))
                 .bind(column(|t| t.sdk_version.clone()))
+                .bind(column(|t| t.chip.clone()))
                 .execute(&mut *tx)
                 .await?;
         }
@@ -2347,6 +2355,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/sqlite_13.sql"),
     ),
     ("several nodes", include_str!("../migrations/sqlite_14.sql")),
+    ("device chips", include_str!("../migrations/sqlite_15.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -2389,6 +2398,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "several nodes",
         include_str!("../migrations/postgres_14.sql"),
+    ),
+    (
+        "device chips",
+        include_str!("../migrations/postgres_15.sql"),
     ),
 ];
 

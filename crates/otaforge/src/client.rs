@@ -149,6 +149,9 @@ pub enum DeviceAction {
         /// Exactly this reported version.
         #[arg(long)]
         version: Option<String>,
+        /// The chip its check-ins announce: esp32, esp8266, w800, swupdate or mender.
+        #[arg(long)]
+        chip: Option<String>,
         /// Serials containing this.
         #[arg(long)]
         search: Option<String>,
@@ -193,6 +196,9 @@ pub enum DeviceAction {
         group: Option<i64>,
         #[arg(long)]
         version: Option<String>,
+        /// Only devices whose check-ins announce this chip (esp32, esp8266, w800, ...).
+        #[arg(long)]
+        chip: Option<String>,
         #[arg(long)]
         serial_prefix: Option<String>,
         /// Serials containing this.
@@ -483,6 +489,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                     status,
                     group,
                     version,
+                    chip,
                     search,
                     sort,
                 } => {
@@ -492,6 +499,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                         ("status", status),
                         ("group", group.map(|g| g.to_string())),
                         ("version", version),
+                        ("chip", chip),
                         ("q", search),
                         ("sort", sort),
                     ];
@@ -551,12 +559,13 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                     status,
                     group,
                     version,
+                    chip,
                     serial_prefix,
                     search,
                     all,
                 } => {
                     let filter = json!({
-                        "status": status, "group": group, "version": version,
+                        "status": status, "group": group, "version": version, "chip": chip,
                         "serial_prefix": serial_prefix, "q": search,
                     });
                     let mut body = json!({ "action": action, "filter": filter, "all": all });

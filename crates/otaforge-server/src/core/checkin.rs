@@ -143,7 +143,9 @@ impl AppState {
             Ok(found) => found,
             Err(refusal) => return Ok(Answer::Unauthorized(refusal)),
         };
-        let report = std::mem::take(&mut req.report);
+        let mut report = std::mem::take(&mut req.report);
+        // The family the dialect or the header set announced, for lists by chip.
+        report.chip = req.chip.map(|family| family.as_str().to_string());
         let installed = req
             .feedback
             .and_then(|f| f.parse::<otaforge_protocol::UpdateResult>().ok())

@@ -48,6 +48,14 @@ pub fn check_device_query(query: &DeviceQuery) -> ApiResult<()> {
             ));
         }
     }
+    if let Some(chip) = &query.chip
+        && crate::decision::Family::of_chip(chip).is_none_or(|f| f.as_str() != chip)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("chip must be esp32, esp8266, w800, swupdate or mender, not {chip:?}"),
+        ));
+    }
     if !query.cursor_fits() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

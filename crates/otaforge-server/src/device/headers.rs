@@ -110,6 +110,8 @@ impl<'a> DeviceHeaders<'a> {
             free_space: number(esp!(self, "free-space")),
             chip_size: number(esp!(self, "chip-size")),
             sdk_version: bounded(esp!(self, "sdk-version"), 64),
+            // The check-in sets it from the family the request announced.
+            chip: None,
         }
     }
 }
