@@ -41,9 +41,14 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     }
 
     fn get(&self, key: &K) -> Option<V> {
+        self.get_with(key, V::clone)
+    }
+
+    /// What `f` makes of the live entry, without cloning it.
+    fn get_with<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         match entries.get(key) {
-            Some((at, v)) if at.elapsed() < self.ttl => Some(v.clone()),
+            Some((at, v)) if at.elapsed() < self.ttl => Some(f(v)),
             _ => None,
         }
     }
@@ -75,19 +80,85 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     }
 }
 
-/// A device as the cache keeps it: what check-ins decide by. What a device reports about
-/// itself besides its version (addresses, sizes, SDK, sketch MD5) is left out: nothing
-/// decides by it, and a million devices cost less memory without it.
-fn lean(mut device: Device) -> std::sync::Arc<Device> {
-    let t = &mut device.telemetry;
-    t.sketch_md5 = None;
-    t.sta_mac = None;
-    t.ap_mac = None;
-    t.sdk_version = None;
-    t.free_space = None;
-    t.chip_size = None;
-    t.chip = None;
-    std::sync::Arc::new(device)
+/// A device as the cache keeps it: what check-ins decide by, in about 140 bytes plus its
+/// version (a million fit in a few hundred MB with their keys). What a device reports about
+/// itself besides its version and last check-in (addresses, sizes, SDK, sketch MD5, chip) is
+/// left out: nothing decides by it.
+#[derive(Clone)]
+struct Cached {
+    id: Id,
+    group_id: Id,
+    created_at: otaforge_store::model::Millis,
+    last_seen: Option<otaforge_store::model::Millis>,
+    firmware_id: Option<Id>,
+    closed_firmware_id: Option<Id>,
+    open_firmware_id: Option<Id>,
+    status: otaforge_store::model::DeviceStatus,
+    version: Option<Box<str>>,
+    password_hash: Option<Box<str>>,
+    /// What few devices have (sealed Wi-Fi secrets, Linux attributes, a Mender key), boxed
+    /// together so the others pay one pointer.
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Clone)]
+struct Rare {
+    secrets: Option<String>,
+    attributes: Option<serde_json::Value>,
+    public_key: Option<String>,
+}
+
+impl Cached {
+    fn of(device: Device) -> Cached {
+        let rare = (device.secrets.is_some()
+            || device.attributes.is_some()
+            || device.public_key.is_some())
+        .then(|| {
+            Box::new(Rare {
+                secrets: device.secrets,
+                attributes: device.attributes,
+                public_key: device.public_key,
+            })
+        });
+        Cached {
+            id: device.id,
+            group_id: device.group_id,
+            created_at: device.created_at,
+            last_seen: device.telemetry.last_seen,
+            firmware_id: device.firmware_id,
+            closed_firmware_id: device.closed_firmware_id,
+            open_firmware_id: device.open_firmware_id,
+            status: device.status,
+            version: device.telemetry.version.map(String::into_boxed_str),
+            password_hash: device.password_hash.map(String::into_boxed_str),
+            rare,
+        }
+    }
+
+    /// The device again (with what was left out absent).
+    fn device(&self, product_id: Id, serial: &str) -> Device {
+        let rare = self.rare.as_deref();
+        Device {
+            id: self.id,
+            product_id,
+            group_id: self.group_id,
+            serial: serial.to_string(),
+            status: self.status,
+            password_hash: self.password_hash.as_deref().map(str::to_string),
+            created_at: self.created_at,
+            firmware_id: self.firmware_id,
+            secrets: rare.and_then(|r| r.secrets.clone()),
+            attributes: rare.and_then(|r| r.attributes.clone()),
+            closed_firmware_id: self.closed_firmware_id,
+            open_firmware_id: self.open_firmware_id,
+            public_key: rare.and_then(|r| r.public_key.clone()),
+            telemetry: otaforge_store::model::Telemetry {
+                last_seen: self.last_seen,
+                version: self.version.as_deref().map(str::to_string),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 pub struct Catalog {
@@ -97,8 +168,8 @@ pub struct Catalog {
     products_by_name: TtlMap<String, Option<Product>>,
     /// (device, firmware) pairs whose wrong-chip refusal is already on the timeline.
     refusals: std::sync::Mutex<std::collections::HashSet<(Id, Id)>>,
-    /// Shared, so a million of them cost their rows and a pointer each in the table.
-    devices: TtlMap<(Id, String), std::sync::Arc<Device>>,
+    /// Every device a check-in may ask for, kept small (`Cached`).
+    devices: TtlMap<(Id, String), Cached>,
     groups: TtlMap<(Id, Id), Group>,
     firmware: TtlMap<(Id, Id), Firmware>,
     /// What `sync` has to publish: a management write happened; these devices changed.
@@ -239,8 +310,8 @@ impl Catalog {
                 let full = page.len() as i64 == query.limit;
                 query.after = page.last().map(|d| query.cursor_after(d));
                 for device in page {
-                    self.devices
-                        .put((device.product_id, device.serial.clone()), lean(device));
+                    let key = (device.product_id, device.serial.clone());
+                    self.devices.put(key, Cached::of(device));
                     loaded += 1;
                 }
                 for (_, product, serial) in store.device_changes_since(before).await? {
@@ -316,11 +387,11 @@ impl Catalog {
         serial: &str,
     ) -> Result<Device> {
         let key = (product_id, serial.to_string());
-        if let Some(device) = self.devices.get(&key) {
-            return Ok((*device).clone());
+        if let Some(device) = self.devices.get_with(&key, |c| c.device(product_id, serial)) {
+            return Ok(device);
         }
         let device = store.register_device(product_id, serial).await?;
-        self.devices.put(key, lean(device.clone()));
+        self.devices.put(key, Cached::of(device.clone()));
         Ok(device)
     }
 
@@ -331,12 +402,12 @@ impl Catalog {
         serial: &str,
     ) -> Result<Option<Device>> {
         let key = (product_id, serial.to_string());
-        if let Some(device) = self.devices.get(&key) {
-            return Ok(Some((*device).clone()));
+        if let Some(device) = self.devices.get_with(&key, |c| c.device(product_id, serial)) {
+            return Ok(Some(device));
         }
         let device = store.find_device(product_id, serial).await?;
         if let Some(device) = &device {
-            self.devices.put(key, lean(device.clone()));
+            self.devices.put(key, Cached::of(device.clone()));
         }
         Ok(device)
     }
