@@ -387,7 +387,10 @@ impl Catalog {
         serial: &str,
     ) -> Result<Device> {
         let key = (product_id, serial.to_string());
-        if let Some(device) = self.devices.get_with(&key, |c| c.device(product_id, serial)) {
+        if let Some(device) = self
+            .devices
+            .get_with(&key, |c| c.device(product_id, serial))
+        {
             return Ok(device);
         }
         let device = store.register_device(product_id, serial).await?;
@@ -402,7 +405,10 @@ impl Catalog {
         serial: &str,
     ) -> Result<Option<Device>> {
         let key = (product_id, serial.to_string());
-        if let Some(device) = self.devices.get_with(&key, |c| c.device(product_id, serial)) {
+        if let Some(device) = self
+            .devices
+            .get_with(&key, |c| c.device(product_id, serial))
+        {
             return Ok(Some(device));
         }
         let device = store.find_device(product_id, serial).await?;

@@ -848,7 +848,7 @@ async fn rollout_over(server: &Server, pid: i64, serials: &[&str], sizes: &[Valu
             None,
         )
         .await;
-    let fw = firmware[0]["id"].as_i64().unwrap();
+    let fw = firmware["items"][0]["id"].as_i64().unwrap();
     server
         .call(
             Method::PATCH,
@@ -1122,8 +1122,8 @@ async fn mender_download_links_are_signed_and_resume() {
             None,
         )
         .await;
-    let fw = firmware[0]["id"].as_i64().unwrap();
-    let size = firmware[0]["size"].as_i64().unwrap();
+    let fw = firmware["items"][0]["id"].as_i64().unwrap();
+    let size = firmware["items"][0]["size"].as_i64().unwrap();
     let (status, device) = server
         .call(
             Method::POST,
