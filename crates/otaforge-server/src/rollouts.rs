@@ -231,55 +231,45 @@ impl AppState {
         if !released {
             return Ok(Steer::Usual);
         }
-        // Another node may have offered it already: the row says.
-        match self.store().rollout_member(rollout.id, device.id).await? {
-            None => return Ok(Steer::Usual),
-            Some(row) if row.state != MemberState::Pending => {
-                self.inner.rollouts.set_state(device.id, row.state);
+        if take_offer_slot(self.store(), &rollout).await? {
+            let moved = self
+                .store()
+                .move_member(
+                    rollout.id,
+                    device.id,
+                    &[MemberState::Pending],
+                    MemberState::Offered,
+                    "",
+                )
+                .await?;
+            if moved {
+                self.inner
+                    .rollouts
+                    .set_state(device.id, MemberState::Offered);
+                let _ = self
+                    .store()
+                    .add_device_event(
+                        device.id,
+                        "offered",
+                        &format!("rollout {}: firmware {}", rollout.id, firmware.version),
+                    )
+                    .await;
                 return Ok(Steer::Serve(Box::new(firmware)));
             }
-            Some(_) => {}
-        }
-        if !take_offer_slot(self.store(), &rollout).await? {
-            return Ok(Steer::Usual);
-        }
-        let moved = self
-            .store()
-            .move_member(
-                rollout.id,
-                device.id,
-                &[MemberState::Pending],
-                MemberState::Offered,
-                "",
-            )
-            .await?;
-        if moved {
-            self.inner
-                .rollouts
-                .set_state(device.id, MemberState::Offered);
-            let _ = self
-                .store()
-                .add_device_event(
-                    device.id,
-                    "offered",
-                    &format!("rollout {}: firmware {}", rollout.id, firmware.version),
-                )
-                .await;
-            Ok(Steer::Serve(Box::new(firmware)))
-        } else {
             if rollout.rate_per_minute.is_some() {
                 self.store()
                     .give_back_slot(&offers_key(rollout.id), false)
                     .await?;
             }
-            // Another node offered it in between.
-            match self.store().rollout_member(rollout.id, device.id).await? {
-                Some(row) if row.state != MemberState::Pending => {
-                    self.inner.rollouts.set_state(device.id, row.state);
-                    Ok(Steer::Serve(Box::new(firmware)))
-                }
-                _ => Ok(Steer::Usual),
+        }
+        // Not offered by this node (the row was not pending, or the rate cap is full): another
+        // node may have offered it already, which this node's book has not heard. The row says.
+        match self.store().rollout_member(rollout.id, device.id).await? {
+            Some(row) if row.state != MemberState::Pending => {
+                self.inner.rollouts.set_state(device.id, row.state);
+                Ok(Steer::Serve(Box::new(firmware)))
             }
+            _ => Ok(Steer::Usual),
         }
     }
 
