@@ -679,6 +679,24 @@ pub struct ImportOutcome {
     pub updated: u64,
 }
 
+/// What a cache generation covers: what check-ins read besides devices (products, groups,
+/// firmware), or the devices too (a write that changed many device rows at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    Settings,
+    Devices,
+}
+
+impl CacheScope {
+    /// Its row in `cache_generation`.
+    pub fn row(self) -> i64 {
+        match self {
+            CacheScope::Settings => 1,
+            CacheScope::Devices => 2,
+        }
+    }
+}
+
 /// One change to every device a filter takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BulkChange {

@@ -1,18 +1,21 @@
 //! A read-through cache of what a device check-in needs (product by API key, device by
 //! serial, group, firmware), so that a poll answered 304 costs no database round trip.
-//! Every management write clears it, and a changed device row forgets that device.
-//! Processes sharing one database (`serve` and `worker`, several nodes) stay coherent through
-//! it: `sync`, every half second, publishes this process's writes (a new cache generation for
-//! a management write, the serials of changed devices) and applies the others'. Devices stay
+//! Every management write clears what it may have changed: the products, groups and firmware
+//! (`invalidate_settings`), every device too when it changed many device rows at once
+//! (`invalidate`), or one device (`forget_device`). Processes sharing one database (`serve`
+//! and `worker`, several nodes) stay coherent through it: `sync`, every half second,
+//! publishes this process's writes (a new cache generation of either scope, the serials of
+//! changed devices) and applies the others'. Devices stay
 //! cached for ten minutes, longer than a fleet's polling interval, so a poll from a device
 //! seen before reads nothing; the rest expires after a few seconds.
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::RwLock;
+use std::num::NonZeroI64;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use otaforge_store::model::{Device, Firmware, Group, Id, Product};
+use otaforge_store::model::{CacheScope, Device, Firmware, Group, Id, Product};
 use otaforge_store::{Result, Store, StoreError};
 
 const TTL: Duration = Duration::from_secs(5);
@@ -29,14 +32,10 @@ struct TtlMap<K, V> {
 
 impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     fn new() -> Self {
-        Self::with(TTL, MAX_ENTRIES)
-    }
-
-    fn with(ttl: Duration, max: usize) -> Self {
         TtlMap {
             entries: RwLock::new(HashMap::new()),
-            ttl,
-            max,
+            ttl: TTL,
+            max: MAX_ENTRIES,
         }
     }
 
@@ -65,13 +64,6 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
         entries.insert(key, (Instant::now(), value));
     }
 
-    fn remove(&self, key: &K) {
-        self.entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-    }
-
     fn clear(&self) {
         self.entries
             .write()
@@ -80,28 +72,141 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     }
 }
 
-/// A device as the cache keeps it: what check-ins decide by, in about 140 bytes plus its
-/// version (a million fit in a few hundred MB with their keys). What a device reports about
-/// itself besides its version and last check-in (addresses, sizes, SDK, sketch MD5, chip) is
-/// left out: nothing decides by it.
-#[derive(Clone)]
+/// One product's cached devices.
+type BySerial = HashMap<Box<str>, Box<Cached>>;
+
+/// The cached devices, by product and then serial. Each entry is boxed so that the tables
+/// hold only a key and a pointer (32 bytes a bucket): a million devices cost two small
+/// tables and a million entries of about 160 bytes, and growing a table never copies them.
+struct DeviceMap {
+    products: RwLock<HashMap<Id, BySerial>>,
+    /// What `Cached::at` counts seconds from.
+    epoch: Instant,
+    /// The versions devices run, each kept once (a fleet runs a few).
+    versions: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    ttl: Duration,
+    max: usize,
+}
+
+impl DeviceMap {
+    fn new() -> Self {
+        DeviceMap {
+            products: RwLock::new(HashMap::new()),
+            epoch: Instant::now(),
+            versions: Default::default(),
+            ttl: DEVICE_TTL,
+            max: MAX_DEVICES,
+        }
+    }
+
+    /// Seconds since `epoch`.
+    fn now(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn live(&self, entry: &Cached, now: u32) -> bool {
+        u64::from(now.saturating_sub(entry.at)) < self.ttl.as_secs()
+    }
+
+    fn get_with<R>(&self, product: Id, serial: &str, f: impl FnOnce(&Cached) -> R) -> Option<R> {
+        let products = self.products.read().unwrap_or_else(|e| e.into_inner());
+        match products.get(&product).and_then(|m| m.get(serial)) {
+            Some(entry) if self.live(entry, self.now()) => Some(f(entry)),
+            _ => None,
+        }
+    }
+
+    /// The one copy of this version.
+    fn version(&self, version: Option<String>) -> Option<Arc<str>> {
+        let version = version?;
+        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = versions.get(version.as_str()) {
+            return Some(known.clone());
+        }
+        if versions.len() >= 10_000 {
+            // Devices reporting made-up versions: the entries keep theirs, the set starts over.
+            versions.clear();
+        }
+        let new: Arc<str> = version.into();
+        versions.insert(new.clone());
+        Some(new)
+    }
+
+    fn put(&self, product: Id, serial: &str, mut device: Device) {
+        let version = self.version(device.telemetry.version.take());
+        let mut entry = Box::new(Cached::of(device, version));
+        let now = self.now();
+        entry.at = now;
+        let mut products = self.products.write().unwrap_or_else(|e| e.into_inner());
+        if products.values().map(HashMap::len).sum::<usize>() >= self.max {
+            for devices in products.values_mut() {
+                devices.retain(|_, entry| self.live(entry, now));
+            }
+            if products.values().map(HashMap::len).sum::<usize>() >= self.max {
+                products.clear();
+            }
+        }
+        let devices = products.entry(product).or_default();
+        match devices.get_mut(serial) {
+            Some(old) => *old = entry,
+            None => {
+                devices.insert(serial.into(), entry);
+            }
+        }
+    }
+
+    /// Room for `more` devices of the product, made at once (a table grown step by step
+    /// holds its old and new buckets at the same time).
+    fn reserve(&self, product: Id, more: usize) {
+        let mut products = self.products.write().unwrap_or_else(|e| e.into_inner());
+        products
+            .entry(product)
+            .or_default()
+            .reserve(more.min(self.max));
+    }
+
+    fn remove(&self, product: Id, serial: &str) {
+        let mut products = self.products.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(devices) = products.get_mut(&product) {
+            devices.remove(serial);
+        }
+    }
+
+    fn clear(&self) {
+        // Dropped outside the lock: freeing a million entries takes a while.
+        let old = std::mem::take(&mut *self.products.write().unwrap_or_else(|e| e.into_inner()));
+        drop(old);
+    }
+
+    fn len(&self) -> usize {
+        let products = self.products.read().unwrap_or_else(|e| e.into_inner());
+        products.values().map(HashMap::len).sum()
+    }
+}
+
+/// A device as the cache keeps it: what check-ins decide by, in 104 bytes (a million fit in
+/// about 250 MB with their keys and tables). What a device reports about itself besides its
+/// version and last check-in (addresses, sizes, SDK, sketch MD5, chip) is left out: nothing
+/// decides by it. Optional ids and times are packed into 8 bytes, none being 0 (database ids
+/// start at 1, and no device checked in at the epoch).
 struct Cached {
+    /// When it was cached: seconds after `DeviceMap::epoch`.
+    at: u32,
+    status: otaforge_store::model::DeviceStatus,
     id: Id,
     group_id: Id,
     created_at: otaforge_store::model::Millis,
-    last_seen: Option<otaforge_store::model::Millis>,
-    firmware_id: Option<Id>,
-    closed_firmware_id: Option<Id>,
-    open_firmware_id: Option<Id>,
-    status: otaforge_store::model::DeviceStatus,
-    version: Option<Box<str>>,
+    last_seen: Option<NonZeroI64>,
+    firmware_id: Option<NonZeroI64>,
+    closed_firmware_id: Option<NonZeroI64>,
+    open_firmware_id: Option<NonZeroI64>,
+    version: Option<Arc<str>>,
     password_hash: Option<Box<str>>,
     /// What few devices have (sealed Wi-Fi secrets, Linux attributes, a Mender key), boxed
     /// together so the others pay one pointer.
     rare: Option<Box<Rare>>,
 }
 
-#[derive(Clone)]
 struct Rare {
     secrets: Option<String>,
     attributes: Option<serde_json::Value>,
@@ -109,7 +214,7 @@ struct Rare {
 }
 
 impl Cached {
-    fn of(device: Device) -> Cached {
+    fn of(device: Device, version: Option<Arc<str>>) -> Cached {
         let rare = (device.secrets.is_some()
             || device.attributes.is_some()
             || device.public_key.is_some())
@@ -120,16 +225,18 @@ impl Cached {
                 public_key: device.public_key,
             })
         });
+        let pack = |n: Option<i64>| n.and_then(NonZeroI64::new);
         Cached {
+            at: 0,
             id: device.id,
             group_id: device.group_id,
             created_at: device.created_at,
-            last_seen: device.telemetry.last_seen,
-            firmware_id: device.firmware_id,
-            closed_firmware_id: device.closed_firmware_id,
-            open_firmware_id: device.open_firmware_id,
+            last_seen: pack(device.telemetry.last_seen),
+            firmware_id: pack(device.firmware_id),
+            closed_firmware_id: pack(device.closed_firmware_id),
+            open_firmware_id: pack(device.open_firmware_id),
             status: device.status,
-            version: device.telemetry.version.map(String::into_boxed_str),
+            version,
             password_hash: device.password_hash.map(String::into_boxed_str),
             rare,
         }
@@ -146,19 +253,27 @@ impl Cached {
             status: self.status,
             password_hash: self.password_hash.as_deref().map(str::to_string),
             created_at: self.created_at,
-            firmware_id: self.firmware_id,
+            firmware_id: self.firmware_id.map(NonZeroI64::get),
             secrets: rare.and_then(|r| r.secrets.clone()),
             attributes: rare.and_then(|r| r.attributes.clone()),
-            closed_firmware_id: self.closed_firmware_id,
-            open_firmware_id: self.open_firmware_id,
+            closed_firmware_id: self.closed_firmware_id.map(NonZeroI64::get),
+            open_firmware_id: self.open_firmware_id.map(NonZeroI64::get),
             public_key: rare.and_then(|r| r.public_key.clone()),
             telemetry: otaforge_store::model::Telemetry {
-                last_seen: self.last_seen,
+                last_seen: self.last_seen.map(NonZeroI64::get),
                 version: self.version.as_deref().map(str::to_string),
                 ..Default::default()
             },
         }
     }
+}
+
+/// What `sync` has to publish: a write of either scope happened; these devices changed.
+#[derive(Default)]
+struct Pending {
+    settings: bool,
+    devices: bool,
+    devices_changed: Vec<(Id, String)>,
 }
 
 pub struct Catalog {
@@ -169,13 +284,15 @@ pub struct Catalog {
     /// (device, firmware) pairs whose wrong-chip refusal is already on the timeline.
     refusals: std::sync::Mutex<std::collections::HashSet<(Id, Id)>>,
     /// Every device a check-in may ask for, kept small (`Cached`).
-    devices: TtlMap<(Id, String), Cached>,
+    devices: DeviceMap,
     groups: TtlMap<(Id, Id), Group>,
     firmware: TtlMap<(Id, Id), Firmware>,
-    /// What `sync` has to publish: a management write happened; these devices changed.
-    pending: std::sync::Mutex<(bool, Vec<(Id, String)>)>,
-    /// The newest cache generation and device change this process has applied.
+    /// What `sync` has to publish.
+    pending: std::sync::Mutex<Pending>,
+    /// The newest cache generations (settings, devices) and device change this process has
+    /// applied.
     generation: std::sync::atomic::AtomicI64,
+    device_generation: std::sync::atomic::AtomicI64,
     change: std::sync::atomic::AtomicI64,
     /// The devices were forgotten all at once: `sync` loads them again (`warm`).
     cold: std::sync::atomic::AtomicBool,
@@ -188,11 +305,12 @@ impl Default for Catalog {
             products_by_id: TtlMap::new(),
             products_by_name: TtlMap::new(),
             refusals: Default::default(),
-            devices: TtlMap::with(DEVICE_TTL, MAX_DEVICES),
+            devices: DeviceMap::new(),
             groups: TtlMap::new(),
             firmware: TtlMap::new(),
             pending: Default::default(),
             generation: std::sync::atomic::AtomicI64::new(-1),
+            device_generation: std::sync::atomic::AtomicI64::new(-1),
             change: std::sync::atomic::AtomicI64::new(-1),
             cold: std::sync::atomic::AtomicBool::new(true),
         }
@@ -200,30 +318,47 @@ impl Default for Catalog {
 }
 
 impl Catalog {
-    /// Forgets everything; called after every management write (and, through `sync`, in
-    /// every other process).
+    /// Forgets everything, devices included; called after a write that changed many device
+    /// rows at once (and, through `sync`, in every other process). The devices are loaded
+    /// again (`warm`).
     pub fn invalidate(&self) {
-        self.clear();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        self.clear_settings();
+        self.clear_devices();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.settings = true;
+        pending.devices = true;
     }
 
-    fn clear(&self) {
+    /// Forgets the products, groups and firmware; called after every management write that
+    /// changed no device row, or only rows it forgets one by one (`forget_device`).
+    pub fn invalidate_settings(&self) {
+        self.clear_settings();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settings = true;
+    }
+
+    fn clear_settings(&self) {
         self.products.clear();
         self.products_by_id.clear();
         self.products_by_name.clear();
-        self.devices.clear();
-        self.cold.store(true, std::sync::atomic::Ordering::SeqCst);
         self.groups.clear();
         self.firmware.clear();
     }
 
+    fn clear_devices(&self) {
+        self.devices.clear();
+        self.cold.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Forgets one device (its row changed), here and, through `sync`, everywhere.
     pub fn forget_device(&self, product_id: Id, serial: &str) {
-        self.devices.remove(&(product_id, serial.to_string()));
+        self.devices.remove(product_id, serial);
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .1
+            .devices_changed
             .push((product_id, serial.to_string()));
     }
 
@@ -232,32 +367,45 @@ impl Catalog {
         use std::sync::atomic::Ordering;
         if self.generation.load(Ordering::SeqCst) < 0 {
             // First run: what is in the database now is what this process starts from.
-            self.generation
-                .store(store.cache_generation().await?, Ordering::SeqCst);
+            self.generation.store(
+                store.cache_generation(CacheScope::Settings).await?,
+                Ordering::SeqCst,
+            );
+            self.device_generation.store(
+                store.cache_generation(CacheScope::Devices).await?,
+                Ordering::SeqCst,
+            );
             self.change
                 .store(store.last_device_change().await?, Ordering::SeqCst);
         }
-        let (bump, changed) =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let publish = async {
-            if !changed.is_empty() {
-                store.add_device_changes(&changed).await?;
+            if !taken.devices_changed.is_empty() {
+                store.add_device_changes(&taken.devices_changed).await?;
             }
-            if bump {
-                store.bump_cache_generation().await?;
+            if taken.devices {
+                store.bump_cache_generation(CacheScope::Devices).await?;
+            }
+            if taken.settings {
+                store.bump_cache_generation(CacheScope::Settings).await?;
             }
             Ok::<_, StoreError>(())
         };
         if let Err(e) = publish.await {
             // Published on the next run.
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending.0 |= bump;
-            pending.1.extend(changed);
+            pending.settings |= taken.settings;
+            pending.devices |= taken.devices;
+            pending.devices_changed.extend(taken.devices_changed);
             return Err(e);
         }
-        let generation = store.cache_generation().await?;
+        let generation = store.cache_generation(CacheScope::Settings).await?;
         if generation != self.generation.swap(generation, Ordering::SeqCst) {
-            self.clear();
+            self.clear_settings();
+        }
+        let generation = store.cache_generation(CacheScope::Devices).await?;
+        if generation != self.device_generation.swap(generation, Ordering::SeqCst) {
+            self.clear_devices();
         }
         let mut seen = self.change.load(Ordering::SeqCst);
         loop {
@@ -267,7 +415,7 @@ impl Catalog {
             };
             seen = last.0;
             for (_, product, serial) in &changes {
-                self.devices.remove(&(*product, serial.clone()));
+                self.devices.remove(*product, serial);
             }
             if changes.len() < 10_000 {
                 break;
@@ -279,11 +427,7 @@ impl Catalog {
 
     /// How many devices are in memory now.
     pub fn devices_in_memory(&self) -> usize {
-        self.devices
-            .entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.devices.len()
     }
 
     /// Whether the devices were forgotten all at once since the last `warm` (and takes the
@@ -297,6 +441,11 @@ impl Catalog {
     pub async fn warm(&self, store: &dyn Store) -> Result<usize> {
         let mut loaded = 0;
         for product in store.list_products().await? {
+            let count = store
+                .count_devices(product.id, &otaforge_store::model::DeviceQuery::default())
+                .await?;
+            self.devices
+                .reserve(product.id, usize::try_from(count).unwrap_or(0));
             let mut query = otaforge_store::model::DeviceQuery {
                 sort: otaforge_store::model::DeviceSort::Created,
                 limit: 10_000,
@@ -310,21 +459,21 @@ impl Catalog {
                 let full = page.len() as i64 == query.limit;
                 query.after = page.last().map(|d| query.cursor_after(d));
                 for device in page {
-                    let key = (device.product_id, device.serial.clone());
-                    self.devices.put(key, Cached::of(device));
+                    let (product, serial) = (device.product_id, device.serial.clone());
+                    self.devices.put(product, &serial, device);
                     loaded += 1;
                 }
                 for (_, product, serial) in store.device_changes_since(before).await? {
-                    self.devices.remove(&(product, serial));
+                    self.devices.remove(product, &serial);
                 }
                 let pending = self
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .1
+                    .devices_changed
                     .clone();
-                for key in pending {
-                    self.devices.remove(&key);
+                for (product, serial) in pending {
+                    self.devices.remove(product, &serial);
                 }
                 if !full || loaded >= MAX_DEVICES {
                     break;
@@ -386,15 +535,14 @@ impl Catalog {
         product_id: Id,
         serial: &str,
     ) -> Result<Device> {
-        let key = (product_id, serial.to_string());
         if let Some(device) = self
             .devices
-            .get_with(&key, |c| c.device(product_id, serial))
+            .get_with(product_id, serial, |c| c.device(product_id, serial))
         {
             return Ok(device);
         }
         let device = store.register_device(product_id, serial).await?;
-        self.devices.put(key, Cached::of(device.clone()));
+        self.devices.put(product_id, serial, device.clone());
         Ok(device)
     }
 
@@ -404,16 +552,15 @@ impl Catalog {
         product_id: Id,
         serial: &str,
     ) -> Result<Option<Device>> {
-        let key = (product_id, serial.to_string());
         if let Some(device) = self
             .devices
-            .get_with(&key, |c| c.device(product_id, serial))
+            .get_with(product_id, serial, |c| c.device(product_id, serial))
         {
             return Ok(Some(device));
         }
         let device = store.find_device(product_id, serial).await?;
         if let Some(device) = &device {
-            self.devices.put(key, Cached::of(device.clone()));
+            self.devices.put(product_id, serial, device.clone());
         }
         Ok(device)
     }
@@ -473,5 +620,89 @@ impl Catalog {
             }
         }
         Ok(crate::decision::for_family(&release, chip).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use otaforge_store::model::{DeviceStatus, Telemetry};
+
+    fn device(id: Id, serial: &str, version: &str) -> Device {
+        Device {
+            id,
+            product_id: 1,
+            group_id: 7,
+            serial: serial.into(),
+            status: DeviceStatus::Verified,
+            password_hash: Some("$argon2id$x".into()),
+            created_at: 1_700_000_000_000,
+            firmware_id: Some(3),
+            secrets: None,
+            attributes: None,
+            closed_firmware_id: None,
+            open_firmware_id: Some(9),
+            public_key: None,
+            telemetry: Telemetry {
+                last_seen: Some(1_700_000_000_500),
+                version: Some(version.into()),
+                sketch_md5: Some("left out".into()),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_cached_device_stays_small() {
+        // A million of them are held at once; this is what the module's figures assume.
+        assert!(std::mem::size_of::<Cached>() <= 104);
+    }
+
+    #[test]
+    fn the_map_gives_back_what_decides_and_shares_versions() {
+        let map = DeviceMap::new();
+        map.put(1, "a", device(10, "a", "1.0.0"));
+        map.put(1, "b", device(11, "b", "1.0.0"));
+        map.put(2, "a", device(12, "a", "2.0.0"));
+        assert_eq!(map.len(), 3);
+        let back = map.get_with(1, "a", |c| c.device(1, "a")).unwrap();
+        let mut expected = device(10, "a", "1.0.0");
+        expected.telemetry.sketch_md5 = None;
+        assert_eq!(back, expected);
+        // One copy of a version however many devices run it.
+        let (x, y) = (
+            map.get_with(1, "a", |c| c.version.clone())
+                .flatten()
+                .unwrap(),
+            map.get_with(1, "b", |c| c.version.clone())
+                .flatten()
+                .unwrap(),
+        );
+        assert!(Arc::ptr_eq(&x, &y));
+        assert_eq!(map.get_with(2, "a", |c| c.id), Some(12));
+        map.remove(1, "a");
+        assert!(map.get_with(1, "a", |c| c.id).is_none());
+        assert_eq!(map.get_with(1, "b", |c| c.id), Some(11));
+        map.clear();
+        assert_eq!(map.len(), 0);
+    }
+
+    #[test]
+    fn an_entry_older_than_its_lifetime_is_not_served() {
+        let mut map = DeviceMap::new();
+        map.ttl = Duration::from_secs(0);
+        map.put(1, "a", device(10, "a", "1.0.0"));
+        assert!(map.get_with(1, "a", |c| c.id).is_none());
+    }
+
+    #[test]
+    fn a_full_map_makes_room() {
+        let mut map = DeviceMap::new();
+        map.max = 2;
+        map.put(1, "a", device(10, "a", "1"));
+        map.put(1, "b", device(11, "b", "1"));
+        map.put(1, "c", device(12, "c", "1"));
+        assert!(map.len() <= 2);
+        assert_eq!(map.get_with(1, "c", |c| c.id), Some(12));
     }
 }

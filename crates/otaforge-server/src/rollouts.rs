@@ -33,12 +33,43 @@ struct Member {
     state: MemberState,
 }
 
+/// A member as the book keeps it, by rollout and device id: 8 bytes, so that a rollout of a
+/// million devices costs a table of about 32 MB.
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    stage: u32,
+    state: MemberState,
+}
+
 #[derive(Default)]
 struct Book {
     rollouts: HashMap<Id, Rollout>,
     /// Each rollout's release: its firmware, then the other families'.
     firmware: HashMap<Id, Vec<Firmware>>,
-    members: HashMap<Id, Member>,
+    /// Each rollout's members (a device is in at most one live rollout).
+    members: HashMap<Id, HashMap<Id, Kept>>,
+}
+
+impl Book {
+    fn member(&self, device: Id) -> Option<Member> {
+        self.members.iter().find_map(|(rollout, members)| {
+            members.get(&device).map(|k| Member {
+                rollout: *rollout,
+                stage: i64::from(k.stage),
+                state: k.state,
+            })
+        })
+    }
+
+    fn kept_mut(&mut self, device: Id) -> Option<&mut Kept> {
+        self.members.values_mut().find_map(|m| m.get_mut(&device))
+    }
+
+    fn forget(&mut self, rollout: Id) {
+        self.rollouts.remove(&rollout);
+        self.firmware.remove(&rollout);
+        self.members.remove(&rollout);
+    }
 }
 
 /// Live rollouts and their members, mirrored from the database. The database is the truth:
@@ -76,7 +107,15 @@ impl RolloutBook {
             for id in &r.other_firmware_ids {
                 release.push(store.get_firmware(r.product_id, *id).await?);
             }
-            let mut members = Vec::new();
+            // Sized at once from the rollout's own count: a table grown step by step holds
+            // its old and new buckets at the same time.
+            let total: i64 = store
+                .member_counts(r.id)
+                .await?
+                .iter()
+                .map(|(_, _, n)| n)
+                .sum();
+            let mut members = HashMap::with_capacity(usize::try_from(total).unwrap_or(0));
             let mut after = None;
             loop {
                 let page = store.rollout_members_page(r.id, after, 10_000).await?;
@@ -87,9 +126,8 @@ impl RolloutBook {
                 members.extend(page.into_iter().map(|m| {
                     (
                         m.device_id,
-                        Member {
-                            rollout: r.id,
-                            stage: m.stage,
+                        Kept {
+                            stage: u32::try_from(m.stage).unwrap_or(u32::MAX),
                             state: m.state,
                         },
                     )
@@ -105,16 +143,12 @@ impl RolloutBook {
             .filter(|id| !ids.contains(id))
             .copied()
             .collect();
-        if !gone.is_empty() {
-            for id in &gone {
-                book.rollouts.remove(id);
-                book.firmware.remove(id);
-            }
-            book.members.retain(|_, m| !gone.contains(&m.rollout));
+        for id in gone {
+            book.forget(id);
         }
         for (id, release, members) in loaded {
             book.firmware.insert(id, release);
-            book.members.extend(members);
+            book.members.insert(id, members);
         }
         for r in live {
             book.rollouts.insert(r.id, r);
@@ -124,11 +158,10 @@ impl RolloutBook {
 
     /// A deleted device leaves the rollout it was in.
     pub fn forget_device(&self, device: Id) {
-        self.book
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .members
-            .remove(&device);
+        let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
+        for members in book.members.values_mut() {
+            members.remove(&device);
+        }
     }
 
     fn set_state(&self, device: Id, state: MemberState) {
@@ -136,8 +169,7 @@ impl RolloutBook {
             .book
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .members
-            .get_mut(&device)
+            .kept_mut(device)
         {
             m.state = state;
         }
@@ -146,10 +178,7 @@ impl RolloutBook {
     fn put_rollout(&self, r: Rollout) {
         let mut book = self.book.write().unwrap_or_else(|e| e.into_inner());
         if r.state == RolloutState::Completed || r.state == RolloutState::Cancelled {
-            let id = r.id;
-            book.rollouts.remove(&id);
-            book.firmware.remove(&id);
-            book.members.retain(|_, m| m.rollout != id);
+            book.forget(r.id);
         } else {
             book.rollouts.insert(r.id, r);
         }
@@ -188,7 +217,7 @@ impl AppState {
             .book
             .read()
             .unwrap_or_else(|e| e.into_inner());
-        let member = book.members.get(&device.id)?.clone();
+        let member = book.member(device.id)?;
         let rollout = book.rollouts.get(&member.rollout)?.clone();
         let firmware = for_family(book.firmware.get(&member.rollout)?, chip)?.clone();
         Some((member, rollout, firmware))
@@ -444,7 +473,7 @@ impl AppState {
                 .await?;
             tracing::info!(rollout = rollout.id, "{action}");
             self.inner.rollouts.put_rollout(rollout);
-            self.inner.catalog.invalidate();
+            self.inner.catalog.invalidate_settings();
         }
         Ok(())
     }
@@ -659,7 +688,7 @@ pub async fn create(
         )
         .await;
     state.inner.rollouts.refresh(state.store()).await?;
-    state.inner.catalog.invalidate();
+    state.inner.catalog.invalidate_settings();
     let out = Created {
         rollout: RolloutBody::of(&state, &rollout).await?,
         total_bytes,
@@ -953,7 +982,7 @@ pub async fn apply_action(
         // Members of a cancelled rollout keep what they run; nobody new is offered anything.
         state.inner.rollouts.refresh(state.store()).await?;
     }
-    state.inner.catalog.invalidate();
+    state.inner.catalog.invalidate_settings();
     Ok(r)
 }
 

@@ -667,8 +667,6 @@ async fn product_page(
         return message(StatusCode::NOT_FOUND, "Not found", "no such product", "/");
     };
     let groups = store.list_groups(product).await.unwrap_or_default();
-    // The charts and counts come from the database's tally; the list is one page.
-    let tally = store.device_tally(product).await.unwrap_or_default();
     let search = q.q.as_deref().map(str::trim).filter(|t| !t.is_empty());
     let status = q
         .status
@@ -685,14 +683,20 @@ async fn product_page(
         limit: DEVICES_PER_PAGE + 1,
         ..DeviceQuery::default()
     };
-    let shown = match state
-        .device_page(product, &query, DEVICES_PER_PAGE, true)
-        .await
-    {
+    // The charts and counts come from the database's tally, read beside the one page of the
+    // list; the page counts what it matched only when filtered (else the tally's sum says).
+    let filtered = search.is_some() || status.is_some();
+    let (tally, shown) = tokio::join!(
+        store.device_tally(product),
+        state.device_page(product, &query, DEVICES_PER_PAGE, filtered)
+    );
+    let tally = tally.unwrap_or_default();
+    let shown = match shown {
         Ok(page) => page,
         Err(e) => return titled_error(e, "Not listed", &back),
     };
-    let matching = shown.total.unwrap_or(0);
+    let total_devices: i64 = tally.iter().map(|t| t.count).sum();
+    let matching = shown.total.unwrap_or(total_devices);
     let next_page = shown.next.as_ref().map(|cursor| {
         let mut url = form_urlencoded::Serializer::new(String::new());
         if let Some(t) = search {
@@ -781,7 +785,7 @@ async fn product_page(
             .map(|s| (s, status.is_some_and(|f| f.as_str() == s)))
             .collect(),
         matching,
-        total_devices: tally.iter().map(|t| t.count).sum(),
+        total_devices,
         next_page,
         groups: groups
             .iter()
@@ -1712,6 +1716,11 @@ async fn save_wifi(
             .await
         {
             Ok(()) => {
+                // What the setup firmware is built from changed: no cached copy keeps the old.
+                state
+                    .inner
+                    .catalog
+                    .forget_device(device.product_id, &device.serial);
                 state
                     .audit_event(
                         &web.name(),

@@ -948,15 +948,17 @@ macro_rules! sql_store {
                 Ok(q.execute(&self.write).await?.rows_affected())
             }
 
-            async fn bump_cache_generation(&self) -> Result<i64> {
-                let row = sqlx::query("UPDATE cache_generation SET n = n + 1 WHERE id = 1 RETURNING n")
+            async fn bump_cache_generation(&self, scope: CacheScope) -> Result<i64> {
+                let row = sqlx::query("UPDATE cache_generation SET n = n + 1 WHERE id = $1 RETURNING n")
+                    .bind(scope.row())
                     .fetch_one(&self.write)
                     .await?;
                 Ok(row.try_get("n")?)
             }
 
-            async fn cache_generation(&self) -> Result<i64> {
-                let row = sqlx::query("SELECT n FROM cache_generation WHERE id = 1")
+            async fn cache_generation(&self, scope: CacheScope) -> Result<i64> {
+                let row = sqlx::query("SELECT n FROM cache_generation WHERE id = $1")
+                    .bind(scope.row())
                     .fetch_one(&self.write)
                     .await?;
                 Ok(row.try_get("n")?)
@@ -1002,10 +1004,18 @@ macro_rules! sql_store {
             }
 
             async fn device_tally(&self, product_id: Id) -> Result<Vec<DeviceTally>> {
-                let rows = sqlx::query(
-                    "SELECT group_id, status, version, COUNT(*) AS n FROM devices \
+                // SQLite's planner, given the statistics of a product that holds every row,
+                // picks another of the product's indexes and reads each row from the table
+                // (3.6x slower at a million devices); the covering index is named.
+                let devices = if $backend == "sqlite" {
+                    "devices INDEXED BY devices_tally"
+                } else {
+                    "devices"
+                };
+                let rows = sqlx::query(&format!(
+                    "SELECT group_id, status, version, COUNT(*) AS n FROM {devices} \
                      WHERE product_id = $1 GROUP BY group_id, status, version",
-                )
+                ))
                 .bind(product_id)
                 .fetch_all(&self.read)
                 .await?;
@@ -2356,6 +2366,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("several nodes", include_str!("../migrations/sqlite_14.sql")),
     ("device chips", include_str!("../migrations/sqlite_15.sql")),
+    (
+        "device generation",
+        include_str!("../migrations/sqlite_16.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -2402,6 +2416,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "device chips",
         include_str!("../migrations/postgres_15.sql"),
+    ),
+    (
+        "device generation",
+        include_str!("../migrations/postgres_16.sql"),
     ),
 ];
 

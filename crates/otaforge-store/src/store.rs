@@ -68,9 +68,10 @@ pub trait Store: Send + Sync + 'static {
         filter: &DeviceQuery,
         change: BulkChange,
     ) -> Result<u64>;
-    /// Says a management write happened (every process forgets its caches); the new value.
-    async fn bump_cache_generation(&self) -> Result<i64>;
-    async fn cache_generation(&self) -> Result<i64>;
+    /// Says a management write happened (every process forgets what `scope` covers); the
+    /// new value.
+    async fn bump_cache_generation(&self, scope: CacheScope) -> Result<i64>;
+    async fn cache_generation(&self, scope: CacheScope) -> Result<i64>;
     /// Says these devices' rows changed (every process forgets them); entries older than a
     /// minute are dropped.
     async fn add_device_changes(&self, devices: &[(Id, String)]) -> Result<()>;

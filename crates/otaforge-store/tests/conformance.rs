@@ -1242,9 +1242,36 @@ async fn paging(store: &dyn Store) {
         assert!(older.iter().all(|a| a.id < top.id));
     }
     // What keeps caches of several processes coherent.
-    let g = store.cache_generation().await.unwrap();
-    assert_eq!(store.bump_cache_generation().await.unwrap(), g + 1);
-    assert_eq!(store.cache_generation().await.unwrap(), g + 1);
+    use otaforge_store::model::CacheScope;
+    let g = store.cache_generation(CacheScope::Settings).await.unwrap();
+    let d = store.cache_generation(CacheScope::Devices).await.unwrap();
+    assert_eq!(
+        store
+            .bump_cache_generation(CacheScope::Settings)
+            .await
+            .unwrap(),
+        g + 1
+    );
+    assert_eq!(
+        store.cache_generation(CacheScope::Settings).await.unwrap(),
+        g + 1
+    );
+    // The two scopes count apart.
+    assert_eq!(
+        store.cache_generation(CacheScope::Devices).await.unwrap(),
+        d
+    );
+    assert_eq!(
+        store
+            .bump_cache_generation(CacheScope::Devices)
+            .await
+            .unwrap(),
+        d + 1
+    );
+    assert_eq!(
+        store.cache_generation(CacheScope::Settings).await.unwrap(),
+        g + 1
+    );
     let since = store.last_device_change().await.unwrap();
     store
         .add_device_changes(&[(p.id, "pg-01".into()), (p.id, "pg-02".into())])

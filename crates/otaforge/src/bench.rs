@@ -459,6 +459,40 @@ fn row(name: &str, run: &Run) {
     );
 }
 
+/// Waits until the server holds every device in memory again (it loads them after an
+/// import, as at start): what a fleet's server is like between imports. Says how long.
+async fn hold_every_device(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    devices: usize,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let status = api(
+            http,
+            base,
+            token,
+            reqwest::Method::GET,
+            "/api/v1/server",
+            None,
+        )
+        .await?;
+        if status["devices_in_memory"].as_u64().unwrap_or(0) >= devices as u64 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("the server did not load the devices into memory within 180 s: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the server holds the {devices} devices in memory ({:.1} s after the import)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("otaforge-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -535,6 +569,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let prepared = prepare(&base, &token, &image, args.devices).await?;
     if args.management {
+        hold_every_device(&reqwest::Client::new(), &base, &token, args.devices).await?;
         println!(
             "  server peak RSS after the imports: {:.0} MiB",
             crate::bench_fleet::peak_mib(server_pid)
@@ -562,32 +597,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     drop(password_rx);
     let http = reqwest::Client::new();
     if args.realistic {
-        // A fleet's server has seen every device poll: it holds them all in memory. After
-        // the import it loads them again; measured once that is done.
-        let started = Instant::now();
-        loop {
-            let status = api(
-                &http,
-                &base,
-                &token,
-                reqwest::Method::GET,
-                "/api/v1/server",
-                None,
-            )
-            .await?;
-            if status["devices_in_memory"].as_u64().unwrap_or(0) >= args.devices as u64 {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(180) {
-                bail!("the server did not load the devices into memory within 180 s: {status}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        eprintln!(
-            "the server holds the {} devices in memory ({:.1} s after the import)",
-            args.devices,
-            started.elapsed().as_secs_f64()
-        );
+        // A fleet's server has seen every device poll: it holds them all in memory.
+        hold_every_device(&http, &base, &token, args.devices).await?;
     }
 
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();

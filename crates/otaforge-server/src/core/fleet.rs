@@ -163,8 +163,23 @@ impl AppState {
         }
     }
 
-    /// After every write the check-in path reads: the caches forget.
+    /// After every write the check-in path reads: the caches forget the products, groups
+    /// and firmware.
     fn changed(&self) {
+        self.inner.catalog.invalidate_settings();
+    }
+
+    /// After a write that changed one device's row: the caches forget it (and the rest of
+    /// `changed`).
+    fn changed_device(&self, product: Id, serial: &str) {
+        self.changed();
+        self.inner.catalog.forget_device(product, serial);
+    }
+
+    /// After a write that changed many device rows at once (a group's devices moved, a
+    /// product's deleted, firmware they were assigned deleted): the caches forget every
+    /// device too.
+    fn changed_devices(&self) {
         self.inner.catalog.invalidate();
     }
 
@@ -251,7 +266,7 @@ impl AppState {
             resources.extend(store.list_resources(group.id).await?);
         }
         store.delete_product(product).await?;
-        self.changed();
+        self.changed_devices();
         self.inner.rollouts.refresh(store).await?;
         for sha in firmware
             .iter()
@@ -383,7 +398,7 @@ impl AppState {
         let found = self.store().get_group(product, group).await?;
         let resources = self.store().list_resources(group).await?;
         self.store().delete_group(product, group).await?;
-        self.changed();
+        self.changed_devices();
         for r in resources {
             self.release_blob(&r.sha256).await;
         }
@@ -516,7 +531,7 @@ impl AppState {
                 password_hash,
             })
             .await?;
-        self.changed();
+        self.changed_device(product, &device.serial);
         self.audited(
             actor,
             "registered device",
@@ -547,7 +562,7 @@ impl AppState {
             password_hash,
         };
         let device = self.store().update_device(product, serial, patch).await?;
-        self.changed();
+        self.changed_device(product, serial);
         let locked = matches!(
             change.status,
             Some(DeviceStatus::Blocked | DeviceStatus::Disabled)
@@ -585,7 +600,7 @@ impl AppState {
             .delete_sessions_of(None, Some(device.id))
             .await?;
         self.store().delete_device(product, serial).await?;
-        self.changed();
+        self.changed_device(product, serial);
         self.inner.rollouts.forget_device(device.id);
         self.audited(actor, "deleted device", &format!("device {serial}"), "")
             .await;
@@ -616,7 +631,7 @@ impl AppState {
     pub async fn delete_firmware(&self, actor: &Actor, product: Id, firmware: Id) -> ApiResult<()> {
         let found = self.store().get_firmware(product, firmware).await?;
         self.store().delete_firmware(product, firmware).await?;
-        self.changed();
+        self.changed_devices();
         self.release_blob(&found.sha256).await;
         self.audited(
             actor,
