@@ -82,6 +82,9 @@ struct DeviceMap {
     products: RwLock<HashMap<Id, BySerial>>,
     /// What `Cached::at` counts seconds from.
     epoch: Instant,
+    /// How many times a device was forgotten (or all of them): a row read before a forget
+    /// may be older than the forget, and is not cached (`put` with `since`).
+    forgets: std::sync::atomic::AtomicU64,
     /// The versions devices run, each kept once (a fleet runs a few).
     versions: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
     ttl: Duration,
@@ -93,6 +96,7 @@ impl DeviceMap {
         DeviceMap {
             products: RwLock::new(HashMap::new()),
             epoch: Instant::now(),
+            forgets: Default::default(),
             versions: Default::default(),
             ttl: DEVICE_TTL,
             max: MAX_DEVICES,
@@ -132,12 +136,27 @@ impl DeviceMap {
         Some(new)
     }
 
-    fn put(&self, product: Id, serial: &str, mut device: Device) {
+    /// Where the forgets stand now: read before reading a row from the database.
+    fn mark(&self) -> u64 {
+        self.forgets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn forgot(&self) {
+        self.forgets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Caches the device; with `since` (a `mark` taken before its row was read) only if no
+    /// device was forgotten meanwhile: the row might be older than what was forgotten.
+    fn put(&self, product: Id, serial: &str, mut device: Device, since: Option<u64>) {
         let version = self.version(device.telemetry.version.take());
         let mut entry = Box::new(Cached::of(device, version));
         let now = self.now();
         entry.at = now;
         let mut products = self.products.write().unwrap_or_else(|e| e.into_inner());
+        if since.is_some_and(|mark| mark != self.mark()) {
+            return;
+        }
         if products.values().map(HashMap::len).sum::<usize>() >= self.max {
             for devices in products.values_mut() {
                 devices.retain(|_, entry| self.live(entry, now));
@@ -167,6 +186,7 @@ impl DeviceMap {
 
     fn remove(&self, product: Id, serial: &str) {
         let mut products = self.products.write().unwrap_or_else(|e| e.into_inner());
+        self.forgot();
         if let Some(devices) = products.get_mut(&product) {
             devices.remove(serial);
         }
@@ -174,7 +194,11 @@ impl DeviceMap {
 
     fn clear(&self) {
         // Dropped outside the lock: freeing a million entries takes a while.
-        let old = std::mem::take(&mut *self.products.write().unwrap_or_else(|e| e.into_inner()));
+        let old = {
+            let mut products = self.products.write().unwrap_or_else(|e| e.into_inner());
+            self.forgot();
+            std::mem::take(&mut *products)
+        };
         drop(old);
     }
 
@@ -460,7 +484,8 @@ impl Catalog {
                 query.after = page.last().map(|d| query.cursor_after(d));
                 for device in page {
                     let (product, serial) = (device.product_id, device.serial.clone());
-                    self.devices.put(product, &serial, device);
+                    // Corrected below by the changes since the read began.
+                    self.devices.put(product, &serial, device, None);
                     loaded += 1;
                 }
                 for (_, product, serial) in store.device_changes_since(before).await? {
@@ -541,8 +566,10 @@ impl Catalog {
         {
             return Ok(device);
         }
+        let since = self.devices.mark();
         let device = store.register_device(product_id, serial).await?;
-        self.devices.put(product_id, serial, device.clone());
+        self.devices
+            .put(product_id, serial, device.clone(), Some(since));
         Ok(device)
     }
 
@@ -558,9 +585,11 @@ impl Catalog {
         {
             return Ok(Some(device));
         }
+        let since = self.devices.mark();
         let device = store.find_device(product_id, serial).await?;
         if let Some(device) = &device {
-            self.devices.put(product_id, serial, device.clone());
+            self.devices
+                .put(product_id, serial, device.clone(), Some(since));
         }
         Ok(device)
     }
@@ -661,9 +690,9 @@ mod tests {
     #[test]
     fn the_map_gives_back_what_decides_and_shares_versions() {
         let map = DeviceMap::new();
-        map.put(1, "a", device(10, "a", "1.0.0"));
-        map.put(1, "b", device(11, "b", "1.0.0"));
-        map.put(2, "a", device(12, "a", "2.0.0"));
+        map.put(1, "a", device(10, "a", "1.0.0"), None);
+        map.put(1, "b", device(11, "b", "1.0.0"), None);
+        map.put(2, "a", device(12, "a", "2.0.0"), None);
         assert_eq!(map.len(), 3);
         let back = map.get_with(1, "a", |c| c.device(1, "a")).unwrap();
         let mut expected = device(10, "a", "1.0.0");
@@ -688,10 +717,24 @@ mod tests {
     }
 
     #[test]
+    fn a_row_read_before_a_forget_is_not_cached() {
+        let map = DeviceMap::new();
+        // A check-in reads the row; meanwhile another changes it and forgets the device.
+        let since = map.mark();
+        map.remove(1, "a");
+        map.put(1, "a", device(10, "a", "1.0.0"), Some(since));
+        assert!(map.get_with(1, "a", |c| c.id).is_none());
+        // Read with nothing forgotten meanwhile: cached.
+        let since = map.mark();
+        map.put(1, "a", device(10, "a", "1.0.0"), Some(since));
+        assert_eq!(map.get_with(1, "a", |c| c.id), Some(10));
+    }
+
+    #[test]
     fn an_entry_older_than_its_lifetime_is_not_served() {
         let mut map = DeviceMap::new();
         map.ttl = Duration::from_secs(0);
-        map.put(1, "a", device(10, "a", "1.0.0"));
+        map.put(1, "a", device(10, "a", "1.0.0"), None);
         assert!(map.get_with(1, "a", |c| c.id).is_none());
     }
 
@@ -699,9 +742,9 @@ mod tests {
     fn a_full_map_makes_room() {
         let mut map = DeviceMap::new();
         map.max = 2;
-        map.put(1, "a", device(10, "a", "1"));
-        map.put(1, "b", device(11, "b", "1"));
-        map.put(1, "c", device(12, "c", "1"));
+        map.put(1, "a", device(10, "a", "1"), None);
+        map.put(1, "b", device(11, "b", "1"), None);
+        map.put(1, "c", device(12, "c", "1"), None);
         assert!(map.len() <= 2);
         assert_eq!(map.get_with(1, "c", |c| c.id), Some(12));
     }

@@ -633,10 +633,14 @@ struct ProductPage {
     total_devices: i64,
     next_page: Option<String>,
     devices: Vec<DeviceRow>,
+    /// The newest firmware (a page of it), and the link to the older.
     firmware: Vec<Firmware>,
+    older_firmware: Option<String>,
     versions_chart: String,
-    /// (id, firmware version, state, stage "n of m")
+    /// The newest rollouts (a page): (id, firmware version, state, stage "n of m"), and the
+    /// link to the older.
     rollouts: Vec<(Id, String, String, String)>,
+    older_rollouts: Option<String>,
 }
 
 /// The product page's query: a notice, and which devices its list shows.
@@ -647,10 +651,17 @@ struct ProductQuery {
     q: Option<String>,
     status: Option<String>,
     cursor: Option<String>,
+    /// The firmware and rollout lists start below these ids (their older pages).
+    firmware_before: Option<Id>,
+    rollouts_before: Option<Id>,
 }
 
 /// Devices shown per page of the product page.
 const DEVICES_PER_PAGE: i64 = 100;
+/// Firmware and rollouts shown per page of the product page.
+const LISTED_PER_PAGE: i64 = 20;
+/// The newest firmware a group's choice offers (with whatever the group has now).
+const FIRMWARE_CHOICES: i64 = 100;
 
 async fn product_page(
     State(state): State<AppState>,
@@ -709,7 +720,40 @@ async fn product_page(
         format!("/products/{product}?{}", url.finish())
     });
     let devices = shown.items;
-    let firmware = store.list_firmware(product).await.unwrap_or_default();
+    let every = otaforge_store::model::FirmwareFilter::default();
+    let newest =
+        |before: Option<Id>, limit: i64| store.firmware_page(product, &every, before, limit);
+    let (listed, choices, rollout_rows) = tokio::join!(
+        newest(q.firmware_before, LISTED_PER_PAGE + 1),
+        newest(None, FIRMWARE_CHOICES),
+        store.rollout_page(product, None, q.rollouts_before, LISTED_PER_PAGE + 1)
+    );
+    let (mut listed, mut rollout_rows) =
+        (listed.unwrap_or_default(), rollout_rows.unwrap_or_default());
+    let older =
+        |before: &str, id: Option<Id>| id.map(|id| format!("/products/{product}?{before}={id}"));
+    let older_firmware = (listed.len() as i64 > LISTED_PER_PAGE)
+        .then(|| listed.truncate(LISTED_PER_PAGE as usize))
+        .and_then(|()| older("firmware_before", listed.last().map(|f| f.id)));
+    let older_rollouts = (rollout_rows.len() as i64 > LISTED_PER_PAGE)
+        .then(|| rollout_rows.truncate(LISTED_PER_PAGE as usize))
+        .and_then(|()| older("rollouts_before", rollout_rows.last().map(|r| r.id)));
+    // What the page names: the choices, and whatever older firmware a group or a listed
+    // rollout has.
+    let mut firmware = choices.unwrap_or_default();
+    let named = groups
+        .iter()
+        .flat_map(|g| g.firmware_id.iter().chain(&g.other_firmware_ids))
+        .chain(rollout_rows.iter().map(|r| &r.firmware_id))
+        .copied()
+        .collect::<std::collections::BTreeSet<Id>>();
+    for id in named {
+        if !firmware.iter().any(|f| f.id == id)
+            && let Ok(f) = store.get_firmware(product, id).await
+        {
+            firmware.push(f);
+        }
+    }
     let versions_chart = {
         use crate::svg::{Bar, stacked_bars};
         const COLORS: [&str; 6] = [
@@ -749,10 +793,7 @@ async fn product_page(
             .collect();
         stacked_bars("devices per running version", &bars)
     };
-    let rollouts = store
-        .list_rollouts(product)
-        .await
-        .unwrap_or_default()
+    let rollouts = rollout_rows
         .into_iter()
         .map(|r| {
             let fw = firmware
@@ -832,9 +873,11 @@ async fn product_page(
                 last_seen: when(d.telemetry.last_seen),
             })
             .collect(),
-        firmware,
+        firmware: listed,
+        older_firmware,
         versions_chart,
         rollouts,
+        older_rollouts,
     })
 }
 

@@ -1926,3 +1926,70 @@ on_both_backends!(
     caches_stay_coherent_across_processes,
     caches_stay_coherent_across_processes_story
 );
+
+/// The product page lists the newest firmware and rollouts a page at a time, with a link to
+/// the older; a group's choice of firmware still names what it has, however old.
+async fn product_page_pages_firmware_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let (pid, _, group) = server.product("long history").await;
+    let fw = format!("/api/v1/products/{pid}/firmware");
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let (code, f) = server
+            .upload(
+                &format!("{fw}?version=v{i:02}"),
+                format!("\x00raw image {i}").into_bytes(),
+            )
+            .await;
+        assert_eq!(code, 201, "{f}");
+        ids.push(f["id"].as_i64().unwrap());
+    }
+    let (code, g) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": ids[0]})),
+        )
+        .await;
+    assert_eq!(code, 200, "{g}");
+    let cookie = server.operator_session("historian").await;
+    let html = server
+        .get_with_cookie(&format!("/products/{pid}"), &cookie)
+        .await
+        .text();
+    let listed = |html: &str| -> Vec<String> {
+        html.split("<h2>Firmware</h2>")
+            .nth(1)
+            .unwrap()
+            .split("<td>v")
+            .skip(1)
+            .map(|t| format!("v{}", &t[..2]))
+            .collect()
+    };
+    let first = listed(&html);
+    assert_eq!(first.len(), 20, "{first:?}");
+    assert_eq!(first[0], "v24", "newest first");
+    assert_eq!(first[19], "v05");
+    // The oldest image is on no page of the table yet, but the group's choice names it.
+    assert!(html.contains(&format!(
+        "<option value=\"{}\" selected>v00</option>",
+        ids[0]
+    )));
+    let href = html
+        .split("id=\"older-firmware\" href=\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .expect("a link to the older firmware")
+        .replace("&amp;", "&");
+    let page = server.get_with_cookie(&href, &cookie).await;
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert_eq!(listed(&html), ["v04", "v03", "v02", "v01", "v00"]);
+    assert!(!html.contains("older-firmware"), "the last page");
+    assert!(!html.contains("older-rollouts"), "no rollouts at all");
+    server.finish().await;
+}
+on_both_backends!(
+    product_page_pages_firmware,
+    product_page_pages_firmware_story
+);
