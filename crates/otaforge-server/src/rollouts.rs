@@ -37,7 +37,7 @@ struct Member {
 /// million devices costs a table of about 32 MB.
 #[derive(Debug, Clone, Copy)]
 struct Kept {
-    stage: u32,
+    stage: i32,
     state: MemberState,
 }
 
@@ -127,7 +127,7 @@ impl RolloutBook {
                     (
                         m.device_id,
                         Kept {
-                            stage: u32::try_from(m.stage).unwrap_or(u32::MAX),
+                            stage: i32::try_from(m.stage).unwrap_or(i32::MAX),
                             state: m.state,
                         },
                     )
