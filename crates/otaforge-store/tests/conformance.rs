@@ -362,6 +362,39 @@ async fn suite(store: &dyn Store) {
     assert_eq!(d1.telemetry.last_seen, Some(5));
     assert_eq!(d1.telemetry.version.as_deref(), Some("1.0.0"));
     assert_eq!(d1.telemetry.free_space, Some(1_000));
+    // A large batch: the rows at its start and its end are written, the unknown ids between
+    // them skipped.
+    let mut big: Vec<(Id, Telemetry)> = (0..1_201)
+        .map(|i| {
+            let seen = Telemetry {
+                last_seen: Some(7),
+                ..Telemetry::default()
+            };
+            (10_000_000 + i, seen)
+        })
+        .collect();
+    big[0] = (
+        d2.id,
+        Telemetry {
+            last_seen: Some(6),
+            ..Telemetry::default()
+        },
+    );
+    big[1_200] = (
+        d1.id,
+        Telemetry {
+            last_seen: Some(8),
+            sdk_version: Some("v5.1".into()),
+            ..Telemetry::default()
+        },
+    );
+    store.record_telemetry(&big).await.unwrap();
+    let d1 = store.get_device(p.id, "dev-1").await.unwrap();
+    assert_eq!(d1.telemetry.last_seen, Some(8));
+    assert_eq!(d1.telemetry.sdk_version.as_deref(), Some("v5.1"));
+    assert_eq!(d1.telemetry.version.as_deref(), Some("1.0.0"));
+    let d2 = store.get_device(p.id, "dev-2").await.unwrap();
+    assert_eq!(d2.telemetry.last_seen, Some(6));
     let patch = DevicePatch {
         status: Some(DeviceStatus::Blocked),
         group_id: Some(p.default_group_id),
