@@ -1843,3 +1843,44 @@ async fn setup_firmware(
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every banner in the templates has a style: an element of class `flash` names one of
+    /// the `flash-*` kinds, and the style sheet defines each kind named.
+    #[test]
+    fn every_banner_has_a_style() {
+        let css = include_str!("../assets/app.css");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        let mut banners = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let html = std::fs::read_to_string(&path).unwrap();
+            for class in html.split("class=\"").skip(1) {
+                let class = class.split('"').next().unwrap();
+                let names: Vec<&str> = class.split_whitespace().collect();
+                if !names.contains(&"flash") {
+                    continue;
+                }
+                banners += 1;
+                let kinds: Vec<&&str> = names.iter().filter(|n| n.starts_with("flash-")).collect();
+                assert!(
+                    !kinds.is_empty(),
+                    "{}: a banner of no kind: {class:?}",
+                    path.display()
+                );
+                for kind in kinds {
+                    assert!(
+                        css.contains(&format!(".{kind} ")) || css.contains(&format!(".{kind}{{")),
+                        "{}: the style sheet has no .{kind}",
+                        path.display()
+                    );
+                }
+            }
+        }
+        assert!(
+            banners >= 5,
+            "the templates' banners were found ({banners})"
+        );
+    }
+}
