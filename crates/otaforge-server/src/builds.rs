@@ -567,11 +567,7 @@ async fn compile_build(
             .set_device_firmware(device.id, Some(firmware.id))
             .await
             .map_err(|e| plain(crate::error::ApiError::from(e).into_message()))?;
-        state.inner.catalog.invalidate_settings();
-        state
-            .inner
-            .catalog
-            .forget_device(device.product_id, &device.serial);
+        state.changed_device(device.product_id, &device.serial);
         let _ = state
             .store()
             .append_build_log(

@@ -651,9 +651,9 @@ struct ProductQuery {
     q: Option<String>,
     status: Option<String>,
     cursor: Option<String>,
-    /// The firmware and rollout lists start below these ids (their older pages).
-    firmware_before: Option<Id>,
-    rollouts_before: Option<Id>,
+    /// Where the firmware and rollout lists continue (their older pages).
+    firmware_cursor: Option<String>,
+    rollouts_cursor: Option<String>,
 }
 
 /// Devices shown per page of the product page.
@@ -720,24 +720,35 @@ async fn product_page(
         format!("/products/{product}?{}", url.finish())
     });
     let devices = shown.items;
+    let (firmware_before, rollouts_before) = match (
+        crate::page::decode::<Id>(q.firmware_cursor.as_deref()),
+        crate::page::decode::<Id>(q.rollouts_cursor.as_deref()),
+    ) {
+        (Ok(f), Ok(r)) => (f, r),
+        (Err(e), _) | (_, Err(e)) => return titled_error(e, "Invalid page", &back),
+    };
     let every = otaforge_store::model::FirmwareFilter::default();
     let newest =
         |before: Option<Id>, limit: i64| store.firmware_page(product, &every, before, limit);
     let (listed, choices, rollout_rows) = tokio::join!(
-        newest(q.firmware_before, LISTED_PER_PAGE + 1),
+        newest(firmware_before, LISTED_PER_PAGE + 1),
         newest(None, FIRMWARE_CHOICES),
-        store.rollout_page(product, None, q.rollouts_before, LISTED_PER_PAGE + 1)
+        store.rollout_page(product, None, rollouts_before, LISTED_PER_PAGE + 1)
     );
-    let (mut listed, mut rollout_rows) =
-        (listed.unwrap_or_default(), rollout_rows.unwrap_or_default());
-    let older =
-        |before: &str, id: Option<Id>| id.map(|id| format!("/products/{product}?{before}={id}"));
-    let older_firmware = (listed.len() as i64 > LISTED_PER_PAGE)
-        .then(|| listed.truncate(LISTED_PER_PAGE as usize))
-        .and_then(|()| older("firmware_before", listed.last().map(|f| f.id)));
-    let older_rollouts = (rollout_rows.len() as i64 > LISTED_PER_PAGE)
-        .then(|| rollout_rows.truncate(LISTED_PER_PAGE as usize))
-        .and_then(|()| older("rollouts_before", rollout_rows.last().map(|r| r.id)));
+    // Pages as the API cuts them (one more row than shown says there is an older page).
+    let listed = crate::page::of(listed.unwrap_or_default(), LISTED_PER_PAGE, |f| f.id, |f| f);
+    let rollout_rows = crate::page::of(
+        rollout_rows.unwrap_or_default(),
+        LISTED_PER_PAGE,
+        |r| r.id,
+        |r| r,
+    );
+    let older = |name: &str, cursor: Option<String>| {
+        cursor.map(|c| format!("/products/{product}?{name}={c}"))
+    };
+    let older_firmware = older("firmware_cursor", listed.next);
+    let older_rollouts = older("rollouts_cursor", rollout_rows.next);
+    let (listed, rollout_rows) = (listed.items, rollout_rows.items);
     // What the page names: the choices, and whatever older firmware a group or a listed
     // rollout has.
     let mut firmware = choices.unwrap_or_default();
@@ -1752,32 +1763,12 @@ async fn save_wifi(
         wifi_password: form.wifi_password,
         device_password: form.device_password,
     };
-    match crate::setup::seal_secrets(&state, &secrets) {
-        Ok(sealed) => match state
-            .store()
-            .set_device_secrets(device.id, Some(&sealed))
-            .await
-        {
-            Ok(()) => {
-                // What the setup firmware is built from changed: no cached copy keeps the old.
-                state
-                    .inner
-                    .catalog
-                    .forget_device(device.product_id, &device.serial);
-                state
-                    .audit_event(
-                        &web.name(),
-                        web.address,
-                        "saved Wi-Fi",
-                        &format!("device {}", device.serial),
-                        "sealed",
-                    )
-                    .await;
-                Redirect::to(&notice_url(&back, "Wi-Fi saved (encrypted)")).into_response()
-            }
-            Err(e) => error_page(e, &back),
-        },
-        Err(e) => error_page(ApiError::internal("sealing", e), &back),
+    match state
+        .save_wifi(&web.name(), web.address, &device, &secrets)
+        .await
+    {
+        Ok(()) => Redirect::to(&notice_url(&back, "Wi-Fi saved (encrypted)")).into_response(),
+        Err(e) => error_page(e, &back),
     }
 }
 

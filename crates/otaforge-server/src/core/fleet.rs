@@ -171,7 +171,7 @@ impl AppState {
 
     /// After a write that changed one device's row: the caches forget it (and the rest of
     /// `changed`).
-    fn changed_device(&self, product: Id, serial: &str) {
+    pub(crate) fn changed_device(&self, product: Id, serial: &str) {
         self.changed();
         self.inner.catalog.forget_device(product, serial);
     }
@@ -592,6 +592,33 @@ impl AppState {
         )
         .await;
         Ok(device)
+    }
+
+    /// Seals and keeps a device's Wi-Fi secrets (what its setup firmware is built from).
+    pub async fn save_wifi(
+        &self,
+        who: &str,
+        address: Option<IpAddr>,
+        device: &Device,
+        secrets: &crate::setup::DeviceSecrets,
+    ) -> ApiResult<()> {
+        let sealed = crate::setup::seal_secrets(self, secrets)
+            .map_err(|e| ApiError::internal("sealing", e))?;
+        self.store()
+            .set_device_secrets(device.id, Some(&sealed))
+            .await?;
+        self.inner
+            .catalog
+            .forget_device(device.product_id, &device.serial);
+        self.audit_event(
+            who,
+            address,
+            "saved Wi-Fi",
+            &format!("device {}", device.serial),
+            "sealed",
+        )
+        .await;
+        Ok(())
     }
 
     pub async fn delete_device(&self, actor: &Actor, product: Id, serial: &str) -> ApiResult<()> {
