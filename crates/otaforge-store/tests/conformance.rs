@@ -362,8 +362,9 @@ async fn suite(store: &dyn Store) {
     assert_eq!(d1.telemetry.last_seen, Some(5));
     assert_eq!(d1.telemetry.version.as_deref(), Some("1.0.0"));
     assert_eq!(d1.telemetry.free_space, Some(1_000));
-    // A large batch: the rows at its start and its end are written, the unknown ids between
-    // them skipped.
+    // A large batch: a row inside it (SQLite sends 64 rows a statement batch: row 100 is
+    // the 37th of the second) and its last row (one of the rows left over) are written with
+    // every field in its place, the unknown ids around them skipped.
     let mut big: Vec<(Id, Telemetry)> = (0..1_201)
         .map(|i| {
             let seen = Telemetry {
@@ -373,11 +374,18 @@ async fn suite(store: &dyn Store) {
             (10_000_000 + i, seen)
         })
         .collect();
-    big[0] = (
+    big[100] = (
         d2.id,
         Telemetry {
             last_seen: Some(6),
-            ..Telemetry::default()
+            version: Some("2.0.0".into()),
+            sketch_md5: Some("2".repeat(32)),
+            sta_mac: Some("AA:BB:CC:DD:EE:01".into()),
+            ap_mac: Some("AA:BB:CC:DD:EE:02".into()),
+            free_space: Some(2_000),
+            chip_size: Some(4_194_304),
+            sdk_version: Some("v4.4".into()),
+            chip: Some("esp32c3".into()),
         },
     );
     big[1_200] = (
@@ -395,6 +403,14 @@ async fn suite(store: &dyn Store) {
     assert_eq!(d1.telemetry.version.as_deref(), Some("1.0.0"));
     let d2 = store.get_device(p.id, "dev-2").await.unwrap();
     assert_eq!(d2.telemetry.last_seen, Some(6));
+    assert_eq!(d2.telemetry.version.as_deref(), Some("2.0.0"));
+    assert_eq!(d2.telemetry.sketch_md5, Some("2".repeat(32)));
+    assert_eq!(d2.telemetry.sta_mac.as_deref(), Some("AA:BB:CC:DD:EE:01"));
+    assert_eq!(d2.telemetry.ap_mac.as_deref(), Some("AA:BB:CC:DD:EE:02"));
+    assert_eq!(d2.telemetry.free_space, Some(2_000));
+    assert_eq!(d2.telemetry.chip_size, Some(4_194_304));
+    assert_eq!(d2.telemetry.sdk_version.as_deref(), Some("v4.4"));
+    assert_eq!(d2.telemetry.chip.as_deref(), Some("esp32c3"));
     let patch = DevicePatch {
         status: Some(DeviceStatus::Blocked),
         group_id: Some(p.default_group_id),
