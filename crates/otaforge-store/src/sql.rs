@@ -2199,23 +2199,37 @@ const TELEMETRY_SET: &str = "last_seen = COALESCE(t.last_seen, devices.last_seen
 /// Rows per statement batch of a SQLite report flush (10 parameters a row).
 const SQLITE_TELEMETRY_BATCH: usize = 64;
 
-/// The UPDATE of one report whose ten parameters start after `$base`.
+/// The UPDATEs of one report whose ten parameters start after `$base`. The time it was
+/// seen is written on its own; the other fields only when one of them differs from the
+/// row. Naming a column in SET makes SQLite rewrite every index holding it, changed or not,
+/// and a device's version and chip (three indexes) rarely change from one poll to the next.
 fn sqlite_telemetry_update(base: usize) -> String {
     let p = |i: usize| format!("${}", base + i);
+    let id = p(9);
+    let fields = [
+        ("version", p(2)),
+        ("sketch_md5", p(3)),
+        ("sta_mac", p(4)),
+        ("ap_mac", p(5)),
+        ("free_space", p(6)),
+        ("chip_size", p(7)),
+        ("sdk_version", p(8)),
+        ("chip", p(10)),
+    ];
+    let set = fields
+        .iter()
+        .map(|(column, value)| format!("{column} = COALESCE({value}, {column})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let differs = fields
+        .iter()
+        .map(|(column, value)| format!("({value} IS NOT NULL AND {value} IS NOT {column})"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let seen = p(1);
     format!(
-        "UPDATE devices SET {TELEMETRY_SET} FROM (SELECT {} AS last_seen, {} AS version, \
-         {} AS sketch_md5, {} AS sta_mac, {} AS ap_mac, {} AS free_space, {} AS chip_size, \
-         {} AS sdk_version, {} AS chip) AS t WHERE devices.id = {};",
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6),
-        p(7),
-        p(8),
-        p(10),
-        p(9)
+        "UPDATE devices SET last_seen = {seen} WHERE id = {id} AND {seen} IS NOT NULL; \
+         UPDATE devices SET {set} WHERE id = {id} AND ({differs});"
     )
 }
 

@@ -411,6 +411,23 @@ async fn suite(store: &dyn Store) {
     assert_eq!(d2.telemetry.chip_size, Some(4_194_304));
     assert_eq!(d2.telemetry.sdk_version.as_deref(), Some("v4.4"));
     assert_eq!(d2.telemetry.chip.as_deref(), Some("esp32c3"));
+    // The same report again, seen later: the time moves, every field stays; then one field
+    // alone changes.
+    let mut again = d2.telemetry.clone();
+    again.last_seen = Some(9);
+    store
+        .record_telemetry(&[(d2.id, again.clone())])
+        .await
+        .unwrap();
+    let d2 = store.get_device(p.id, "dev-2").await.unwrap();
+    assert_eq!(d2.telemetry, again);
+    again.chip = Some("esp32s3".into());
+    again.last_seen = None;
+    store.record_telemetry(&[(d2.id, again)]).await.unwrap();
+    let d2 = store.get_device(p.id, "dev-2").await.unwrap();
+    assert_eq!(d2.telemetry.chip.as_deref(), Some("esp32s3"));
+    assert_eq!(d2.telemetry.last_seen, Some(9));
+    assert_eq!(d2.telemetry.version.as_deref(), Some("2.0.0"));
     let patch = DevicePatch {
         status: Some(DeviceStatus::Blocked),
         group_id: Some(p.default_group_id),
