@@ -26,6 +26,9 @@ const MAX_DEVICES: usize = 2_000_000;
 
 struct TtlMap<K, V> {
     entries: RwLock<HashMap<K, (Instant, V)>>,
+    /// How many times the map was cleared: a value read from the store before a clear may
+    /// be older than the write that cleared it, and is not kept (`put` with `since`).
+    clears: std::sync::atomic::AtomicU64,
     ttl: Duration,
     max: usize,
 }
@@ -34,6 +37,7 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     fn new() -> Self {
         TtlMap {
             entries: RwLock::new(HashMap::new()),
+            clears: Default::default(),
             ttl: TTL,
             max: MAX_ENTRIES,
         }
@@ -52,8 +56,18 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
         }
     }
 
-    fn put(&self, key: K, value: V) {
+    /// Taken before reading a value from the store, for `put`.
+    fn mark(&self) -> u64 {
+        self.clears.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Keeps a value read from the store after `mark` returned `since`, unless the map was
+    /// cleared meanwhile (the value may predate the write that cleared it).
+    fn put(&self, key: K, value: V, since: u64) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if self.clears.load(std::sync::atomic::Ordering::SeqCst) != since {
+            return;
+        }
         if entries.len() >= self.max {
             let ttl = self.ttl;
             entries.retain(|_, (at, _)| at.elapsed() < ttl);
@@ -65,10 +79,10 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     }
 
     fn clear(&self) {
-        self.entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        self.clears
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        entries.clear();
     }
 }
 
@@ -364,6 +378,12 @@ impl Catalog {
             .settings = true;
     }
 
+    /// Forgets the products, groups and firmware in this process only: for a change another
+    /// process made and publishes itself (a rollout another node completed).
+    pub fn forget_settings(&self) {
+        self.clear_settings();
+    }
+
     fn clear_settings(&self) {
         self.products.clear();
         self.products_by_id.clear();
@@ -517,8 +537,9 @@ impl Catalog {
         if let Some(found) = self.products.get(&digest.to_string()) {
             return Ok(found);
         }
+        let since = self.products.mark();
         let found = store.product_by_key_digest(digest).await?;
-        self.products.put(digest.to_string(), found.clone());
+        self.products.put(digest.to_string(), found.clone(), since);
         Ok(found)
     }
 
@@ -526,8 +547,9 @@ impl Catalog {
         if let Some(found) = self.products_by_id.get(&id) {
             return Ok(found);
         }
+        let since = self.products_by_id.mark();
         let found = store.get_product(id).await?;
-        self.products_by_id.put(id, found.clone());
+        self.products_by_id.put(id, found.clone(), since);
         Ok(found)
     }
 
@@ -536,12 +558,14 @@ impl Catalog {
         if let Some(found) = self.products_by_name.get(&name.to_string()) {
             return Ok(found);
         }
+        let since = self.products_by_name.mark();
         let found = store
             .list_products()
             .await?
             .into_iter()
             .find(|p| p.name == name);
-        self.products_by_name.put(name.to_string(), found.clone());
+        self.products_by_name
+            .put(name.to_string(), found.clone(), since);
         Ok(found)
     }
 
@@ -599,8 +623,9 @@ impl Catalog {
         if let Some(group) = self.groups.get(&(product_id, id)) {
             return Ok(group);
         }
+        let since = self.groups.mark();
         let group = store.get_group(product_id, id).await?;
-        self.groups.put((product_id, id), group.clone());
+        self.groups.put((product_id, id), group.clone(), since);
         Ok(group)
     }
 
@@ -608,8 +633,9 @@ impl Catalog {
         if let Some(firmware) = self.firmware.get(&(product_id, id)) {
             return Ok(firmware);
         }
+        let since = self.firmware.mark();
         let firmware = store.get_firmware(product_id, id).await?;
-        self.firmware.put((product_id, id), firmware.clone());
+        self.firmware.put((product_id, id), firmware.clone(), since);
         Ok(firmware)
     }
 
@@ -715,6 +741,19 @@ mod tests {
         assert_eq!(map.get_with(1, "b", |c| c.id), Some(11));
         map.clear();
         assert_eq!(map.len(), 0);
+    }
+
+    #[test]
+    fn a_setting_read_before_a_clear_is_not_cached() {
+        let map: TtlMap<i64, &str> = TtlMap::new();
+        // A check-in reads a group; meanwhile a write changes it and clears the map.
+        let since = map.mark();
+        map.clear();
+        map.put(1, "old", since);
+        assert_eq!(map.get(&1), None);
+        let since = map.mark();
+        map.put(1, "new", since);
+        assert_eq!(map.get(&1), Some("new"));
     }
 
     #[test]

@@ -181,8 +181,12 @@ impl AppState {
                     continue;
                 }
                 // Rollouts another node created, moved on or ended.
-                if let Err(e) = state.inner.rollouts.refresh(&*state.inner.store).await {
-                    tracing::warn!(error = %e, "refreshing the live rollouts failed; will retry");
+                match state.inner.rollouts.refresh(&*state.inner.store).await {
+                    Ok(true) => state.inner.catalog.forget_settings(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refreshing the live rollouts failed; will retry")
+                    }
                 }
                 // Devices forgotten all at once are loaded again once writes settle (2 s
                 // without another such forgetting), so polls keep reading nothing.

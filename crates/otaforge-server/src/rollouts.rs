@@ -88,8 +88,10 @@ impl RolloutBook {
     /// dropped with their members, new ones are loaded with theirs (in pages, so a rollout
     /// of a million devices never sits in memory twice), and the others take their rows'
     /// state, stage and rolled-back stages. Cheap when nothing is new: one query of the
-    /// live rollouts.
-    pub async fn refresh(&self, store: &dyn Store) -> otaforge_store::Result<()> {
+    /// live rollouts. True when a rollout left the book: a completed rollout handed its
+    /// release to its group before its row said so, and the caller forgets the cached groups
+    /// (else a member would be offered the group's old firmware until they expire).
+    pub async fn refresh(&self, store: &dyn Store) -> otaforge_store::Result<bool> {
         let _one = self.refreshing.lock().await;
         let live: Vec<Rollout> = store
             .live_rollouts()
@@ -143,6 +145,7 @@ impl RolloutBook {
             .filter(|id| !ids.contains(id))
             .copied()
             .collect();
+        let left = !gone.is_empty();
         for id in gone {
             book.forget(id);
         }
@@ -153,7 +156,7 @@ impl RolloutBook {
         for r in live {
             book.rollouts.insert(r.id, r);
         }
-        Ok(())
+        Ok(left)
     }
 
     /// A deleted device leaves the rollout it was in.
