@@ -1,6 +1,7 @@
 //! `otaforge bench`: device check-ins answered 304 and firmware downloads against a real
 //! `otaforge serve` child process, side by side with nginx serving the same file in the
-//! same run. One load generator (keep-alive HTTP/1.1 over loopback) drives both.
+//! same run. One load generator (keep-alive HTTP/1.1 over loopback) drives both, and the
+//! check-in runs alternate with nginx's (`--rounds`): the ratio is the median round's.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -47,6 +48,10 @@ pub struct BenchArgs {
     /// The database `otaforge serve` uses (default: SQLite in a temporary folder).
     #[arg(long)]
     database_url: Option<String>,
+    /// Check-in runs, each followed at once by nginx's: the ratio is the median of the
+    /// rounds', so that a moment when the machine is busier counts against neither.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 /// One measured run.
@@ -448,6 +453,13 @@ async fn nginx_etag(port: u16, file: &str) -> anyhow::Result<String> {
         .context("nginx sent no ETag")
 }
 
+/// The run of median rate (the upper one of an even count).
+fn median_run(runs: &[Run]) -> Run {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    sorted[sorted.len() / 2].clone()
+}
+
 fn row(name: &str, run: &Run) {
     println!(
         "  {name:<34} {:>10.0} req/s {:>9.1} MiB/s   p50 {:>6.2} ms   p99 {:>6.2} ms   errors {}",
@@ -651,17 +663,52 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "the same devices again and again, no device headers: this measures the cache"
         }
     );
-    let ota_304 = load(
-        &Target {
-            expect: 304,
-            ..check_in(&prepared.version)
-        },
-        args.clients,
-        args.seconds,
-        None,
-    )
-    .await;
-    row("otaforge check-in (304)", &ota_304);
+    // nginx serving the same file, started now so that its runs interleave with ours.
+    let nginx = if args.nginx.exists() {
+        let (child, nport) = start_nginx(&args.nginx, &dir, "firmware.bin").await?;
+        let etag = nginx_etag(nport, "firmware.bin").await?;
+        let naddr: std::net::SocketAddr = ([127, 0, 0, 1], nport).into();
+        let target = move |expect: u16, headers: String| Target {
+            addr: naddr,
+            host: format!("127.0.0.1:{nport}"),
+            paths: Arc::new(vec!["/firmware.bin".to_string()]),
+            headers,
+            expect,
+        };
+        let conditional = format!("If-None-Match: {etag}\r\n");
+        let _ = load(&target(304, conditional.clone()), 4, 1, None).await;
+        Some((child, target, conditional))
+    } else {
+        None
+    };
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for round in 1..=args.rounds {
+        let run = load(
+            &Target {
+                expect: 304,
+                ..check_in(&prepared.version)
+            },
+            args.clients,
+            args.seconds,
+            None,
+        )
+        .await;
+        row(&format!("otaforge check-in (304) #{round}"), &run);
+        ours.push(run);
+        if let Some((_, target, conditional)) = &nginx {
+            let run = load(
+                &target(304, conditional.clone()),
+                args.clients,
+                args.seconds,
+                None,
+            )
+            .await;
+            row(&format!("nginx conditional GET (304) #{round}"), &run);
+            theirs.push(run);
+        }
+    }
+    let ota_304 = median_run(&ours);
     let ota_dl = load(
         &Target {
             expect: 200,
@@ -708,27 +755,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     results.insert("otaforge_download".into(), ota_dl.to_json());
     results.insert("otaforge_checkin_half_rate".into(), ota_half.to_json());
 
-    if args.nginx.exists() {
-        let (_nginx, nport) = start_nginx(&args.nginx, &dir, "firmware.bin").await?;
-        let etag = nginx_etag(nport, "firmware.bin").await?;
-        let naddr: std::net::SocketAddr = ([127, 0, 0, 1], nport).into();
-        let nginx_target = |expect: u16, headers: String| Target {
-            addr: naddr,
-            host: format!("127.0.0.1:{nport}"),
-            paths: Arc::new(vec!["/firmware.bin".to_string()]),
-            headers,
-            expect,
-        };
-        let conditional = format!("If-None-Match: {etag}\r\n");
-        let _ = load(&nginx_target(304, conditional.clone()), 4, 1, None).await;
-        let ng_304 = load(
-            &nginx_target(304, conditional.clone()),
-            args.clients,
-            args.seconds,
-            None,
-        )
-        .await;
-        row("nginx conditional GET (304)", &ng_304);
+    if let Some((_child, nginx_target, conditional)) = &nginx {
+        let ng_304 = median_run(&theirs);
         let ng_dl = load(
             &nginx_target(200, String::new()),
             args.clients,
@@ -738,21 +766,41 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .await;
         row("nginx download (200)", &ng_dl);
         let ng_half = load(
-            &nginx_target(304, conditional),
+            &nginx_target(304, conditional.clone()),
             args.clients,
             args.seconds,
             Some(half),
         )
         .await;
         row(&format!("nginx 304 at {half:.0}/s"), &ng_half);
+        let mut ratios: Vec<f64> = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| a.rate() / b.rate())
+            .collect();
+        let each = ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        ratios.sort_by(f64::total_cmp);
+        let ratio = ratios[ratios.len() / 2];
         println!(
-            "  ratios: check-ins {:.2}x nginx, downloads {:.2}x nginx",
-            ota_304.rate() / ng_304.rate(),
+            "  ratios: check-ins {ratio:.2}x nginx (median of {} rounds: {each}), downloads {:.2}x nginx",
+            ratios.len(),
             ota_dl.mib_per_s() / ng_dl.mib_per_s()
         );
         results.insert("nginx_304".into(), ng_304.to_json());
         results.insert("nginx_download".into(), ng_dl.to_json());
         results.insert("nginx_304_half_rate".into(), ng_half.to_json());
+        results.insert("checkin_ratio".into(), json!(ratio));
+        results.insert(
+            "rounds".into(),
+            ours.iter()
+                .zip(&theirs)
+                .map(|(a, b)| json!({"otaforge": a.to_json(), "nginx": b.to_json()}))
+                .collect(),
+        );
     } else {
         println!(
             "  nginx not found at {}: no comparison (apt-get install nginx)",
