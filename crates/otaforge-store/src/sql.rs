@@ -91,7 +91,7 @@ fn like_escaped(text: &str) -> String {
 /// The `WHERE` clause (from `product_id = $1` on) and, with `paged`, the cursor condition,
 /// `ORDER BY` and `LIMIT` of a device query, with its arguments in placeholder order.
 /// `backend`: "sqlite" or "postgres" (SQLite's `LIKE` ignores ASCII case, PostgreSQL's
-/// `ILIKE` does; serials are ASCII).
+/// `ILIKE` does, on `device_serials`; serials are ASCII).
 fn device_query_sql(
     backend: &str,
     product_id: Id,
@@ -137,12 +137,14 @@ fn device_query_sql(
     }
     if let Some(search) = q.search.as_deref().filter(|s| !s.is_empty()) {
         let n = arg(&mut args, Arg::Text(format!("%{}%", like_escaped(search))));
-        let like = if backend == "postgres" {
-            "ILIKE"
+        if backend == "postgres" {
+            // The trigram-indexed copy of the serials (schema 17).
+            sql.push_str(&format!(
+                " AND id IN (SELECT device_id FROM device_serials WHERE serial ILIKE {n} ESCAPE '\\')"
+            ));
         } else {
-            "LIKE"
-        };
-        sql.push_str(&format!(" AND serial {like} {n} ESCAPE '\\'"));
+            sql.push_str(&format!(" AND serial LIKE {n} ESCAPE '\\'"));
+        }
     }
     if !paged {
         return Ok((sql, args));
@@ -2479,6 +2481,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "device generation",
         include_str!("../migrations/postgres_16.sql"),
+    ),
+    (
+        "serial search index",
+        include_str!("../migrations/postgres_17.sql"),
     ),
 ];
 
