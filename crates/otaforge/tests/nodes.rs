@@ -67,10 +67,15 @@ fn s3_server(root: &Path) -> (Proc, u16) {
 }
 
 /// A fresh PostgreSQL database (the test fails loudly when PostgreSQL is not reachable).
+/// The database the test's own is made from and dropped through.
+fn pg_admin() -> String {
+    std::env::var("OTAFORGE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into())
+}
+
 async fn pg_database() -> String {
     use sqlx::Executor;
-    let admin = std::env::var("OTAFORGE_TEST_PG")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into());
+    let admin = pg_admin();
     let name = format!("otaforge_nodes_{}", std::process::id());
     let pool = sqlx::PgPool::connect(&admin)
         .await
@@ -83,6 +88,17 @@ async fn pg_database() -> String {
         .unwrap();
     pool.close().await;
     format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
+}
+
+/// Drops the test's database once its nodes have stopped (a failed run leaves it to look at).
+async fn drop_pg_database(url: &str) {
+    use sqlx::Executor;
+    let name = url.rsplit_once('/').unwrap().1;
+    let pool = sqlx::PgPool::connect(&pg_admin()).await.unwrap();
+    pool.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    pool.close().await;
 }
 
 struct Node {
@@ -409,5 +425,6 @@ async fn two_nodes_behave_as_one_server() {
         summary.retries
     );
     drop(other);
+    drop_pg_database(&database).await;
     let _ = std::fs::remove_dir_all(&root);
 }
