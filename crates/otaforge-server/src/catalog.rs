@@ -378,13 +378,10 @@ impl Catalog {
             .settings = true;
     }
 
-    /// Forgets the products, groups and firmware in this process only: for a change another
-    /// process made and publishes itself (a rollout another node completed).
-    pub fn forget_settings(&self) {
-        self.clear_settings();
-    }
-
-    fn clear_settings(&self) {
+    /// Forgets the products, groups and firmware in this process only (`invalidate_settings`
+    /// also publishes): for a change another process made and publishes itself (a rollout
+    /// another node completed).
+    pub fn clear_settings(&self) {
         self.products.clear();
         self.products_by_id.clear();
         self.products_by_name.clear();

@@ -182,7 +182,7 @@ impl AppState {
                 }
                 // Rollouts another node created, moved on or ended.
                 match state.inner.rollouts.refresh(&*state.inner.store).await {
-                    Ok(true) => state.inner.catalog.forget_settings(),
+                    Ok(true) => state.inner.catalog.clear_settings(),
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "refreshing the live rollouts failed; will retry")
