@@ -95,6 +95,8 @@ pub struct Summary {
     pub devices: usize,
     pub versions: BTreeMap<String, usize>,
     pub installs: u64,
+    /// The installs by what they moved from and to (`"1.0.0 -> 2.0.0"`).
+    pub moves: BTreeMap<String, u64>,
     pub rollbacks: u64,
     pub power_losses: u64,
     pub failed_downloads: u64,
@@ -114,6 +116,7 @@ impl Summary {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "devices": self.devices, "versions": self.versions, "installs": self.installs,
+            "moves": self.moves,
             "rollbacks": self.rollbacks, "power_losses": self.power_losses,
             "failed_downloads": self.failed_downloads, "bytes": self.bytes,
             "requests": self.requests, "retries": self.retries,
@@ -139,6 +142,9 @@ impl std::fmt::Display for Summary {
             "  installs {}  rollbacks {}  power losses {}  failed downloads {}",
             self.installs, self.rollbacks, self.power_losses, self.failed_downloads
         )?;
+        for (pair, n) in &self.moves {
+            writeln!(f, "  installed {pair:<22} {n}")?;
+        }
         write!(
             f,
             "  {:.1} MiB moved in {} requests ({} retries), {:.0} requests/s",
@@ -163,6 +169,7 @@ pub struct Counters {
     /// Devices running `until_version`, or done with it (rolled back).
     pub settled: AtomicU64,
     versions: Mutex<BTreeMap<String, usize>>,
+    moves: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Counters {
@@ -175,6 +182,18 @@ impl Counters {
             }
         }
         *v.entry(to.to_string()).or_default() += 1;
+    }
+
+    /// One install, from `old` to `new`.
+    fn install(&self, old: &str, new: &str) {
+        self.installs.fetch_add(1, Ordering::Relaxed);
+        *self
+            .moves
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(format!("{old} -> {new}"))
+            .or_default() += 1;
+        self.moved(old, new);
     }
 
     pub fn versions(&self) -> BTreeMap<String, usize> {
@@ -301,6 +320,11 @@ pub async fn run(
         devices: config.serials.len(),
         versions: counters.versions(),
         installs: counters.installs.load(Ordering::Relaxed),
+        moves: counters
+            .moves
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
         rollbacks: counters.rollbacks.load(Ordering::Relaxed),
         power_losses: counters.power_losses.load(Ordering::Relaxed),
         failed_downloads: counters.failed_downloads.load(Ordering::Relaxed),
@@ -649,8 +673,7 @@ impl<'a> Rhythm<'a> {
 
     /// The new image runs and was confirmed: count it and tell the server at once.
     async fn installed(&mut self, updater: &mut Updater, info: &DeviceInfo, old: &str) {
-        self.counters.installs.fetch_add(1, Ordering::Relaxed);
-        self.counters.moved(old, &info.version);
+        self.counters.install(old, &info.version);
         updater.report(Outcome::Installed {
             version: info.version.clone(),
         });
