@@ -49,6 +49,8 @@ pub struct Config {
     pub compile: crate::compile::CompileConfig,
     /// How often rollout gates are evaluated.
     pub rollout_tick: Duration,
+    /// How often this process applies what other processes changed (caches, live rollouts).
+    pub sync_interval: Duration,
     /// The polling interval hawkBit DDI clients are told (`config.polling.sleep`).
     pub ddi_poll: Duration,
 }
@@ -67,6 +69,7 @@ impl Default for Config {
             blob_cache_bytes: 256 * 1024 * 1024,
             compile: crate::compile::CompileConfig::default(),
             rollout_tick: Duration::from_secs(2),
+            sync_interval: Duration::from_millis(500),
             ddi_poll: Duration::from_secs(300),
         }
     }

@@ -146,9 +146,7 @@ impl AppState {
         let sealer = secrets::Sealer::load(&config.data_dir)?;
         let state = Self::new(config, store, blobs, sealer);
         state
-            .inner
-            .rollouts
-            .refresh(state.store())
+            .refresh_rollouts()
             .await
             .context("loading the live rollouts")?;
         Ok(state)
@@ -169,7 +167,7 @@ impl AppState {
         let state = self.clone();
         tokio::spawn(async move {
             let mut warming: Option<tokio::task::JoinHandle<()>> = None;
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut tick = tokio::time::interval(state.inner.config.sync_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut cold_since: Option<std::time::Instant> = None;
             loop {
@@ -181,12 +179,8 @@ impl AppState {
                     continue;
                 }
                 // Rollouts another node created, moved on or ended.
-                match state.inner.rollouts.refresh(&*state.inner.store).await {
-                    Ok(true) => state.inner.catalog.clear_settings(),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "refreshing the live rollouts failed; will retry")
-                    }
+                if let Err(e) = state.refresh_rollouts().await {
+                    tracing::warn!(error = %e, "refreshing the live rollouts failed; will retry")
                 }
                 // Devices forgotten all at once are loaded again once writes settle (2 s
                 // without another such forgetting), so polls keep reading nothing.

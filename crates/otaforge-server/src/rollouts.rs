@@ -79,8 +79,9 @@ impl Book {
 #[derive(Default)]
 pub struct RolloutBook {
     book: RwLock<Book>,
-    /// One refresh at a time: a new rollout's members are loaded once.
-    refreshing: tokio::sync::Mutex<()>,
+    /// One refresh at a time (a new rollout's members are loaded once), and when the last
+    /// one started: callers that asked while it ran take its answer.
+    refreshing: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl RolloutBook {
@@ -88,11 +89,31 @@ impl RolloutBook {
     /// dropped with their members, new ones are loaded with theirs (in pages, so a rollout
     /// of a million devices never sits in memory twice), and the others take their rows'
     /// state, stage and rolled-back stages. Cheap when nothing is new: one query of the
-    /// live rollouts. True when a rollout left the book: a completed rollout handed its
-    /// release to its group before its row said so, and the caller forgets the cached groups
-    /// (else a member would be offered the group's old firmware until they expire).
-    pub async fn refresh(&self, store: &dyn Store) -> otaforge_store::Result<bool> {
-        let _one = self.refreshing.lock().await;
+    /// live rollouts. When a rollout leaves the book, the catalog's products, groups and
+    /// firmware are forgotten first: a completed rollout handed its release to its group
+    /// before its row said so, and a member that no longer finds its rollout here must read
+    /// the group anew (else it would be offered the group's old firmware until they expire).
+    async fn refresh(
+        &self,
+        store: &dyn Store,
+        catalog: &crate::catalog::Catalog,
+    ) -> otaforge_store::Result<()> {
+        let asked = std::time::Instant::now();
+        let mut last = self.refreshing.lock().await;
+        if last.is_some_and(|started| started > asked) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.refresh_now(store, catalog).await?;
+        *last = Some(started);
+        Ok(())
+    }
+
+    async fn refresh_now(
+        &self,
+        store: &dyn Store,
+        catalog: &crate::catalog::Catalog,
+    ) -> otaforge_store::Result<()> {
         let live: Vec<Rollout> = store
             .live_rollouts()
             .await?
@@ -145,7 +166,9 @@ impl RolloutBook {
             .filter(|id| !ids.contains(id))
             .copied()
             .collect();
-        let left = !gone.is_empty();
+        if !gone.is_empty() {
+            catalog.clear_settings();
+        }
         for id in gone {
             book.forget(id);
         }
@@ -156,7 +179,7 @@ impl RolloutBook {
         for r in live {
             book.rollouts.insert(r.id, r);
         }
-        Ok(left)
+        Ok(())
     }
 
     /// A deleted device leaves the rollout it was in.
@@ -226,21 +249,44 @@ impl AppState {
         Some((member, rollout, firmware))
     }
 
+    /// Brings this node's book of live rollouts up to date with the database now.
+    pub(crate) async fn refresh_rollouts(&self) -> otaforge_store::Result<()> {
+        self.inner
+            .rollouts
+            .refresh(self.store(), &self.inner.catalog)
+            .await
+    }
+
     /// The firmware a device should run now: a live rollout's for released stages (offering
     /// it for the first time under the rate cap), else the usual device or group assignment.
+    /// Before the usual assignment moves a device off what it runs, the book catches up
+    /// with the database: another node may have started the rollout, released the stage or
+    /// offered the device its image a moment ago, and the old image must not be offered
+    /// over the top of the new one.
     pub(crate) async fn target_firmware(
         &self,
         device: &Device,
         by_password: bool,
         chip: Option<Family>,
+        running: &Running<'_>,
     ) -> otaforge_store::Result<Option<Firmware>> {
-        if let Steer::Serve(fw) = self.steer_device(device, chip).await? {
-            return Ok(Some(*fw));
+        let mut caught_up = false;
+        loop {
+            if let Steer::Serve(fw) = self.steer_device(device, chip).await? {
+                return Ok(Some(*fw));
+            }
+            let usual = self
+                .inner
+                .catalog
+                .assigned_firmware(self.store(), device, by_password, chip)
+                .await?;
+            let moves_off = usual.as_ref().is_some_and(|fw| !runs(fw, running));
+            if caught_up || !moves_off {
+                return Ok(usual);
+            }
+            self.refresh_rollouts().await?;
+            caught_up = true;
         }
-        self.inner
-            .catalog
-            .assigned_firmware(self.store(), device, by_password, chip)
-            .await
     }
 
     async fn steer_device(
@@ -475,8 +521,10 @@ impl AppState {
                 .audit("gates", &action, &format!("rollout {}", rollout.id), "")
                 .await?;
             tracing::info!(rollout = rollout.id, "{action}");
-            self.inner.rollouts.put_rollout(rollout);
+            // The groups are forgotten before the rollout leaves the book: a member that no
+            // longer finds it here reads its group (handed the release above) anew.
             self.inner.catalog.invalidate_settings();
+            self.inner.rollouts.put_rollout(rollout);
         }
         Ok(())
     }
@@ -690,7 +738,7 @@ pub async fn create(
             &format!("firmware {} to {total} devices", firmware.version),
         )
         .await;
-    state.inner.rollouts.refresh(state.store()).await?;
+    state.refresh_rollouts().await?;
     state.inner.catalog.invalidate_settings();
     let out = Created {
         rollout: RolloutBody::of(&state, &rollout).await?,
@@ -983,7 +1031,7 @@ pub async fn apply_action(
     state.inner.rollouts.put_rollout(r.clone());
     if r.state == Cancelled {
         // Members of a cancelled rollout keep what they run; nobody new is offered anything.
-        state.inner.rollouts.refresh(state.store()).await?;
+        state.refresh_rollouts().await?;
     }
     state.inner.catalog.invalidate_settings();
     Ok(r)

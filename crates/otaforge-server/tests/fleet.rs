@@ -1927,6 +1927,90 @@ on_both_backends!(
     caches_stay_coherent_across_processes_story
 );
 
+/// A device a rollout moved on through one node is never offered its old image by another
+/// whose book of live rollouts has not caught up yet: here B applies others' changes only
+/// once an hour, so it learns of A's rollout only when the usual assignment would move the
+/// device off what it runs.
+async fn a_stale_node_does_not_undo_a_rollout_story(backend: Backend) {
+    let a = Server::start(backend).await;
+    let b = Server::start_with(
+        backend,
+        support::Options {
+            data_dir: Some(a.data_dir.clone()),
+            database_url: Some(a.state.config().database_url()),
+            sync_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pid, key, group) = a.product("stale").await;
+    let mut ids = Vec::new();
+    for name in ["app-v1.bin", "app-v2.bin"] {
+        let (status, fw) = a
+            .upload(
+                &format!("/api/v1/products/{pid}/firmware"),
+                support::fixture(name),
+            )
+            .await;
+        assert_eq!(status, 201, "{fw}");
+        ids.push(fw["id"].clone());
+    }
+    let (status, _) = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": ids[0]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for serial in ["s-1", "s-2"] {
+        let (status, _) = a
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(json!({"serial": serial, "status": "verified"})),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let poll = |version: &str, serial: &str| {
+        otadrive_request(
+            "GET",
+            &format!("/deviceapi/update?k={key}&v={version}&s={serial}"),
+            "",
+        )
+    };
+    assert_eq!(b.raw(&poll("1.0.0", "s-1")).await.status, 304);
+    let (status, rollout) = a
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            Some(json!({
+                "firmware_id": ids[1],
+                "target": {"group_id": group},
+                "stages": [{"size": {"count": 2}}]
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let offer = a.raw(&poll("1.0.0", "s-1")).await;
+    assert_eq!(offer.status, 200, "A offers the rollout's image");
+    assert_eq!(offer.body, support::fixture("app-v2.bin"));
+    // Installed, the device asks B, which has not heard of the rollout.
+    let after = b.raw(&poll("2.0.0", "s-1")).await;
+    assert_eq!(after.status, 304, "B offered {} bytes", after.body.len());
+    // B caught up: the other member is offered the rollout's image by B too.
+    let other = b.raw(&poll("1.0.0", "s-2")).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.body, support::fixture("app-v2.bin"));
+    b.finish().await;
+    a.finish().await;
+}
+on_both_backends!(
+    a_stale_node_does_not_undo_a_rollout,
+    a_stale_node_does_not_undo_a_rollout_story
+);
+
 /// The product page lists the newest firmware and rollouts a page at a time, with a link to
 /// the older; a group's choice of firmware still names what it has, however old.
 async fn product_page_pages_firmware_story(backend: Backend) {

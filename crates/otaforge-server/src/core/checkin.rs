@@ -204,7 +204,7 @@ impl AppState {
         }
         // An offer the device closed without installing is not made again.
         let target = self
-            .target_firmware(&device, by_password, req.chip)
+            .target_firmware(&device, by_password, req.chip, &req.running)
             .await?
             .filter(|firmware| device.closed_firmware_id != Some(firmware.id));
         // An image that names its device types or hardware revisions goes to those alone.

@@ -267,7 +267,7 @@ impl AppState {
         }
         store.delete_product(product).await?;
         self.changed_devices();
-        self.inner.rollouts.refresh(store).await?;
+        self.refresh_rollouts().await?;
         for sha in firmware
             .iter()
             .map(|f| &f.sha256)

@@ -141,6 +141,8 @@ pub struct Options {
     pub ddi_poll: Duration,
     /// The address devices reach the server at (links in answers), when not its own.
     pub public_url: Option<String>,
+    /// How often the server applies what other processes changed.
+    pub sync_interval: Duration,
 }
 
 impl Default for Options {
@@ -153,6 +155,7 @@ impl Default for Options {
             compile: None,
             ddi_poll: Duration::from_secs(300),
             public_url: None,
+            sync_interval: Duration::from_millis(500),
         }
     }
 }
@@ -184,6 +187,7 @@ impl Server {
             telemetry_flush_interval: options.telemetry_flush_interval,
             compile: options.compile.clone().unwrap_or_default(),
             ddi_poll: options.ddi_poll,
+            sync_interval: options.sync_interval,
             ..Config::default()
         };
         let state = AppState::open(config)
