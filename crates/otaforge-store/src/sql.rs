@@ -15,6 +15,49 @@ const GROUP_COLS: &str =
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
      firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id, chip";
+/// A new device's columns, as `INSERT ... RETURNING` gives them (it has not been seen).
+const NEW_DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
+     CAST(NULL AS BIGINT) AS last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, \
+     chip_size, sdk_version, firmware_id, secrets, attributes, closed_firmware_id, public_key, \
+     open_firmware_id, chip";
+
+/// `DEVICE_COLS` as read from `devices` alone: PostgreSQL keeps the time each device was
+/// seen in a table of its own (schema 18), looked up here by device (an index probe per row
+/// returned, so that a page keeps the plan of its own order).
+fn device_cols(backend: &str) -> &'static str {
+    if backend == "postgres" {
+        "id, product_id, group_id, serial, status, password_hash, created_at, \
+         (SELECT s.last_seen FROM device_seen s WHERE s.device_id = devices.id) AS last_seen, \
+         version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
+         firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id, chip"
+    } else {
+        DEVICE_COLS
+    }
+}
+
+/// Where a page of devices in order of time seen is read from: on PostgreSQL `devices`
+/// joined to `device_seen` by device and product, so that the page walks that table's index
+/// (`DEVICE_COLS` then name its `last_seen`).
+fn devices_by_seen(backend: &str) -> &'static str {
+    if backend == "postgres" {
+        "devices JOIN device_seen ON device_seen.device_id = devices.id \
+         AND device_seen.seen_product = devices.product_id"
+    } else {
+        "devices"
+    }
+}
+
+/// A condition on the time seen (`last_seen`), as a filter of `devices` rows.
+fn seen_filter(backend: &str, condition: &str) -> String {
+    if backend == "postgres" {
+        format!(
+            " AND id IN (SELECT device_id FROM device_seen WHERE seen_product = $1 AND {condition})"
+        )
+    } else {
+        format!(" AND {condition}")
+    }
+}
+
 const ROLLOUT_COLS: &str = "id, product_id, firmware_id, other_firmware, target, stages, rate_per_minute, state, \
      current_stage, stage_started_at, rolled_back_stages, message, created_by, created_at, updated_at";
 const MEMBER_COLS: &str =
@@ -118,11 +161,14 @@ fn device_query_sql(
     }
     if let Some(before) = q.seen_before {
         let n = arg(&mut args, Arg::Int(before));
-        sql.push_str(&format!(" AND COALESCE(last_seen, 0) < {n}"));
+        sql.push_str(&seen_filter(
+            backend,
+            &format!("COALESCE(last_seen, 0) < {n}"),
+        ));
     }
     if let Some(after) = q.seen_after {
         let n = arg(&mut args, Arg::Int(after));
-        sql.push_str(&format!(" AND last_seen >= {n}"));
+        sql.push_str(&seen_filter(backend, &format!("last_seen >= {n}")));
     }
     if let Some(chip) = &q.chip {
         let n = arg(&mut args, Arg::Text(chip.clone()));
@@ -789,7 +835,7 @@ macro_rules! sql_store {
                     "INSERT INTO devices (product_id, group_id, serial, status, password_hash, created_at) \
                      SELECT p.id, COALESCE(g.id, p.default_group_id), $3, $4, $5, $6 \
                      FROM products p LEFT JOIN device_groups g ON g.product_id = p.id AND g.id = $2 \
-                     WHERE p.id = $1 AND ($2 IS NULL OR g.id IS NOT NULL) RETURNING {DEVICE_COLS}"
+                     WHERE p.id = $1 AND ($2 IS NULL OR g.id IS NOT NULL) RETURNING {NEW_DEVICE_COLS}"
                 ))
                 .bind(new.product_id)
                 .bind(new.group_id)
@@ -811,7 +857,7 @@ macro_rules! sql_store {
 
             async fn list_devices(&self, product_id: Id) -> Result<Vec<Device>> {
                 let rows = sqlx::query(&format!(
-                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 ORDER BY id"
+                    "SELECT {} FROM devices WHERE product_id = $1 ORDER BY id", device_cols($backend)
                 ))
                 .bind(product_id)
                 .fetch_all(&self.read)
@@ -821,7 +867,11 @@ macro_rules! sql_store {
 
             async fn device_page(&self, product_id: Id, query: &DeviceQuery) -> Result<Vec<Device>> {
                 let (filter, args) = device_query_sql($backend, product_id, query, true)?;
-                let sql = format!("SELECT {DEVICE_COLS} FROM devices WHERE {filter}");
+                let sql = if query.sort == DeviceSort::LastSeen {
+                    format!("SELECT {DEVICE_COLS} FROM {} WHERE {filter}", devices_by_seen($backend))
+                } else {
+                    format!("SELECT {} FROM devices WHERE {filter}", device_cols($backend))
+                };
                 let q = bound(&sql, args);
                 let rows = q.fetch_all(&self.read).await?;
                 rows.iter().map(Self::device).collect()
@@ -1038,7 +1088,7 @@ macro_rules! sql_store {
 
             async fn find_device(&self, product_id: Id, serial: &str) -> Result<Option<Device>> {
                 let row = sqlx::query(&format!(
-                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 AND serial = $2"
+                    "SELECT {} FROM devices WHERE product_id = $1 AND serial = $2", device_cols($backend)
                 ))
                 .bind(product_id)
                 .bind(serial)
@@ -1061,7 +1111,7 @@ macro_rules! sql_store {
             ) -> Result<Device> {
                 let mut tx = self.begin_write().await?;
                 let row = sqlx::query(&format!(
-                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 AND serial = $2"
+                    "SELECT {} FROM devices WHERE product_id = $1 AND serial = $2", device_cols($backend)
                 ))
                 .bind(product_id)
                 .bind(serial)
@@ -1124,7 +1174,7 @@ macro_rules! sql_store {
                 .execute(&self.write)
                 .await?;
                 let row = sqlx::query(&format!(
-                    "SELECT {DEVICE_COLS} FROM devices WHERE product_id = $1 AND serial = $2"
+                    "SELECT {} FROM devices WHERE product_id = $1 AND serial = $2", device_cols($backend)
                 ))
                 .bind(product_id)
                 .bind(serial)
@@ -1414,7 +1464,7 @@ macro_rules! sql_store {
             }
 
             async fn device_by_id(&self, id: Id) -> Result<Device> {
-                let row = sqlx::query(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = $1"))
+                let row = sqlx::query(&format!("SELECT {} FROM devices WHERE id = $1", device_cols($backend)))
                     .bind(id)
                     .fetch_optional(&self.read)
                     .await?
@@ -1424,7 +1474,7 @@ macro_rules! sql_store {
 
             async fn devices_by_serial(&self, serial: &str) -> Result<Vec<Device>> {
                 let rows = sqlx::query(&format!(
-                    "SELECT {DEVICE_COLS} FROM devices WHERE serial = $1 ORDER BY id"
+                    "SELECT {} FROM devices WHERE serial = $1 ORDER BY id", device_cols($backend)
                 ))
                 .bind(serial)
                 .fetch_all(&self.read)
@@ -2188,16 +2238,6 @@ pub struct SqliteStore {
     write: sqlx::SqlitePool,
 }
 
-/// Folds a report into a device's row: fields the report has replace the stored ones.
-const TELEMETRY_SET: &str = "last_seen = COALESCE(t.last_seen, devices.last_seen), \
-     version = COALESCE(t.version, devices.version), \
-     sketch_md5 = COALESCE(t.sketch_md5, devices.sketch_md5), \
-     sta_mac = COALESCE(t.sta_mac, devices.sta_mac), ap_mac = COALESCE(t.ap_mac, devices.ap_mac), \
-     free_space = COALESCE(t.free_space, devices.free_space), \
-     chip_size = COALESCE(t.chip_size, devices.chip_size), \
-     sdk_version = COALESCE(t.sdk_version, devices.sdk_version), \
-     chip = COALESCE(t.chip, devices.chip)";
-
 /// Rows per statement batch of a SQLite report flush (10 parameters a row).
 const SQLITE_TELEMETRY_BATCH: usize = 64;
 
@@ -2328,16 +2368,41 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Reports in one transaction of one `UPDATE ... FROM UNNEST(...)` per 5,000 rows: a
+    /// Reports in one transaction of two `UPDATE ... FROM UNNEST(...)` per 5,000 rows (a
     /// round trip per row would cap a PostgreSQL on the network at a few thousand rows a
-    /// second, fewer than a million devices report.
+    /// second, fewer than a million devices report): the times seen into `device_seen`, then
+    /// the other fields into the devices' rows where one of them differs from the row (most
+    /// polls change nothing else, and an unchanged row is not written again).
     async fn write_telemetry(&self, batch: &[(Id, Telemetry)]) -> Result<()> {
-        let sql = format!(
-            "UPDATE devices SET {TELEMETRY_SET} FROM UNNEST($1::bigint[], $2::bigint[], \
-             $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
-             $9::text[], $10::text[]) AS t(id, last_seen, version, sketch_md5, sta_mac, ap_mac, \
-             free_space, chip_size, sdk_version, chip) WHERE devices.id = t.id"
-        );
+        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let others = SQL.get_or_init(|| {
+            let fields = [
+                "version",
+                "sketch_md5",
+                "sta_mac",
+                "ap_mac",
+                "free_space",
+                "chip_size",
+                "sdk_version",
+                "chip",
+            ];
+            let set = fields
+                .iter()
+                .map(|f| format!("{f} = COALESCE(t.{f}, devices.{f})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let differs = fields
+                .iter()
+                .map(|f| format!("(t.{f} IS NOT NULL AND t.{f} IS DISTINCT FROM devices.{f})"))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            format!(
+                "UPDATE devices SET {set} FROM UNNEST($1::bigint[], $2::text[], $3::text[], \
+                 $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[]) \
+                 AS t(id, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, \
+                 sdk_version, chip) WHERE devices.id = t.id AND ({differs})"
+            )
+        });
         let mut tx = self.begin_write().await?;
         for chunk in batch.chunks(5_000) {
             let ids: Vec<i64> = chunk.iter().map(|(id, _)| *id).collect();
@@ -2347,9 +2412,17 @@ impl PgStore {
             let number = |f: fn(&Telemetry) -> Option<i64>| -> Vec<Option<i64>> {
                 chunk.iter().map(|(_, t)| f(t)).collect()
             };
-            sqlx::query(&sql)
+            sqlx::query(
+                "UPDATE device_seen SET last_seen = t.last_seen \
+                 FROM UNNEST($1::bigint[], $2::bigint[]) AS t(id, last_seen) \
+                 WHERE device_seen.device_id = t.id AND t.last_seen IS NOT NULL",
+            )
+            .bind(&ids)
+            .bind(number(|t| t.last_seen))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(others)
                 .bind(ids)
-                .bind(number(|t| t.last_seen))
                 .bind(column(|t| t.version.clone()))
                 .bind(column(|t| t.sketch_md5.clone()))
                 .bind(column(|t| t.sta_mac.clone()))
@@ -2485,6 +2558,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "serial search index",
         include_str!("../migrations/postgres_17.sql"),
+    ),
+    (
+        "time seen apart",
+        include_str!("../migrations/postgres_18.sql"),
     ),
 ];
 
