@@ -10,10 +10,15 @@ use otaforge_store::model::{Id, Telemetry};
 #[derive(Default)]
 pub struct TelemetryBuffer {
     pending: Mutex<HashMap<Id, Telemetry>>,
+    /// The map the last flush emptied, with its room: the next flush swaps it for the
+    /// pending one, so that the buffer does not grow its table again (page by fresh page)
+    /// after every flush.
+    spare: Mutex<HashMap<Id, Telemetry>>,
     /// When the oldest report still pending came in.
     oldest: Mutex<Option<std::time::Instant>>,
-    /// One flush at a time: concurrent batches would lock the same rows in two orders.
-    flushing: tokio::sync::Mutex<()>,
+    /// One flush at a time (concurrent batches would lock the same rows in two orders), and
+    /// the batch it writes, whose room is kept from one flush to the next.
+    flushing: tokio::sync::Mutex<Vec<(Id, Telemetry)>>,
     last: Mutex<FlushStats>,
 }
 
@@ -49,12 +54,16 @@ impl TelemetryBuffer {
     /// Writes everything pending. On failure the batch goes back into the buffer, under
     /// any newer reports, so nothing is lost.
     pub async fn flush(&self, store: &dyn Store) -> otaforge_store::Result<usize> {
-        let _one_at_a_time = self.flushing.lock().await;
-        let (mut batch, oldest): (Vec<(Id, Telemetry)>, _) = {
+        let mut batch = self.flushing.lock().await;
+        let mut taken = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|e| e.into_inner()));
+        let oldest = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let oldest = self.oldest.lock().unwrap_or_else(|e| e.into_inner()).take();
-            (std::mem::take(&mut *pending).into_iter().collect(), oldest)
+            std::mem::swap(&mut *pending, &mut taken);
+            self.oldest.lock().unwrap_or_else(|e| e.into_inner()).take()
         };
+        batch.clear();
+        batch.extend(taken.drain());
+        *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = taken;
         // Rows in id order, so that any other writer locking several devices cannot deadlock
         // with this batch.
         batch.sort_unstable_by_key(|(id, _)| *id);
@@ -70,14 +79,16 @@ impl TelemetryBuffer {
                     lag_ms: oldest.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
                     pending: 0,
                 };
-                Ok(batch.len())
+                let written = batch.len();
+                batch.clear();
+                Ok(written)
             }
             Err(err) => {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 let mut first = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
                 *first = oldest.or(*first);
                 drop(first);
-                for (id, mut older) in batch {
+                for (id, mut older) in batch.drain(..) {
                     if let Some(newer) = pending.remove(&id) {
                         older.merge(newer);
                     }
