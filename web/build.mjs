@@ -1,4 +1,4 @@
-// npm run build: bundle src/editor.js and vendor htmx + the stylesheet into
+// npm run build: bundle src/editor.js and copy the stylesheet into
 // crates/otaforge-server/assets/, which the server embeds in its binary.
 // Everything comes from node_modules installed from package-lock.json.
 import { build } from "esbuild";
@@ -24,10 +24,9 @@ await build({
   logLevel: "warning",
 });
 
-await copyFile(path.join(here, "node_modules/htmx.org/dist/htmx.min.js"), path.join(assets, "htmx.min.js"));
 await copyFile(path.join(here, "src/app.css"), path.join(assets, "app.css"));
 
-for (const f of ["editor.js", "htmx.min.js", "app.css"]) {
+for (const f of ["editor.js", "app.css"]) {
   const { size } = await stat(path.join(assets, f));
   console.log(`${path.relative(process.cwd(), path.join(assets, f))}  ${size} bytes`);
 }

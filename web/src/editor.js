@@ -230,5 +230,3 @@ window.OTAForgeEditor = { showDiagnostics, clearDiagnostics, getValue, followLog
 
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", () => init(document));
 else init(document);
-// Content swapped in by htmx gets the same treatment.
-document.addEventListener("htmx:load", (e) => init(e.detail && e.detail.elt));

@@ -475,7 +475,6 @@ async fn logout(
 async fn asset(ApiPath(name): ApiPath<String>) -> Response {
     let (body, kind): (&'static [u8], &str) = match name.as_str() {
         "editor.js" => (include_bytes!("../assets/editor.js"), "text/javascript"),
-        "htmx.min.js" => (include_bytes!("../assets/htmx.min.js"), "text/javascript"),
         "app.css" => (include_bytes!("../assets/app.css"), "text/css"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };

@@ -1167,3 +1167,63 @@ async fn setup_builds_keep_their_images_for_flashing_by_wire() {
     let _ = std::fs::remove_dir_all(&data_dir);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// The `/assets/...` files a page names (scripts and stylesheets).
+fn assets_named(html: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for attr in ["src=\"", "href=\""] {
+        for rest in html.split(attr).skip(1) {
+            let value = rest.split('"').next().unwrap_or("");
+            if value.starts_with("/assets/") {
+                out.push(value.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A page loads what it uses: the sign-in page and the dashboard no script at all and at most
+/// 60 KB with their stylesheet; the editor bundle on the workspace alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_load_only_what_they_use() {
+    let server = Server::start(Backend::Sqlite).await;
+    let operator = server.operator_session("dora").await;
+    let (pid, _, _) = server.product("weights").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "w_01", "password": "w-pw-81xKq"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (bot, _) = bot_session(&server, pid, "w_01", "w-pw-81xKq").await;
+    let weigh = async |path: &str, cookie: &str| -> (usize, Vec<String>) {
+        let page = server.get_with_cookie(path, cookie).await;
+        assert_eq!(page.status, 200, "{path}");
+        let assets = assets_named(&page.text());
+        let mut total = page.body.len();
+        for asset in &assets {
+            let r = server.get_with_cookie(asset, "").await;
+            assert_eq!(r.status, 200, "{asset}");
+            total += r.body.len();
+        }
+        (total, assets)
+    };
+    for (path, cookie) in [("/login", ""), ("/", operator.as_str())] {
+        let (bytes, assets) = weigh(path, cookie).await;
+        assert!(bytes <= 60_000, "{path}: {bytes} bytes with {assets:?}");
+        assert!(
+            assets.iter().all(|a| !a.ends_with(".js")),
+            "{path} loads {assets:?}"
+        );
+    }
+    let (_, assets) = weigh(&format!("/workspace/{pid}/w_01"), &bot).await;
+    assert!(
+        assets.contains(&"/assets/editor.js".to_string()),
+        "{assets:?}"
+    );
+    let gone = server.get_with_cookie("/assets/htmx.min.js", "").await;
+    assert_eq!(gone.status, 404);
+    server.finish().await;
+}
