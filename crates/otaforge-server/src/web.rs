@@ -1023,6 +1023,7 @@ async fn rollout_action(
 #[template(path = "audit.html")]
 struct AuditPage {
     username: String,
+    csrf: String,
     entries: Vec<(String, String, String, String, String)>,
 }
 
@@ -1040,6 +1041,7 @@ async fn audit_page(State(state): State<AppState>, web: Web) -> Response {
         .collect();
     page(AuditPage {
         username: web.name(),
+        csrf: web.csrf.clone(),
         entries,
     })
 }

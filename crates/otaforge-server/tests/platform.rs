@@ -1227,3 +1227,124 @@ async fn pages_load_only_what_they_use() {
     assert_eq!(gone.status, 404);
     server.finish().await;
 }
+
+/// Every page fits a phone: at 390 px nothing is wider than the window (a table scrolls
+/// inside its own box). Screenshots at 1366 px and 390 px land in target/screenshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_fit_a_phone() {
+    let server = Server::start(Backend::Sqlite).await;
+    let store = server.state.store();
+    let hash = otaforge_server::auth::hash_password("operator-pw").unwrap();
+    store.create_user("erin", &hash, true).await.unwrap();
+    let (pid, _, group) = server.product("a-product-with-a-rather-long-name").await;
+    let mut ids = Vec::new();
+    for name in ["app-v1.bin", "app-v2.bin"] {
+        let (status, fw) = server
+            .upload(
+                &format!("/api/v1/products/{pid}/firmware"),
+                support::fixture(name),
+            )
+            .await;
+        assert_eq!(status, 201, "{fw}");
+        ids.push(fw["id"].clone());
+    }
+    let (status, _) = server
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/products/{pid}/groups/{group}"),
+            Some(json!({"firmware_id": ids[0]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for i in 0..5 {
+        let (status, _) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(
+                    json!({"serial": format!("greenhouse-sensor-{i:04}"), "password": "pw-12345",
+                            "status": "verified"}),
+                ),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let (status, rollout) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            Some(json!({"firmware_id": ids[1], "target": {"group_id": group},
+                        "stages": [{"size": {"count": 2}}, {"size": "rest"}]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let rid = rollout["id"].as_i64().unwrap();
+    let browser = Browser::start().await;
+    let pages = [
+        ("dashboard", "/".to_string()),
+        ("product", format!("/products/{pid}")),
+        ("rollout", format!("/products/{pid}/rollouts/{rid}")),
+        ("audit", "/audit".to_string()),
+        ("not-found", "/no/such/page".to_string()),
+    ];
+    // The sign-in page as a visitor sees it, then the rest signed in.
+    let mut too_wide = Vec::new();
+    let fits = async |name: &str, width: i64, too_wide: &mut Vec<String>| {
+        browser.find("main").await;
+        browser.shot(&format!("{name}-{width}")).await;
+        let (page, window) = (
+            browser
+                .script("return document.documentElement.scrollWidth")
+                .await,
+            browser.script("return window.innerWidth").await,
+        );
+        if page.as_i64() > window.as_i64() {
+            too_wide.push(format!(
+                "{name} at {width}: {page} px in a {window} px window"
+            ));
+        }
+    };
+    for width in [1366, 390] {
+        browser
+            .cmd(
+                Method::POST,
+                "/window/rect",
+                json!({"width": width, "height": 900}),
+            )
+            .await;
+        browser.go(&server.url("/login")).await;
+        fits("login", width, &mut too_wide).await;
+    }
+    let mut navs: std::collections::BTreeMap<&str, String> = Default::default();
+    sign_in(&browser, &server, "operator", "erin", "operator-pw").await;
+    browser.find("main").await;
+    for width in [1366, 390] {
+        browser
+            .cmd(
+                Method::POST,
+                "/window/rect",
+                json!({"width": width, "height": 900}),
+            )
+            .await;
+        for (name, path) in &pages {
+            browser.go(&server.url(path)).await;
+            fits(name, width, &mut too_wide).await;
+            if *name != "not-found" {
+                let nav = browser
+                    .script("return document.querySelector('nav.topnav').innerText")
+                    .await;
+                navs.insert(*name, nav.as_str().unwrap_or("").to_string());
+            }
+        }
+    }
+    assert!(too_wide.is_empty(), "{too_wide:#?}");
+    // One nav on every operator page.
+    let first = navs.values().next().unwrap().clone();
+    assert!(
+        first.contains("Audit log") && first.contains("Sign out"),
+        "{first}"
+    );
+    assert!(navs.values().all(|n| *n == first), "{navs:#?}");
+    browser.quit().await;
+    server.finish().await;
+}
