@@ -1318,6 +1318,8 @@ struct WorkspacePage {
     /// What this server can build, for the boards offered: (board, buildable, with what or
     /// what its administrator would install). Empty before the toolchain was checked.
     toolchain: Vec<(String, bool, String)>,
+    /// The boards (FQBNs) this server is known not to build, marked in the board choice.
+    unbuildable: Vec<String>,
     /// Some offered board cannot be built here.
     toolchain_missing: bool,
     firmware_url: String,
@@ -1470,11 +1472,15 @@ async fn workspace(
         boards.push((fqbn.clone(), fqbn.clone(), true));
     }
     let status = state.inner.compile.status();
+    let mut unbuildable = Vec::new();
     let toolchain: Vec<(String, bool, String)> = boards
         .iter()
         .filter_map(|(value, label, _)| match status.board(value) {
             compile::BoardState::Ready(with) => Some((label.clone(), true, with)),
-            compile::BoardState::Missing(why) => Some((label.clone(), false, why)),
+            compile::BoardState::Missing(why) => {
+                unbuildable.push(value.clone());
+                Some((label.clone(), false, why))
+            }
             compile::BoardState::Unknown => None,
         })
         .collect();
@@ -1531,6 +1537,7 @@ async fn workspace(
         boards,
         toolchain_missing: toolchain.iter().any(|(_, ready, _)| !ready),
         toolchain,
+        unbuildable,
         assigned,
         build,
         build_images,

@@ -1146,6 +1146,23 @@ async fn setup_builds_keep_their_images_for_flashing_by_wire() {
         html.contains("arduino-cli core install esp8266:esp8266"),
         "{html}"
     );
+    // A board it cannot build says so to the bot's user in the list and in the choice,
+    // before anything is compiled; the administrator's steps are folded away.
+    assert!(
+        html.contains(
+            "NodeMCU 1.0 (ESP8266)</strong>: this server cannot build for it yet. You can keep \
+             editing and saving; ask the person who runs this server to add it."
+        ),
+        "{html}"
+    );
+    assert!(
+        html.contains("(esp8266:esp8266:nodemcuv2): cannot be built on this server yet</option>"),
+        "{html}"
+    );
+    assert!(
+        !html.contains("(esp32:esp32:esp32): cannot be built"),
+        "{html}"
+    );
 
     // The images are sealed at rest: no file of the data folder holds them in clear.
     let (data_dir, _) = server.stop().await;
