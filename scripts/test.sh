@@ -60,6 +60,12 @@ export OTAFORGE_TEST_RCLONE="$PWD/$S3_VENV/bin/rclone"
 rclone_version="$("$OTAFORGE_TEST_RCLONE" version)"
 printf '%s\n' "${rclone_version%%$'\n'*}"
 
+log "axe-core for the pages' accessibility checks (npm ci in web/, from its lockfile)"
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+if [[ ! -f web/node_modules/axe-core/axe.min.js ]]; then
+    (cd web && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
+fi
+
 log "fixture images (esptool elf2image)"
 mkdir -p target/fixtures
 bash scripts/fixtures.sh target/fixtures

@@ -433,6 +433,36 @@ impl Browser {
         }
     }
 
+    /// axe-core's serious and critical findings on the page shown (`axe` is its source).
+    async fn axe(&self, axe: &str) -> Vec<String> {
+        self.cmd(
+            Method::POST,
+            "/execute/sync",
+            json!({"script": axe, "args": []}),
+        )
+        .await;
+        let found = self
+            .cmd(
+                Method::POST,
+                "/execute/async",
+                json!({"script": "const done = arguments[arguments.length - 1]; \
+                    axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations \
+                    .filter(v => v.impact === 'serious' || v.impact === 'critical') \
+                    .map(v => v.impact + ' ' + v.id + ': ' + v.help + ' (' + v.nodes.map(n => \
+                    n.target.join(' ')).join(', ') + ')')), e => done(['axe failed: ' + e]));",
+                    "args": []}),
+            )
+            .await;
+        found
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     async fn quit(self) {
         let _ = self
             .http
@@ -1245,8 +1275,21 @@ async fn pages_load_only_what_they_use() {
     server.finish().await;
 }
 
+/// axe-core, from web/'s lockfile (`scripts/test.sh` runs `npm ci` there).
+fn axe_source() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../web/node_modules/axe-core/axe.min.js");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "axe-core is needed for the accessibility checks ({}: {e}): `cd web && npm ci`",
+            path.display()
+        )
+    })
+}
+
 /// Every page fits a phone: at 390 px nothing is wider than the window (a table scrolls
-/// inside its own box). Screenshots at 1366 px and 390 px land in target/screenshots.
+/// inside its own box), and axe-core finds nothing serious or critical on any page at
+/// either width. Screenshots at 1366 px and 390 px land in target/screenshots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_fit_a_phone() {
     let server = Server::start(Backend::Sqlite).await;
@@ -1296,6 +1339,7 @@ async fn pages_fit_a_phone() {
         .await;
     assert_eq!(status, 201, "{rollout}");
     let rid = rollout["id"].as_i64().unwrap();
+    let axe = axe_source();
     let browser = Browser::start().await;
     let pages = [
         ("dashboard", "/".to_string()),
@@ -1315,6 +1359,9 @@ async fn pages_fit_a_phone() {
                 .await,
             browser.script("return window.innerWidth").await,
         );
+        for finding in browser.axe(&axe).await {
+            too_wide.push(format!("{name} at {width}: {finding}"));
+        }
         if page.as_i64() > window.as_i64() {
             too_wide.push(format!(
                 "{name} at {width}: {page} px in a {window} px window"
