@@ -46,7 +46,7 @@ const theme = EditorView.theme({
   "&.cm-focused": { outline: "2px solid var(--accent, #2563eb)", outlineOffset: "-1px" },
   ".cm-scroller": { fontFamily: "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace", overflow: "auto", lineHeight: "1.5" },
   ".cm-content, .cm-gutter": { minHeight: "24em" },
-  ".cm-gutters": { backgroundColor: "#f6f8fa", borderRight: "1px solid #e3e7eb", color: "#8a94a0" },
+  ".cm-gutters": { backgroundColor: "#f6f8fa", borderRight: "1px solid #e3e7eb", color: "#59636e" },
 });
 
 function labelFor(textarea) {
@@ -82,6 +82,8 @@ function enhance(textarea) {
         EditorView.editable.of(!readOnly),
         EditorView.contentAttributes.of({ "aria-label": labelFor(textarea) }),
         theme,
+        // Long lines wrap: on a phone the editor never scrolls sideways.
+        EditorView.lineWrapping,
         // Keep the real form field current so a plain submit carries the code.
         EditorView.updateListener.of((update) => {
           if (update.docChanged) textarea.value = update.state.doc.toString();
