@@ -1944,25 +1944,7 @@ async fn a_stale_node_does_not_undo_a_rollout_story(backend: Backend) {
     )
     .await;
     let (pid, key, group) = a.product("stale").await;
-    let mut ids = Vec::new();
-    for name in ["app-v1.bin", "app-v2.bin"] {
-        let (status, fw) = a
-            .upload(
-                &format!("/api/v1/products/{pid}/firmware"),
-                support::fixture(name),
-            )
-            .await;
-        assert_eq!(status, 201, "{fw}");
-        ids.push(fw["id"].clone());
-    }
-    let (status, _) = a
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/products/{pid}/groups/{group}"),
-            Some(json!({"firmware_id": ids[0]})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let ids = a.two_releases(pid, group).await;
     for serial in ["s-1", "s-2"] {
         let (status, _) = a
             .call(

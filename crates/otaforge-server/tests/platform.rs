@@ -433,6 +433,16 @@ impl Browser {
         }
     }
 
+    /// The window's width, 900 px high.
+    async fn resize(&self, width: i64) {
+        self.cmd(
+            Method::POST,
+            "/window/rect",
+            json!({"width": width, "height": 900}),
+        )
+        .await;
+    }
+
     /// axe-core's serious and critical findings on the page shown (`axe` is its source).
     async fn axe(&self, axe: &str) -> Vec<String> {
         self.cmd(
@@ -781,6 +791,19 @@ fn form_post(path: &str, cookie: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Registers a device with this password, then signs its bot in (see `bot_session`).
+async fn new_bot(server: &Server, pid: i64, serial: &str, password: &str) -> (String, String) {
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": serial, "password": password})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    bot_session(server, pid, serial, password).await
+}
+
 /// Signs a bot in through the form: its session cookie and its workspace's form token.
 async fn bot_session(server: &Server, pid: i64, serial: &str, password: &str) -> (String, String) {
     let (login_cookie, token) = server.login_token().await;
@@ -1045,15 +1068,7 @@ async fn setup_builds_keep_their_images_for_flashing_by_wire() {
     )
     .await;
     let (pid, _, _) = server.product("field").await;
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/api/v1/products/{pid}/devices"),
-            Some(json!({"serial": "f_01", "password": "dev-pw-f01"})),
-        )
-        .await;
-    assert_eq!(status, 201);
-    let (session, csrf) = bot_session(&server, pid, "f_01", "dev-pw-f01").await;
+    let (session, csrf) = new_bot(&server, pid, "f_01", "dev-pw-f01").await;
     let workspace = format!("/workspace/{pid}/f_01");
     let r = server
         .raw(&form_post(
@@ -1148,15 +1163,7 @@ async fn setup_builds_keep_their_images_for_flashing_by_wire() {
         .get_with_cookie(&link, "otaforge_session=forged")
         .await;
     assert_eq!(r.status, 303, "no session, no image");
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/api/v1/products/{pid}/devices"),
-            Some(json!({"serial": "f_02", "password": "dev-pw-f02"})),
-        )
-        .await;
-    assert_eq!(status, 201);
-    let (other, _) = bot_session(&server, pid, "f_02", "dev-pw-f02").await;
+    let (other, _) = new_bot(&server, pid, "f_02", "dev-pw-f02").await;
     let r = server
         .get_with_cookie(
             &format!("/workspace/{pid}/f_02/builds/{id}/merged.bin"),
@@ -1236,15 +1243,7 @@ async fn pages_load_only_what_they_use() {
     let server = Server::start(Backend::Sqlite).await;
     let operator = server.operator_session("dora").await;
     let (pid, _, _) = server.product("weights").await;
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/api/v1/products/{pid}/devices"),
-            Some(json!({"serial": "w_01", "password": "w-pw-81xKq"})),
-        )
-        .await;
-    assert_eq!(status, 201);
-    let (bot, _) = bot_session(&server, pid, "w_01", "w-pw-81xKq").await;
+    let (bot, _) = new_bot(&server, pid, "w_01", "w-pw-81xKq").await;
     let weigh = async |path: &str, cookie: &str| -> (usize, Vec<String>) {
         let page = server.get_with_cookie(path, cookie).await;
         assert_eq!(page.status, 200, "{path}");
@@ -1297,25 +1296,7 @@ async fn pages_fit_a_phone() {
     let hash = otaforge_server::auth::hash_password("operator-pw").unwrap();
     store.create_user("erin", &hash, true).await.unwrap();
     let (pid, _, group) = server.product("a-product-with-a-rather-long-name").await;
-    let mut ids = Vec::new();
-    for name in ["app-v1.bin", "app-v2.bin"] {
-        let (status, fw) = server
-            .upload(
-                &format!("/api/v1/products/{pid}/firmware"),
-                support::fixture(name),
-            )
-            .await;
-        assert_eq!(status, 201, "{fw}");
-        ids.push(fw["id"].clone());
-    }
-    let (status, _) = server
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/products/{pid}/groups/{group}"),
-            Some(json!({"firmware_id": ids[0]})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let ids = server.two_releases(pid, group).await;
     for i in 0..5 {
         let (status, _) = server
             .call(
@@ -1346,7 +1327,10 @@ async fn pages_fit_a_phone() {
         ("product", format!("/products/{pid}")),
         ("rollout", format!("/products/{pid}/rollouts/{rid}")),
         ("audit", "/audit".to_string()),
-        ("workspace", format!("/workspace/{pid}/greenhouse-sensor-0000")),
+        (
+            "workspace",
+            format!("/workspace/{pid}/greenhouse-sensor-0000"),
+        ),
         ("not-found", "/no/such/page".to_string()),
     ];
     // The sign-in page as a visitor sees it, then the rest signed in.
@@ -1370,13 +1354,7 @@ async fn pages_fit_a_phone() {
         }
     };
     for width in [1366, 390] {
-        browser
-            .cmd(
-                Method::POST,
-                "/window/rect",
-                json!({"width": width, "height": 900}),
-            )
-            .await;
+        browser.resize(width).await;
         browser.go(&server.url("/login")).await;
         fits("login", width, &mut too_wide).await;
     }
@@ -1384,13 +1362,7 @@ async fn pages_fit_a_phone() {
     sign_in(&browser, &server, "operator", "erin", "operator-pw").await;
     browser.find("main").await;
     for width in [1366, 390] {
-        browser
-            .cmd(
-                Method::POST,
-                "/window/rect",
-                json!({"width": width, "height": 900}),
-            )
-            .await;
+        browser.resize(width).await;
         for (name, path) in &pages {
             browser.go(&server.url(path)).await;
             fits(name, width, &mut too_wide).await;

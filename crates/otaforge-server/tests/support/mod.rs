@@ -291,6 +291,31 @@ impl Server {
         )
     }
 
+    /// Uploads the fixtures app-v1 (1.0.0) and app-v2 (2.0.0) and assigns 1.0.0 to the
+    /// group; their firmware ids, in that order.
+    pub async fn two_releases(&self, product: i64, group: i64) -> [Value; 2] {
+        let mut ids = Vec::new();
+        for name in ["app-v1.bin", "app-v2.bin"] {
+            let (status, fw) = self
+                .upload(
+                    &format!("/api/v1/products/{product}/firmware"),
+                    fixture(name),
+                )
+                .await;
+            assert_eq!(status, 201, "{fw}");
+            ids.push(fw["id"].clone());
+        }
+        let (status, body) = self
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/api/v1/products/{product}/groups/{group}"),
+                Some(json!({"firmware_id": ids[0]})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        [ids[0].clone(), ids[1].clone()]
+    }
+
     /// Sends raw request bytes and reads the whole answer (the connection is closed after).
     /// The sign-in page's CSRF cookie (`name=value`) and form token, as a browser gets them.
     pub async fn login_token(&self) -> (String, String) {
