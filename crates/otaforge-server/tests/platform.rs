@@ -1385,3 +1385,45 @@ async fn pages_fit_a_phone() {
     browser.quit().await;
     server.finish().await;
 }
+
+/// An empty list says what to do next; a filter that takes nothing says so instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_lists_say_what_to_do_next() {
+    let server = Server::start(Backend::Sqlite).await;
+    let operator = server.operator_session("fay").await;
+    let page = async |path: &str| {
+        let r = server.get_with_cookie(path, &operator).await;
+        assert_eq!(r.status, 200, "{path}");
+        r.text()
+    };
+    let html = page("/").await;
+    assert!(
+        html.contains("No products yet. Name your first one below"),
+        "{html}"
+    );
+    let (pid, _, _) = server.product("empty").await;
+    let html = page("/").await;
+    assert!(!html.contains("no-products"), "{html}");
+    let html = page(&format!("/products/{pid}")).await;
+    for (id, says) in [
+        ("no-devices", "No devices yet. Register one below"),
+        ("no-firmware", "No firmware yet."),
+        ("no-rollouts", "No rollouts yet."),
+    ] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "{id}: {html}");
+        assert!(html.contains(says), "{says}: {html}");
+    }
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "only-one"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let html = page(&format!("/products/{pid}")).await;
+    assert!(!html.contains("no-devices"), "{html}");
+    let html = page(&format!("/products/{pid}?q=zzz")).await;
+    assert!(html.contains("No device matches these filters."), "{html}");
+    server.finish().await;
+}
