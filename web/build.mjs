@@ -25,8 +25,9 @@ await build({
 });
 
 await copyFile(path.join(here, "src/app.css"), path.join(assets, "app.css"));
+await copyFile(path.join(here, "src/copy.js"), path.join(assets, "copy.js"));
 
-for (const f of ["editor.js", "app.css"]) {
+for (const f of ["editor.js", "app.css", "copy.js"]) {
   const { size } = await stat(path.join(assets, f));
   console.log(`${path.relative(process.cwd(), path.join(assets, f))}  ${size} bytes`);
 }

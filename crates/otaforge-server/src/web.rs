@@ -39,6 +39,7 @@ pub fn routes() -> Router<AppState> {
         .route("/assets/{name}", get(asset))
         .route("/products", post(create_product))
         .route("/products/{product}", get(product_page))
+        .route("/products/{product}/rotate-key", post(rotate_key))
         .route("/products/{product}/groups", post(create_group))
         .route("/products/{product}/groups/{group}/assign", post(assign))
         .route("/products/{product}/devices", post(create_device))
@@ -476,6 +477,7 @@ async fn asset(ApiPath(name): ApiPath<String>) -> Response {
     let (body, kind): (&'static [u8], &str) = match name.as_str() {
         "editor.js" => (include_bytes!("../assets/editor.js"), "text/javascript"),
         "app.css" => (include_bytes!("../assets/app.css"), "text/css"),
+        "copy.js" => (include_bytes!("../assets/copy.js"), "text/javascript"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     (
@@ -572,6 +574,43 @@ fn notice_url(path: &str, notice: &str) -> String {
     format!("{path}?notice={}", query_value(notice))
 }
 
+/// A new API key on its way to the product page it is shown on, once: sealed with the
+/// server's key together with the product and the session's form token (so that only this
+/// session's next view of that product opens it, on whichever node), in a cookie that lives
+/// two minutes. Never in a URL, never stored in clear.
+const KEY_COOKIE: &str = "otaforge_new_key";
+
+/// Redirects to the product page, which shows `key` once.
+fn show_key_once(state: &AppState, web: &Web, product: Id, key: &str, notice: &str) -> Response {
+    let mut response =
+        Redirect::to(&notice_url(&format!("/products/{product}"), notice)).into_response();
+    match state
+        .inner
+        .sealer
+        .seal(format!("{product}\n{}\n{key}", web.csrf).as_bytes())
+    {
+        Ok(sealed) => set_cookie(
+            state,
+            &mut response,
+            KEY_COOKIE,
+            sealed,
+            "/products",
+            Duration::from_secs(120),
+        ),
+        Err(e) => return ApiError::internal("sealing a new API key", e).into_response(),
+    }
+    response
+}
+
+/// The key `show_key_once` sealed for this product and session, if the request carries it.
+fn key_shown_once(state: &AppState, web: &Web, headers: &HeaderMap, product: Id) -> Option<String> {
+    let plain = state.inner.sealer.open(&cookie(headers, KEY_COOKIE)?)?;
+    let text = String::from_utf8(plain).ok()?;
+    let mut parts = text.splitn(3, '\n');
+    let (for_product, for_session, key) = (parts.next()?, parts.next()?, parts.next()?);
+    (for_product == product.to_string() && for_session == web.csrf).then(|| key.to_string())
+}
+
 async fn create_product(
     State(state): State<AppState>,
     web: Web,
@@ -582,16 +621,53 @@ async fn create_product(
         Err(r) => return r,
     };
     match state.create_product(&actor, form.name.trim()).await {
-        Ok((p, key)) => page(Message {
-            title: "Product created",
-            paragraphs: vec![format!(
-                "{} is ready. Its API key is shown once; devices send it as k=.",
-                p.name
-            )],
-            code: Some(key),
-            back: &format!("/products/{}", p.id),
-        }),
+        Ok((p, key)) => show_key_once(
+            &state,
+            &web,
+            p.id,
+            &key,
+            &format!("product {} created", p.name),
+        ),
         Err(e) => titled_error(e, "Not created", "/"),
+    }
+}
+
+#[derive(Deserialize)]
+struct RotateForm {
+    csrf: String,
+    /// The box that says the old key stops working.
+    confirm: Option<String>,
+}
+
+/// A new API key for the product (the old one stops working at once).
+async fn rotate_key(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<RotateForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let back = format!("/products/{product}");
+    if form.confirm.is_none() {
+        return message(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not rotated",
+            "tick the box that says devices with the old key stop updating, then rotate again",
+            &back,
+        );
+    }
+    match state.rotate_product_key(&actor, product).await {
+        Ok((p, key)) => show_key_once(
+            &state,
+            &web,
+            p.id,
+            &key,
+            "a new API key was made; the old one no longer works",
+        ),
+        Err(e) => titled_error(e, "Not rotated", &back),
     }
 }
 
@@ -623,6 +699,8 @@ struct ProductPage {
     username: String,
     csrf: String,
     notice: Option<String>,
+    /// A key just made (the product created or its key rotated), shown this once.
+    new_key: Option<String>,
     groups: Vec<GroupRow>,
     /// The device list's filters, how many devices they take, how many there are.
     search: String,
@@ -665,6 +743,7 @@ const FIRMWARE_CHOICES: i64 = 100;
 async fn product_page(
     State(state): State<AppState>,
     web: Web,
+    headers: HeaderMap,
     ApiPath(product): ApiPath<Id>,
     Query(q): Query<ProductQuery>,
 ) -> Response {
@@ -824,12 +903,14 @@ async fn product_page(
             .map(|f| f.version.clone())
             .unwrap_or_else(|| "none".into())
     };
-    page(ProductPage {
+    let new_key = key_shown_once(&state, &web, &headers, product);
+    let mut response = page(ProductPage {
         id: p.id,
         name: p.name,
         username: web.name(),
         csrf: web.csrf.clone(),
         notice: q.notice,
+        new_key: new_key.clone(),
         search: search.unwrap_or_default().to_string(),
         status_options: ["new", "verified", "blocked", "disabled"]
             .into_iter()
@@ -888,7 +969,19 @@ async fn product_page(
         versions_chart,
         rollouts,
         older_rollouts,
-    })
+    });
+    if new_key.is_some() {
+        // Shown once: the browser forgets it now.
+        set_cookie(
+            &state,
+            &mut response,
+            KEY_COOKIE,
+            String::new(),
+            "/products",
+            Duration::ZERO,
+        );
+    }
+    response
 }
 
 #[derive(Template)]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{Backend, Server};
+use support::{Backend, Server, otadrive_request};
 
 const BLINK: &str = "void setup() {\n  pinMode(13, OUTPUT);\n}\n\nvoid loop() {\n  digitalWrite(13, HIGH);\n  delay(200);\n  digitalWrite(13, LOW);\n  delay(200);\n}\n";
 
@@ -1425,5 +1425,120 @@ async fn empty_lists_say_what_to_do_next() {
     assert!(!html.contains("no-devices"), "{html}");
     let html = page(&format!("/products/{pid}?q=zzz")).await;
     assert!(html.contains("No device matches these filters."), "{html}");
+    server.finish().await;
+}
+
+/// A product's API key is shown once after a redirect (a refresh re-posts nothing), with a
+/// copy button; rotating it from the page needs the confirmation box, and the old key stops
+/// working at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_shown_once_after_a_redirect() {
+    let server = Server::start(Backend::Sqlite).await;
+    let session = server.operator_session("gus").await;
+    let csrf = form_token(&server.get_with_cookie("/", &session).await.text());
+    let r = server
+        .raw(&form_post(
+            "/products",
+            &session,
+            &format!("csrf={csrf}&name=keyed"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let to = r.header("location").unwrap().to_string();
+    assert!(to.starts_with("/products/"), "{to}");
+    let sealed = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(sealed.starts_with("otaforge_new_key="), "{sealed}");
+    let both = format!("{session}; {sealed}");
+    let shown = server.get_with_cookie(&to, &both).await;
+    let html = shown.text();
+    let key = html
+        .split("id=\"api-key-value\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .unwrap_or_else(|| panic!("the key is not shown: {html}"))
+        .to_string();
+    assert!(key.len() >= 32, "{key}");
+    assert!(html.contains("data-copy=\"#api-key-value\""), "{html}");
+    assert!(html.contains("/assets/copy.js"), "{html}");
+    assert!(
+        shown
+            .header("set-cookie")
+            .is_some_and(|c| c.starts_with("otaforge_new_key=;") && c.contains("Max-Age=0")),
+        "{:?}",
+        shown.header("set-cookie")
+    );
+    // The cookie is sealed: the key is not in it.
+    assert!(!sealed.contains(&key));
+    // Another session, or the same cookie on another product, opens nothing.
+    let other = server.operator_session("hal").await;
+    let html = server
+        .get_with_cookie(&to, &format!("{other}; {sealed}"))
+        .await
+        .text();
+    assert!(!html.contains("api-key-value"), "{html}");
+    let pid: i64 = to["/products/".len()..]
+        .split('?')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "keyed-1", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let poll = |key: &str| format!("/deviceapi/update?k={key}&v=1.0.0&s=keyed-1");
+    let before = server.raw(&otadrive_request("GET", &poll(&key), "")).await;
+    assert_ne!(before.status, 401, "the shown key works");
+    // Rotating needs the box ticked.
+    let rotate = format!("/products/{pid}/rotate-key");
+    let r = server
+        .raw(&form_post(&rotate, &session, &format!("csrf={csrf}")))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    let r = server
+        .raw(&form_post(
+            &rotate,
+            &session,
+            &format!("csrf={csrf}&confirm=yes"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let sealed = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let html = server
+        .get_with_cookie(
+            r.header("location").unwrap(),
+            &format!("{session}; {sealed}"),
+        )
+        .await
+        .text();
+    let new_key = html
+        .split("id=\"api-key-value\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .unwrap_or_else(|| panic!("the new key is not shown: {html}"))
+        .to_string();
+    assert_ne!(new_key, key);
+    let old = server.raw(&otadrive_request("GET", &poll(&key), "")).await;
+    assert_eq!(old.status, 401, "the old key stopped working");
+    let new = server
+        .raw(&otadrive_request("GET", &poll(&new_key), ""))
+        .await;
+    assert_ne!(new.status, 401);
     server.finish().await;
 }
