@@ -48,6 +48,10 @@ pub fn routes() -> Router<AppState> {
             post(set_status),
         )
         .route(
+            "/products/{product}/devices/{serial}/{action}",
+            post(device_action),
+        )
+        .route(
             "/products/{product}/firmware",
             post(upload_firmware).layer(axum::extract::DefaultBodyLimit::disable()),
         )
@@ -1283,6 +1287,77 @@ async fn set_status(
     }
 }
 
+#[derive(Deserialize)]
+struct DeviceActionForm {
+    csrf: String,
+    group_id: Option<Id>,
+    password: Option<String>,
+    /// The box that confirms a deletion.
+    confirm: Option<String>,
+}
+
+/// An operator's change to one device from its workspace: `move` (to `group_id`),
+/// `password` (sets it; its bot sessions end) or `delete` (with the confirmation box).
+async fn device_action(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, serial, action)): ApiPath<(Id, String, String)>,
+    axum::Form(form): axum::Form<DeviceActionForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let back = format!("/workspace/{product}/{}", query_value(&serial));
+    let refuse = |why: &str| message(StatusCode::UNPROCESSABLE_ENTITY, "Not changed", why, &back);
+    let change = match action.as_str() {
+        "move" => match form.group_id {
+            Some(group) => crate::core::fleet::DeviceChange {
+                group_id: Some(group),
+                ..Default::default()
+            },
+            None => return refuse("choose the group to move the device to"),
+        },
+        "password" => match form.password.filter(|p| !p.is_empty()) {
+            Some(password) => crate::core::fleet::DeviceChange {
+                password: Some(Some(password)),
+                ..Default::default()
+            },
+            None => return refuse("type the new password"),
+        },
+        "delete" => {
+            if form.confirm.is_none() {
+                return refuse("tick the box that confirms the deletion, then delete again");
+            }
+            return match state.delete_device(&actor, product, &serial).await {
+                Ok(()) => Redirect::to(&notice_url(
+                    &format!("/products/{product}"),
+                    &format!("{serial} deleted"),
+                ))
+                .into_response(),
+                Err(e) => titled_error(e, "Not deleted", &back),
+            };
+        }
+        _ => {
+            return message(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "no such device action",
+                &back,
+            );
+        }
+    };
+    let said = if change.group_id.is_some() {
+        format!("{serial} moved")
+    } else {
+        format!("{serial}'s password set; its bot signs in with the new one")
+    };
+    match state.change_device(&actor, product, &serial, change).await {
+        Ok(_) => Redirect::to(&notice_url(&back, &said)).into_response(),
+        Err(e) => titled_error(e, "Not changed", &back),
+    }
+}
+
 async fn upload_firmware(
     State(state): State<AppState>,
     web: Web,
@@ -1427,6 +1502,8 @@ struct WorkspacePage {
     timeline: Vec<(String, String, String)>,
     /// What a Linux client reports about itself (hawkBit configData, Mender inventory).
     attributes: Vec<(String, String)>,
+    /// For an operator: the product's groups (id, name, the device's own).
+    groups: Vec<(Id, String, bool)>,
 }
 
 /// The device, if the viewer may open its workspace; else the page to show instead.
@@ -1608,7 +1685,20 @@ async fn workspace(
             .collect(),
         _ => Vec::new(),
     };
+    let groups = if matches!(web.viewer, Viewer::Operator(_)) {
+        state
+            .store()
+            .list_groups(product)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| (g.id, g.name, g.id == device.group_id))
+            .collect()
+    } else {
+        Vec::new()
+    };
     page(WorkspacePage {
+        groups,
         timeline,
         attributes,
         product_id: product,
