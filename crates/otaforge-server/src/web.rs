@@ -42,6 +42,11 @@ pub fn routes() -> Router<AppState> {
         .route("/products/{product}/rotate-key", post(rotate_key))
         .route("/products/{product}/groups", post(create_group))
         .route("/products/{product}/groups/{group}/assign", post(assign))
+        .route("/products/{product}/groups/{group}", get(group_page))
+        .route(
+            "/products/{product}/groups/{group}/{action}",
+            post(group_action),
+        )
         .route("/products/{product}/devices", post(create_device))
         .route(
             "/products/{product}/devices/{serial}/status",
@@ -986,6 +991,170 @@ async fn product_page(
         );
     }
     response
+}
+
+#[derive(Template)]
+#[template(path = "group.html")]
+struct GroupPage {
+    product_id: Id,
+    product_name: String,
+    id: Id,
+    name: String,
+    is_default: bool,
+    /// The configuration as shown in the editor (pretty JSON, or what was typed when it
+    /// was refused).
+    config: String,
+    username: String,
+    csrf: String,
+    notice: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NoticeQuery {
+    notice: Option<String>,
+}
+
+/// A group's page: rename, its configuration, delete. `typed`: a refused configuration,
+/// shown again as it was typed with `error`.
+async fn render_group(
+    state: &AppState,
+    web: &Web,
+    product: Id,
+    group: Id,
+    notice: Option<String>,
+    refused: Option<(String, String)>,
+) -> Response {
+    let back = format!("/products/{product}");
+    let (Ok(p), Ok(g)) = (
+        state.store().get_product(product).await,
+        state.store().get_group(product, group).await,
+    ) else {
+        return message(StatusCode::NOT_FOUND, "Not found", "no such group", &back);
+    };
+    let status = if refused.is_some() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    let (config, error) = match refused {
+        Some((typed, why)) => (typed, Some(why)),
+        None => (
+            serde_json::to_string_pretty(&g.config).unwrap_or_default(),
+            None,
+        ),
+    };
+    let mut response = page(GroupPage {
+        product_id: product,
+        product_name: p.name,
+        id: g.id,
+        name: g.name,
+        is_default: g.is_default,
+        config,
+        username: web.name(),
+        csrf: web.csrf.clone(),
+        notice,
+        error,
+    });
+    *response.status_mut() = status;
+    response
+}
+
+async fn group_page(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, group)): ApiPath<(Id, Id)>,
+    Query(q): Query<NoticeQuery>,
+) -> Response {
+    if let Err(r) = web.operator() {
+        return r;
+    }
+    render_group(&state, &web, product, group, q.notice, None).await
+}
+
+#[derive(Deserialize)]
+struct GroupForm {
+    csrf: String,
+    name: Option<String>,
+    config: Option<String>,
+    confirm: Option<String>,
+}
+
+/// `rename`, `config` (a JSON object; a refused one is shown again as typed) or `delete`
+/// (with the confirmation box), through the core's group operations.
+async fn group_action(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, group, action)): ApiPath<(Id, Id, String)>,
+    axum::Form(form): axum::Form<GroupForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let here = format!("/products/{product}/groups/{group}");
+    // A configuration as typed, shown again if the core refuses it.
+    let mut typed_config = None;
+    let change = match action.as_str() {
+        "rename" => crate::core::fleet::GroupChange {
+            name: Some(form.name.unwrap_or_default()),
+            ..Default::default()
+        },
+        "config" => {
+            let typed = form.config.unwrap_or_default();
+            match serde_json::from_str::<serde_json::Value>(&typed) {
+                Ok(config) => {
+                    typed_config = Some(typed);
+                    crate::core::fleet::GroupChange {
+                        config: Some(config),
+                        ..Default::default()
+                    }
+                }
+                Err(e) => {
+                    let why = format!("not saved: the configuration is not valid JSON ({e})");
+                    return render_group(&state, &web, product, group, None, Some((typed, why)))
+                        .await;
+                }
+            }
+        }
+        "delete" => {
+            if form.confirm.is_none() {
+                return message(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Not deleted",
+                    "tick the box that confirms the deletion, then delete again",
+                    &here,
+                );
+            }
+            return match state.delete_group(&actor, product, group).await {
+                Ok(()) => Redirect::to(&notice_url(
+                    &format!("/products/{product}"),
+                    "group deleted; its devices are in the default group now",
+                ))
+                .into_response(),
+                Err(e) => titled_error(e, "Not deleted", &here),
+            };
+        }
+        _ => {
+            return message(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "no such group action",
+                &here,
+            );
+        }
+    };
+    match (
+        state.change_group(&actor, product, group, change).await,
+        typed_config,
+    ) {
+        (Ok(_), _) => Redirect::to(&notice_url(&here, "saved")).into_response(),
+        (Err(e), Some(typed)) if e.status.is_client_error() => {
+            let why = format!("not saved: {}", e.message);
+            render_group(&state, &web, product, group, None, Some((typed, why))).await
+        }
+        (Err(e), _) => titled_error(e, "Not changed", &here),
+    }
 }
 
 #[derive(Template)]

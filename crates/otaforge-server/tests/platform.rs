@@ -1331,6 +1331,7 @@ async fn pages_fit_a_phone() {
             "workspace",
             format!("/workspace/{pid}/greenhouse-sensor-0000"),
         ),
+        ("group", format!("/products/{pid}/groups/{group}")),
         ("not-found", "/no/such/page".to_string()),
     ];
     // The sign-in page as a visitor sees it, then the rest signed in.
@@ -1631,4 +1632,109 @@ async fn bot_signs_in(server: &Server, serial: &str, password: &str, ok: bool) {
         ))
         .await;
     assert_eq!(r.status == 303, ok, "{password}: {} {}", r.status, r.text());
+}
+
+/// A group's page renames it, edits its configuration (a refused one stays as typed, with
+/// the reason) and deletes it behind a confirmation box; the default group cannot go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_managed_from_their_page() {
+    let server = Server::start(Backend::Sqlite).await;
+    let operator = server.operator_session("joy").await;
+    let (pid, _, default_group) = server.product("grouped").await;
+    let (status, group) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/groups"),
+            Some(json!({"name": "north"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
+    let gid = group["id"].as_i64().unwrap();
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "g_01", "group_id": gid})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let here = format!("/products/{pid}/groups/{gid}");
+    let product = server
+        .get_with_cookie(&format!("/products/{pid}"), &operator)
+        .await
+        .text();
+    assert!(product.contains(&format!("href=\"{here}\"")), "{product}");
+    let html = server.get_with_cookie(&here, &operator).await.text();
+    let csrf = form_token(&html);
+    let act = |action: &str, body: &str| {
+        form_post(
+            &format!("{here}/{action}"),
+            &operator,
+            &format!("csrf={csrf}&{body}"),
+        )
+    };
+    let r = server.raw(&act("rename", "name=north-east")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let r = server
+        .raw(&act("config", "config=%7B%22interval%22%3A+30%7D"))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let (_, g) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/groups/{gid}"),
+            None,
+        )
+        .await;
+    assert_eq!(g["name"], "north-east", "{g}");
+    assert_eq!(g["config"], json!({"interval": 30}), "{g}");
+    // Not JSON, then JSON that is not an object: refused, the text kept as typed.
+    for (typed, says) in [
+        ("config=%7B%22interval%22%3A", "not valid JSON"),
+        ("config=%5B1%2C2%5D", "config must be a JSON object"),
+    ] {
+        let r = server.raw(&act("config", typed)).await;
+        assert_eq!(r.status, 422, "{}", r.text());
+        let html = r.text();
+        assert!(html.contains(says), "{html}");
+        let kept = form_urlencoded::parse(typed.as_bytes()).next().unwrap().1;
+        assert!(
+            html.replace("&#34;", "\"")
+                .contains(&format!("class=\"mono\">{kept}</textarea>")),
+            "{kept}: {html}"
+        );
+    }
+    let (_, g) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/groups/{gid}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        g["config"],
+        json!({"interval": 30}),
+        "nothing half-saved: {g}"
+    );
+    let html = server
+        .get_with_cookie(
+            &format!("/products/{pid}/groups/{default_group}"),
+            &operator,
+        )
+        .await
+        .text();
+    assert!(html.contains("cannot be deleted"), "{html}");
+    let r = server.raw(&act("delete", "")).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    let r = server.raw(&act("delete", "confirm=yes")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let (_, device) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/devices/g_01"),
+            None,
+        )
+        .await;
+    assert_eq!(device["group_id"], default_group, "{device}");
+    server.finish().await;
 }
