@@ -40,6 +40,8 @@ pub fn routes() -> Router<AppState> {
         .route("/products", post(create_product))
         .route("/products/{product}", get(product_page))
         .route("/products/{product}/rotate-key", post(rotate_key))
+        .route("/products/{product}/delete", post(delete_product))
+        .route("/products/{product}/firmware/delete", post(delete_firmware))
         .route("/products/{product}/groups", post(create_group))
         .route("/products/{product}/groups/{group}/assign", post(assign))
         .route("/products/{product}/groups/{group}", get(group_page))
@@ -638,6 +640,79 @@ async fn create_product(
             &format!("product {} created", p.name),
         ),
         Err(e) => titled_error(e, "Not created", "/"),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeleteProductForm {
+    csrf: String,
+    /// The product's name, typed again.
+    confirm_name: String,
+}
+
+/// Deletes the product with everything in it, once its name was typed again.
+async fn delete_product(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<DeleteProductForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let back = format!("/products/{product}");
+    let Ok(found) = state.store().get_product(product).await else {
+        return message(StatusCode::NOT_FOUND, "Not found", "no such product", "/");
+    };
+    if form.confirm_name.trim() != found.name {
+        return message(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not deleted",
+            format!("type the product's name, {}, to delete it", found.name),
+            &back,
+        );
+    }
+    match state.delete_product(&actor, product).await {
+        Ok(()) => Redirect::to(&notice_url("/", &format!("product {} deleted", found.name)))
+            .into_response(),
+        Err(e) => titled_error(e, "Not deleted", &back),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeleteFirmwareForm {
+    csrf: String,
+    firmware_id: Id,
+    confirm: Option<String>,
+}
+
+/// Deletes one firmware of the product (refused while a group, device or rollout uses it).
+async fn delete_firmware(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<DeleteFirmwareForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let back = format!("/products/{product}");
+    if form.confirm.is_none() {
+        return message(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not deleted",
+            "tick the box that confirms the deletion, then delete again",
+            &back,
+        );
+    }
+    match state
+        .delete_firmware(&actor, product, form.firmware_id)
+        .await
+    {
+        Ok(()) => Redirect::to(&notice_url(&back, "firmware deleted")).into_response(),
+        Err(e) => titled_error(e, "Not deleted", &back),
     }
 }
 

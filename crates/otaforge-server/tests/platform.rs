@@ -1738,3 +1738,74 @@ async fn groups_are_managed_from_their_page() {
     assert_eq!(device["group_id"], default_group, "{device}");
     server.finish().await;
 }
+
+/// Firmware and products are deleted from the product page: firmware behind a confirmation
+/// box (refused while a group uses it), a product once its name is typed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_and_products_are_deleted_from_the_page() {
+    let server = Server::start(Backend::Sqlite).await;
+    let operator = server.operator_session("kim").await;
+    let (pid, _, group) = server.product("doomed").await;
+    let ids = server.two_releases(pid, group).await;
+    let page = format!("/products/{pid}");
+    let html = server.get_with_cookie(&page, &operator).await.text();
+    assert!(html.contains("id=\"delete-product\""), "{html}");
+    let csrf = form_token(&html);
+    let post = |path: &str, body: String| {
+        form_post(
+            &format!("{page}/{path}"),
+            &operator,
+            &format!("csrf={csrf}&{body}"),
+        )
+    };
+    let r = server
+        .raw(&post("firmware/delete", format!("firmware_id={}", ids[1])))
+        .await;
+    assert_eq!(r.status, 422, "no confirmation: {}", r.text());
+    let r = server
+        .raw(&post(
+            "firmware/delete",
+            format!("firmware_id={}&confirm=yes", ids[0]),
+        ))
+        .await;
+    assert_eq!(r.status, 409, "the group's firmware: {}", r.text());
+    let r = server
+        .raw(&post(
+            "firmware/delete",
+            format!("firmware_id={}&confirm=yes", ids[1]),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let (_, listed) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/firmware"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let r = server
+        .raw(&post("delete", "confirm_name=doome".into()))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.text().contains("type the product&#39;s name")
+            || r.text().contains("type the product's name"),
+        "{}",
+        r.text()
+    );
+    let r = server
+        .raw(&post("delete", "confirm_name=doomed".into()))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(r.header("location").unwrap().starts_with("/?notice="));
+    let (status, _) = server
+        .call(Method::GET, &format!("/api/v1/products/{pid}"), None)
+        .await;
+    assert_eq!(status, 404);
+    server.finish().await;
+}
