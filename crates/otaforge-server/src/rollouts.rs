@@ -641,110 +641,141 @@ pub async fn create(
     ApiPath(product): ApiPath<Id>,
     ApiJson(body): ApiJson<NewRolloutBody>,
 ) -> ApiResult<Response> {
-    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
-    rollout_plan::check_stages(&body.stages).map_err(unprocessable)?;
-    if body.rate_per_minute.is_some_and(|r| r < 1) {
-        return Err(unprocessable("rate_per_minute must be at least 1".into()));
-    }
-    let preview = match body.preview {
-        None => crate::page::DEFAULT_LIMIT,
-        Some(n) if (0..=crate::page::MAX_LIMIT).contains(&n) => n,
-        Some(n) => {
-            return Err(unprocessable(format!(
-                "preview must be 0 to {}, not {n}",
-                crate::page::MAX_LIMIT
-            )));
+    Ok(
+        match state.start_rollout(&op.actor(), product, body).await? {
+            Planned::DryRun(dry) => axum::Json(dry).into_response(),
+            Planned::Started {
+                rollout,
+                total_bytes,
+            } => {
+                let out = Created {
+                    rollout: RolloutBody::of(&state, &rollout).await?,
+                    total_bytes,
+                };
+                (StatusCode::CREATED, axum::Json(out)).into_response()
+            }
+        },
+    )
+}
+
+/// What `start_rollout` did: planned only (a dry run), or started.
+pub(crate) enum Planned {
+    DryRun(DryRun),
+    Started { rollout: Rollout, total_bytes: i64 },
+}
+
+impl AppState {
+    /// Plans a staged rollout and, unless it is a dry run, starts it: the one operation
+    /// behind the REST call and the rollout form (its rules: stages, rate, release, target,
+    /// no device in two live rollouts; audited).
+    pub(crate) async fn start_rollout(
+        &self,
+        actor: &crate::core::fleet::Actor,
+        product: Id,
+        body: NewRolloutBody,
+    ) -> ApiResult<Planned> {
+        let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+        rollout_plan::check_stages(&body.stages).map_err(unprocessable)?;
+        if body.rate_per_minute.is_some_and(|r| r < 1) {
+            return Err(unprocessable("rate_per_minute must be at least 1".into()));
         }
-    };
-    let release = state
-        .release(product, Some(body.firmware_id), &body.other_firmware_ids)
-        .await?;
-    let firmware = release[0].clone();
-    if let Some(g) = body.target.group_id {
-        state.store().get_group(product, g).await?;
-    }
-    // Reports still buffered are part of what the devices run.
-    state.flush_telemetry().await?;
-    let store = state.store();
-    let filter = target_filter(&body.target);
-    let total = store.count_devices(product, &filter).await?;
-    let sizes = rollout_plan::stage_sizes(total.max(0) as u64, &body.stages);
-    // A device is in at most one live rollout.
-    let (busy, one_busy) = store.busy_devices(product, &filter).await?;
-    if busy > 0 && !body.dry_run {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
+        let preview = match body.preview {
+            None => crate::page::DEFAULT_LIMIT,
+            Some(n) if (0..=crate::page::MAX_LIMIT).contains(&n) => n,
+            Some(n) => {
+                return Err(unprocessable(format!(
+                    "preview must be 0 to {}, not {n}",
+                    crate::page::MAX_LIMIT
+                )));
+            }
+        };
+        let release = self
+            .release(product, Some(body.firmware_id), &body.other_firmware_ids)
+            .await?;
+        let firmware = release[0].clone();
+        if let Some(g) = body.target.group_id {
+            self.store().get_group(product, g).await?;
+        }
+        // Reports still buffered are part of what the devices run.
+        self.flush_telemetry().await?;
+        let store = self.store();
+        let filter = target_filter(&body.target);
+        let total = store.count_devices(product, &filter).await?;
+        let sizes = rollout_plan::stage_sizes(total.max(0) as u64, &body.stages);
+        // A device is in at most one live rollout.
+        let (busy, one_busy) = store.busy_devices(product, &filter).await?;
+        if busy > 0 && !body.dry_run {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{busy} of these devices are already in a live rollout (e.g. {})",
+                    one_busy.unwrap_or_default()
+                ),
+            ));
+        }
+        let seed = body.seed.clone().unwrap_or_else(|| {
             format!(
-                "{busy} of these devices are already in a live rollout (e.g. {})",
-                one_busy.unwrap_or_default()
-            ),
-        ));
-    }
-    let seed = body.seed.clone().unwrap_or_else(|| {
-        format!(
-            "{product}:{}:{}",
-            firmware.id,
-            serde_json::to_string(&body.target).unwrap_or_default()
-        )
-    });
-    let order = rollout_plan::FleetOrder::of_seed(&seed);
-    let shown = if body.dry_run { preview } else { 0 };
-    let planned = store
-        .preview_plan(product, &filter, order, &sizes, &firmware.version, shown)
-        .await?;
-    let stage_previews: Vec<StagePreview> = planned
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| StagePreview {
-            stage: i + 1,
-            count: s.count as usize,
-            bytes: s.updating * firmware.size,
-            devices: s.serials,
-        })
-        .collect();
-    let total_bytes: i64 = stage_previews.iter().map(|s| s.bytes).sum();
-    if body.dry_run {
-        return Ok(axum::Json(DryRun {
-            dry_run: true,
-            firmware: firmware.version.clone(),
-            total_devices: total as usize,
-            total_bytes,
-            stages: stage_previews,
-            already_in_rollouts: busy as usize,
-        })
-        .into_response());
-    }
-    let rollout = store
-        .create_planned_rollout(
-            NewRollout {
-                product_id: product,
-                firmware_id: firmware.id,
-                other_firmware_ids: body.other_firmware_ids,
-                target: body.target,
-                stages: body.stages,
-                rate_per_minute: body.rate_per_minute,
-                created_by: op.0.username.clone(),
-            },
-            &filter,
-            order,
-            &sizes,
-        )
-        .await?;
-    state
-        .audited(
-            &op.actor(),
+                "{product}:{}:{}",
+                firmware.id,
+                serde_json::to_string(&body.target).unwrap_or_default()
+            )
+        });
+        let order = rollout_plan::FleetOrder::of_seed(&seed);
+        let shown = if body.dry_run { preview } else { 0 };
+        let planned = store
+            .preview_plan(product, &filter, order, &sizes, &firmware.version, shown)
+            .await?;
+        let stage_previews: Vec<StagePreview> = planned
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| StagePreview {
+                stage: i + 1,
+                count: s.count as usize,
+                bytes: s.updating * firmware.size,
+                devices: s.serials,
+            })
+            .collect();
+        let total_bytes: i64 = stage_previews.iter().map(|s| s.bytes).sum();
+        if body.dry_run {
+            return Ok(Planned::DryRun(DryRun {
+                dry_run: true,
+                firmware: firmware.version.clone(),
+                total_devices: total as usize,
+                total_bytes,
+                stages: stage_previews,
+                already_in_rollouts: busy as usize,
+            }));
+        }
+        let rollout = store
+            .create_planned_rollout(
+                NewRollout {
+                    product_id: product,
+                    firmware_id: firmware.id,
+                    other_firmware_ids: body.other_firmware_ids,
+                    target: body.target,
+                    stages: body.stages,
+                    rate_per_minute: body.rate_per_minute,
+                    created_by: actor.name.clone(),
+                },
+                &filter,
+                order,
+                &sizes,
+            )
+            .await?;
+        self.audited(
+            actor,
             "started rollout",
             &format!("rollout {}", rollout.id),
             &format!("firmware {} to {total} devices", firmware.version),
         )
         .await;
-    state.refresh_rollouts().await?;
-    state.inner.catalog.invalidate_settings();
-    let out = Created {
-        rollout: RolloutBody::of(&state, &rollout).await?,
-        total_bytes,
-    };
-    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+        self.refresh_rollouts().await?;
+        self.inner.catalog.invalidate_settings();
+        Ok(Planned::Started {
+            rollout,
+            total_bytes,
+        })
+    }
 }
 
 /// One stage of a dry run: who is in it and how many bytes it will move.
