@@ -370,6 +370,30 @@ pub enum StageSize {
     Rest,
 }
 
+impl std::str::FromStr for StageSize {
+    type Err = String;
+
+    /// A stage's size as people write it: `10` (devices), `5%` (of the rollout's devices)
+    /// or `rest`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("rest") {
+            return Ok(StageSize::Rest);
+        }
+        if let Some(share) = text.strip_suffix('%') {
+            return match share.trim().parse::<f64>() {
+                Ok(p) if p.is_finite() => Ok(StageSize::Percent(p)),
+                _ => Err(format!("{text:?} is not a share such as 5%")),
+            };
+        }
+        text.parse::<u64>().map(StageSize::Count).map_err(|_| {
+            format!(
+                "{text:?} is not a stage size: a number of devices, a share such as 5%, or rest"
+            )
+        })
+    }
+}
+
 /// One stage of a rollout and its gates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StageSpec {
@@ -713,4 +737,20 @@ pub struct PlannedStage {
     pub updating: i64,
     /// The first members, in the plan's order.
     pub serials: Vec<String>,
+}
+
+#[cfg(test)]
+mod stage_size_tests {
+    use super::StageSize;
+
+    #[test]
+    fn stage_sizes_read_as_people_write_them() {
+        assert_eq!("10".parse(), Ok(StageSize::Count(10)));
+        assert_eq!(" 5% ".parse(), Ok(StageSize::Percent(5.0)));
+        assert_eq!("Rest".parse(), Ok(StageSize::Rest));
+        for bad in ["", "-3", "ten", "%", "1e999%", "3.5"] {
+            let err = bad.parse::<StageSize>().unwrap_err();
+            assert!(err.contains(&format!("{:?}", bad.trim())), "{bad}: {err}");
+        }
+    }
 }

@@ -600,25 +600,25 @@ pub fn routes() -> Router<AppState> {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewRolloutBody {
-    firmware_id: Id,
+    pub(crate) firmware_id: Id,
     /// The firmware for target devices of other chip families than `firmware_id`'s, one
     /// image per family: one rollout across ESP32, ESP8266, SWUpdate and Mender devices.
     #[serde(default)]
     #[schema(max_items = 8)]
-    other_firmware_ids: Vec<Id>,
+    pub(crate) other_firmware_ids: Vec<Id>,
     #[serde(default)]
-    target: RolloutTarget,
-    stages: Vec<StageSpec>,
-    rate_per_minute: Option<i64>,
+    pub(crate) target: RolloutTarget,
+    pub(crate) stages: Vec<StageSpec>,
+    pub(crate) rate_per_minute: Option<i64>,
     #[serde(default)]
-    dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Orders the fleet into stages; the same request (and seed) gives the same stages, so a
     /// dry run shows exactly who the real run will pick.
-    seed: Option<String>,
+    pub(crate) seed: Option<String>,
     /// Serials a dry run lists per stage (0 to 1000; 100 unless given); every stage's count
     /// and bytes are there whatever this says.
     #[schema(minimum = 0, maximum = 1000)]
-    preview: Option<i64>,
+    pub(crate) preview: Option<i64>,
 }
 
 /// The devices a rollout target takes, as a device filter.
@@ -797,6 +797,23 @@ pub struct DryRun {
     total_bytes: i64,
     stages: Vec<StagePreview>,
     already_in_rollouts: usize,
+}
+
+impl DryRun {
+    /// The dry run as the rollout form shows it.
+    pub(crate) fn shown(self) -> crate::web::RolloutPreviewView {
+        crate::web::RolloutPreviewView {
+            firmware: self.firmware,
+            total: self.total_devices,
+            bytes: self.total_bytes,
+            busy: self.already_in_rollouts,
+            stages: self
+                .stages
+                .into_iter()
+                .map(|s| (s.stage, s.count, s.bytes, s.devices.join(", ")))
+                .collect(),
+        }
+    }
 }
 
 /// One stage of a rollout and how its devices stand.

@@ -62,6 +62,8 @@ pub fn routes() -> Router<AppState> {
             "/products/{product}/firmware",
             post(upload_firmware).layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        .route("/products/{product}/rollouts/new", get(new_rollout))
+        .route("/products/{product}/rollouts/start", post(start_rollout))
         .route("/products/{product}/rollouts/{rollout}", get(rollout_page))
         .route(
             "/products/{product}/rollouts/{rollout}/{action}",
@@ -1229,6 +1231,229 @@ async fn group_action(
             render_group(&state, &web, product, group, None, Some((typed, why))).await
         }
         (Err(e), _) => titled_error(e, "Not changed", &here),
+    }
+}
+
+/// The rollout form's fields, as typed (a GET for the dry run, the same fields posted to
+/// start it).
+#[derive(Deserialize, Default, Clone)]
+struct RolloutForm {
+    #[serde(default, deserialize_with = "empty_as_none")]
+    firmware_id: Option<Id>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    group_id: Option<Id>,
+    #[serde(default)]
+    stages: String,
+    #[serde(default)]
+    success: String,
+    #[serde(default)]
+    failure: String,
+    #[serde(default)]
+    window: String,
+    #[serde(default)]
+    rate: String,
+    approval: Option<String>,
+    rollback: Option<String>,
+    confirm: Option<String>,
+    csrf: Option<String>,
+}
+
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    match text.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(t) => t.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+impl RolloutForm {
+    /// The REST body these fields stand for (the core checks the values).
+    fn body(&self, dry_run: bool) -> Result<crate::rollouts::NewRolloutBody, String> {
+        let firmware_id = self.firmware_id.ok_or("choose the firmware to roll out")?;
+        let share = |text: &str, default: f64, what: &str| -> Result<f64, String> {
+            match text.trim() {
+                "" => Ok(default),
+                t => t
+                    .parse::<f64>()
+                    .map(|p| p / 100.0)
+                    .map_err(|_| format!("{what} is a percentage, not {t:?}")),
+            }
+        };
+        let success = share(&self.success, 0.95, "the share that passes a stage")?;
+        let failure = share(&self.failure, 0.1, "the share that halts it")?;
+        let window_secs = match self.window.trim() {
+            "" => 0,
+            t => t
+                .parse::<u64>()
+                .map_err(|_| format!("a stage's time is whole minutes, not {t:?}"))?
+                .saturating_mul(60),
+        };
+        let rate_per_minute = match self.rate.trim() {
+            "" => None,
+            t => Some(
+                t.parse::<i64>()
+                    .map_err(|_| format!("the rate is devices a minute, not {t:?}"))?,
+            ),
+        };
+        let stages = self
+            .stages
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                Ok(otaforge_store::model::StageSpec {
+                    size: s.parse()?,
+                    success_threshold: success,
+                    failure_threshold: failure,
+                    window_secs,
+                    auto_advance: self.approval.is_none(),
+                    auto_rollback: self.rollback.is_some(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(crate::rollouts::NewRolloutBody {
+            firmware_id,
+            other_firmware_ids: Vec::new(),
+            target: otaforge_store::model::RolloutTarget {
+                group_id: self.group_id,
+                ..Default::default()
+            },
+            stages,
+            rate_per_minute,
+            dry_run,
+            seed: None,
+            preview: Some(5),
+        })
+    }
+}
+
+pub(crate) struct RolloutPreviewView {
+    pub(crate) firmware: String,
+    pub(crate) total: usize,
+    pub(crate) bytes: i64,
+    pub(crate) busy: usize,
+    /// (stage, devices, bytes, its first devices)
+    pub(crate) stages: Vec<(usize, usize, i64, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "rollout_new.html")]
+struct NewRolloutPage {
+    product_id: Id,
+    product_name: String,
+    username: String,
+    csrf: String,
+    /// (id, version, chosen)
+    firmware: Vec<(Id, String, bool)>,
+    /// (id, name, chosen)
+    groups: Vec<(Id, String, bool)>,
+    form: RolloutForm,
+    preview: Option<RolloutPreviewView>,
+    error: Option<String>,
+}
+
+/// The rollout form, and once it names a firmware, the dry run of what it asks for (the
+/// core's own plan: the same devices the start will pick).
+async fn new_rollout(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    Query(mut form): Query<RolloutForm>,
+) -> Response {
+    let actor = match web.operator().and_then(|_| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let store = state.store();
+    let Ok(p) = store.get_product(product).await else {
+        return message(StatusCode::NOT_FOUND, "Not found", "no such product", "/");
+    };
+    if form.stages.trim().is_empty() {
+        form.stages = "10, 300, rest".into();
+    }
+    for (field, default) in [(&mut form.success, "95"), (&mut form.failure, "10")] {
+        if field.trim().is_empty() {
+            *field = default.into();
+        }
+    }
+    if form.window.trim().is_empty() {
+        form.window = "0".into();
+    }
+    let every = otaforge_store::model::FirmwareFilter::default();
+    let listed = store
+        .firmware_page(product, &every, None, 50)
+        .await
+        .unwrap_or_default();
+    let groups = store.list_groups(product).await.unwrap_or_default();
+    let (mut preview, mut error, mut status) = (None, None, StatusCode::OK);
+    if form.firmware_id.is_some() {
+        match form.body(true) {
+            Err(why) => (error, status) = (Some(why), StatusCode::UNPROCESSABLE_ENTITY),
+            Ok(body) => match state.start_rollout(&actor, product, body).await {
+                Ok(crate::rollouts::Planned::DryRun(dry)) => preview = Some(dry.shown()),
+                Ok(crate::rollouts::Planned::Started { .. }) => {}
+                Err(e) => (error, status) = (Some(e.message), e.status),
+            },
+        }
+    }
+    let mut response = page(NewRolloutPage {
+        product_id: product,
+        product_name: p.name,
+        username: web.name(),
+        csrf: web.csrf.clone(),
+        firmware: listed
+            .iter()
+            .map(|f| (f.id, f.version.clone(), Some(f.id) == form.firmware_id))
+            .collect(),
+        groups: groups
+            .iter()
+            .map(|g| {
+                let chosen = form.group_id.map_or(g.is_default, |id| id == g.id);
+                (g.id, g.name.clone(), chosen)
+            })
+            .collect(),
+        form,
+        preview,
+        error,
+    });
+    *response.status_mut() = status;
+    response
+}
+
+/// Starts the rollout the dry run showed, behind its confirmation box.
+async fn start_rollout(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<RolloutForm>,
+) -> Response {
+    let actor = match web
+        .operator_form(form.csrf.as_deref().unwrap_or(""))
+        .and_then(|()| web.actor())
+    {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let back = format!("/products/{product}/rollouts/new");
+    if form.confirm.is_none() {
+        return message(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not started",
+            "tick the box that confirms the start, then start again",
+            &back,
+        );
+    }
+    let body = match form.body(false) {
+        Ok(body) => body,
+        Err(why) => return message(StatusCode::UNPROCESSABLE_ENTITY, "Not started", why, &back),
+    };
+    match state.start_rollout(&actor, product, body).await {
+        Ok(crate::rollouts::Planned::Started { rollout, .. }) => Redirect::to(&notice_url(
+            &format!("/products/{product}/rollouts/{}", rollout.id),
+            "rollout started",
+        ))
+        .into_response(),
+        Ok(crate::rollouts::Planned::DryRun(_)) => Redirect::to(&back).into_response(),
+        Err(e) => titled_error(e, "Not started", &back),
     }
 }
 

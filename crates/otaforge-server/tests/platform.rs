@@ -1332,6 +1332,13 @@ async fn pages_fit_a_phone() {
             format!("/workspace/{pid}/greenhouse-sensor-0000"),
         ),
         ("group", format!("/products/{pid}/groups/{group}")),
+        (
+            "new-rollout",
+            format!(
+                "/products/{pid}/rollouts/new?firmware_id={}&group_id={group}&stages=2%2C+rest",
+                ids[1]
+            ),
+        ),
         ("not-found", "/no/such/page".to_string()),
     ];
     // The sign-in page as a visitor sees it, then the rest signed in.
@@ -1807,5 +1814,105 @@ async fn firmware_and_products_are_deleted_from_the_page() {
         .call(Method::GET, &format!("/api/v1/products/{pid}"), None)
         .await;
     assert_eq!(status, 404);
+    server.finish().await;
+}
+
+/// The rollout form: the dry run shows who gets the firmware in each stage before anything
+/// starts, bad stages are refused with the reason, and the start (behind its confirmation
+/// box) goes through the same core operation as the API and lands on the rollout's page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_start_from_the_page_after_a_dry_run() {
+    let server = Server::start(Backend::Sqlite).await;
+    let operator = server.operator_session("lee").await;
+    let (pid, _, group) = server.product("staged").await;
+    let ids = server.two_releases(pid, group).await;
+    for i in 0..5 {
+        let (status, _) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(json!({"serial": format!("st-{i}"), "status": "verified"})),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let product = server
+        .get_with_cookie(&format!("/products/{pid}"), &operator)
+        .await
+        .text();
+    assert!(product.contains(&format!("href=\"/products/{pid}/rollouts/new\"")));
+    let wizard = format!("/products/{pid}/rollouts/new");
+    let html = server.get_with_cookie(&wizard, &operator).await.text();
+    assert!(html.contains("value=\"10, 300, rest\""), "{html}");
+    assert!(
+        !html.contains("id=\"dry-run\""),
+        "no dry run before a firmware is chosen"
+    );
+    let query = |stages: &str| {
+        format!(
+            "{wizard}?firmware_id={}&group_id={group}&stages={stages}&success=95&failure=10&window=0&rate=",
+            ids[1]
+        )
+    };
+    let r = server
+        .get_with_cookie(&query("ten%2C+rest"), &operator)
+        .await;
+    assert_eq!(r.status, 422);
+    assert!(r.text().contains("is not a stage size"), "{}", r.text());
+    let r = server.get_with_cookie(&query("2%2C+rest"), &operator).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let html = r.text();
+    assert!(html.contains("id=\"dry-run\""), "{html}");
+    assert!(html.contains("firmware 2.0.0 to 5 devices"), "{html}");
+    let (_, listed) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(0),
+        "a dry run starts nothing"
+    );
+    let csrf = form_token(&html);
+    let fields = format!(
+        "csrf={csrf}&firmware_id={}&group_id={group}&stages=2%2C+rest&success=95&failure=10&window=0&rate=",
+        ids[1]
+    );
+    let start = format!("/products/{pid}/rollouts/start");
+    let r = server.raw(&form_post(&start, &operator, &fields)).await;
+    assert_eq!(r.status, 422, "no confirmation: {}", r.text());
+    let r = server
+        .raw(&form_post(
+            &start,
+            &operator,
+            &format!("{fields}&confirm=yes"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let to = r.header("location").unwrap().to_string();
+    assert!(
+        to.starts_with(&format!("/products/{pid}/rollouts/")),
+        "{to}"
+    );
+    let (_, listed) = server
+        .call(
+            Method::GET,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            None,
+        )
+        .await;
+    let rollout = &listed["items"][0];
+    assert_eq!(
+        rollout["stages"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    let page = server.get_with_cookie(&to, &operator).await;
+    assert_eq!(page.status, 200);
+    let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
+    assert!(audit.to_string().contains("started rollout"), "{audit}");
     server.finish().await;
 }
