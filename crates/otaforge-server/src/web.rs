@@ -593,6 +593,17 @@ fn notice_url(path: &str, notice: &str) -> String {
 /// two minutes. Never in a URL, never stored in clear.
 const KEY_COOKIE: &str = "otaforge_new_key";
 
+/// A form whose confirmation box was left unticked (the browser requires it; a script
+/// might not): nothing was done.
+fn unconfirmed(title: &str, back: &str) -> Response {
+    message(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        title,
+        "nothing was done: tick the box that confirms it, then send the form again",
+        back,
+    )
+}
+
 /// Redirects to the product page, which shows `key` once.
 fn show_key_once(state: &AppState, web: &Web, product: Id, key: &str, notice: &str) -> Response {
     let mut response =
@@ -702,12 +713,7 @@ async fn delete_firmware(
     };
     let back = format!("/products/{product}");
     if form.confirm.is_none() {
-        return message(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Not deleted",
-            "tick the box that confirms the deletion, then delete again",
-            &back,
-        );
+        return unconfirmed("Not deleted", &back);
     }
     match state
         .delete_firmware(&actor, product, form.firmware_id)
@@ -1196,12 +1202,7 @@ async fn group_action(
         }
         "delete" => {
             if form.confirm.is_none() {
-                return message(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Not deleted",
-                    "tick the box that confirms the deletion, then delete again",
-                    &here,
-                );
+                return unconfirmed("Not deleted", &here);
             }
             return match state.delete_group(&actor, product, group).await {
                 Ok(()) => Redirect::to(&notice_url(
@@ -1435,12 +1436,7 @@ async fn start_rollout(
     };
     let back = format!("/products/{product}/rollouts/new");
     if form.confirm.is_none() {
-        return message(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Not started",
-            "tick the box that confirms the start, then start again",
-            &back,
-        );
+        return unconfirmed("Not started", &back);
     }
     let body = match form.body(false) {
         Ok(body) => body,
@@ -1796,7 +1792,7 @@ async fn device_action(
         },
         "delete" => {
             if form.confirm.is_none() {
-                return refuse("tick the box that confirms the deletion, then delete again");
+                return unconfirmed("Not deleted", &back);
             }
             return match state.delete_device(&actor, product, &serial).await {
                 Ok(()) => Redirect::to(&notice_url(

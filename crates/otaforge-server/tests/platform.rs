@@ -1559,15 +1559,7 @@ async fn operators_manage_a_device_from_its_workspace() {
     let server = Server::start(Backend::Sqlite).await;
     let operator = server.operator_session("ida").await;
     let (pid, _, _) = server.product("managed").await;
-    let (status, group) = server
-        .call(
-            Method::POST,
-            &format!("/api/v1/products/{pid}/groups"),
-            Some(json!({"name": "field"})),
-        )
-        .await;
-    assert_eq!(status, 201, "{group}");
-    let gid = group["id"].as_i64().unwrap();
+    let gid = server.group(pid, "field").await;
     new_bot(&server, pid, "m_01", "first-pw-1234").await;
     let workspace = format!("/workspace/{pid}/m_01");
     let page = server.get_with_cookie(&workspace, &operator).await.text();
@@ -1648,15 +1640,7 @@ async fn groups_are_managed_from_their_page() {
     let server = Server::start(Backend::Sqlite).await;
     let operator = server.operator_session("joy").await;
     let (pid, _, default_group) = server.product("grouped").await;
-    let (status, group) = server
-        .call(
-            Method::POST,
-            &format!("/api/v1/products/{pid}/groups"),
-            Some(json!({"name": "north"})),
-        )
-        .await;
-    assert_eq!(status, 201, "{group}");
-    let gid = group["id"].as_i64().unwrap();
+    let gid = server.group(pid, "north").await;
     let (status, _) = server
         .call(
             Method::POST,

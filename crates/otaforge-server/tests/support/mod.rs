@@ -291,6 +291,19 @@ impl Server {
         )
     }
 
+    /// A new group of the product; its id.
+    pub async fn group(&self, product: i64, name: &str) -> i64 {
+        let (status, group) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/v1/products/{product}/groups"),
+                Some(json!({ "name": name })),
+            )
+            .await;
+        assert_eq!(status, 201, "{group}");
+        group["id"].as_i64().unwrap()
+    }
+
     /// Uploads the fixtures app-v1 (1.0.0) and app-v2 (2.0.0) and assigns 1.0.0 to the
     /// group; their firmware ids, in that order.
     pub async fn two_releases(&self, product: i64, group: i64) -> [Value; 2] {
