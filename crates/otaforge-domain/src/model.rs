@@ -415,12 +415,19 @@ pub struct StageSpec {
     pub auto_rollback: bool,
 }
 
+impl StageSpec {
+    /// The share that passes a stage when a rollout does not say.
+    pub const DEFAULT_SUCCESS: f64 = 0.95;
+    /// The share that halts it when a rollout does not say.
+    pub const DEFAULT_FAILURE: f64 = 0.1;
+}
+
 fn default_success() -> f64 {
-    0.95
+    StageSpec::DEFAULT_SUCCESS
 }
 
 fn default_failure() -> f64 {
-    0.1
+    StageSpec::DEFAULT_FAILURE
 }
 
 fn default_true() -> bool {

@@ -781,39 +781,22 @@ impl AppState {
 /// One stage of a dry run: who is in it and how many bytes it will move.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct StagePreview {
-    stage: usize,
+    pub(crate) stage: usize,
     /// Its first members in the plan's order (as many as `preview` asked).
-    devices: Vec<String>,
-    count: usize,
-    bytes: i64,
+    pub(crate) devices: Vec<String>,
+    pub(crate) count: usize,
+    pub(crate) bytes: i64,
 }
 
 /// What a rollout would do, without starting it.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct DryRun {
-    dry_run: bool,
-    firmware: String,
-    total_devices: usize,
-    total_bytes: i64,
-    stages: Vec<StagePreview>,
-    already_in_rollouts: usize,
-}
-
-impl DryRun {
-    /// The dry run as the rollout form shows it.
-    pub(crate) fn shown(self) -> crate::web::RolloutPreviewView {
-        crate::web::RolloutPreviewView {
-            firmware: self.firmware,
-            total: self.total_devices,
-            bytes: self.total_bytes,
-            busy: self.already_in_rollouts,
-            stages: self
-                .stages
-                .into_iter()
-                .map(|s| (s.stage, s.count, s.bytes, s.devices.join(", ")))
-                .collect(),
-        }
-    }
+    pub(crate) dry_run: bool,
+    pub(crate) firmware: String,
+    pub(crate) total_devices: usize,
+    pub(crate) total_bytes: i64,
+    pub(crate) stages: Vec<StagePreview>,
+    pub(crate) already_in_rollouts: usize,
 }
 
 /// One stage of a rollout and how its devices stand.

@@ -100,7 +100,6 @@ fn page(t: impl Template) -> Response {
 struct Message<'a> {
     title: &'a str,
     paragraphs: Vec<String>,
-    code: Option<String>,
     back: &'a str,
 }
 
@@ -108,7 +107,6 @@ fn message(status: StatusCode, title: &str, text: impl Into<String>, back: &str)
     let mut r = page(Message {
         title,
         paragraphs: vec![text.into()],
-        code: None,
         back,
     });
     *r.status_mut() = status;
@@ -1280,8 +1278,16 @@ impl RolloutForm {
                     .map_err(|_| format!("{what} is a percentage, not {t:?}")),
             }
         };
-        let success = share(&self.success, 0.95, "the share that passes a stage")?;
-        let failure = share(&self.failure, 0.1, "the share that halts it")?;
+        let success = share(
+            &self.success,
+            StageSpec::DEFAULT_SUCCESS,
+            "the share that passes a stage",
+        )?;
+        let failure = share(
+            &self.failure,
+            StageSpec::DEFAULT_FAILURE,
+            "the share that halts it",
+        )?;
         let window_secs = match self.window.trim() {
             "" => 0,
             t => t
@@ -1301,7 +1307,7 @@ impl RolloutForm {
             .split(',')
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
-                Ok(otaforge_store::model::StageSpec {
+                Ok(StageSpec {
                     size: s.parse()?,
                     success_threshold: success,
                     failure_threshold: failure,
@@ -1327,14 +1333,7 @@ impl RolloutForm {
     }
 }
 
-pub(crate) struct RolloutPreviewView {
-    pub(crate) firmware: String,
-    pub(crate) total: usize,
-    pub(crate) bytes: i64,
-    pub(crate) busy: usize,
-    /// (stage, devices, bytes, its first devices)
-    pub(crate) stages: Vec<(usize, usize, i64, String)>,
-}
+use otaforge_store::model::StageSpec;
 
 #[derive(Template)]
 #[template(path = "rollout_new.html")]
@@ -1348,7 +1347,7 @@ struct NewRolloutPage {
     /// (id, name, chosen)
     groups: Vec<(Id, String, bool)>,
     form: RolloutForm,
-    preview: Option<RolloutPreviewView>,
+    preview: Option<crate::rollouts::DryRun>,
     error: Option<String>,
 }
 
@@ -1371,9 +1370,12 @@ async fn new_rollout(
     if form.stages.trim().is_empty() {
         form.stages = "10, 300, rest".into();
     }
-    for (field, default) in [(&mut form.success, "95"), (&mut form.failure, "10")] {
+    for (field, default) in [
+        (&mut form.success, StageSpec::DEFAULT_SUCCESS),
+        (&mut form.failure, StageSpec::DEFAULT_FAILURE),
+    ] {
         if field.trim().is_empty() {
-            *field = default.into();
+            *field = (default * 100.0).to_string();
         }
     }
     if form.window.trim().is_empty() {
@@ -1390,7 +1392,7 @@ async fn new_rollout(
         match form.body(true) {
             Err(why) => (error, status) = (Some(why), StatusCode::UNPROCESSABLE_ENTITY),
             Ok(body) => match state.start_rollout(&actor, product, body).await {
-                Ok(crate::rollouts::Planned::DryRun(dry)) => preview = Some(dry.shown()),
+                Ok(crate::rollouts::Planned::DryRun(dry)) => preview = Some(dry),
                 Ok(crate::rollouts::Planned::Started { .. }) => {}
                 Err(e) => (error, status) = (Some(e.message), e.status),
             },
