@@ -15,21 +15,29 @@ const GROUP_COLS: &str =
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
      last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
      firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id, chip";
+/// `DEVICE_COLS` with the time seen read by `seen` instead of the `last_seen` column.
+fn device_cols_seen_as(seen: &str) -> String {
+    DEVICE_COLS.replacen(" last_seen,", &format!(" {seen} AS last_seen,"), 1)
+}
+
 /// A new device's columns, as `INSERT ... RETURNING` gives them (it has not been seen).
-const NEW_DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
-     CAST(NULL AS BIGINT) AS last_seen, version, sketch_md5, sta_mac, ap_mac, free_space, \
-     chip_size, sdk_version, firmware_id, secrets, attributes, closed_firmware_id, public_key, \
-     open_firmware_id, chip";
+fn new_device_cols() -> &'static str {
+    static COLS: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| device_cols_seen_as("CAST(NULL AS BIGINT)"));
+    &COLS
+}
 
 /// `DEVICE_COLS` as read from `devices` alone: PostgreSQL keeps the time each device was
 /// seen in a table of its own (schema 18), looked up here by device (an index probe per row
 /// returned, so that a page keeps the plan of its own order).
 fn device_cols(backend: &str) -> &'static str {
+    static PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        device_cols_seen_as(
+            "(SELECT s.last_seen FROM device_seen s WHERE s.device_id = devices.id)",
+        )
+    });
     if backend == "postgres" {
-        "id, product_id, group_id, serial, status, password_hash, created_at, \
-         (SELECT s.last_seen FROM device_seen s WHERE s.device_id = devices.id) AS last_seen, \
-         version, sketch_md5, sta_mac, ap_mac, free_space, chip_size, sdk_version, \
-         firmware_id, secrets, attributes, closed_firmware_id, public_key, open_firmware_id, chip"
+        &PG
     } else {
         DEVICE_COLS
     }
@@ -835,7 +843,7 @@ macro_rules! sql_store {
                     "INSERT INTO devices (product_id, group_id, serial, status, password_hash, created_at) \
                      SELECT p.id, COALESCE(g.id, p.default_group_id), $3, $4, $5, $6 \
                      FROM products p LEFT JOIN device_groups g ON g.product_id = p.id AND g.id = $2 \
-                     WHERE p.id = $1 AND ($2 IS NULL OR g.id IS NOT NULL) RETURNING {NEW_DEVICE_COLS}"
+                     WHERE p.id = $1 AND ($2 IS NULL OR g.id IS NOT NULL) RETURNING {}", new_device_cols()
                 ))
                 .bind(new.product_id)
                 .bind(new.group_id)
@@ -2241,6 +2249,49 @@ pub struct SqliteStore {
 /// Rows per statement batch of a SQLite report flush (10 parameters a row).
 const SQLITE_TELEMETRY_BATCH: usize = 64;
 
+/// A report's fields besides the time seen, each with its place among the ten parameters of
+/// one SQLite report (`sqlite_telemetry_update`; the ninth is the device's id).
+const REPORTED: [(&str, usize); 8] = [
+    ("version", 2),
+    ("sketch_md5", 3),
+    ("sta_mac", 4),
+    ("ap_mac", 5),
+    ("free_space", 6),
+    ("chip_size", 7),
+    ("sdk_version", 8),
+    ("chip", 10),
+];
+
+/// The `SET` list that folds a report's fields into a device's row (a field the report
+/// lacks keeps the row's), and the condition that one of them differs from the row.
+/// `value(column, place)` names the report's value; `row` qualifies the row's columns;
+/// `differs` is the backend's null-safe inequality.
+fn reported_set_and_differs(
+    value: impl Fn(&str, usize) -> String,
+    row: &str,
+    differs: &str,
+) -> (String, String) {
+    let set = REPORTED
+        .iter()
+        .map(|&(column, place)| {
+            format!(
+                "{column} = COALESCE({}, {row}{column})",
+                value(column, place)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let changed = REPORTED
+        .iter()
+        .map(|&(column, place)| {
+            let v = value(column, place);
+            format!("({v} IS NOT NULL AND {v} {differs} {row}{column})")
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    (set, changed)
+}
+
 /// The UPDATEs of one report whose ten parameters start after `$base`. The time it was
 /// seen is written on its own; the other fields only when one of them differs from the
 /// row. Naming a column in SET makes SQLite rewrite every index holding it, changed or not,
@@ -2248,26 +2299,7 @@ const SQLITE_TELEMETRY_BATCH: usize = 64;
 fn sqlite_telemetry_update(base: usize) -> String {
     let p = |i: usize| format!("${}", base + i);
     let id = p(9);
-    let fields = [
-        ("version", p(2)),
-        ("sketch_md5", p(3)),
-        ("sta_mac", p(4)),
-        ("ap_mac", p(5)),
-        ("free_space", p(6)),
-        ("chip_size", p(7)),
-        ("sdk_version", p(8)),
-        ("chip", p(10)),
-    ];
-    let set = fields
-        .iter()
-        .map(|(column, value)| format!("{column} = COALESCE({value}, {column})"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let differs = fields
-        .iter()
-        .map(|(column, value)| format!("({value} IS NOT NULL AND {value} IS NOT {column})"))
-        .collect::<Vec<_>>()
-        .join(" OR ");
+    let (set, differs) = reported_set_and_differs(|_, place| p(place), "", "IS NOT");
     let seen = p(1);
     format!(
         "UPDATE devices SET last_seen = {seen} WHERE id = {id} AND {seen} IS NOT NULL; \
@@ -2376,26 +2408,11 @@ impl PgStore {
     async fn write_telemetry(&self, batch: &[(Id, Telemetry)]) -> Result<()> {
         static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let others = SQL.get_or_init(|| {
-            let fields = [
-                "version",
-                "sketch_md5",
-                "sta_mac",
-                "ap_mac",
-                "free_space",
-                "chip_size",
-                "sdk_version",
-                "chip",
-            ];
-            let set = fields
-                .iter()
-                .map(|f| format!("{f} = COALESCE(t.{f}, devices.{f})"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let differs = fields
-                .iter()
-                .map(|f| format!("(t.{f} IS NOT NULL AND t.{f} IS DISTINCT FROM devices.{f})"))
-                .collect::<Vec<_>>()
-                .join(" OR ");
+            let (set, differs) = reported_set_and_differs(
+                |column, _| format!("t.{column}"),
+                "devices.",
+                "IS DISTINCT FROM",
+            );
             format!(
                 "UPDATE devices SET {set} FROM UNNEST($1::bigint[], $2::text[], $3::text[], \
                  $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[]) \
