@@ -26,8 +26,9 @@ await build({
 
 await copyFile(path.join(here, "src/app.css"), path.join(assets, "app.css"));
 await copyFile(path.join(here, "src/copy.js"), path.join(assets, "copy.js"));
+await copyFile(path.join(here, "src/live.js"), path.join(assets, "live.js"));
 
-for (const f of ["editor.js", "app.css", "copy.js"]) {
+for (const f of ["editor.js", "app.css", "copy.js", "live.js"]) {
   const { size } = await stat(path.join(assets, f));
   console.log(`${path.relative(process.cwd(), path.join(assets, f))}  ${size} bytes`);
 }

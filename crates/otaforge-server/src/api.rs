@@ -997,22 +997,15 @@ pub async fn download_firmware(
     ApiPath((product, firmware)): ApiPath<(Id, Id)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let firmware = state.store().get_firmware(product, firmware).await?;
-    let bytes = state
-        .inner
-        .blob_cache
-        .get(&state.inner.blobs, &firmware.sha256)
+    let (firmware, part) = state
+        .firmware_part(product, firmware, delivery::range_header(&headers)?)
         .await?;
-    delivery::respond(
-        &headers,
-        bytes,
-        &delivery::Delivery {
-            md5: &firmware.md5,
-            version: &firmware.version,
-            sha256: &firmware.sha256,
-            filename: &format!("firmware-{}.bin", firmware.version),
-        },
-    )
+    let filename = format!("firmware-{}.bin", firmware.version);
+    Ok(delivery::render(
+        part,
+        firmware.size.max(0) as u64,
+        &delivery::Delivery::of(&firmware, &filename),
+    ))
 }
 
 #[utoipa::path(delete, path = "/api/v1/products/{product}/firmware/{firmware}", tag = "firmware",

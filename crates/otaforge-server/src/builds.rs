@@ -521,6 +521,10 @@ async fn compile_build(
         fits_the_slot(compiled.binary.len(), device.telemetry.free_space).map_err(plain)?;
     }
     let Some(product) = build.product_id else {
+        let _ = state
+            .store()
+            .append_build_log(build.id, "compiled only: nothing was stored or assigned\n")
+            .await;
         return Ok((compiled.diagnostics, None));
     };
     let firmware = state

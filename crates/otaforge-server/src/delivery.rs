@@ -83,6 +83,18 @@ pub struct Delivery<'a> {
     pub filename: &'a str,
 }
 
+impl<'a> Delivery<'a> {
+    /// A firmware's bytes under `filename`.
+    pub fn of(firmware: &'a otaforge_store::model::Firmware, filename: &'a str) -> Self {
+        Delivery {
+            md5: &firmware.md5,
+            version: &firmware.version,
+            sha256: &firmware.sha256,
+            filename,
+        }
+    }
+}
+
 /// Bytes of a file, as a request asked for them.
 #[derive(Debug, Clone)]
 pub enum Part {
@@ -132,13 +144,6 @@ pub fn range_header(request: &HeaderMap) -> ApiResult<Option<&str>> {
             .map_err(|_| ApiError::bad_request("the Range header is not ASCII")),
         None => Ok(None),
     }
-}
-
-/// A 200 with the whole body, a 206 with the requested range, or 416.
-pub fn respond(request: &HeaderMap, body: Bytes, meta: &Delivery) -> ApiResult<Response> {
-    let len = body.len() as u64;
-    let part = Part::cut(range_header(request)?, body)?;
-    Ok(render(part, len, meta))
 }
 
 /// The response for a part of a file of `len` bytes: `Content-Length` always.

@@ -233,6 +233,29 @@ enum Steer {
     Serve(Box<Firmware>),
 }
 
+/// What a live rollout's membership means for what the device is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membership {
+    /// Its stage is not released, or was rolled back: the usual assignment.
+    Usual,
+    /// Offered once: it keeps the offer (it may be mid-download), whatever the state.
+    Keeps,
+    /// Released and not offered yet: offered under the rate cap.
+    Released,
+}
+
+fn membership(member: &Member, rollout: &Rollout) -> Membership {
+    if rollout.rolled_back_stages.contains(&member.stage) {
+        Membership::Usual
+    } else if member.state != MemberState::Pending {
+        Membership::Keeps
+    } else if rollout.state == RolloutState::Running && member.stage <= rollout.current_stage {
+        Membership::Released
+    } else {
+        Membership::Usual
+    }
+}
+
 impl AppState {
     /// The device's live rollout membership, and the rollout's image for the family the
     /// device announces.
@@ -255,6 +278,28 @@ impl AppState {
             .rollouts
             .refresh(self.store(), &self.inner.catalog)
             .await
+    }
+
+    /// What a device's link serves now, as the pages show it: the steering of
+    /// `target_firmware` for the family the device last announced, without taking an offer
+    /// slot or moving its membership. `Some(rollout)` when a live rollout decides it (a
+    /// released device that has not checked in yet is shown the image it will be offered).
+    pub(crate) async fn link_serves(
+        &self,
+        device: &Device,
+    ) -> otaforge_store::Result<Option<(Firmware, Option<Id>)>> {
+        let chip = device.telemetry.chip.as_deref().and_then(Family::of_chip);
+        if let Some((member, rollout, firmware)) = self.steer(device, chip)
+            && membership(&member, &rollout) != Membership::Usual
+        {
+            return Ok(Some((firmware, Some(rollout.id))));
+        }
+        Ok(self
+            .inner
+            .catalog
+            .assigned_firmware(self.store(), device, true, chip)
+            .await?
+            .map(|f| (f, None)))
     }
 
     /// The firmware a device should run now: a live rollout's for released stages (offering
@@ -297,17 +342,10 @@ impl AppState {
         let Some((member, rollout, firmware)) = self.steer(device, chip) else {
             return Ok(Steer::Usual);
         };
-        if rollout.rolled_back_stages.contains(&member.stage) {
-            return Ok(Steer::Usual);
-        }
-        if member.state != MemberState::Pending {
-            // Offered once: it keeps the offer (it may be mid-download), whatever the state.
-            return Ok(Steer::Serve(Box::new(firmware)));
-        }
-        let released =
-            rollout.state == RolloutState::Running && member.stage <= rollout.current_stage;
-        if !released {
-            return Ok(Steer::Usual);
+        match membership(&member, &rollout) {
+            Membership::Usual => return Ok(Steer::Usual),
+            Membership::Keeps => return Ok(Steer::Serve(Box::new(firmware))),
+            Membership::Released => {}
         }
         if take_offer_slot(self.store(), &rollout).await? {
             let moved = self

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use crate::auth::{digest, random_secret};
 use crate::core::accounts::SignInRefusal;
 use crate::core::passwords::Refused;
+use crate::core::sketch::{Author, BOARDS, EXAMPLES};
 use crate::error::ApiError;
 use crate::extract::ApiPath;
 use crate::{AppState, compile};
@@ -72,7 +73,10 @@ pub fn routes() -> Router<AppState> {
         .route("/audit", get(audit_page))
         .route("/workspace/{product}/{serial}", get(workspace))
         .route("/workspace/{product}/{serial}/save", post(save))
-        .route("/workspace/{product}/{serial}/files", post(add_file))
+        .route(
+            "/workspace/{product}/{serial}/sketch/{action}",
+            post(sketch_action),
+        )
         .route("/workspace/{product}/{serial}/wifi", post(save_wifi))
         .route("/workspace/{product}/{serial}/setup", post(setup_firmware))
         .route(
@@ -489,6 +493,7 @@ async fn asset(ApiPath(name): ApiPath<String>) -> Response {
         "editor.js" => (include_bytes!("../assets/editor.js"), "text/javascript"),
         "app.css" => (include_bytes!("../assets/app.css"), "text/css"),
         "copy.js" => (include_bytes!("../assets/copy.js"), "text/javascript"),
+        "live.js" => (include_bytes!("../assets/live.js"), "text/javascript"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     (
@@ -1566,17 +1571,27 @@ async fn rollout_page(
     })
 }
 
+#[derive(Deserialize)]
+struct ConfirmForm {
+    csrf: String,
+    confirm: Option<String>,
+}
+
+/// Pause, resume, approve or cancel, behind the rollout page's confirmation box.
 async fn rollout_action(
     State(state): State<AppState>,
     web: Web,
     ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
-    axum::Form(form): axum::Form<CsrfForm>,
+    axum::Form(form): axum::Form<ConfirmForm>,
 ) -> Response {
     let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
         Ok(a) => a,
         Err(r) => return r,
     };
     let back = format!("/products/{product}/rollouts/{rollout}");
+    if form.confirm.is_none() {
+        return unconfirmed("Not done", &back);
+    }
     match crate::rollouts::apply_action(&state, &actor, product, rollout, &action).await {
         Ok(_) => Redirect::to(&back).into_response(),
         Err(e) => titled_error(e, "Not done", &back),
@@ -1915,17 +1930,6 @@ async fn upload_firmware(
 
 // ---- the workspace ----
 
-/// Boards offered in the workspace (any FQBN works through the API).
-const BOARDS: &[(&str, &str)] = &[
-    ("esp32:esp32:esp32", "ESP32 Dev Module"),
-    ("esp32:esp32:esp32s3", "ESP32-S3 Dev Module"),
-    ("esp32:esp32:esp32c3", "ESP32-C3 Dev Module"),
-    ("esp8266:esp8266:nodemcuv2", "NodeMCU 1.0 (ESP8266)"),
-    ("arduino:avr:uno", "Arduino Uno"),
-];
-
-const STARTER: &str = "// Your sketch. The platform keeps the OTA update code in every build.\n\n// ESP32 Dev Module has no LED_BUILTIN; most of its boards have the LED on GPIO2.\n#ifndef LED_BUILTIN\n#define LED_BUILTIN 2\n#endif\n\nvoid setup() {\n  pinMode(LED_BUILTIN, OUTPUT);\n}\n\nvoid loop() {\n  digitalWrite(LED_BUILTIN, HIGH);\n  delay(500);\n  digitalWrite(LED_BUILTIN, LOW);\n  delay(500);\n}\n";
-
 struct HistoryRow {
     id: Id,
     when: String,
@@ -1935,6 +1939,8 @@ struct HistoryRow {
 #[derive(Template)]
 #[template(path = "workspace.html")]
 struct WorkspacePage {
+    /// The shown build was made from the code the editor holds (its diagnostics belong there).
+    build_matches: bool,
     product_id: Id,
     product_name: String,
     serial: String,
@@ -1971,6 +1977,11 @@ struct WorkspacePage {
     attributes: Vec<(String, String)>,
     /// For an operator: the product's groups (id, name, the device's own).
     groups: Vec<(Id, String, bool)>,
+    /// Every file of the sketch as JSON (name -> content) for the editor's tabs, with `<`
+    /// escaped so that it cannot end its script element.
+    files_json: String,
+    /// The Examples menu: (id, title).
+    examples: Vec<(&'static str, &'static str)>,
 }
 
 /// The device, if the viewer may open its workspace; else the page to show instead.
@@ -2016,20 +2027,15 @@ fn redirect_error(path: &str, error: &str) -> Response {
     Redirect::to(&notice_url(path, error).replacen("?notice=", "?error=", 1)).into_response()
 }
 
-/// The latest saved sketch, or the starter sketch.
+/// The device's sketch as (board, files); a store error is logged and shows the starter
+/// sketch's board with no files, which the page says it cannot open.
 async fn current_sketch(state: &AppState, device: &Device) -> (String, BTreeMap<String, String>) {
-    match state
-        .store()
-        .list_revisions(device.id, 1)
-        .await
-        .ok()
-        .and_then(|mut v| v.pop())
-    {
-        Some(r) => (r.fqbn, r.files),
-        None => (
-            BOARDS[0].0.to_string(),
-            BTreeMap::from([("sketch.ino".to_string(), STARTER.to_string())]),
-        ),
+    match state.current_sketch(device).await {
+        Ok(s) => (s.fqbn, s.files),
+        Err(e) => {
+            e.log();
+            (BOARDS[0].0.to_string(), BTreeMap::new())
+        }
     }
 }
 
@@ -2076,14 +2082,16 @@ async fn workspace(
         Some(b) => store.list_build_images(b.id).await.unwrap_or_default(),
         None => Vec::new(),
     };
-    let assigned = match state
-        .inner
-        .catalog
-        .assigned_firmware(store, &device, true, None)
-        .await
-    {
-        Ok(Some(f)) => format!("{} ({} bytes)", f.version, f.size),
-        _ => "nothing yet".into(),
+    let assigned = match state.link_serves(&device).await {
+        Ok(Some((f, None))) => format!("{} ({} bytes)", f.version, f.size),
+        Ok(Some((f, Some(rollout)))) => {
+            format!("{} ({} bytes), from rollout {rollout}", f.version, f.size)
+        }
+        Ok(None) => "nothing yet".into(),
+        Err(e) => {
+            ApiError::from(e).log();
+            "not known right now".into()
+        }
     };
     let wifi_summary = match device
         .secrets
@@ -2164,7 +2172,20 @@ async fn workspace(
     } else {
         Vec::new()
     };
+    let content = files.get(&current_file).cloned().unwrap_or_default();
+    let build_matches = build
+        .as_ref()
+        .is_some_and(|b| b.files.get(&current_file) == Some(&content));
+    let files_json = serde_json::to_string(&files)
+        .unwrap_or_else(|_| "{}".into())
+        .replace('<', "\\u003c");
     page(WorkspacePage {
+        files_json,
+        examples: EXAMPLES
+            .iter()
+            .map(|(id, title, _)| (*id, *title))
+            .collect(),
+        build_matches,
         groups,
         timeline,
         attributes,
@@ -2178,7 +2199,7 @@ async fn workspace(
         notice: q.notice,
         error: q.error,
         has_compiler: state.inner.compile.has_compiler(),
-        content: files.get(&current_file).cloned().unwrap_or_default(),
+        content,
         files: files
             .keys()
             .map(|f| (f.clone(), *f == current_file))
@@ -2207,21 +2228,59 @@ fn mask(s: &str) -> String {
     }
 }
 
-#[derive(Deserialize)]
+/// The workspace's Save, Verify and Deploy: `file` and `sketch` are the editor's current
+/// file; `other:NAME` fields carry the unsaved edits of its other tabs.
 struct SaveForm {
     csrf: String,
     file: String,
-    sketch: String,
     fqbn: String,
-    action: Option<String>,
+    action: String,
+    edits: BTreeMap<String, String>,
+}
+
+impl SaveForm {
+    fn read(fields: Vec<(String, String)>) -> Result<Self, String> {
+        let (mut csrf, mut file, mut sketch, mut fqbn, mut action) =
+            (None, None, None, None, String::from("save"));
+        let mut edits = BTreeMap::new();
+        for (key, value) in fields {
+            match key.as_str() {
+                "csrf" => csrf = Some(value),
+                "file" => file = Some(value),
+                "sketch" => sketch = Some(value),
+                "fqbn" => fqbn = Some(value),
+                "action" => action = value,
+                _ => match key.strip_prefix("other:") {
+                    Some(name) => {
+                        edits.insert(name.to_string(), value);
+                    }
+                    None => return Err(format!("unknown form field {key:?}")),
+                },
+            }
+        }
+        let missing = |what: &str| format!("the form lacks its {what} field");
+        let file = file.ok_or_else(|| missing("file"))?;
+        edits.insert(file.clone(), sketch.ok_or_else(|| missing("sketch"))?);
+        Ok(SaveForm {
+            csrf: csrf.ok_or_else(|| missing("csrf"))?,
+            file,
+            fqbn: fqbn.ok_or_else(|| missing("fqbn"))?,
+            action,
+            edits,
+        })
+    }
 }
 
 async fn save(
     State(state): State<AppState>,
     web: Web,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
-    axum::Form(form): axum::Form<SaveForm>,
+    axum::Form(fields): axum::Form<Vec<(String, String)>>,
 ) -> Response {
+    let form = match SaveForm::read(fields) {
+        Ok(f) => f,
+        Err(e) => return error_page(ApiError::bad_request(e), "/"),
+    };
     let (device, back) = match workspace_form(&state, &web, product, &serial, &form.csrf).await {
         Ok(found) => found,
         Err(r) => return r,
@@ -2233,38 +2292,39 @@ async fn save(
             1,
         )
     };
-    let (_, mut files) = current_sketch(&state, &device).await;
-    files.insert(form.file.clone(), form.sketch.replace("\r\n", "\n"));
-    if let Err(e) = crate::builds::check_sketch(&form.fqbn, &files) {
-        return Redirect::to(&with("error", &e.message)).into_response();
-    }
-    if let Err(e) = state
-        .store()
-        .save_revision(device.id, &form.fqbn, &files, &web.name())
+    let name = web.name();
+    let author = Author {
+        name: &name,
+        address: web.address,
+    };
+    let sketch = match state
+        .save_sketch(&author, &device, &form.fqbn, form.edits)
         .await
     {
-        return error_page(e, &back);
-    }
-    state
-        .audit_event(
-            &web.name(),
-            web.address,
-            "saved sketch",
-            &format!("device {}", device.serial),
-            &form.file,
-        )
-        .await;
-    if form.action.as_deref() != Some("compile") {
-        return Redirect::to(&with("notice", "saved")).into_response();
-    }
+        Ok(s) => s,
+        Err(e) if e.status.is_client_error() => {
+            return Redirect::to(&with("error", &e.message)).into_response();
+        }
+        Err(e) => return error_page(e, &back),
+    };
+    // Verify compiles only; Deploy stores the image as the device's firmware too.
+    let product_id = match form.action.as_str() {
+        "save" => return Redirect::to(&with("notice", "saved")).into_response(),
+        "verify" => None,
+        "deploy" | "compile" => Some(product),
+        other => {
+            return Redirect::to(&with("error", &format!("unknown action {other:?}")))
+                .into_response();
+        }
+    };
     let build = state
         .queue_build(
             NewBuild {
-                product_id: Some(product),
+                product_id,
                 device_id: Some(device.id),
-                fqbn: form.fqbn.clone(),
-                files,
-                requested_by: web.name(),
+                fqbn: sketch.fqbn,
+                files: sketch.files,
+                requested_by: name.clone(),
             },
             web.address,
         )
@@ -2280,33 +2340,81 @@ async fn save(
     }
 }
 
-async fn add_file(
+#[derive(Deserialize)]
+struct SketchFileForm {
+    csrf: String,
+    /// The file added, renamed or deleted.
+    name: String,
+    /// A rename's new name.
+    to: Option<String>,
+    /// The box that confirms a deletion.
+    confirm: Option<String>,
+    /// An example's id, a revision's id.
+    example: Option<String>,
+    revision: Option<Id>,
+}
+
+/// The sketch's other changes, through the core's sketch operations: `files` (add `name`),
+/// `rename` (`name` to `to`), `delete` (`name`, with the confirmation box), `example` (open
+/// one) and `restore` (a revision).
+async fn sketch_action(
     State(state): State<AppState>,
     web: Web,
-    ApiPath((product, serial)): ApiPath<(Id, String)>,
-    axum::Form(form): axum::Form<NameForm>,
+    ApiPath((product, serial, action)): ApiPath<(Id, String, String)>,
+    axum::Form(form): axum::Form<SketchFileForm>,
 ) -> Response {
     let (device, back) = match workspace_form(&state, &web, product, &serial, &form.csrf).await {
         Ok(found) => found,
         Err(r) => return r,
     };
-    let name = form.name.trim().to_string();
-    if let Err(e) = compile::check_file_name(&name) {
-        return redirect_error(&back, &e);
+    let name = web.name();
+    let author = Author {
+        name: &name,
+        address: web.address,
+    };
+    let file = form.name.trim();
+    let (done, shown) = match action.as_str() {
+        "files" => (
+            state.add_sketch_file(&author, &device, file).await,
+            Some(file.to_string()),
+        ),
+        "rename" => {
+            let to = form.to.as_deref().unwrap_or_default().trim().to_string();
+            (
+                state.rename_sketch_file(&author, &device, file, &to).await,
+                Some(to),
+            )
+        }
+        "delete" => {
+            if form.confirm.is_none() {
+                return unconfirmed("Not deleted", &back);
+            }
+            (state.delete_sketch_file(&author, &device, file).await, None)
+        }
+        "example" => (
+            state
+                .open_example(
+                    &author,
+                    &device,
+                    form.example.as_deref().unwrap_or_default(),
+                )
+                .await,
+            Some("sketch.ino".to_string()),
+        ),
+        "restore" => match form.revision {
+            Some(id) => (state.restore_revision(&author, &device, id).await, None),
+            None => return redirect_error(&back, "pick the revision to restore"),
+        },
+        _ => return not_found(HeaderMap::new()).await,
+    };
+    match done {
+        Ok(_) => match shown {
+            Some(f) => Redirect::to(&format!("{back}?file={}", query_value(&f))).into_response(),
+            None => Redirect::to(&back).into_response(),
+        },
+        Err(e) if e.status.is_client_error() => redirect_error(&back, &e.message),
+        Err(e) => error_page(e, &back),
     }
-    let (fqbn, mut files) = current_sketch(&state, &device).await;
-    if files.len() >= 32 {
-        return redirect_error(&back, "a sketch has at most 32 files");
-    }
-    files.entry(name.clone()).or_default();
-    if let Err(e) = state
-        .store()
-        .save_revision(device.id, &fqbn, &files, &web.name())
-        .await
-    {
-        return error_page(e, &back);
-    }
-    Redirect::to(&format!("{back}?file={}", query_value(&name))).into_response()
 }
 
 /// `GET .../builds/{id}.json?file=F`: the build's status, log and the diagnostics of file F.
@@ -2343,6 +2451,9 @@ async fn build_status(
     }
 }
 
+/// The name a build's stored application is downloaded under.
+const BUILT_APP: &str = "firmware.bin";
+
 /// `GET .../builds/{id}/{name}`: an image the build kept for flashing by wire.
 async fn build_image(
     State(state): State<AppState>,
@@ -2353,15 +2464,28 @@ async fn build_image(
         Ok(d) => d,
         Err(r) => return r,
     };
+    let back = format!("/workspace/{product}/{serial}");
     match state.store().get_build(id).await {
+        // A deployed build's application, as stored (and served on the device's link).
+        Ok(b) if b.device_id == Some(device.id) && name == BUILT_APP => match b.firmware_id {
+            Some(firmware) => match state.firmware_part(product, firmware, None).await {
+                Ok((f, part)) => crate::delivery::render(
+                    part,
+                    f.size.max(0) as u64,
+                    &crate::delivery::Delivery::of(&f, &format!("build-{id}.bin")),
+                ),
+                Err(e) => error_page(e, &back),
+            },
+            None => error_page(
+                ApiError::not_found("this build stored no firmware (a Verify build, or it failed)"),
+                &back,
+            ),
+        },
         Ok(b) if b.device_id == Some(device.id) => match state.build_image(id, &name).await {
             Ok((image, bytes)) => crate::builds::image_response(id, &image, bytes),
-            Err(e) => error_page(e, &format!("/workspace/{product}/{serial}")),
+            Err(e) => error_page(e, &back),
         },
-        _ => error_page(
-            ApiError::not_found("no such build"),
-            &format!("/workspace/{product}/{serial}"),
-        ),
+        _ => error_page(ApiError::not_found("no such build"), &back),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{Backend, Server, otadrive_request};
+use support::{Backend, Server, fixture, http_update_request, md5_hex, otadrive_request};
 
 const BLINK: &str = "void setup() {\n  pinMode(13, OUTPUT);\n}\n\nvoid loop() {\n  digitalWrite(13, HIGH);\n  delay(200);\n  digitalWrite(13, LOW);\n  delay(200);\n}\n";
 
@@ -1898,5 +1898,270 @@ async fn rollouts_start_from_the_page_after_a_dry_run() {
     assert_eq!(page.status, 200);
     let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
     assert!(audit.to_string().contains("started rollout"), "{audit}");
+    server.finish().await;
+}
+
+/// The workspace and the rollout page keep themselves current: what the link serves (the
+/// group's firmware, then a rollout's) shows without a reload and is what the link then
+/// serves; the rollout page's counts follow the devices, and its actions need the box.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_and_rollout_pages_update_themselves() {
+    let server = Server::start(Backend::Sqlite).await;
+    let store = server.state.store();
+    let hash = otaforge_server::auth::hash_password("live-pw").unwrap();
+    store.create_user("lou", &hash, true).await.unwrap();
+    let (pid, _, group) = server.product("live").await;
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "live_01", "password": "live-dev-pw", "status": "verified"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let browser = Browser::start().await;
+    sign_in(&browser, &server, "operator", "lou", "live-pw").await;
+    browser.wait_text("main h1", "Products").await;
+    browser
+        .go(&server.url(&format!("/workspace/{pid}/live_01")))
+        .await;
+    browser.wait_text("#assigned", "nothing yet").await;
+    let marker = "return window.__unchanged = true";
+    browser.script(marker).await;
+
+    let link = |md5: &str| {
+        http_update_request(
+            &format!("/ota/{pid}/live_01"),
+            Some(("live_01", "live-dev-pw")),
+            md5,
+            None,
+        )
+    };
+    let ids = server.two_releases(pid, group).await;
+    let shown = browser.wait_text("#assigned", "1.0.0").await;
+    assert!(!shown.contains("rollout"), "{shown}");
+    let r = server.raw(&link("00")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, fixture("app-v1.bin"), "the page said 1.0.0");
+
+    let (status, rollout) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/rollouts"),
+            Some(json!({"firmware_id": ids[1], "target": {"group_id": group},
+                "stages": [{"size": "rest"}]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let rid = rollout["id"].as_i64().unwrap();
+    let shown = browser.wait_text("#assigned", "2.0.0").await;
+    assert!(shown.contains(&format!("from rollout {rid}")), "{shown}");
+    assert_eq!(
+        browser.script("return window.__unchanged === true").await,
+        json!(true),
+        "updated in place, not reloaded"
+    );
+
+    browser
+        .go(&server.url(&format!("/products/{pid}/rollouts/{rid}")))
+        .await;
+    browser.wait_text("#rollout-state", "RUNNING").await;
+    let pending =
+        "return document.querySelector('#rollout-live tbody td:nth-child(3)')?.textContent.trim()";
+    assert_eq!(browser.script(pending).await, json!("1"));
+    browser.script(marker).await;
+    let r = server.raw(&link(&md5_hex(&fixture("app-v1.bin")))).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, fixture("app-v2.bin"), "the page said 2.0.0");
+    browser
+        .wait_for(
+            "the download counted on the rollout page",
+            &format!("{pending} === '0'"),
+        )
+        .await;
+    // Pausing needs the box: the browser holds the form until it is ticked.
+    browser.click("#action-pause").await;
+    assert_eq!(
+        browser.text("#rollout-state").await,
+        "RUNNING",
+        "not sent unticked"
+    );
+    browser.click("#action-confirm").await;
+    browser.click("#action-pause").await;
+    browser.wait_text("#rollout-state", "PAUSED").await;
+    browser.shot("rollout-live").await;
+    browser.quit().await;
+    server.finish().await;
+}
+
+/// The editor as the anchors have it: tabs keep their unsaved edits and Save (Ctrl+S) keeps
+/// every tab's; files are added, renamed and deleted; autocomplete offers the Arduino API;
+/// an example opens and the sketch before it is restored; Verify compiles without touching
+/// the link, Deploy serves the build there and its .bin downloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_editor_keeps_tabs_saves_restores_and_verifies() {
+    let server = Server::start(Backend::Sqlite).await;
+    let store = server.state.store();
+    let (pid, _, _) = server.product("editing").await;
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "ed_01", "password": "ed-pw-123"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let device = store.get_device(pid, "ed_01").await.unwrap();
+    let current = || async {
+        store
+            .list_revisions(device.id, 1)
+            .await
+            .unwrap()
+            .pop()
+            .map(|r| r.files)
+            .unwrap_or_default()
+    };
+    let browser = Browser::start().await;
+    sign_in(&browser, &server, "bot", "ed_01", "ed-pw-123").await;
+    browser.wait_text("#device-id", "ed_01").await;
+
+    // A second tab, added through the files form.
+    browser.click("#file-tools summary").await;
+    browser.type_into("#new-file", "config.h").await;
+    browser.click("#add-file").await;
+    browser.wait_text("#file-tabs a.current", "config.h").await;
+    browser.click("#file-tabs a[data-file='sketch.ino']").await;
+    browser.click("#fqbn option[value='arduino:avr:uno']").await;
+    type_sketch(
+        &browser,
+        "#include \"config.h\"\nvoid setup() {}\nvoid loop() {}",
+    )
+    .await;
+    // To the other tab and back: the edit is kept in the page and the tab is marked.
+    browser.click("#file-tabs a[data-file='config.h']").await;
+    assert!(
+        browser
+            .exists("#file-tabs a.dirty[data-file='sketch.ino']")
+            .await
+    );
+    type_sketch(&browser, "#define LED 13").await;
+    browser.click("#file-tabs a[data-file='sketch.ino']").await;
+    assert!(browser.text(".cm-content").await.contains("config.h"));
+    // Autocomplete offers the Arduino API as a word is typed.
+    let id = browser.find(".cm-content").await;
+    browser
+        .cmd(
+            Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": "\u{E010}digitalWr"}),
+        )
+        .await;
+    browser
+        .wait_text(".cm-tooltip-autocomplete", "digitalWrite")
+        .await;
+    browser
+        .cmd(
+            Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": "\u{E00C}\u{E003}\u{E003}\u{E003}\u{E003}\u{E003}\u{E003}\u{E003}\u{E003}\u{E003}"}),
+        )
+        .await;
+    // Ctrl+S saves both tabs at once.
+    browser
+        .cmd(
+            Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": "\u{E009}s\u{E009}"}),
+        )
+        .await;
+    browser.wait_text("#notice", "saved").await;
+    let files = current().await;
+    assert!(
+        files["sketch.ino"].contains("#include \"config.h\""),
+        "{files:?}"
+    );
+    assert_eq!(files["config.h"].trim(), "#define LED 13", "{files:?}");
+    assert!(!browser.exists("#file-tabs a.dirty").await);
+
+    // Verify compiles and leaves the link alone.
+    browser.click("#verify").await;
+    browser
+        .wait_for(
+            "the verify build",
+            "return document.querySelector('#build-log')?.dataset.status === 'succeeded'",
+        )
+        .await;
+    browser.wait_text("#build-status", "SUCCEEDED").await;
+    assert_eq!(browser.text("#assigned").await, "nothing yet");
+    assert!(
+        !browser.exists("#build-download").await,
+        "Verify stores nothing"
+    );
+    // Deploy serves it: the link and the download are the same bytes.
+    browser.click("#compile").await;
+    browser.wait_text("#build-status", "SUCCEEDED").await;
+    browser.wait_text("#assigned", "build-").await;
+    let href = browser
+        .script("return document.querySelector('#build-download a')?.getAttribute('href')")
+        .await;
+    let href = href.as_str().expect("a download link").to_string();
+    let (bot_cookie, _) = bot_session(&server, pid, "ed_01", "ed-pw-123").await;
+    let download = server.get_with_cookie(&href, &bot_cookie).await;
+    assert_eq!(download.status, 200, "{}", download.text());
+    let r = server
+        .raw(format!("GET /ota/{pid}/ed_01 HTTP/1.0\r\nHost: x\r\nAuthorization: Basic {}\r\nConnection: close\r\n\r\n", basic("ed_01", "ed-pw-123")).as_bytes())
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(!r.body.is_empty());
+    assert_eq!(
+        download.body, r.body,
+        "the download is what the link serves"
+    );
+
+    // Rename, then delete (behind its box), the second file.
+    browser
+        .go(&server.url(&format!("/workspace/{pid}/ed_01?file=config.h")))
+        .await;
+    browser.click("#file-tools summary").await;
+    browser
+        .script("document.querySelector('#rename-to').value = ''")
+        .await;
+    browser.type_into("#rename-to", "settings.h").await;
+    browser.click("#rename-file").await;
+    browser
+        .wait_text("#file-tabs a.current", "settings.h")
+        .await;
+    assert!(current().await.contains_key("settings.h"));
+    browser.click("#file-tools summary").await;
+    browser.click("#delete-file-confirm").await;
+    browser.click("#delete-file").await;
+    browser.wait_text("#file-tabs", "sketch.ino").await;
+    assert!(!browser.text("#file-tabs").await.contains("settings.h"));
+    let before_example = current().await;
+
+    // An example replaces the sketch; the one before it comes back from the history.
+    browser.click("#file-tools summary").await;
+    browser.click("#example option[value='wifi-scan']").await;
+    browser.click("#open-example").await;
+    browser.wait_text(".cm-content", "scanNetworks").await;
+    let restore = browser
+        .script("return document.querySelectorAll('#history button')[0]?.id")
+        .await;
+    let restore = restore.as_str().expect("a restore button").to_string();
+    browser.click(&format!("#{restore}")).await;
+    browser.wait_text(".cm-content", "config.h").await;
+    assert_eq!(current().await, before_example);
+    let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
+    let audit = audit.to_string();
+    for said in [
+        "renamed sketch file",
+        "deleted sketch file",
+        "opened example",
+        "restored sketch",
+    ] {
+        assert!(audit.contains(said), "{said}: {audit}");
+    }
+    browser.shot("workspace-editor").await;
+    browser.quit().await;
     server.finish().await;
 }

@@ -9,3 +9,4 @@ pub mod device_auth;
 pub mod firmware;
 pub mod fleet;
 pub mod passwords;
+pub mod sketch;

@@ -77,11 +77,6 @@ pub fn offer(offer: Offer) -> Response {
     delivery::render(
         part,
         firmware.size.max(0) as u64,
-        &delivery::Delivery {
-            md5: &firmware.md5,
-            version: &firmware.version,
-            sha256: &firmware.sha256,
-            filename: &filename,
-        },
+        &delivery::Delivery::of(&firmware, &filename),
     )
 }
