@@ -27,8 +27,9 @@ await build({
 await copyFile(path.join(here, "src/app.css"), path.join(assets, "app.css"));
 await copyFile(path.join(here, "src/copy.js"), path.join(assets, "copy.js"));
 await copyFile(path.join(here, "src/live.js"), path.join(assets, "live.js"));
+await copyFile(path.join(here, "src/upload.js"), path.join(assets, "upload.js"));
 
-for (const f of ["editor.js", "app.css", "copy.js", "live.js"]) {
+for (const f of ["editor.js", "app.css", "copy.js", "live.js", "upload.js"]) {
   const { size } = await stat(path.join(assets, f));
   console.log(`${path.relative(process.cwd(), path.join(assets, f))}  ${size} bytes`);
 }

@@ -173,6 +173,17 @@ pub struct Firmware {
     pub created_at: Millis,
 }
 
+impl Firmware {
+    /// A text field of what the image says about itself (`chip`, `project_name`,
+    /// `idf_version`, ...), empty when it says nothing.
+    pub fn meta(&self, key: &str) -> &str {
+        self.metadata
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+    }
+}
+
 /// What a firmware list is narrowed to (every field optional).
 #[derive(Debug, Clone, Default)]
 pub struct FirmwareFilter {

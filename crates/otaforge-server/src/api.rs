@@ -46,7 +46,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/products", get(list_products).post(create_product))
         .route(
             "/api/v1/products/{product}",
-            get(get_product).delete(delete_product),
+            get(get_product).patch(patch_product).delete(delete_product),
         )
         .route("/api/v1/products/{product}/rotate-key", post(rotate_key))
         .route(
@@ -249,6 +249,22 @@ pub async fn get_product(
         state.store().get_product(product).await?,
         None,
     )))
+}
+
+/// Renames the product (its name is the body's, as at creation).
+#[utoipa::path(patch, path = "/api/v1/products/{product}", tag = "products",
+    security(("bearer" = [])), params(("product" = i64, Path)), request_body = NewProductBody,
+    responses((status = 200, body = ProductBody), Refusals))]
+pub async fn patch_product(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(product): ApiPath<Id>,
+    ApiJson(body): ApiJson<NewProductBody>,
+) -> ApiResult<Json<ProductBody>> {
+    let product = state
+        .rename_product(&op.actor(), product, &body.name)
+        .await?;
+    Ok(Json(ProductBody::new(product, None)))
 }
 
 #[utoipa::path(post, path = "/api/v1/products/{product}/rotate-key", tag = "products",
@@ -720,32 +736,7 @@ pub async fn bulk_devices(
     ApiPath(product): ApiPath<Id>,
     ApiJson(body): ApiJson<BulkBody>,
 ) -> ApiResult<Json<BulkOutcome>> {
-    let change = match (body.action.as_str(), body.group_id) {
-        ("verify", None) => BulkChange::Status(DeviceStatus::Verified),
-        ("block", None) => BulkChange::Status(DeviceStatus::Blocked),
-        ("disable", None) => BulkChange::Status(DeviceStatus::Disabled),
-        ("unverify", None) => BulkChange::Status(DeviceStatus::New),
-        ("delete", None) => BulkChange::Delete,
-        ("move", Some(group)) => BulkChange::Group(group),
-        ("move", None) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "move needs a group_id",
-            ));
-        }
-        (_, Some(_)) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "group_id goes with move only",
-            ));
-        }
-        (other, None) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("no action {other:?}: verify, block, disable, unverify, move or delete"),
-            ));
-        }
-    };
+    let change = crate::core::bulk::bulk_change(&body.action, body.group_id)?;
     let f = body.filter;
     let filter = DeviceQuery {
         status: f.status,

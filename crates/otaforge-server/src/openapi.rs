@@ -86,6 +86,7 @@ impl Modify for Bearer {
         crate::api::list_products,
         crate::api::create_product,
         crate::api::get_product,
+        crate::api::patch_product,
         crate::api::delete_product,
         crate::api::rotate_key,
         crate::api::set_artifact_keys,

@@ -41,11 +41,21 @@ pub fn routes() -> Router<AppState> {
         .route("/products", post(create_product))
         .route("/products/{product}", get(product_page))
         .route("/products/{product}/rotate-key", post(rotate_key))
+        .route("/products/{product}/rename", post(rename_product))
+        .route("/products/{product}/devices/bulk", post(bulk_devices))
         .route("/products/{product}/delete", post(delete_product))
         .route("/products/{product}/firmware/delete", post(delete_firmware))
         .route("/products/{product}/groups", post(create_group))
         .route("/products/{product}/groups/{group}/assign", post(assign))
         .route("/products/{product}/groups/{group}", get(group_page))
+        .route(
+            "/products/{product}/groups/{group}/resources",
+            post(upload_resource).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/products/{product}/groups/{group}/resources/{resource}/delete",
+            post(delete_resource),
+        )
         .route(
             "/products/{product}/groups/{group}/{action}",
             post(group_action),
@@ -494,6 +504,7 @@ async fn asset(ApiPath(name): ApiPath<String>) -> Response {
         "app.css" => (include_bytes!("../assets/app.css"), "text/css"),
         "copy.js" => (include_bytes!("../assets/copy.js"), "text/javascript"),
         "live.js" => (include_bytes!("../assets/live.js"), "text/javascript"),
+        "upload.js" => (include_bytes!("../assets/upload.js"), "text/javascript"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     (
@@ -735,6 +746,105 @@ struct RotateForm {
 }
 
 /// A new API key for the product (the old one stops working at once).
+/// Renames the product.
+async fn rename_product(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<NameForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let back = format!("/products/{product}");
+    match state
+        .rename_product(&actor, product, form.name.trim())
+        .await
+    {
+        Ok(p) => {
+            Redirect::to(&notice_url(&back, &format!("renamed to {}", p.name))).into_response()
+        }
+        Err(e) => titled_error(e, "Not renamed", &back),
+    }
+}
+
+#[derive(Deserialize)]
+struct BulkForm {
+    csrf: String,
+    /// The product page's filter the change applies to.
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    status: String,
+    action: String,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    group_id: Option<Id>,
+    confirm: Option<String>,
+}
+
+/// A change to every device the product page's filter shows (all its pages), through the
+/// core's bulk operation, behind the confirmation box.
+async fn bulk_devices(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<BulkForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let mut back = format!("/products/{product}");
+    let search = form.q.trim();
+    let status = match form.status.as_str() {
+        "" => None,
+        s => match DeviceStatus::parse(s) {
+            Some(s) => Some(s),
+            None => {
+                return titled_error(
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("{s:?} is not a device status"),
+                    ),
+                    "Not changed",
+                    &back,
+                );
+            }
+        },
+    };
+    if !search.is_empty() || status.is_some() {
+        back = format!(
+            "{back}?q={}&status={}",
+            query_value(search),
+            query_value(&form.status)
+        );
+    }
+    if form.confirm.is_none() {
+        return unconfirmed("Not changed", &back);
+    }
+    let change = match crate::core::bulk::bulk_change(&form.action, form.group_id) {
+        Ok(c) => c,
+        Err(e) => return titled_error(e, "Not changed", &back),
+    };
+    let filter = DeviceQuery {
+        search: (!search.is_empty()).then(|| search.to_string()),
+        status,
+        ..DeviceQuery::default()
+    };
+    match state
+        .bulk_devices(&actor, product, &filter, true, change)
+        .await
+    {
+        Ok(n) => {
+            let said = format!("{} {n} devices", form.action);
+            let sep = if back.contains('?') { '&' } else { '?' };
+            Redirect::to(&format!("{back}{sep}notice={}", query_value(&said))).into_response()
+        }
+        Err(e) => titled_error(e, "Not changed", &back),
+    }
+}
+
 async fn rotate_key(
     State(state): State<AppState>,
     web: Web,
@@ -1090,6 +1200,8 @@ struct GroupPage {
     /// The configuration as shown in the editor (pretty JSON, or what was typed when it
     /// was refused).
     config: String,
+    /// The files devices of the group fetch by their key (`fk`).
+    resources: Vec<Resource>,
     username: String,
     csrf: String,
     notice: Option<String>,
@@ -1130,7 +1242,13 @@ async fn render_group(
             None,
         ),
     };
+    let resources = state
+        .store()
+        .list_resources(group)
+        .await
+        .unwrap_or_default();
     let mut response = page(GroupPage {
+        resources,
         product_id: product,
         product_name: p.name,
         id: g.id,
@@ -1144,6 +1262,71 @@ async fn render_group(
     });
     *response.status_mut() = status;
     response
+}
+
+/// Adds a resource to the group: the uploaded file, under the typed name or its own.
+async fn upload_resource(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, group)): ApiPath<(Id, Id)>,
+    multipart: Multipart,
+) -> Response {
+    if let Err(r) = web.operator() {
+        return r;
+    }
+    let here = format!("/products/{product}/groups/{group}");
+    let form = match UploadForm::read(&state, &web, multipart, &here).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let typed = form
+        .text("name")
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string();
+    let Some((filename, bytes)) = form.file else {
+        return message(StatusCode::BAD_REQUEST, "No file", "choose a file", &here);
+    };
+    let name = if typed.is_empty() { filename } else { typed };
+    let actor = match web.actor() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match state
+        .add_resource(&actor, product, group, &name, bytes.into())
+        .await
+    {
+        Ok(r) => Redirect::to(&notice_url(
+            &here,
+            &format!("resource {} added ({} bytes)", r.name, r.size),
+        ))
+        .into_response(),
+        Err(e) => titled_error(e, "Not added", &here),
+    }
+}
+
+/// Deletes one of the group's resources, behind its confirmation box.
+async fn delete_resource(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((product, group, resource)): ApiPath<(Id, Id, Id)>,
+    axum::Form(form): axum::Form<ConfirmForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let here = format!("/products/{product}/groups/{group}");
+    if form.confirm.is_none() {
+        return unconfirmed("Not deleted", &here);
+    }
+    match state
+        .delete_resource(&actor, product, group, resource)
+        .await
+    {
+        Ok(()) => Redirect::to(&notice_url(&here, "resource deleted")).into_response(),
+        Err(e) => titled_error(e, "Not deleted", &here),
+    }
 }
 
 async fn group_page(
@@ -1840,70 +2023,89 @@ async fn device_action(
     }
 }
 
+/// A multipart form with one file (field `file`, at most the server's upload limit) and
+/// text fields, its CSRF token checked.
+struct UploadForm {
+    fields: Vec<(String, String)>,
+    /// The file's name as the browser gave it, and its bytes (never empty).
+    file: Option<(String, Vec<u8>)>,
+}
+
+impl UploadForm {
+    async fn read(
+        state: &AppState,
+        web: &Web,
+        mut multipart: Multipart,
+        back: &str,
+    ) -> Result<UploadForm, Response> {
+        let failed = |e: axum::extract::multipart::MultipartError| {
+            message(
+                StatusCode::BAD_REQUEST,
+                "Upload failed",
+                e.body_text(),
+                back,
+            )
+        };
+        let limit = state.config().max_upload_bytes as usize;
+        let mut form = UploadForm {
+            fields: Vec::new(),
+            file: None,
+        };
+        while let Some(mut field) = multipart.next_field().await.map_err(failed)? {
+            let name = field.name().unwrap_or_default().to_string();
+            if name != "file" {
+                let text = field.text().await.map_err(failed)?;
+                form.fields.push((name, text));
+                continue;
+            }
+            let filename = field.file_name().unwrap_or_default().to_string();
+            let mut buf = Vec::new();
+            while let Some(chunk) = field.chunk().await.map_err(failed)? {
+                if buf.len() + chunk.len() > limit {
+                    return Err(message(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Too large",
+                        format!("the limit is {limit} bytes"),
+                        back,
+                    ));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            if !buf.is_empty() {
+                form.file = Some((filename, buf));
+            }
+        }
+        web.check_csrf(form.text("csrf").unwrap_or_default())?;
+        Ok(form)
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 async fn upload_firmware(
     State(state): State<AppState>,
     web: Web,
     ApiPath(product): ApiPath<Id>,
-    mut multipart: Multipart,
+    multipart: Multipart,
 ) -> Response {
     if let Err(r) = web.operator() {
         return r;
     }
     let back = format!("/products/{product}");
-    let (mut csrf, mut version, mut bytes) = (String::new(), None, None);
-    let limit = state.config().max_upload_bytes as usize;
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
-                return message(
-                    StatusCode::BAD_REQUEST,
-                    "Upload failed",
-                    e.body_text(),
-                    &back,
-                );
-            }
-        };
-        match field.name() {
-            Some("csrf") => csrf = field.text().await.unwrap_or_default(),
-            Some("version") => version = field.text().await.ok().filter(|v| !v.trim().is_empty()),
-            Some("file") => {
-                let mut field = field;
-                let mut buf = Vec::new();
-                loop {
-                    match field.chunk().await {
-                        Ok(Some(chunk)) => {
-                            if buf.len() + chunk.len() > limit {
-                                return message(
-                                    StatusCode::PAYLOAD_TOO_LARGE,
-                                    "Too large",
-                                    format!("the limit is {limit} bytes"),
-                                    &back,
-                                );
-                            }
-                            buf.extend_from_slice(&chunk);
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            return message(
-                                StatusCode::BAD_REQUEST,
-                                "Upload failed",
-                                e.body_text(),
-                                &back,
-                            );
-                        }
-                    }
-                }
-                bytes = Some(buf);
-            }
-            _ => {}
-        }
-    }
-    if let Err(r) = web.check_csrf(&csrf) {
-        return r;
-    }
-    let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+    let form = match UploadForm::read(&state, &web, multipart, &back).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let version = form
+        .text("version")
+        .filter(|v| !v.trim().is_empty())
+        .map(str::to_string);
+    let Some((_, bytes)) = form.file else {
         return message(
             StatusCode::BAD_REQUEST,
             "No file",

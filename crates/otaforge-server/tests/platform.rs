@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -2162,6 +2163,183 @@ async fn the_editor_keeps_tabs_saves_restores_and_verifies() {
         assert!(audit.contains(said), "{said}: {audit}");
     }
     browser.shot("workspace-editor").await;
+    browser.quit().await;
+    server.finish().await;
+}
+
+/// Uploads from the pages show their progress and land where the server sends them: the
+/// firmware table shows what the image says (chip, project, IDF version), a group's
+/// resources are uploaded and deleted on its page; the product is renamed (a taken name is
+/// refused) and a bulk change takes exactly the devices its filter shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_bulk_changes_and_renames_from_the_pages() {
+    let server = Server::start(Backend::Sqlite).await;
+    let store = server.state.store();
+    let hash = otaforge_server::auth::hash_password("up-pw").unwrap();
+    store.create_user("uma", &hash, true).await.unwrap();
+    let (pid, _, group) = server.product("uploads").await;
+    server.product("taken").await;
+    let browser = Browser::start().await;
+    sign_in(&browser, &server, "operator", "uma", "up-pw").await;
+    browser.wait_text("main h1", "Products").await;
+
+    // Firmware through the form, its progress recorded across the redirect.
+    let record = "const bar = document.querySelector(arguments[0] + ' progress'); \
+        new MutationObserver(() => sessionStorage.setItem('sent', bar.value)) \
+        .observe(bar, {attributes: true});";
+    let upload = |form: &'static str, input: &'static str, file: PathBuf| {
+        let browser = &browser;
+        async move {
+            browser
+                .cmd(
+                    Method::POST,
+                    "/execute/sync",
+                    json!({"script": record, "args": [form]}),
+                )
+                .await;
+            let id = browser.find(input).await;
+            browser
+                .cmd(
+                    Method::POST,
+                    &format!("/element/{id}/value"),
+                    json!({"text": file.to_str().unwrap()}),
+                )
+                .await;
+            browser.click(&format!("{form} button")).await;
+        }
+    };
+    browser.go(&server.url(&format!("/products/{pid}"))).await;
+    upload(
+        "#firmware-upload",
+        "#firmware-file",
+        support::fixtures().join("app-v1.bin"),
+    )
+    .await;
+    browser
+        .wait_text("#notice", "firmware 1.0.0 uploaded")
+        .await;
+    assert_eq!(
+        browser
+            .script("return sessionStorage.getItem('sent')")
+            .await,
+        json!("100"),
+        "the bar reached the end"
+    );
+    let table = browser.text("main").await;
+    assert!(
+        table.contains("esp32c3"),
+        "the chip the image names: {table}"
+    );
+
+    // A resource on the group's page, then deleted behind its box.
+    let here = format!("/products/{pid}/groups/{group}");
+    browser.go(&server.url(&here)).await;
+    assert!(browser.exists("#no-resources").await);
+    browser.type_into("#resource-name", "blob.bin").await;
+    upload(
+        "#resource-upload",
+        "#resource-file",
+        support::fixtures().join("app-v2.bin"),
+    )
+    .await;
+    browser
+        .wait_text("#notice", "resource blob.bin added")
+        .await;
+    let listed = store.list_resources(group).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].size as usize, fixture("app-v2.bin").len());
+    assert!(browser.text("#resources").await.contains(&listed[0].fk));
+    let operator = server.operator_session("uma2").await;
+    let html = server.get_with_cookie(&here, &operator).await.text();
+    let csrf = form_token(&html);
+    let delete = format!("{here}/resources/{}/delete", listed[0].id);
+    let r = server
+        .raw(&form_post(&delete, &operator, &format!("csrf={csrf}")))
+        .await;
+    assert_eq!(r.status, 422, "unconfirmed");
+    let r = server
+        .raw(&form_post(
+            &delete,
+            &operator,
+            &format!("csrf={csrf}&confirm=yes"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(store.list_resources(group).await.unwrap().is_empty());
+
+    // Rename: a taken name is refused with the reason; a free one lands.
+    let rename = format!("/products/{pid}/rename");
+    let r = server
+        .raw(&form_post(
+            &rename,
+            &operator,
+            &format!("csrf={csrf}&name=taken"),
+        ))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("already exists"), "{}", r.text());
+    let r = server
+        .raw(&form_post(
+            &rename,
+            &operator,
+            &format!("csrf={csrf}&name=fleet+one"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(store.get_product(pid).await.unwrap().name, "fleet one");
+
+    // Bulk: verify what the filter shows (serials containing "bk-"), nothing else.
+    for serial in ["bk-1", "bk-2", "other-1"] {
+        let (status, _) = server
+            .call(
+                Method::POST,
+                &format!("/api/v1/products/{pid}/devices"),
+                Some(json!({"serial": serial, "status": "new"})),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let page = server
+        .get_with_cookie(&format!("/products/{pid}?q=bk-"), &operator)
+        .await
+        .text();
+    assert!(page.contains("id=\"bulk-devices\""), "{page}");
+    assert!(page.contains("With the 2 devices"), "{page}");
+    let bulk = format!("/products/{pid}/devices/bulk");
+    let fields = format!("csrf={csrf}&q=bk-&status=&action=verify&group_id=");
+    let r = server.raw(&form_post(&bulk, &operator, &fields)).await;
+    assert_eq!(r.status, 422, "unconfirmed");
+    let r = server
+        .raw(&form_post(
+            &bulk,
+            &operator,
+            &format!("{fields}&confirm=yes"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(
+        r.header("location").unwrap().contains("verify+2+devices"),
+        "{:?}",
+        r.header("location")
+    );
+    for (serial, status) in [
+        ("bk-1", "verified"),
+        ("bk-2", "verified"),
+        ("other-1", "new"),
+    ] {
+        let device = store.get_device(pid, serial).await.unwrap();
+        assert_eq!(device.status.as_str(), status, "{serial}");
+    }
+    let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
+    let audit = audit.to_string();
+    for said in [
+        "renamed product",
+        "added resource",
+        "deleted resource",
+        "bulk set status verified",
+    ] {
+        assert!(audit.contains(said), "{said}: {audit}");
+    }
     browser.quit().await;
     server.finish().await;
 }

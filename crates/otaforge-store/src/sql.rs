@@ -662,6 +662,19 @@ macro_rules! sql_store {
                 row.as_ref().map(Self::product).transpose()
             }
 
+            async fn rename_product(&self, id: Id, name: &str) -> Result<Product> {
+                let row = sqlx::query(&format!(
+                    "UPDATE products SET name = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
+                ))
+                .bind(name)
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await
+                .map_err(|e| conflict(e, || format!("a product named {name:?} already exists")))?
+                .ok_or(StoreError::NotFound("product"))?;
+                Self::product(&row)
+            }
+
             async fn set_product_key(&self, id: Id, api_key_digest: &str) -> Result<Product> {
                 let row = sqlx::query(&format!(
                     "UPDATE products SET api_key_digest = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"

@@ -37,6 +37,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_product(&self, id: Id) -> Result<Product>;
     async fn product_by_key_digest(&self, digest: &str) -> Result<Option<Product>>;
     async fn set_product_key(&self, id: Id, api_key_digest: &str) -> Result<Product>;
+    /// Conflict when another product has the name.
+    async fn rename_product(&self, id: Id, name: &str) -> Result<Product>;
     /// Deletes the product with its groups, devices, firmware, resources and rollouts.
     async fn delete_product(&self, id: Id) -> Result<()>;
 

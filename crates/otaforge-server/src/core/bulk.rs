@@ -238,6 +238,7 @@ impl AppState {
     }
 
     /// Applies `change` to every device of the product the filter takes; how many changed.
+    /// (`bulk_change` reads an action as the API and the pages name it.)
     /// An empty filter takes every device only when `all` says so.
     pub async fn bulk_devices(
         &self,
@@ -317,4 +318,24 @@ async fn hash_passwords(
         );
     }
     Ok(out)
+}
+
+/// A bulk action as the API and the pages name it: `verify`, `block`, `disable`, `unverify`,
+/// `delete`, or `move` with its group.
+pub fn bulk_change(action: &str, group: Option<Id>) -> ApiResult<BulkChange> {
+    Ok(match (action, group) {
+        ("verify", None) => BulkChange::Status(DeviceStatus::Verified),
+        ("block", None) => BulkChange::Status(DeviceStatus::Blocked),
+        ("disable", None) => BulkChange::Status(DeviceStatus::Disabled),
+        ("unverify", None) => BulkChange::Status(DeviceStatus::New),
+        ("delete", None) => BulkChange::Delete,
+        ("move", Some(group)) => BulkChange::Group(group),
+        ("move", None) => return Err(unprocessable("move needs a group_id".into())),
+        (_, Some(_)) => return Err(unprocessable("group_id goes with move only".into())),
+        (other, None) => {
+            return Err(unprocessable(format!(
+                "no action {other:?}: verify, block, disable, unverify, move or delete"
+            )));
+        }
+    })
 }

@@ -195,6 +195,26 @@ impl AppState {
         Ok((product, key))
     }
 
+    pub async fn rename_product(
+        &self,
+        actor: &Actor,
+        product: Id,
+        name: &str,
+    ) -> ApiResult<Product> {
+        let name = check_name("name", name)?;
+        let old = self.store().get_product(product).await?;
+        let renamed = self.store().rename_product(product, &name).await?;
+        self.changed();
+        self.audited(
+            actor,
+            "renamed product",
+            &format!("product {}", old.name),
+            &format!("to {name}"),
+        )
+        .await;
+        Ok(renamed)
+    }
+
     pub async fn rotate_product_key(
         &self,
         actor: &Actor,
