@@ -301,7 +301,7 @@ async fn healthy(fleet: Fleet) {
     fleet
         .state
         .store()
-        .create_user("op", &hash, true)
+        .create_user("op", &hash, otaforge_store::model::Role::Admin)
         .await
         .unwrap();
     let web = reqwest::Client::builder()

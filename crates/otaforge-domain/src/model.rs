@@ -252,14 +252,46 @@ pub struct TokenInfo {
     pub expires_at: Millis,
 }
 
+/// What an operator account may do: an admin everything (accounts too), an operator every
+/// fleet change, a viewer look only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Operator,
+    Viewer,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Admin, Role::Operator, Role::Viewer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: Id,
     pub username: String,
     #[serde(skip)]
     pub password_hash: String,
-    pub is_admin: bool,
+    pub role: Role,
     pub created_at: Millis,
+}
+
+impl User {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
 }
 
 /// A signed-in browser: an operator (`user_id`) or a bot, bound to one device (`device_id`).

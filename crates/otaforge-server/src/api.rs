@@ -43,6 +43,11 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/tokens/{token}",
             axum::routing::delete(revoke_token),
         )
+        .route("/api/v1/users", get(list_operators).post(create_operator))
+        .route(
+            "/api/v1/users/{user}",
+            axum::routing::patch(change_operator).delete(delete_operator),
+        )
         .route("/api/v1/products", get(list_products).post(create_product))
         .route(
             "/api/v1/products/{product}",
@@ -158,7 +163,7 @@ pub async fn list_tokens(
     State(state): State<AppState>,
     op: Operator,
 ) -> ApiResult<Json<Vec<TokenInfo>>> {
-    Ok(Json(state.list_tokens(&op.actor()).await?))
+    Ok(Json(state.list_tokens(&op.0).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/tokens/{token}", tag = "tokens", security(("bearer" = [])),
@@ -169,7 +174,87 @@ pub async fn revoke_token(
     op: Operator,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    state.revoke_token(&op.actor(), &id).await?;
+    state.revoke_token(&op.0, op.1, &id).await?;
+    Ok(no_content())
+}
+
+// ---- operator accounts ----
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewOperatorBody {
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\s\u0000-\u001f\u007f-\u009f]([^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?$"
+    )]
+    username: String,
+    #[schema(min_length = 1, max_length = 128)]
+    password: String,
+    /// admin, operator (default) or viewer.
+    role: Option<Role>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorPatch {
+    role: Option<Role>,
+    /// A new password; the account's browser sessions end.
+    #[schema(min_length = 1, max_length = 128)]
+    password: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/users", tag = "accounts", security(("bearer" = [])),
+    responses((status = 200, body = [User]), Refusals))]
+pub async fn list_operators(
+    State(state): State<AppState>,
+    _op: Operator,
+) -> ApiResult<Json<Vec<User>>> {
+    Ok(Json(state.list_operators().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/users", tag = "accounts", security(("bearer" = [])),
+    request_body = NewOperatorBody, responses((status = 201, body = User), Refusals))]
+pub async fn create_operator(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiJson(body): ApiJson<NewOperatorBody>,
+) -> ApiResult<Response> {
+    let user = state
+        .create_operator(
+            &op.actor()?,
+            &body.username,
+            &body.password,
+            body.role.unwrap_or(Role::Operator),
+        )
+        .await?;
+    Ok(created(user))
+}
+
+#[utoipa::path(patch, path = "/api/v1/users/{user}", tag = "accounts", security(("bearer" = [])),
+    params(("user" = i64, Path)), request_body = OperatorPatch,
+    responses((status = 200, body = User), Refusals))]
+pub async fn change_operator(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(user): ApiPath<Id>,
+    ApiJson(body): ApiJson<OperatorPatch>,
+) -> ApiResult<Json<User>> {
+    Ok(Json(
+        state
+            .change_operator(&op.actor()?, user, body.role, body.password.as_deref())
+            .await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/users/{user}", tag = "accounts", security(("bearer" = [])),
+    params(("user" = i64, Path)), responses((status = 204, description = "deleted"), Refusals))]
+pub async fn delete_operator(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(user): ApiPath<Id>,
+) -> ApiResult<Response> {
+    state.delete_operator(&op.actor()?, user).await?;
     Ok(no_content())
 }
 
@@ -219,7 +304,7 @@ pub async fn create_product(
     op: Operator,
     ApiJson(body): ApiJson<NewProductBody>,
 ) -> ApiResult<Response> {
-    let (product, key) = state.create_product(&op.actor(), &body.name).await?;
+    let (product, key) = state.create_product(&op.actor()?, &body.name).await?;
     Ok(created(ProductBody::new(product, Some(key))))
 }
 
@@ -262,7 +347,7 @@ pub async fn patch_product(
     ApiJson(body): ApiJson<NewProductBody>,
 ) -> ApiResult<Json<ProductBody>> {
     let product = state
-        .rename_product(&op.actor(), product, &body.name)
+        .rename_product(&op.actor()?, product, &body.name)
         .await?;
     Ok(Json(ProductBody::new(product, None)))
 }
@@ -275,7 +360,7 @@ pub async fn rotate_key(
     op: Operator,
     ApiPath(product): ApiPath<Id>,
 ) -> ApiResult<Json<ProductBody>> {
-    let (product, key) = state.rotate_product_key(&op.actor(), product).await?;
+    let (product, key) = state.rotate_product_key(&op.actor()?, product).await?;
     Ok(Json(ProductBody::new(product, Some(key))))
 }
 
@@ -299,7 +384,7 @@ pub async fn set_artifact_keys(
     ApiJson(body): ApiJson<ArtifactKeysBody>,
 ) -> ApiResult<Json<ProductBody>> {
     let product = state
-        .set_artifact_keys(&op.actor(), product, body.keys)
+        .set_artifact_keys(&op.actor()?, product, body.keys)
         .await?;
     Ok(Json(ProductBody::new(product, None)))
 }
@@ -312,7 +397,7 @@ pub async fn delete_product(
     op: Operator,
     ApiPath(product): ApiPath<Id>,
 ) -> ApiResult<Response> {
-    state.delete_product(&op.actor(), product).await?;
+    state.delete_product(&op.actor()?, product).await?;
     Ok(no_content())
 }
 
@@ -338,7 +423,9 @@ pub async fn create_group(
     ApiPath(product): ApiPath<Id>,
     ApiJson(body): ApiJson<NewGroupBody>,
 ) -> ApiResult<Response> {
-    let group = state.create_group(&op.actor(), product, &body.name).await?;
+    let group = state
+        .create_group(&op.actor()?, product, &body.name)
+        .await?;
     Ok(created(group))
 }
 
@@ -414,7 +501,7 @@ pub async fn patch_group(
         config: body.config,
     };
     let group = state
-        .change_group(&op.actor(), product, group, change)
+        .change_group(&op.actor()?, product, group, change)
         .await?;
     Ok(Json(group))
 }
@@ -427,7 +514,7 @@ pub async fn delete_group(
     op: Operator,
     ApiPath((product, group)): ApiPath<(Id, Id)>,
 ) -> ApiResult<Response> {
-    state.delete_group(&op.actor(), product, group).await?;
+    state.delete_group(&op.actor()?, product, group).await?;
     Ok(no_content())
 }
 
@@ -462,7 +549,7 @@ pub async fn upload_resource(
     state.store().get_group(product, group).await?;
     let bytes = upload::read_limited(&headers, body, state.config().max_upload_bytes).await?;
     let resource = state
-        .add_resource(&op.actor(), product, group, &query.name, bytes)
+        .add_resource(&op.actor()?, product, group, &query.name, bytes)
         .await?;
     Ok(created(resource))
 }
@@ -489,7 +576,7 @@ pub async fn delete_resource(
     ApiPath((product, group, resource)): ApiPath<(Id, Id, Id)>,
 ) -> ApiResult<Response> {
     state
-        .delete_resource(&op.actor(), product, group, resource)
+        .delete_resource(&op.actor()?, product, group, resource)
         .await?;
     Ok(no_content())
 }
@@ -553,7 +640,7 @@ pub async fn create_device(
         password: body.password,
         status: body.status.unwrap_or(DeviceStatus::Verified),
     };
-    let device = state.register_device(&op.actor(), product, spec).await?;
+    let device = state.register_device(&op.actor()?, product, spec).await?;
     Ok(created(DeviceBody::new(&state, device)))
 }
 
@@ -685,7 +772,7 @@ pub async fn import_devices(
 ) -> ApiResult<Json<ImportOutcome>> {
     let bytes = upload::read_limited(&headers, body, IMPORT_LIMIT).await?;
     Ok(Json(
-        state.import_devices(&op.actor(), product, &bytes).await?,
+        state.import_devices(&op.actor()?, product, &bytes).await?,
     ))
 }
 
@@ -750,7 +837,7 @@ pub async fn bulk_devices(
         ..DeviceQuery::default()
     };
     let changed = state
-        .bulk_devices(&op.actor(), product, &filter, body.all, change)
+        .bulk_devices(&op.actor()?, product, &filter, body.all, change)
         .await?;
     Ok(Json(BulkOutcome { changed }))
 }
@@ -872,7 +959,7 @@ pub async fn patch_device(
         password: body.password,
     };
     let device = state
-        .change_device(&op.actor(), product, &serial, change)
+        .change_device(&op.actor()?, product, &serial, change)
         .await?;
     Ok(Json(DeviceBody::new(&state, device)))
 }
@@ -885,7 +972,7 @@ pub async fn delete_device(
     op: Operator,
     ApiPath((product, serial)): ApiPath<(Id, String)>,
 ) -> ApiResult<Response> {
-    state.delete_device(&op.actor(), product, &serial).await?;
+    state.delete_device(&op.actor()?, product, &serial).await?;
     Ok(no_content())
 }
 
@@ -915,7 +1002,7 @@ pub async fn upload_firmware(
     state.store().get_product(product).await?;
     let bytes = upload::read_limited(&headers, body, state.config().max_upload_bytes).await?;
     let firmware = state
-        .upload_firmware(&op.actor(), product, bytes, query.version)
+        .upload_firmware(&op.actor()?, product, bytes, query.version)
         .await?;
     Ok(created(firmware))
 }
@@ -1008,7 +1095,7 @@ pub async fn delete_firmware(
     ApiPath((product, firmware)): ApiPath<(Id, Id)>,
 ) -> ApiResult<Response> {
     state
-        .delete_firmware(&op.actor(), product, firmware)
+        .delete_firmware(&op.actor()?, product, firmware)
         .await?;
     Ok(no_content())
 }

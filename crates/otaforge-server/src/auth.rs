@@ -86,14 +86,9 @@ pub fn digest(secret: &str) -> String {
 pub struct Operator(pub User, pub Option<std::net::IpAddr>);
 
 impl Operator {
-    /// The operator as the actor of a fleet operation.
-    pub fn actor(&self) -> crate::core::fleet::Actor {
-        crate::core::fleet::Actor {
-            name: self.0.username.clone(),
-            user_id: (self.0.id != 0).then_some(self.0.id),
-            is_admin: self.0.is_admin,
-            address: self.1,
-        }
+    /// The operator as the actor of a fleet operation (refused for a viewer account).
+    pub fn actor(&self) -> crate::error::ApiResult<crate::core::fleet::Actor> {
+        crate::core::fleet::Actor::of(&self.0, self.1)
     }
 }
 
@@ -128,7 +123,7 @@ impl FromRequestParts<AppState> for Operator {
                     id: 0,
                     username: "admin-token".into(),
                     password_hash: String::new(),
-                    is_admin: true,
+                    role: otaforge_store::model::Role::Admin,
                     created_at: 0,
                 },
                 address,

@@ -75,6 +75,8 @@ pub async fn create(
     ApiJson(body): ApiJson<NewBuildBody>,
 ) -> ApiResult<Response> {
     let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    // A build stores firmware and may assign it: a change, so a viewer may not.
+    let actor = op.actor()?;
     let device = match (&body.device, body.product_id) {
         (Some(serial), Some(product)) => Some(state.store().get_device(product, serial).await?),
         (Some(_), None) => return Err(unprocessable("device needs product_id".into())),
@@ -91,9 +93,9 @@ pub async fn create(
                 device_id: device.as_ref().map(|d| d.id),
                 fqbn: body.fqbn,
                 files: body.files,
-                requested_by: op.0.username.clone(),
+                requested_by: actor.name.clone(),
             },
-            op.1,
+            actor.address,
         )
         .await?;
     Ok((

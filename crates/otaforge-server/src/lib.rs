@@ -227,7 +227,12 @@ impl AppState {
         }
         let password = auth::random_secret().map_err(|e| anyhow::anyhow!(e.into_message()))?;
         let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!(e.into_message()))?;
-        match self.inner.store.create_user("admin", &hash, true).await {
+        match self
+            .inner
+            .store
+            .create_user("admin", &hash, otaforge_store::model::Role::Admin)
+            .await
+        {
             Ok(_) => Ok(Some(password)),
             // Another process created it first.
             Err(otaforge_store::StoreError::Conflict(_)) => Ok(None),

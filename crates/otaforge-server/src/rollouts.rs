@@ -680,7 +680,7 @@ pub async fn create(
     ApiJson(body): ApiJson<NewRolloutBody>,
 ) -> ApiResult<Response> {
     Ok(
-        match state.start_rollout(&op.actor(), product, body).await? {
+        match state.start_rollout(&op.actor()?, product, body).await? {
             Planned::DryRun(dry) => axum::Json(dry).into_response(),
             Planned::Started {
                 rollout,
@@ -1116,7 +1116,7 @@ pub async fn act(
     op: Operator,
     ApiPath((product, rollout, action)): ApiPath<(Id, Id, String)>,
 ) -> ApiResult<axum::Json<RolloutBody>> {
-    let r = apply_action(&state, &op.actor(), product, rollout, &action).await?;
+    let r = apply_action(&state, &op.actor()?, product, rollout, &action).await?;
     Ok(axum::Json(RolloutBody::of(&state, &r).await?))
 }
 

@@ -81,6 +81,10 @@ pub fn routes() -> Router<AppState> {
             post(rollout_action),
         )
         .route("/audit", get(audit_page))
+        .route("/accounts", get(accounts_page).post(create_account))
+        .route("/accounts/tokens", post(make_token))
+        .route("/accounts/tokens/{token}/revoke", post(revoke_token))
+        .route("/accounts/{user}/{action}", post(account_action))
         .route("/workspace/{product}/{serial}", get(workspace))
         .route("/workspace/{product}/{serial}/save", post(save))
         .route(
@@ -199,7 +203,7 @@ fn set_cookie(
     response: &mut Response,
     name: &'static str,
     value: String,
-    path: &'static str,
+    path: impl Into<std::borrow::Cow<'static, str>>,
     max_age: Duration,
 ) {
     let cookie = Cookie::build((name, value))
@@ -278,12 +282,7 @@ impl Web {
     /// The signed-in operator as the actor of a fleet operation.
     fn actor(&self) -> Result<crate::core::fleet::Actor, Response> {
         let user = self.operator()?;
-        Ok(crate::core::fleet::Actor {
-            name: user.username.clone(),
-            user_id: Some(user.id),
-            is_admin: user.is_admin,
-            address: self.address,
-        })
+        crate::core::fleet::Actor::of(user, self.address).map_err(|e| error_page(e, "/"))
     }
 
     fn operator(&self) -> Result<&User, Response> {
@@ -601,11 +600,12 @@ fn notice_url(path: &str, notice: &str) -> String {
     format!("{path}?notice={}", query_value(notice))
 }
 
-/// A new API key on its way to the product page it is shown on, once: sealed with the
-/// server's key together with the product and the session's form token (so that only this
-/// session's next view of that product opens it, on whichever node), in a cookie that lives
-/// two minutes. Never in a URL, never stored in clear.
-const KEY_COOKIE: &str = "otaforge_new_key";
+/// A new secret (a product's API key, an operator's API token) on its way to the page it is
+/// shown on, once: sealed with the server's key together with that page's path and the
+/// session's form token (so that only this session's next view of that page opens it, on
+/// whichever node), in a cookie for that path that lives two minutes. Never in a URL, never
+/// stored in clear.
+const SECRET_COOKIE: &str = "otaforge_new_secret";
 
 /// A form whose confirmation box was left unticked (the browser requires it; a script
 /// might not): nothing was done.
@@ -618,35 +618,51 @@ fn unconfirmed(title: &str, back: &str) -> Response {
     )
 }
 
-/// Redirects to the product page, which shows `key` once.
-fn show_key_once(state: &AppState, web: &Web, product: Id, key: &str, notice: &str) -> Response {
-    let mut response =
-        Redirect::to(&notice_url(&format!("/products/{product}"), notice)).into_response();
+/// Redirects to `page`, which shows `secret` once (`secret_shown_once`).
+fn show_once(state: &AppState, web: &Web, page: &str, secret: &str, notice: &str) -> Response {
+    let mut response = Redirect::to(&notice_url(page, notice)).into_response();
     match state
         .inner
         .sealer
-        .seal(format!("{product}\n{}\n{key}", web.csrf).as_bytes())
+        .seal(format!("{page}\n{}\n{secret}", web.csrf).as_bytes())
     {
         Ok(sealed) => set_cookie(
             state,
             &mut response,
-            KEY_COOKIE,
+            SECRET_COOKIE,
             sealed,
-            "/products",
+            page.to_string(),
             Duration::from_secs(120),
         ),
-        Err(e) => return ApiError::internal("sealing a new API key", e).into_response(),
+        Err(e) => return ApiError::internal("sealing a new secret", e).into_response(),
     }
     response
 }
 
-/// The key `show_key_once` sealed for this product and session, if the request carries it.
-fn key_shown_once(state: &AppState, web: &Web, headers: &HeaderMap, product: Id) -> Option<String> {
-    let plain = state.inner.sealer.open(&cookie(headers, KEY_COOKIE)?)?;
+/// The secret `show_once` sealed for this page and session, if the request carries it.
+fn secret_shown_once(
+    state: &AppState,
+    web: &Web,
+    headers: &HeaderMap,
+    page: &str,
+) -> Option<String> {
+    let plain = state.inner.sealer.open(&cookie(headers, SECRET_COOKIE)?)?;
     let text = String::from_utf8(plain).ok()?;
     let mut parts = text.splitn(3, '\n');
-    let (for_product, for_session, key) = (parts.next()?, parts.next()?, parts.next()?);
-    (for_product == product.to_string() && for_session == web.csrf).then(|| key.to_string())
+    let (for_page, for_session, secret) = (parts.next()?, parts.next()?, parts.next()?);
+    (for_page == page && for_session == web.csrf).then(|| secret.to_string())
+}
+
+/// After a page showed its secret: the browser forgets it.
+fn forget_secret(state: &AppState, response: &mut Response, page: &str) {
+    set_cookie(
+        state,
+        response,
+        SECRET_COOKIE,
+        String::new(),
+        page.to_string(),
+        Duration::ZERO,
+    );
 }
 
 async fn create_product(
@@ -659,10 +675,10 @@ async fn create_product(
         Err(r) => return r,
     };
     match state.create_product(&actor, form.name.trim()).await {
-        Ok((p, key)) => show_key_once(
+        Ok((p, key)) => show_once(
             &state,
             &web,
-            p.id,
+            &format!("/products/{}", p.id),
             &key,
             &format!("product {} created", p.name),
         ),
@@ -865,10 +881,10 @@ async fn rotate_key(
         );
     }
     match state.rotate_product_key(&actor, product).await {
-        Ok((p, key)) => show_key_once(
+        Ok((p, key)) => show_once(
             &state,
             &web,
-            p.id,
+            &format!("/products/{}", p.id),
             &key,
             "a new API key was made; the old one no longer works",
         ),
@@ -1108,7 +1124,7 @@ async fn product_page(
             .map(|f| f.version.clone())
             .unwrap_or_else(|| "none".into())
     };
-    let new_key = key_shown_once(&state, &web, &headers, product);
+    let new_key = secret_shown_once(&state, &web, &headers, &format!("/products/{product}"));
     let mut response = page(ProductPage {
         id: p.id,
         name: p.name,
@@ -1176,15 +1192,7 @@ async fn product_page(
         older_rollouts,
     });
     if new_key.is_some() {
-        // Shown once: the browser forgets it now.
-        set_cookie(
-            &state,
-            &mut response,
-            KEY_COOKIE,
-            String::new(),
-            "/products",
-            Duration::ZERO,
-        );
+        forget_secret(&state, &mut response, &format!("/products/{product}"));
     }
     response
 }
@@ -1781,6 +1789,228 @@ async fn rollout_action(
     }
 }
 
+struct AccountRow {
+    id: Id,
+    username: String,
+    role: Role,
+    since: String,
+    is_me: bool,
+}
+
+#[derive(Template)]
+#[template(path = "accounts.html")]
+struct AccountsPage {
+    username: String,
+    csrf: String,
+    notice: Option<String>,
+    role: &'static str,
+    is_admin: bool,
+    /// The server's admin token has no account, so no tokens of its own.
+    can_have_tokens: bool,
+    new_token: Option<String>,
+    /// (id, account, made, expires)
+    tokens: Vec<(String, String, String, String)>,
+    accounts: Vec<AccountRow>,
+    roles: Vec<&'static str>,
+}
+
+const ACCOUNTS: &str = "/accounts";
+
+/// Operator accounts and API tokens: everyone sees the accounts and their own tokens (an
+/// admin: everyone's), makes and revokes tokens; admins add accounts, change roles and
+/// passwords, delete accounts. Every change goes through the core's account operations.
+async fn accounts_page(
+    State(state): State<AppState>,
+    web: Web,
+    headers: HeaderMap,
+    Query(q): Query<NoticeQuery>,
+) -> Response {
+    let user = match web.operator() {
+        Ok(u) => u.clone(),
+        Err(r) => return r,
+    };
+    let (tokens, accounts) =
+        match tokio::try_join!(state.list_tokens(&user), state.list_operators()) {
+            Ok(both) => both,
+            Err(e) => return error_page(e, "/"),
+        };
+    let new_token = secret_shown_once(&state, &web, &headers, ACCOUNTS);
+    let mut response = page(AccountsPage {
+        username: user.username.clone(),
+        csrf: web.csrf.clone(),
+        notice: q.notice,
+        role: user.role.as_str(),
+        is_admin: user.is_admin(),
+        can_have_tokens: user.id != 0,
+        tokens: tokens
+            .into_iter()
+            .map(|t| {
+                (
+                    t.id,
+                    t.username,
+                    when(Some(t.created_at)),
+                    until(t.expires_at),
+                )
+            })
+            .collect(),
+        accounts: accounts
+            .into_iter()
+            .map(|a| AccountRow {
+                is_me: a.id == user.id,
+                id: a.id,
+                username: a.username,
+                role: a.role,
+                since: when(Some(a.created_at)),
+            })
+            .collect(),
+        roles: Role::ALL.iter().map(|r| r.as_str()).collect(),
+        new_token: new_token.clone(),
+    });
+    if new_token.is_some() {
+        forget_secret(&state, &mut response, ACCOUNTS);
+    }
+    response
+}
+
+/// "in 3 days", from a time ahead.
+fn until(ms: Millis) -> String {
+    let left = (ms - now_millis()).max(0) / 1000;
+    match left {
+        0..=3599 => format!("in {} min", left / 60),
+        3600..=86399 => format!("in {} h", left / 3600),
+        _ => format!("in {} days", left / 86400),
+    }
+}
+
+#[derive(Deserialize)]
+struct AccountForm {
+    csrf: String,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    role: String,
+    days: Option<i64>,
+    confirm: Option<String>,
+}
+
+fn role_of(text: &str) -> Result<Role, ApiError> {
+    Role::parse(text).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{text:?} is not a role: admin, operator or viewer"),
+        )
+    })
+}
+
+/// `POST /accounts`: an admin adds an account.
+async fn create_account(
+    State(state): State<AppState>,
+    web: Web,
+    axum::Form(form): axum::Form<AccountForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let made = match role_of(&form.role) {
+        Ok(role) => {
+            state
+                .create_operator(&actor, form.username.trim(), &form.password, role)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match made {
+        Ok(u) => Redirect::to(&notice_url(
+            ACCOUNTS,
+            &format!("account {} added ({})", u.username, u.role.as_str()),
+        ))
+        .into_response(),
+        Err(e) => titled_error(e, "Not added", ACCOUNTS),
+    }
+}
+
+/// `POST /accounts/{id}/change` (role, and a password when one is typed) or
+/// `/accounts/{id}/delete` (behind its box): admins only, as the core decides.
+async fn account_action(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath((id, action)): ApiPath<(Id, String)>,
+    axum::Form(form): axum::Form<AccountForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let done = match action.as_str() {
+        "change" => match role_of(&form.role) {
+            Ok(role) => {
+                let password = Some(form.password.as_str()).filter(|p| !p.is_empty());
+                state
+                    .change_operator(&actor, id, Some(role), password)
+                    .await
+                    .map(|u| format!("account {} saved ({})", u.username, u.role.as_str()))
+            }
+            Err(e) => Err(e),
+        },
+        "delete" => {
+            if form.confirm.is_none() {
+                return unconfirmed("Not deleted", ACCOUNTS);
+            }
+            state
+                .delete_operator(&actor, id)
+                .await
+                .map(|()| "account deleted".to_string())
+        }
+        _ => return not_found(HeaderMap::new()).await,
+    };
+    match done {
+        Ok(said) => Redirect::to(&notice_url(ACCOUNTS, &said)).into_response(),
+        Err(e) => titled_error(e, "Not done", ACCOUNTS),
+    }
+}
+
+/// `POST /accounts/tokens`: a new API token for the signed-in account, shown once.
+async fn make_token(
+    State(state): State<AppState>,
+    web: Web,
+    axum::Form(form): axum::Form<AccountForm>,
+) -> Response {
+    if let Err(r) = web.operator_form(&form.csrf) {
+        return r;
+    }
+    let user = match web.operator() {
+        Ok(u) => u.clone(),
+        Err(r) => return r,
+    };
+    match state.issue_token(&user, form.days).await {
+        Ok((token, _)) => show_once(&state, &web, ACCOUNTS, &token, "a new API token was made"),
+        Err(e) => titled_error(e, "Not made", ACCOUNTS),
+    }
+}
+
+/// `POST /accounts/tokens/{id}/revoke`.
+async fn revoke_token(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(id): ApiPath<String>,
+    axum::Form(form): axum::Form<AccountForm>,
+) -> Response {
+    if let Err(r) = web.operator_form(&form.csrf) {
+        return r;
+    }
+    let user = match web.operator() {
+        Ok(u) => u.clone(),
+        Err(r) => return r,
+    };
+    match state.revoke_token(&user, web.address, &id).await {
+        Ok(()) => Redirect::to(&notice_url(ACCOUNTS, "token revoked")).into_response(),
+        Err(e) => titled_error(e, "Not revoked", ACCOUNTS),
+    }
+}
+
 #[derive(Template)]
 #[template(path = "audit.html")]
 struct AuditPage {
@@ -2221,6 +2451,10 @@ async fn workspace_form(
 ) -> Result<(Device, String), Response> {
     web.check_csrf(csrf)?;
     let device = open_device(state, web, product, serial).await?;
+    // An operator changes a workspace as an actor (never a viewer); a bot its own.
+    if matches!(web.viewer, Viewer::Operator(_)) {
+        web.actor()?;
+    }
     Ok((device, format!("/workspace/{product}/{serial}")))
 }
 

@@ -1221,7 +1221,7 @@ async fn tokens_story(backend: Backend) {
     server
         .state
         .store()
-        .create_user("olga", &hash, false)
+        .create_user("olga", &hash, otaforge_store::model::Role::Operator)
         .await
         .unwrap();
     let login = |days: Option<i64>| {

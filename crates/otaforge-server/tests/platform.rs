@@ -525,7 +525,10 @@ async fn the_seed_000_workflow_in_a_real_browser() {
     let server = Server::start(Backend::Sqlite).await;
     let store = server.state.store();
     let hash = otaforge_server::auth::hash_password("operator-pw").unwrap();
-    store.create_user("alice", &hash, true).await.unwrap();
+    store
+        .create_user("alice", &hash, otaforge_store::model::Role::Admin)
+        .await
+        .unwrap();
     let (pid, _, _) = server.product("robots").await;
     for (serial, pw) in [("bot_001", "12345"), ("bot_002", "67890")] {
         let (status, _) = server
@@ -662,7 +665,7 @@ async fn sign_in_is_rate_limited_and_pages_need_a_session() {
     server
         .state
         .store()
-        .create_user("bob", &hash, true)
+        .create_user("bob", &hash, otaforge_store::model::Role::Admin)
         .await
         .unwrap();
     let (login_cookie, token) = server.login_token().await;
@@ -734,7 +737,7 @@ async fn sign_in_is_rate_limited_and_pages_need_a_session() {
     server
         .state
         .store()
-        .create_user("carol", &hash, true)
+        .create_user("carol", &hash, otaforge_store::model::Role::Admin)
         .await
         .unwrap();
     let body = format!("csrf={token}&kind=operator&username=carol&password=pw-carol");
@@ -1295,7 +1298,10 @@ async fn pages_fit_a_phone() {
     let server = Server::start(Backend::Sqlite).await;
     let store = server.state.store();
     let hash = otaforge_server::auth::hash_password("operator-pw").unwrap();
-    store.create_user("erin", &hash, true).await.unwrap();
+    store
+        .create_user("erin", &hash, otaforge_store::model::Role::Admin)
+        .await
+        .unwrap();
     let (pid, _, group) = server.product("a-product-with-a-rather-long-name").await;
     let ids = server.two_releases(pid, group).await;
     for i in 0..5 {
@@ -1328,6 +1334,7 @@ async fn pages_fit_a_phone() {
         ("product", format!("/products/{pid}")),
         ("rollout", format!("/products/{pid}/rollouts/{rid}")),
         ("audit", "/audit".to_string()),
+        ("accounts", "/accounts".to_string()),
         (
             "workspace",
             format!("/workspace/{pid}/greenhouse-sensor-0000"),
@@ -1462,7 +1469,7 @@ async fn api_keys_are_shown_once_after_a_redirect() {
         .next()
         .unwrap()
         .to_string();
-    assert!(sealed.starts_with("otaforge_new_key="), "{sealed}");
+    assert!(sealed.starts_with("otaforge_new_secret="), "{sealed}");
     let both = format!("{session}; {sealed}");
     let shown = server.get_with_cookie(&to, &both).await;
     let html = shown.text();
@@ -1478,7 +1485,7 @@ async fn api_keys_are_shown_once_after_a_redirect() {
     assert!(
         shown
             .header("set-cookie")
-            .is_some_and(|c| c.starts_with("otaforge_new_key=;") && c.contains("Max-Age=0")),
+            .is_some_and(|c| c.starts_with("otaforge_new_secret=;") && c.contains("Max-Age=0")),
         "{:?}",
         shown.header("set-cookie")
     );
@@ -1910,7 +1917,10 @@ async fn workspace_and_rollout_pages_update_themselves() {
     let server = Server::start(Backend::Sqlite).await;
     let store = server.state.store();
     let hash = otaforge_server::auth::hash_password("live-pw").unwrap();
-    store.create_user("lou", &hash, true).await.unwrap();
+    store
+        .create_user("lou", &hash, otaforge_store::model::Role::Admin)
+        .await
+        .unwrap();
     let (pid, _, group) = server.product("live").await;
     let (status, body) = server
         .call(
@@ -2176,7 +2186,10 @@ async fn uploads_bulk_changes_and_renames_from_the_pages() {
     let server = Server::start(Backend::Sqlite).await;
     let store = server.state.store();
     let hash = otaforge_server::auth::hash_password("up-pw").unwrap();
-    store.create_user("uma", &hash, true).await.unwrap();
+    store
+        .create_user("uma", &hash, otaforge_store::model::Role::Admin)
+        .await
+        .unwrap();
     let (pid, _, group) = server.product("uploads").await;
     server.product("taken").await;
     let browser = Browser::start().await;
@@ -2341,5 +2354,238 @@ async fn uploads_bulk_changes_and_renames_from_the_pages() {
         assert!(audit.contains(said), "{said}: {audit}");
     }
     browser.quit().await;
+    server.finish().await;
+}
+
+/// Operator accounts with roles, managed on the accounts page: an admin adds, changes and
+/// deletes accounts; an operator changes the fleet but not accounts; a viewer looks at
+/// everything and changes nothing, in the pages and the API alike. API tokens are made
+/// (shown once), used and revoked there, by any role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_have_roles_and_a_viewer_changes_nothing() {
+    let server = Server::start(Backend::Sqlite).await;
+    let store = server.state.store();
+    let (pid, _, _) = server.product("roles").await;
+    let admin = server.operator_session("ann").await;
+    let page = server.get_with_cookie("/accounts", &admin).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.text().contains("id=\"new-account\""),
+        "{}",
+        page.text()
+    );
+    let csrf = form_token(&page.text());
+    let post = |path: &str, cookie: &str, body: String| form_post(path, cookie, &body);
+    for (name, role) in [("vic", "viewer"), ("opal", "operator")] {
+        let r = server
+            .raw(&post(
+                "/accounts",
+                &admin,
+                format!("csrf={csrf}&username={name}&password={name}-pw-123&role={role}"),
+            ))
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+    }
+    let r = server
+        .raw(&post(
+            "/accounts",
+            &admin,
+            format!("csrf={csrf}&username=x&password=x-pw&role=owner"),
+        ))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("is not a role"), "{}", r.text());
+    let accounts = store.list_users().await.unwrap();
+    let id_of = |name: &str| accounts.iter().find(|u| u.username == name).unwrap().id;
+
+    // The viewer looks, and every change it tries is refused with the reason.
+    let viewer = server.session_of("vic", "vic-pw-123").await;
+    let product = server
+        .get_with_cookie(&format!("/products/{pid}"), &viewer)
+        .await;
+    assert_eq!(product.status, 200);
+    let vcsrf = form_token(&product.text());
+    let r = server
+        .raw(&post(
+            "/products",
+            &viewer,
+            format!("csrf={vcsrf}&name=nope"),
+        ))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("viewer account"), "{}", r.text());
+    let r = server
+        .raw(&post(
+            &format!("/products/{pid}/rename"),
+            &viewer,
+            format!("csrf={vcsrf}&name=renamed"),
+        ))
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(store.get_product(pid).await.unwrap().name, "roles");
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/api/v1/products/{pid}/devices"),
+            Some(json!({"serial": "wk_01", "password": "wk-pw-123"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let r = server
+        .raw(&post(
+            &format!("/workspace/{pid}/wk_01/save"),
+            &viewer,
+            format!("csrf={vcsrf}&file=sketch.ino&fqbn=arduino%3Aavr%3Auno&sketch=x&action=save"),
+        ))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(
+        store
+            .list_revisions(store.get_device(pid, "wk_01").await.unwrap().id, 1)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing saved"
+    );
+
+    // Its API token, made on the page and shown once, reads and cannot write.
+    let r = server
+        .raw(&post(
+            "/accounts/tokens",
+            &viewer,
+            format!("csrf={vcsrf}&days=2"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let sealed = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(sealed.starts_with("otaforge_new_secret="), "{sealed}");
+    let shown = server
+        .get_with_cookie("/accounts", &format!("{viewer}; {sealed}"))
+        .await
+        .text();
+    let token = shown
+        .split("id=\"token-value\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .expect("the token, shown once")
+        .to_string();
+    assert!(
+        !server
+            .get_with_cookie("/accounts", &viewer)
+            .await
+            .text()
+            .contains(&token)
+    );
+    let bearer = |method: Method, path: &str, body: Option<Value>| {
+        let mut req = server
+            .http
+            .request(method, server.url(path))
+            .bearer_auth(&token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(bearer(Method::GET, "/api/v1/products", None).await, 200);
+    assert_eq!(
+        bearer(
+            Method::POST,
+            "/api/v1/products",
+            Some(json!({"name": "via-api"}))
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        bearer(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": "z", "password": "zz"}))
+        )
+        .await,
+        403
+    );
+    let token_id = store.list_tokens(Some(id_of("vic"))).await.unwrap()[0]
+        .id
+        .clone();
+    let r = server
+        .raw(&post(
+            &format!("/accounts/tokens/{token_id}/revoke"),
+            &viewer,
+            format!("csrf={vcsrf}"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(bearer(Method::GET, "/api/v1/products", None).await, 401);
+
+    // The operator changes the fleet, not accounts.
+    let operator = server.session_of("opal", "opal-pw-123").await;
+    let ocsrf = form_token(&server.get_with_cookie("/accounts", &operator).await.text());
+    let r = server
+        .raw(&post(
+            "/products",
+            &operator,
+            format!("csrf={ocsrf}&name=opal-made"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let r = server
+        .raw(&post(
+            "/accounts",
+            &operator,
+            format!("csrf={ocsrf}&username=sneak&password=sneak-pw&role=admin"),
+        ))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("only an admin"), "{}", r.text());
+
+    // The admin makes the viewer an operator (its session sees it at once), cannot change
+    // its own role, and deletes the operator account (its session ends).
+    let change = |id: i64, role: &str| {
+        post(
+            &format!("/accounts/{id}/change"),
+            &admin,
+            format!("csrf={csrf}&role={role}&password="),
+        )
+    };
+    let r = server.raw(&change(id_of("vic"), "operator")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let r = server
+        .raw(&post(
+            "/products",
+            &viewer,
+            format!("csrf={vcsrf}&name=vic-made"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "now an operator: {}", r.text());
+    let r = server.raw(&change(id_of("ann"), "viewer")).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let delete = format!("/accounts/{}/delete", id_of("opal"));
+    let r = server
+        .raw(&post(&delete, &admin, format!("csrf={csrf}")))
+        .await;
+    assert_eq!(r.status, 422, "unconfirmed");
+    let r = server
+        .raw(&post(&delete, &admin, format!("csrf={csrf}&confirm=yes")))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let r = server.get_with_cookie("/accounts", &operator).await;
+    assert_eq!(r.status, 303, "the deleted account's session ended");
+    let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
+    let audit = audit.to_string();
+    for said in [
+        "created account",
+        "changed role",
+        "deleted account",
+        "revoked token",
+    ] {
+        assert!(audit.contains(said), "{said}: {audit}");
+    }
     server.finish().await;
 }

@@ -76,7 +76,7 @@ const BUILD_COLS: &str = "id, product_id, device_id, fqbn, files, status, log, d
 const FIRMWARE_COLS: &str =
     "id, product_id, version, size, md5, sha256, format, metadata, created_at";
 const RESOURCE_COLS: &str = "id, group_id, name, fk, size, md5, sha256, created_at";
-const USER_COLS: &str = "id, username, password_hash, is_admin, created_at";
+const USER_COLS: &str = "id, username, password_hash, role, created_at";
 
 /// Maps a unique-constraint violation to `Conflict` with the given message.
 fn conflict(err: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
@@ -376,7 +376,12 @@ macro_rules! sql_store {
                     id: row.try_get("id")?,
                     username: row.try_get("username")?,
                     password_hash: row.try_get("password_hash")?,
-                    is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+                    role: {
+                        let role: String = row.try_get("role")?;
+                        Role::parse(&role).ok_or_else(|| {
+                            StoreError::Invalid(format!("user role {role:?}"))
+                        })?
+                    },
                     created_at: row.try_get("created_at")?,
                 })
             }
@@ -499,15 +504,16 @@ macro_rules! sql_store {
                 &self,
                 username: &str,
                 password_hash: &str,
-                is_admin: bool,
+                role: Role,
             ) -> Result<User> {
                 let row = sqlx::query(&format!(
-                    "INSERT INTO users (username, password_hash, is_admin, created_at) \
-                     VALUES ($1, $2, $3, $4) RETURNING {USER_COLS}"
+                    "INSERT INTO users (username, password_hash, is_admin, role, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING {USER_COLS}"
                 ))
                 .bind(username)
                 .bind(password_hash)
-                .bind(is_admin as i64)
+                .bind((role == Role::Admin) as i64)
+                .bind(role.as_str())
                 .bind(now_millis())
                 .fetch_one(&self.write)
                 .await
@@ -529,6 +535,54 @@ macro_rules! sql_store {
                     .fetch_optional(&self.read)
                     .await?;
                 row.as_ref().map(Self::user).transpose()
+            }
+
+            async fn list_users(&self) -> Result<Vec<User>> {
+                let rows = sqlx::query(&format!("SELECT {USER_COLS} FROM users ORDER BY username"))
+                    .fetch_all(&self.read)
+                    .await?;
+                rows.iter().map(Self::user).collect()
+            }
+
+            async fn set_user_role(&self, id: Id, role: Role) -> Result<User> {
+                let row = sqlx::query(&format!(
+                    "UPDATE users SET role = $1, is_admin = $2 WHERE id = $3 RETURNING {USER_COLS}"
+                ))
+                .bind(role.as_str())
+                .bind((role == Role::Admin) as i64)
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await?
+                .ok_or(StoreError::NotFound("user"))?;
+                Self::user(&row)
+            }
+
+            async fn set_user_password(&self, id: Id, password_hash: &str) -> Result<()> {
+                let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+                    .bind(password_hash)
+                    .bind(id)
+                    .execute(&self.write)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("user"));
+                }
+                // Its browsers sign in again.
+                sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                    .bind(id)
+                    .execute(&self.write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn delete_user(&self, id: Id) -> Result<()> {
+                let done = sqlx::query("DELETE FROM users WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.write)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("user"));
+                }
+                Ok(())
             }
 
             async fn count_users(&self) -> Result<i64> {
@@ -554,7 +608,7 @@ macro_rules! sql_store {
 
             async fn user_by_token(&self, digest: &str) -> Result<Option<User>> {
                 let row = sqlx::query(
-                    "SELECT u.id, u.username, u.password_hash, u.is_admin, u.created_at \
+                    "SELECT u.id, u.username, u.password_hash, u.role, u.created_at \
                      FROM api_tokens t JOIN users u ON u.id = t.user_id \
                      WHERE t.digest = $1 AND t.expires_at > $2",
                 )
@@ -2534,6 +2588,10 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
         "device generation",
         include_str!("../migrations/sqlite_16.sql"),
     ),
+    (
+        "operator roles",
+        include_str!("../migrations/sqlite_17.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -2592,6 +2650,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "time seen apart",
         include_str!("../migrations/postgres_18.sql"),
+    ),
+    (
+        "operator roles",
+        include_str!("../migrations/postgres_19.sql"),
     ),
 ];
 

@@ -13,12 +13,14 @@ pub trait Store: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 
-    async fn create_user(
-        &self,
-        username: &str,
-        password_hash: &str,
-        is_admin: bool,
-    ) -> Result<User>;
+    async fn create_user(&self, username: &str, password_hash: &str, role: Role) -> Result<User>;
+    /// Every operator account, by name.
+    async fn list_users(&self) -> Result<Vec<User>>;
+    async fn set_user_role(&self, id: Id, role: Role) -> Result<User>;
+    /// Sets the password; the account's browser sessions end.
+    async fn set_user_password(&self, id: Id, password_hash: &str) -> Result<()>;
+    /// Deletes the account with its tokens and sessions.
+    async fn delete_user(&self, id: Id) -> Result<()>;
     async fn user_by_name(&self, username: &str) -> Result<Option<User>>;
     async fn user_by_id(&self, id: Id) -> Result<Option<User>>;
     async fn count_users(&self) -> Result<i64>;

@@ -166,10 +166,17 @@ async fn suite(store: &dyn Store) {
 
     // ---- users and tokens ----
     assert_eq!(store.count_users().await.unwrap(), 0);
-    let ann = store.create_user("ann", "$argon2id$x", true).await.unwrap();
-    conflict(store.create_user("ann", "$argon2id$y", false).await);
+    let ann = store
+        .create_user("ann", "$argon2id$x", otaforge_store::model::Role::Admin)
+        .await
+        .unwrap();
+    conflict(
+        store
+            .create_user("ann", "$argon2id$y", otaforge_store::model::Role::Operator)
+            .await,
+    );
     let bob = store
-        .create_user("bob", "$argon2id$z", false)
+        .create_user("bob", "$argon2id$z", otaforge_store::model::Role::Operator)
         .await
         .unwrap();
     assert_eq!(store.count_users().await.unwrap(), 2);
@@ -180,6 +187,63 @@ async fn suite(store: &dyn Store) {
         "bob"
     );
     assert!(store.user_by_id(9_999).await.unwrap().is_none());
+    // Roles: listed by name, changed, and a deleted account takes its tokens along.
+    let names: Vec<(String, Role)> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.username, u.role))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("ann".to_string(), Role::Admin),
+            ("bob".to_string(), Role::Operator)
+        ]
+    );
+    let cy = store
+        .create_user("cy", "$argon2id$c", Role::Viewer)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .set_user_role(cy.id, Role::Operator)
+            .await
+            .unwrap()
+            .role,
+        Role::Operator
+    );
+    store.set_user_password(cy.id, "$argon2id$d").await.unwrap();
+    assert_eq!(
+        store
+            .user_by_id(cy.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_hash,
+        "$argon2id$d"
+    );
+    store
+        .create_token(&"c".repeat(64), cy.id, now + 60_000)
+        .await
+        .unwrap();
+    store.delete_user(cy.id).await.unwrap();
+    assert!(
+        store
+            .user_by_token(&"c".repeat(64))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        store.delete_user(cy.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.set_user_role(cy.id, Role::Admin).await,
+        Err(StoreError::NotFound(_))
+    ));
     let (live, dead) = ("a".repeat(64), "b".repeat(64));
     store
         .create_token(&live, ann.id, now + 60_000)
@@ -891,7 +955,12 @@ async fn databases_from_before_the_migrator_are_adopted() {
     }
     for _ in 0..2 {
         let store = otaforge_store::open(&url).await.unwrap();
-        assert_eq!(store.user_by_name("old").await.unwrap().unwrap().id, 1);
+        let old = store.user_by_name("old").await.unwrap().unwrap();
+        assert_eq!(
+            (old.id, old.role),
+            (1, Role::Admin),
+            "is_admin became the admin role"
+        );
         // Version 4 gave the old token 30 days.
         assert_eq!(
             store.user_by_token("d").await.unwrap().unwrap().username,
@@ -899,7 +968,7 @@ async fn databases_from_before_the_migrator_are_adopted() {
         );
         // The schema takes new rows after the adoption.
         store
-            .create_user(&format!("new-{}", unique()), "h", false)
+            .create_user(&format!("new-{}", unique()), "h", Role::Operator)
             .await
             .unwrap();
     }

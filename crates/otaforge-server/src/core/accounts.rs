@@ -5,11 +5,11 @@
 use std::net::IpAddr;
 
 use axum::http::StatusCode;
-use otaforge_store::model::{Device, DeviceStatus, Millis, TokenInfo, User, now_millis};
+use otaforge_store::model::{Device, DeviceStatus, Id, Millis, Role, TokenInfo, User, now_millis};
 
 use crate::AppState;
 use crate::auth::{digest, random_secret};
-use crate::core::fleet::Actor;
+use crate::core::fleet::{Actor, check_name, hash_off_thread};
 use crate::core::passwords::Refused;
 use crate::error::{ApiError, ApiResult};
 
@@ -131,28 +131,130 @@ impl AppState {
         Ok((token, expires_at))
     }
 
-    /// The actor's own tokens; an administrator sees everyone's.
-    pub async fn list_tokens(&self, actor: &Actor) -> ApiResult<Vec<TokenInfo>> {
-        let whose = if actor.is_admin { None } else { actor.user_id };
+    /// The account's own tokens; an admin sees everyone's. (Any role: a viewer manages its
+    /// own credentials too.)
+    pub async fn list_tokens(&self, user: &User) -> ApiResult<Vec<TokenInfo>> {
+        let whose = if user.is_admin() { None } else { Some(user.id) };
         Ok(self.store().list_tokens(whose).await?)
     }
 
-    /// Revokes one of the actor's tokens (an administrator: anyone's).
-    pub async fn revoke_token(&self, actor: &Actor, id: &str) -> ApiResult<()> {
-        let whose = if actor.is_admin { None } else { actor.user_id };
-        if actor.user_id.is_none() && !actor.is_admin {
+    /// Revokes one of the account's tokens (an admin: anyone's).
+    pub async fn revoke_token(
+        &self,
+        user: &User,
+        address: Option<IpAddr>,
+        id: &str,
+    ) -> ApiResult<()> {
+        if user.id == 0 {
             return Err(ApiError::forbidden("this login has no tokens"));
         }
+        let whose = if user.is_admin() { None } else { Some(user.id) };
         if !self.store().revoke_token(id.trim(), whose).await? {
             return Err(ApiError::not_found("no such token"));
         }
-        if let Err(e) = self
+        self.audit_event(&user.username, address, "revoked token", id.trim(), "")
+            .await;
+        Ok(())
+    }
+
+    // ---- operator accounts ----
+
+    /// Every operator account (any signed-in operator may look).
+    pub async fn list_operators(&self) -> ApiResult<Vec<User>> {
+        Ok(self.store().list_users().await?)
+    }
+
+    /// A new operator account (admins only), with its first password.
+    pub async fn create_operator(
+        &self,
+        actor: &Actor,
+        username: &str,
+        password: &str,
+        role: Role,
+    ) -> ApiResult<User> {
+        actor.require_admin()?;
+        let username = check_name("username", username)?;
+        let hash = hash_off_thread(password.to_string()).await?;
+        let user = self.store().create_user(&username, &hash, role).await?;
+        self.audited(
+            actor,
+            "created account",
+            &format!("user {username}"),
+            role.as_str(),
+        )
+        .await;
+        Ok(user)
+    }
+
+    /// Changes an account's role or password (admins only). An admin cannot take away its
+    /// own admin role, so the server always keeps one.
+    pub async fn change_operator(
+        &self,
+        actor: &Actor,
+        id: Id,
+        role: Option<Role>,
+        password: Option<&str>,
+    ) -> ApiResult<User> {
+        actor.require_admin()?;
+        let mut user = self
             .store()
-            .audit(&actor.name, "revoked token", id.trim(), "")
-            .await
+            .user_by_id(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such account"))?;
+        if let Some(role) = role
+            && role != user.role
         {
-            tracing::warn!(error = %e, "writing the audit log failed");
+            if actor.user_id == Some(id) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "an admin cannot change its own role; another admin can",
+                ));
+            }
+            user = self.store().set_user_role(id, role).await?;
+            self.audited(
+                actor,
+                "changed role",
+                &format!("user {}", user.username),
+                role.as_str(),
+            )
+            .await;
         }
+        if let Some(password) = password {
+            let hash = hash_off_thread(password.to_string()).await?;
+            self.store().set_user_password(id, &hash).await?;
+            self.audited(
+                actor,
+                "password set",
+                &format!("user {}", user.username),
+                "",
+            )
+            .await;
+        }
+        Ok(user)
+    }
+
+    /// Deletes an account with its tokens and sessions (admins only; not one's own).
+    pub async fn delete_operator(&self, actor: &Actor, id: Id) -> ApiResult<()> {
+        actor.require_admin()?;
+        if actor.user_id == Some(id) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "an admin cannot delete its own account; another admin can",
+            ));
+        }
+        let user = self
+            .store()
+            .user_by_id(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such account"))?;
+        self.store().delete_user(id).await?;
+        self.audited(
+            actor,
+            "deleted account",
+            &format!("user {}", user.username),
+            "",
+        )
+        .await;
         Ok(())
     }
 

@@ -89,15 +89,55 @@ pub fn check_password(password: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Who performs a management operation. Only an authenticated operator can be one (the
-/// REST extractor and the pages' session make it), so holding an `Actor` is the
-/// authorization every operation below requires.
+/// Who performs a management operation. `Actor::of` is the one way to make one: only an
+/// authenticated operator account whose role may change things (admin or operator; never a
+/// viewer), so holding an `Actor` is the authorization every change below requires.
 #[derive(Debug, Clone)]
 pub struct Actor {
     pub name: String,
     pub user_id: Option<Id>,
-    pub is_admin: bool,
     pub address: Option<IpAddr>,
+    /// Private, so that no `Actor` is made anywhere but `Actor::of`.
+    role: Role,
+}
+
+impl Actor {
+    /// The signed-in account as the actor of a change; a viewer account is refused (403):
+    /// it changes nothing, anywhere. `user.id` 0 is the server's admin token.
+    pub fn of(user: &User, address: Option<IpAddr>) -> ApiResult<Actor> {
+        if user.role == Role::Viewer {
+            return Err(ApiError::forbidden(format!(
+                "{} is a viewer account: it can look at everything and change nothing",
+                user.username
+            )));
+        }
+        Ok(Actor {
+            name: user.username.clone(),
+            user_id: (user.id != 0).then_some(user.id),
+            role: user.role,
+            address,
+        })
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Accounts are managed by admins only.
+    pub fn require_admin(&self) -> ApiResult<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "{} is an operator account: only an admin manages accounts",
+                self.name
+            )))
+        }
+    }
 }
 
 /// What may change on a group; `None` leaves a field as it is.
@@ -129,7 +169,7 @@ pub struct DeviceChange {
     pub password: Option<Option<String>>,
 }
 
-async fn hash_off_thread(password: String) -> ApiResult<String> {
+pub(crate) async fn hash_off_thread(password: String) -> ApiResult<String> {
     check_password(&password)?;
     tokio::task::spawn_blocking(move || hash_password(&password))
         .await

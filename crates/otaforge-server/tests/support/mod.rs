@@ -364,9 +364,14 @@ impl Server {
         let hash = otaforge_server::auth::hash_password(&password).unwrap();
         self.state
             .store()
-            .create_user(username, &hash, true)
+            .create_user(username, &hash, otaforge_store::model::Role::Admin)
             .await
             .unwrap();
+        self.session_of(username, &password).await
+    }
+
+    /// The session cookie of an existing operator account, signed in through the form.
+    pub async fn session_of(&self, username: &str, password: &str) -> String {
         let (login_cookie, token) = self.login_token().await;
         let body = format!("csrf={token}&kind=operator&username={username}&password={password}");
         let r = self
