@@ -24,12 +24,26 @@ await build({
   logLevel: "warning",
 });
 
+await build({
+  entryPoints: [path.join(here, "src/webtools.js")],
+  outfile: path.join(assets, "webtools.js"),
+  bundle: true,
+  minify: true,
+  format: "iife",
+  target: ["es2020"],
+  legalComments: "none",
+  banner: {
+    js: "/* OTAForge browser flashing, built from web/ by `npm run build`. Includes ESP Web Tools (Apache-2.0, (c) ESPHome), esptool-js (Apache-2.0, (c) Espressif), improv-wifi-serial-sdk (Apache-2.0), Lit and Material Web (BSD-3-Clause / Apache-2.0, (c) Google). */",
+  },
+  logLevel: "warning",
+});
+
 await copyFile(path.join(here, "src/app.css"), path.join(assets, "app.css"));
 await copyFile(path.join(here, "src/copy.js"), path.join(assets, "copy.js"));
 await copyFile(path.join(here, "src/live.js"), path.join(assets, "live.js"));
 await copyFile(path.join(here, "src/upload.js"), path.join(assets, "upload.js"));
 
-for (const f of ["editor.js", "app.css", "copy.js", "live.js", "upload.js"]) {
+for (const f of ["editor.js", "webtools.js", "app.css", "copy.js", "live.js", "upload.js"]) {
   const { size } = await stat(path.join(assets, f));
   console.log(`${path.relative(process.cwd(), path.join(assets, f))}  ${size} bytes`);
 }

@@ -31,6 +31,7 @@ extern crate alloc;
 mod bytes;
 pub mod detect;
 pub mod esp;
+pub mod flash;
 pub mod mender;
 pub mod otadata;
 pub mod partition;

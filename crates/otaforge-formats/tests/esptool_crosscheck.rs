@@ -439,3 +439,118 @@ fn esptool_accepts_images_this_crate_builds() {
         assert_eq!(info.get("app version"), "9.8.7");
     }
 }
+
+/// A whole-flash image made from real parts (a small ESP32-C3 image in the bootloader's
+/// place, which esptool accepts, a partition table this crate encodes, an esptool-made app)
+/// is byte for byte what `esptool merge-bin` makes of the same parts, and esptool parses it
+/// back.
+#[test]
+fn merged_images_match_esptool_merge_bin() {
+    use otaforge_formats::flash;
+    use otaforge_formats::partition::{self as pt, PartitionEntry, PartitionTable};
+    let bootloader = esp32_image(
+        Chip::Esp32C3,
+        0x403C_E000,
+        &[
+            SegmentSpec {
+                load_addr: 0x3FCD_5000,
+                data: vec![0x5A; 0x200],
+            },
+            SegmentSpec {
+                load_addr: 0x403C_E000,
+                data: (0..0x1800u32).map(|i| (i * 7 % 253) as u8).collect(),
+            },
+        ],
+        true,
+    );
+    let app = read("app-v2.bin");
+    let table = PartitionTable {
+        entries: vec![
+            PartitionEntry {
+                ty: pt::TYPE_DATA,
+                subtype: pt::SUBTYPE_NVS,
+                offset: 0x9000,
+                size: 0x5000,
+                label: "nvs".into(),
+                flags: 0,
+            },
+            PartitionEntry {
+                ty: pt::TYPE_DATA,
+                subtype: pt::SUBTYPE_OTADATA,
+                offset: 0xe000,
+                size: 0x2000,
+                label: "otadata".into(),
+                flags: 0,
+            },
+            PartitionEntry {
+                ty: pt::TYPE_APP,
+                subtype: pt::SUBTYPE_OTA_0,
+                offset: 0x10000,
+                size: 0x140000,
+                label: "app0".into(),
+                flags: 0,
+            },
+        ],
+    }
+    .encode()
+    .unwrap();
+    let boot_at = Chip::Esp32C3.bootloader_offset().unwrap();
+    let ours = flash::merge(&[
+        (0x10000, &app),
+        (boot_at, &bootloader),
+        (flash::PARTITION_TABLE_OFFSET, &table),
+    ])
+    .unwrap();
+    let dir = fixtures().join("merge");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in [
+        ("boot.bin", &bootloader),
+        ("table.bin", &table),
+        ("app.bin", &app),
+    ] {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let argv: Vec<String> = read_text("image-info.argv")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let esptool = &argv[0];
+    let v5 = argv[1] == "image-info";
+    let out = dir.join("esptool-merged.bin");
+    let output = Command::new(esptool)
+        .args([
+            "--chip",
+            "esp32c3",
+            if v5 { "merge-bin" } else { "merge_bin" },
+        ])
+        .arg("-o")
+        .arg(&out)
+        .args([
+            "0x0",
+            "boot.bin",
+            "0x8000",
+            "table.bin",
+            "0x10000",
+            "app.bin",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "esptool merge-bin: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let theirs = std::fs::read(&out).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    assert!(ours == theirs, "merged images differ");
+    // esptool reads the merged image's first image (the bootloader, at 0x0) back.
+    let info = esptool_image_info("merged.bin", &ours);
+    assert!(
+        info.fields.values().any(|v| v.contains("ESP32-C3")),
+        "{:?}",
+        info.fields
+    );
+}

@@ -532,7 +532,7 @@ async fn compile_build(
     let firmware = state
         .store_firmware_for(
             product,
-            compiled.binary.into(),
+            bytes::Bytes::from(compiled.binary.clone()),
             Some(format!("build-{}", build.id)),
             personal_to,
         )
@@ -551,8 +551,28 @@ async fn compile_build(
     // A setup build is flashed once by wire: its merged image (or bootloader, partition
     // table and application) is kept with the build.
     if build.files.contains_key(crate::setup::SETUP_SKETCH_FILE) && !compiled.images.is_empty() {
+        let mut images = compiled.images;
+        match crate::setup::merged_image(&images, &compiled.binary) {
+            Ok(Some(merged)) => {
+                images.push(("merged.bin".to_string(), merged));
+                let _ = state
+                    .store()
+                    .append_build_log(
+                        build.id,
+                        "merged.bin made from the bootloader, the partition table and the application\n",
+                    )
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = state
+                    .store()
+                    .append_build_log(build.id, &format!("no merged image: {e}\n"))
+                    .await;
+            }
+        }
         let kept = state
-            .keep_build_images(build.id, compiled.images)
+            .keep_build_images(build.id, images)
             .await
             .map_err(|e| plain(e.into_message()))?;
         let names: Vec<String> = kept

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use otaforge_store::model::{Device, now_millis};
+use otaforge_store::model::{Build, BuildImage, BuildStatus, Device, now_millis};
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
@@ -131,6 +131,123 @@ pub fn has_update_client(image: &[u8]) -> bool {
     image
         .windows(CLIENT_MARKER.len())
         .any(|w| w == CLIENT_MARKER.as_bytes())
+}
+
+/// What an install from the browser writes for a build, as (file under the build, flash
+/// offset): a succeeded setup build's merged image (ESP32 family) or its application
+/// (ESP8266, whose image starts with its own boot loader), from 0x0. `None`: nothing to
+/// install. The workspace offers the Install button exactly when this says so, and the
+/// manifest lists these parts.
+pub fn install_parts(build: &Build, images: &[BuildImage]) -> Option<Vec<(&'static str, u32)>> {
+    if build.status != BuildStatus::Succeeded || !build.files.contains_key(SETUP_SKETCH_FILE) {
+        return None;
+    }
+    if images.iter().any(|i| i.name == "merged.bin") {
+        Some(vec![("merged.bin", 0)])
+    } else if build.fqbn.starts_with("esp8266:") && build.firmware_id.is_some() {
+        Some(vec![(crate::web::BUILT_APP, 0)])
+    } else {
+        None
+    }
+}
+
+impl AppState {
+    /// The ESP Web Tools manifest of a build `install_parts` offers: its chip family (read
+    /// from the kept bootloader, or the merged image's first image), the parts, and no wait
+    /// for Improv Wi-Fi (the setup firmware carries its Wi-Fi settings).
+    pub async fn install_manifest(
+        &self,
+        build: &Build,
+        serial: &str,
+    ) -> crate::error::ApiResult<serde_json::Value> {
+        use otaforge_formats::{esp, flash};
+        let images = self.store().list_build_images(build.id).await?;
+        let parts = install_parts(build, &images).ok_or_else(|| {
+            crate::error::ApiError::not_found(
+                "only a succeeded setup build is installed from the browser",
+            )
+        })?;
+        let chip = if build.fqbn.starts_with("esp8266:") {
+            "esp8266".to_string()
+        } else {
+            let (name, offsets) = match images.iter().any(|i| i.name == "bootloader.bin") {
+                true => ("bootloader.bin", vec![0]),
+                false => ("merged.bin", vec![0x0, 0x1000, 0x2000]),
+            };
+            let (_, bytes) = self.build_image(build.id, name).await?;
+            offsets
+                .into_iter()
+                .find_map(|at| esp::parse_image(bytes.get(at..)?).ok())
+                .map(|img| img.chip.name().to_string())
+                .ok_or_else(|| {
+                    crate::error::ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        format!("{name} holds no ESP image to tell the chip"),
+                    )
+                })?
+        };
+        let family = flash::web_tools_family(&chip).ok_or_else(|| {
+            crate::error::ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                format!("ESP Web Tools cannot flash a {chip}"),
+            )
+        })?;
+        Ok(serde_json::json!({
+            "name": format!("OTAForge setup firmware for {serial}"),
+            "version": format!("build-{}", build.id),
+            "new_install_prompt_erase": true,
+            "new_install_improv_wait_time": 0,
+            "builds": [{
+                "chipFamily": family,
+                "parts": parts.iter().map(|(path, offset)| serde_json::json!({
+                    "path": path, "offset": offset,
+                })).collect::<Vec<_>>(),
+            }],
+        }))
+    }
+}
+
+/// The whole-flash image of an ESP32-family setup build where arduino-cli exported none
+/// (cores before 3.x export the bootloader and the partition table only): the bootloader at
+/// its chip's offset, the table at 0x8000, the application at the table's first app slot,
+/// the rest erased, as `esptool merge-bin` writes it. `Ok(None)` when the build kept no
+/// bootloader and table (an ESP8266 image already starts with its own boot loader).
+pub fn merged_image(images: &[(String, Vec<u8>)], app: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    use otaforge_formats::{esp, flash, partition::PartitionTable};
+    let find = |name: &str| {
+        images
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+    };
+    if find("merged.bin").is_some() {
+        return Ok(None);
+    }
+    let (Some(bootloader), Some(table)) = (find("bootloader.bin"), find("partitions.bin")) else {
+        return Ok(None);
+    };
+    let chip = esp::parse_image(bootloader)
+        .map_err(|e| format!("the exported bootloader is not an ESP image: {e}"))?
+        .chip;
+    let boot_at = chip
+        .bootloader_offset()
+        .ok_or_else(|| format!("no known bootloader offset for chip {}", chip.name()))?;
+    let slots = PartitionTable::parse(table)
+        .map_err(|e| format!("the exported partition table does not parse: {e}"))?;
+    let app_at = slots
+        .entries
+        .iter()
+        .filter(|p| p.is_app())
+        .map(|p| p.offset)
+        .min()
+        .ok_or("the exported partition table has no app partition")?;
+    flash::merge(&[
+        (boot_at, bootloader),
+        (flash::PARTITION_TABLE_OFFSET, table),
+        (app_at, app),
+    ])
+    .map(Some)
+    .map_err(|e| format!("the merged image could not be made: {e}"))
 }
 
 #[cfg(test)]

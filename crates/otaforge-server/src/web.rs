@@ -504,6 +504,7 @@ async fn asset(ApiPath(name): ApiPath<String>) -> Response {
         "copy.js" => (include_bytes!("../assets/copy.js"), "text/javascript"),
         "live.js" => (include_bytes!("../assets/live.js"), "text/javascript"),
         "upload.js" => (include_bytes!("../assets/upload.js"), "text/javascript"),
+        "webtools.js" => (include_bytes!("../assets/webtools.js"), "text/javascript"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     (
@@ -2414,6 +2415,8 @@ struct WorkspacePage {
     files_json: String,
     /// The Examples menu: (id, title).
     examples: Vec<(&'static str, &'static str)>,
+    /// The install manifest of the shown build, when it can be installed from the browser.
+    install: Option<String>,
 }
 
 /// The device, if the viewer may open its workspace; else the page to show instead.
@@ -2612,10 +2615,21 @@ async fn workspace(
     let build_matches = build
         .as_ref()
         .is_some_and(|b| b.files.get(&current_file) == Some(&content));
+    let install = build
+        .as_ref()
+        .and_then(|b| crate::setup::install_parts(b, &build_images))
+        .and(build.as_ref())
+        .map(|b| {
+            format!(
+                "/workspace/{product}/{}/builds/{}/manifest.json",
+                device.serial, b.id
+            )
+        });
     let files_json = serde_json::to_string(&files)
         .unwrap_or_else(|_| "{}".into())
         .replace('<', "\\u003c");
     page(WorkspacePage {
+        install,
         files_json,
         examples: EXAMPLES
             .iter()
@@ -2888,7 +2902,7 @@ async fn build_status(
 }
 
 /// The name a build's stored application is downloaded under.
-const BUILT_APP: &str = "firmware.bin";
+pub(crate) const BUILT_APP: &str = "firmware.bin";
 
 /// `GET .../builds/{id}/{name}`: an image the build kept for flashing by wire.
 async fn build_image(
@@ -2902,6 +2916,13 @@ async fn build_image(
     };
     let back = format!("/workspace/{product}/{serial}");
     match state.store().get_build(id).await {
+        // What ESP Web Tools installs from this page.
+        Ok(b) if b.device_id == Some(device.id) && name == "manifest.json" => {
+            match state.install_manifest(&b, &device.serial).await {
+                Ok(m) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(m)).into_response(),
+                Err(e) => e.into_response(),
+            }
+        }
         // A deployed build's application, as stored (and served on the device's link).
         Ok(b) if b.device_id == Some(device.id) && name == BUILT_APP => match b.firmware_id {
             Some(firmware) => match state.firmware_part(product, firmware, None).await {

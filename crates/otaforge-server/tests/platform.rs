@@ -1036,19 +1036,19 @@ async fn one_requester_cannot_fill_the_build_queue() {
     server.finish().await;
 }
 
-/// A setup build for an ESP32 board through arduino-cli (the stand-in of
-/// `tests/stand-in/arduino-cli`, installed outside `/usr` with its cores in another user's
-/// folder): the build keeps the merged image, bootloader and partition table, sealed at rest;
-/// the API and the device's workspace serve them, nobody else; the workspace says which boards
-/// this server can build and what its administrator would install for the others.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn setup_builds_keep_their_images_for_flashing_by_wire() {
-    let base = std::env::temp_dir().join(format!("otaforge-setup-images-{}", std::process::id()));
+/// A server whose compiler is the arduino-cli stand-in (`tests/stand-in/arduino-cli`), in a
+/// fresh folder `base`; `prepare` sees the stand-in's data folder (`.arduino15`) first.
+async fn stand_in_server(
+    tag: &str,
+    prepare: impl FnOnce(&std::path::Path),
+) -> (Server, PathBuf, PathBuf) {
+    let base = std::env::temp_dir().join(format!("otaforge-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let data = base.join("alice/.arduino15");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::create_dir_all(base.join("bin")).unwrap();
     std::fs::write(data.join("inventory.yaml"), "installation:\n  id: x\n").unwrap();
+    prepare(&data);
     let cli = base.join("bin/arduino-cli");
     std::fs::write(
         &cli,
@@ -1071,6 +1071,17 @@ async fn setup_builds_keep_their_images_for_flashing_by_wire() {
         },
     )
     .await;
+    (server, base, data)
+}
+
+/// A setup build for an ESP32 board through arduino-cli (the stand-in of
+/// `tests/stand-in/arduino-cli`, installed outside `/usr` with its cores in another user's
+/// folder): the build keeps the merged image, bootloader and partition table, sealed at rest;
+/// the API and the device's workspace serve them, nobody else; the workspace says which boards
+/// this server can build and what its administrator would install for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_builds_keep_their_images_for_flashing_by_wire() {
+    let (server, base, _) = stand_in_server("setup-images", |_| ()).await;
     let (pid, _, _) = server.product("field").await;
     let (session, csrf) = new_bot(&server, pid, "f_01", "dev-pw-f01").await;
     let workspace = format!("/workspace/{pid}/f_01");
@@ -2588,4 +2599,213 @@ async fn accounts_have_roles_and_a_viewer_changes_nothing() {
         assert!(audit.contains(said), "{said}: {audit}");
     }
     server.finish().await;
+}
+
+/// The setup firmware installs from the browser: a setup build whose compiler exported only
+/// the bootloader and partition table gets a merged image made like `esptool merge-bin`;
+/// its ESP Web Tools manifest names the chip family and the parts, each served byte-correct
+/// (esptool parses the bootloader back out of the merged image); the workspace shows the
+/// Install button, loads the flashing bundle only there, and where the browser has no Web
+/// Serial says so and points at the esptool steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_firmware_installs_from_the_browser() {
+    use otaforge_formats::esp::Chip;
+    use otaforge_formats::esp::build::{SegmentSpec, esp32_image};
+    use otaforge_formats::flash;
+    use otaforge_formats::partition::{self as pt, PartitionEntry, PartitionTable};
+    let bootloader = esp32_image(
+        Chip::Esp32,
+        0x4008_0400,
+        &[
+            SegmentSpec {
+                load_addr: 0x3FFF_0000,
+                data: vec![0x5A; 0x100],
+            },
+            SegmentSpec {
+                load_addr: 0x4007_8000,
+                data: (0..0x1400u32).map(|i| (i * 5 % 251) as u8).collect(),
+            },
+        ],
+        false,
+    );
+    let app_slot = |label: &str, subtype: u8, offset: u32| PartitionEntry {
+        ty: pt::TYPE_APP,
+        subtype,
+        offset,
+        size: 0x140000,
+        label: label.into(),
+        flags: 0,
+    };
+    let table = PartitionTable {
+        entries: vec![
+            PartitionEntry {
+                ty: pt::TYPE_DATA,
+                subtype: pt::SUBTYPE_OTADATA,
+                offset: 0xe000,
+                size: 0x2000,
+                label: "otadata".into(),
+                flags: 0,
+            },
+            app_slot("app1", pt::SUBTYPE_OTA_0 + 1, 0x150000),
+            app_slot("app0", pt::SUBTYPE_OTA_0, 0x10000),
+        ],
+    }
+    .encode()
+    .unwrap();
+    let (server, base, _) = stand_in_server("web-install", |data| {
+        std::fs::create_dir_all(data.join("parts")).unwrap();
+        std::fs::write(data.join("parts/bootloader.bin"), &bootloader).unwrap();
+        std::fs::write(data.join("parts/partitions.bin"), &table).unwrap();
+    })
+    .await;
+    let (pid, _, _) = server.product("installs").await;
+    let (session, csrf) = new_bot(&server, pid, "in_01", "dev-pw-in01").await;
+    let workspace = format!("/workspace/{pid}/in_01");
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/wifi"),
+            &session,
+            &format!(
+                "csrf={csrf}&ssid=Home&wifi_password=wifi-pw-in01&device_password=dev-pw-in01"
+            ),
+        ))
+        .await;
+    assert_eq!(r.status, 303);
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/setup"),
+            &session,
+            &format!("csrf={csrf}&what=compile"),
+        ))
+        .await;
+    let location = r.header("location").unwrap().to_string();
+    let id: i64 = location.rsplit("build=").next().unwrap().parse().unwrap();
+    let b = wait_build(&server, id).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert!(
+        b["log"].as_str().unwrap().contains("merged.bin made from"),
+        "{b}"
+    );
+
+    // The manifest, and every part it names, relative to it.
+    let manifest_url = format!("{workspace}/builds/{id}/manifest.json");
+    let r = server.get_with_cookie(&manifest_url, &session).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let manifest: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(manifest["builds"][0]["chipFamily"], "ESP32", "{manifest}");
+    assert_eq!(manifest["new_install_prompt_erase"], true);
+    let parts = manifest["builds"][0]["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 1, "{manifest}");
+    assert_eq!(parts[0]["offset"], 0);
+    let part = format!(
+        "{workspace}/builds/{id}/{}",
+        parts[0]["path"].as_str().unwrap()
+    );
+    let merged = server.get_with_cookie(&part, &session).await;
+    assert_eq!(merged.status, 200);
+    let app = server
+        .get_with_cookie(&format!("{workspace}/builds/{id}/firmware.bin"), &session)
+        .await;
+    assert_eq!(app.status, 200);
+    let expected = flash::merge(&[
+        (0x1000, &bootloader),
+        (0x8000, &table),
+        (0x10000, &app.body),
+    ])
+    .unwrap();
+    assert!(
+        merged.body == expected,
+        "bootloader at 0x1000, table at 0x8000, app at app0"
+    );
+    assert!(merged.body[..0x1000].iter().all(|&b| b == 0xFF));
+    // esptool reads the bootloader back from where the ROM reads it.
+    let argv: Vec<String> = std::fs::read_to_string(support::fixtures().join("image-info.argv"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let at = base.join("bootloader-from-merged.bin");
+    std::fs::write(&at, &merged.body[0x1000..0x1000 + bootloader.len()]).unwrap();
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .arg(&at)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.contains("ESP32"), "{said}");
+    // Another device's session cannot read it.
+    let (other, _) = new_bot(&server, pid, "in_02", "dev-pw-in02").await;
+    let r = server
+        .get_with_cookie(
+            &format!("/workspace/{pid}/in_02/builds/{id}/manifest.json"),
+            &other,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+
+    // The page: the button, the bundle only here, and the note where Web Serial is missing.
+    let html = server
+        .get_with_cookie(&format!("{workspace}?build={id}"), &session)
+        .await
+        .text();
+    assert!(
+        html.contains(&format!("manifest=\"{manifest_url}\"")),
+        "{html}"
+    );
+    assert!(assets_named(&html).contains(&"/assets/webtools.js".to_string()));
+    let plain = server
+        .get_with_cookie(&format!("/workspace/{pid}/in_02"), &other)
+        .await
+        .text();
+    assert!(
+        !assets_named(&plain).contains(&"/assets/webtools.js".to_string()),
+        "not loaded where there is nothing to install"
+    );
+    let browser = Browser::start().await;
+    sign_in(&browser, &server, "bot", "in_01", "dev-pw-in01").await;
+    browser.wait_text("#device-id", "in_01").await;
+    browser
+        .go(&server.url(&format!("{workspace}?build={id}")))
+        .await;
+    browser
+        .wait_for(
+            "the install button",
+            "return !!customElements.get('esp-web-install-button') && \
+             document.querySelector('#install-button').hasAttribute('install-supported') === ('serial' in navigator)",
+        )
+        .await;
+    browser.shot("workspace-install").await;
+    browser
+        .cmd(
+            Method::POST,
+            "/goog/cdp/execute",
+            json!({"cmd": "Page.addScriptToEvaluateOnNewDocument",
+                   "params": {"source": "delete Navigator.prototype.serial;"}}),
+        )
+        .await;
+    browser
+        .go(&server.url(&format!("{workspace}?build={id}")))
+        .await;
+    browser
+        .wait_for(
+            "the note for a browser without Web Serial",
+            "return !('serial' in navigator) && !document.querySelector('#no-web-serial').hidden \
+             && document.querySelector('#install-button').hasAttribute('install-unsupported')",
+        )
+        .await;
+    assert!(
+        browser
+            .text("#no-web-serial")
+            .await
+            .contains("esptool steps")
+    );
+    browser.shot("workspace-install-no-serial").await;
+    browser.quit().await;
+    server.finish().await;
+    let _ = std::fs::remove_dir_all(&base);
 }
