@@ -60,9 +60,9 @@ export OTAFORGE_TEST_RCLONE="$PWD/$S3_VENV/bin/rclone"
 rclone_version="$("$OTAFORGE_TEST_RCLONE" version)"
 printf '%s\n' "${rclone_version%%$'\n'*}"
 
-log "axe-core for the pages' accessibility checks (npm ci in web/, from its lockfile)"
+log "axe-core (the pages' accessibility checks) and improv-wifi-serial-sdk (the Improv client): npm ci in web/, from its lockfile"
 command -v npm >/dev/null 2>&1 || apt_install nodejs npm
-if [[ ! -f web/node_modules/axe-core/axe.min.js ]]; then
+if [[ ! -f web/node_modules/axe-core/axe.min.js || ! -d web/node_modules/improv-wifi-serial-sdk ]]; then
     (cd web && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
 fi
 

@@ -14,6 +14,7 @@ const CONFIG_TEMPLATE: &str =
 const SETUP_SKETCH: &str =
     include_str!("../../../firmware/arduino/otaforge_setup/otaforge_setup.ino");
 const OTA_LIBRARY: &str = include_str!("../../../firmware/arduino/otaforge_ota/otaforge_ota.h");
+const IMPROV: &str = include_str!("../../../firmware/arduino/otaforge_ota/otaforge_improv.h");
 
 /// What the platform keeps (sealed) to personalise a device's firmware.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +56,15 @@ pub fn personal_config(state: &AppState, device: &Device, tag: &str) -> Result<S
         ),
         ("device_id", c_escape(&device.serial)),
         ("device_password", c_escape(&secrets.device_password)),
+        (
+            "workspace_url",
+            c_escape(&format!(
+                "{}/workspace/{}/{}",
+                state.config().public_url(),
+                device.product_id,
+                device.serial
+            )),
+        ),
         ("trigger_pin", "0".to_string()),
         ("check_interval_s", "3600".to_string()),
         ("firmware_version", format!("{tag}-{}", now_millis())),
@@ -75,6 +85,7 @@ pub fn setup_sketch() -> BTreeMap<String, String> {
     BTreeMap::from([
         (SETUP_SKETCH_FILE.to_string(), SETUP_SKETCH.to_string()),
         ("otaforge_ota.h".to_string(), OTA_LIBRARY.to_string()),
+        ("otaforge_improv.h".to_string(), IMPROV.to_string()),
     ])
 }
 
@@ -133,6 +144,9 @@ pub fn has_update_client(image: &[u8]) -> bool {
         .any(|w| w == CLIENT_MARKER.as_bytes())
 }
 
+/// Seconds ESP Web Tools waits after flashing for the setup firmware to answer Improv.
+pub const IMPROV_WAIT_S: u32 = 15;
+
 /// What an install from the browser writes for a build, as (file under the build, flash
 /// offset): a succeeded setup build's merged image (ESP32 family) or its application
 /// (ESP8266, whose image starts with its own boot loader), from 0x0. `None`: nothing to
@@ -153,8 +167,9 @@ pub fn install_parts(build: &Build, images: &[BuildImage]) -> Option<Vec<(&'stat
 
 impl AppState {
     /// The ESP Web Tools manifest of a build `install_parts` offers: its chip family (read
-    /// from the kept bootloader, or the merged image's first image), the parts, and no wait
-    /// for Improv Wi-Fi (the setup firmware carries its Wi-Fi settings).
+    /// from the kept bootloader, or the merged image's first image), the parts, and a wait
+    /// for Improv Wi-Fi after flashing (the setup firmware answers it, so the network can be
+    /// given then instead of being built in).
     pub async fn install_manifest(
         &self,
         build: &Build,
@@ -196,7 +211,7 @@ impl AppState {
             "name": format!("OTAForge setup firmware for {serial}"),
             "version": format!("build-{}", build.id),
             "new_install_prompt_erase": true,
-            "new_install_improv_wait_time": 0,
+            "new_install_improv_wait_time": IMPROV_WAIT_S,
             "builds": [{
                 "chipFamily": family,
                 "parts": parts.iter().map(|(path, offset)| serde_json::json!({

@@ -2537,6 +2537,9 @@ async fn workspace(
         .as_deref()
         .and_then(|s| crate::setup::open_secrets(&state, s))
     {
+        Some(s) if s.wifi_ssid.is_empty() => {
+            "Saved: no network built in; it is given over Improv Wi-Fi when the board is installed over USB".into()
+        }
         Some(s) => format!(
             "Saved: network {} , password {}",
             mask(&s.wifi_ssid),
@@ -2965,48 +2968,17 @@ async fn save_wifi(
         Ok(found) => found,
         Err(r) => return r,
     };
-    let refuse = |e: &str| redirect_error(&back, e);
-    if form.ssid.is_empty() || form.ssid.len() > 32 || form.wifi_password.len() > 64 {
-        return refuse("an SSID has 1 to 32 bytes and a Wi-Fi password at most 64");
-    }
-    if form
-        .ssid
-        .chars()
-        .chain(form.wifi_password.chars())
-        .chain(form.device_password.chars())
-        .any(char::is_control)
-    {
-        return refuse("control characters are not allowed");
-    }
-    // The device password must be the one the server knows.
-    let ok = state
-        .inner
-        .passwords
-        .check(
-            &device.serial,
-            peer.ip(),
-            &form.device_password,
-            device.password_hash.as_deref(),
-        )
-        .await;
-    if let Err(refused) = ok {
-        return refuse(refused.message());
-    }
-    if ok != Ok(true) {
-        return refuse(
-            "that is not this device's password (an operator sets it when registering the device)",
-        );
-    }
     let secrets = crate::setup::DeviceSecrets {
         wifi_ssid: form.ssid,
         wifi_password: form.wifi_password,
         device_password: form.device_password,
     };
     match state
-        .save_wifi(&web.name(), web.address, &device, &secrets)
+        .save_wifi(&web.name(), Some(peer.ip()), &device, &secrets)
         .await
     {
         Ok(()) => Redirect::to(&notice_url(&back, "Wi-Fi saved (encrypted)")).into_response(),
+        Err(e) if e.status.is_client_error() => redirect_error(&back, &e.message),
         Err(e) => error_page(e, &back),
     }
 }

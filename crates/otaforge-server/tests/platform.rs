@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -2665,12 +2665,32 @@ async fn setup_firmware_installs_from_the_browser() {
         .raw(&form_post(
             &format!("{workspace}/wifi"),
             &session,
-            &format!(
-                "csrf={csrf}&ssid=Home&wifi_password=wifi-pw-in01&device_password=dev-pw-in01"
-            ),
+            &format!("csrf={csrf}&ssid=&wifi_password=&device_password=dev-pw-in01"),
         ))
         .await;
     assert_eq!(r.status, 303);
+    assert!(
+        !r.header("location").unwrap().contains("error="),
+        "no network built in: it is given over Improv at install ({:?})",
+        r.header("location")
+    );
+    // The personal config then builds no network in and names the workspace for Improv.
+    let r = server
+        .raw(&form_post(
+            &format!("{workspace}/setup"),
+            &session,
+            &format!("csrf={csrf}&what=config"),
+        ))
+        .await;
+    let config = r.text();
+    assert!(
+        config.contains("#define OTAFORGE_WIFI_SSID \"\""),
+        "{config}"
+    );
+    assert!(
+        config.contains(&format!("/workspace/{pid}/in_01\"")),
+        "{config}"
+    );
     let r = server
         .raw(&form_post(
             &format!("{workspace}/setup"),
@@ -2694,6 +2714,10 @@ async fn setup_firmware_installs_from_the_browser() {
     let manifest: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(manifest["builds"][0]["chipFamily"], "ESP32", "{manifest}");
     assert_eq!(manifest["new_install_prompt_erase"], true);
+    assert_eq!(
+        manifest["new_install_improv_wait_time"], 15,
+        "the setup firmware answers Improv"
+    );
     let parts = manifest["builds"][0]["parts"].as_array().unwrap();
     assert_eq!(parts.len(), 1, "{manifest}");
     assert_eq!(parts[0]["offset"], 0);
@@ -2808,4 +2832,77 @@ async fn setup_firmware_installs_from_the_browser() {
     browser.quit().await;
     server.finish().await;
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The setup firmware's Improv Wi-Fi (`firmware/arduino/otaforge_ota/otaforge_improv.h`),
+/// compiled on the host around a stand-in serial port, is driven by improv-wifi-serial-sdk,
+/// the client inside ESP Web Tools (npm, from web/'s lockfile): the SDK finds it behind the
+/// board's boot log, reads its info, gets "unable to connect" for a wrong password, and on
+/// the right one the network is kept and the device's workspace named as where to go next.
+#[test]
+fn improv_wifi_answers_the_esp_web_tools_client() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("target/improv");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/improv");
+    run(std::process::Command::new("g++")
+        .args(["-std=c++11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("firmware/arduino/otaforge_ota"))
+        .arg(here.join("device.cpp"))
+        .arg("-o")
+        .arg(dir.join("device")));
+    let web = root.join("web");
+    assert!(
+        web.join("node_modules/improv-wifi-serial-sdk").is_dir(),
+        "web/node_modules lacks improv-wifi-serial-sdk: run `npm ci` in web/ (scripts/test.sh does)"
+    );
+    // The SDK's modules import without file extensions: esbuild (from the same lockfile)
+    // bundles the driver for node.
+    run(
+        std::process::Command::new(web.join("node_modules/.bin/esbuild"))
+            .env("NODE_PATH", web.join("node_modules"))
+            .arg(here.join("drive.mjs"))
+            .args([
+                "--bundle",
+                "--platform=node",
+                "--format=esm",
+                "--log-level=warning",
+            ])
+            .arg(format!("--outfile={}", dir.join("drive.mjs").display())),
+    );
+    let store = dir.join("kept-network.txt");
+    let _ = std::fs::remove_file(&store);
+    let said = run(std::process::Command::new("timeout")
+        .arg("60")
+        .arg("node")
+        .arg(dir.join("drive.mjs"))
+        .arg(dir.join("device"))
+        .arg(&store));
+    let out: Value = serde_json::from_str(said.trim()).unwrap_or_else(|e| panic!("{e}: {said}"));
+    assert!(out.get("failed").is_none(), "{out}");
+    assert_eq!(out["info"]["firmware"], "OTAForge setup", "{out}");
+    assert_eq!(out["info"]["chipFamily"], "ESP32", "{out}");
+    assert_eq!(out["info"]["name"], "bot_001", "{out}");
+    assert_eq!(out["stateBefore"], 2, "ready, not yet on a network: {out}");
+    assert_eq!(out["wrong"], "UNABLE_TO_CONNECT", "{out}");
+    assert_eq!(
+        out["nextUrl"], "http://127.0.0.1:8080/workspace/1/bot_001",
+        "{out}"
+    );
+    assert_eq!(out["stateAfter"], 4, "provisioned: {out}");
+    assert_eq!(
+        std::fs::read_to_string(&store).unwrap(),
+        "HomeNet\nright-pass\n",
+        "the network is kept"
+    );
 }

@@ -130,6 +130,17 @@ inline bool looksConfigured() {
   return true;
 }
 
+// An empty OTAFORGE_WIFI_SSID: the network was given over Improv Wi-Fi and is kept in flash.
+inline bool wifiFromFlash() { return OTAFORGE_WIFI_SSID[0] == '\0'; }
+
+inline void joinWifi() {
+  if (wifiFromFlash()) {
+    WiFi.begin();  // the network kept in flash
+  } else {
+    WiFi.begin(OTAFORGE_WIFI_SSID, OTAFORGE_WIFI_PASSWORD);
+  }
+}
+
 inline void armTimer(uint32_t now, uint32_t seconds) {
   State &s = state();
   seconds = clampSeconds(seconds);
@@ -238,11 +249,17 @@ inline void otaforge_begin() {
 #endif
   OTAFORGE_UPDATER.onProgress(otaforge_detail::onProgress);
 
-  WiFi.persistent(false);  // do not rewrite the credentials to flash at every boot
+  // Built-in credentials are not rewritten to flash at every boot; credentials given over
+  // Improv live in flash, so their storage stays on.
+  if (!wifiFromFlash()) WiFi.persistent(false);
   WiFi.mode(WIFI_STA);
   WiFi.setAutoReconnect(true);
-  OTAFORGE_LOGF("joining Wi-Fi \"%s\"", OTAFORGE_WIFI_SSID);
-  WiFi.begin(OTAFORGE_WIFI_SSID, OTAFORGE_WIFI_PASSWORD);
+  if (wifiFromFlash()) {
+    OTAFORGE_LOGF("joining the Wi-Fi kept in flash (given over Improv Wi-Fi)");
+  } else {
+    OTAFORGE_LOGF("joining Wi-Fi \"%s\"", OTAFORGE_WIFI_SSID);
+  }
+  joinWifi();
   s.lastJoinMs = millis();
 
   const uint32_t start = millis();
@@ -276,7 +293,7 @@ inline void otaforge_loop() {
     } else if (now - s.lastJoinMs >= (uint32_t)OTAFORGE_WIFI_RETRY_MS) {
       OTAFORGE_LOGF("Wi-Fi still down (status %d); joining \"%s\" again", (int)WiFi.status(), OTAFORGE_WIFI_SSID);
       WiFi.disconnect();
-      WiFi.begin(OTAFORGE_WIFI_SSID, OTAFORGE_WIFI_PASSWORD);
+      joinWifi();
       s.lastJoinMs = now;
     }
   }

@@ -11,7 +11,9 @@
 // trigger_pin and check_interval_s are bare integers.
 #pragma once
 
-// Placeholder wifi_ssid: name (SSID) of the user's Wi-Fi network the board joins.
+// Placeholder wifi_ssid: name (SSID) of the user's Wi-Fi network the board joins. Empty: the
+// network is given over Improv Wi-Fi when the board is installed from the browser, and kept
+// in the board's flash (every later firmware joins it from there).
 #define OTAFORGE_WIFI_SSID "{{wifi_ssid}}"
 
 // Placeholder wifi_password: WPA/WPA2 passphrase of that network ("" for an open network).
@@ -30,6 +32,10 @@
 // Placeholder device_password: the device's password registered on the platform
 // (e.g. "12345"); sent as the password of HTTP Basic authentication.
 #define OTAFORGE_DEVICE_PASSWORD "{{device_password}}"
+
+// Placeholder workspace_url: the device's workspace on the platform; the setup firmware
+// names it over Improv Wi-Fi once the board is on the network, as where to go next.
+#define OTAFORGE_WORKSPACE_URL "{{workspace_url}}"
 
 // Placeholder trigger_pin: GPIO of the trigger button, active LOW with the internal
 // pull-up (default 0: the BOOT/FLASH button on most ESP32 and ESP8266 boards).

@@ -662,6 +662,47 @@ impl AppState {
         device: &Device,
         secrets: &crate::setup::DeviceSecrets,
     ) -> ApiResult<()> {
+        let refuse = |m: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m.to_string());
+        // An empty network: the board is given it when installed over USB (Improv Wi-Fi).
+        if secrets.wifi_ssid.len() > 32 || secrets.wifi_password.len() > 64 {
+            return Err(refuse(
+                "an SSID has at most 32 bytes and a Wi-Fi password at most 64",
+            ));
+        }
+        if secrets
+            .wifi_ssid
+            .chars()
+            .chain(secrets.wifi_password.chars())
+            .chain(secrets.device_password.chars())
+            .any(char::is_control)
+        {
+            return Err(refuse("control characters are not allowed"));
+        }
+        // The device password built into the firmware must be the one the server knows.
+        let ok = self
+            .inner
+            .passwords
+            .check(
+                &device.serial,
+                address.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                &secrets.device_password,
+                device.password_hash.as_deref(),
+            )
+            .await;
+        match ok {
+            Err(refused) => {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    refused.message(),
+                ));
+            }
+            Ok(false) => {
+                return Err(refuse(
+                    "that is not this device's password (an operator sets it when registering the device)",
+                ));
+            }
+            Ok(true) => {}
+        }
         let sealed = crate::setup::seal_secrets(self, secrets)
             .map_err(|e| ApiError::internal("sealing", e))?;
         self.store()
