@@ -101,7 +101,22 @@ pub fn routes() -> Router<AppState> {
             "/workspace/{product}/{serial}/builds/{id}/{name}",
             get(build_image),
         )
+        // A page handler that panics answers with a page too (logged; the server goes on).
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| panic_page(),
+        ))
         .layer(axum::middleware::map_response(page_headers))
+}
+
+/// The page for a page handler that panicked.
+fn panic_page() -> Response {
+    tracing::error!("a page handler panicked");
+    message(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Something went wrong",
+        "the server hit an error it did not expect; it was logged. Try again, or go back.",
+        "/",
+    )
 }
 
 // ---- pages as values ----
@@ -3048,6 +3063,27 @@ async fn setup_firmware(
 
 #[cfg(test)]
 mod tests {
+    /// A page handler that panics still answers browsers with a page, not JSON.
+    #[tokio::test]
+    async fn a_panicking_page_answers_with_a_page() {
+        let response = super::panic_page();
+        assert_eq!(response.status(), 500);
+        assert!(
+            response.headers()[axum::http::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let html = String::from_utf8_lossy(&body);
+        assert!(
+            html.contains("Something went wrong") && html.contains("<nav"),
+            "{html}"
+        );
+    }
+
     /// Every banner in the templates has a style: an element of class `flash` names one of
     /// the `flash-*` kinds, and the style sheet defines each kind named.
     #[test]

@@ -2906,3 +2906,241 @@ fn improv_wifi_answers_the_esp_web_tools_client() {
         "the network is kept"
     );
 }
+
+/// Every operator job of the pages, driven in a real browser as an operator does them, one
+/// after the other on one product: create and rename it, a group with its configuration
+/// (a refused one keeps what was typed), a device registered, verified, caught by a filter
+/// and blocked in bulk, moved and re-passworded from its workspace; firmware uploaded and
+/// assigned; a rollout planned, started, paused, resumed and cancelled; an account and an
+/// API token made; then the device, the firmware and the product deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_jobs_in_a_real_browser() {
+    let server = Server::start(Backend::Sqlite).await;
+    let store = server.state.store();
+    let hash = otaforge_server::auth::hash_password("jobs-pw").unwrap();
+    store
+        .create_user("jo", &hash, otaforge_store::model::Role::Admin)
+        .await
+        .unwrap();
+    let browser = Browser::start().await;
+    let b = &browser;
+    sign_in(b, &server, "operator", "jo", "jobs-pw").await;
+    b.wait_text("main h1", "Products").await;
+
+    // Product: created (its key shown once), renamed.
+    b.type_into("form[action='/products'] input[name=name]", "greenhouse")
+        .await;
+    b.click("form[action='/products'] button").await;
+    b.wait_text("#api-key", "Shown this once").await;
+    let pid = store.list_products().await.unwrap()[0].id;
+    let here = format!("/products/{pid}");
+    b.type_into("#product-name", "greenhouse two").await;
+    b.click("#rename-product button").await;
+    b.wait_text("#notice", "renamed to greenhouse two").await;
+    b.wait_text("main h1", "greenhouse two").await;
+
+    // A group, and its configuration: bad JSON is refused and kept as typed.
+    b.type_into(
+        &format!("form[action='{here}/groups'] input[name=name]"),
+        "north",
+    )
+    .await;
+    b.click(&format!("form[action='{here}/groups'] button"))
+        .await;
+    b.wait_text("main", "north").await;
+    let gid = store
+        .list_groups(pid)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|g| g.name == "north")
+        .unwrap()
+        .id;
+    b.go(&server.url(&format!("{here}/groups/{gid}"))).await;
+    b.type_into("#config", "{\"interval\": ").await;
+    b.click("#group-config button").await;
+    b.wait_text("#error", "not valid JSON").await;
+    assert_eq!(
+        b.script("return document.querySelector('#config').value")
+            .await,
+        json!("{\"interval\": ")
+    );
+    b.type_into("#config", "{\"interval\": 60}").await;
+    b.click("#group-config button").await;
+    b.wait_text("#notice", "saved").await;
+    assert_eq!(
+        store.get_group(pid, gid).await.unwrap().config,
+        json!({"interval": 60})
+    );
+
+    // Devices: registered, verified, then blocked in bulk through a filter.
+    for serial in ["gh-1", "gh-2"] {
+        b.go(&server.url(&here)).await;
+        b.type_into(
+            &format!("form[action='{here}/devices'] input[name=serial]"),
+            serial,
+        )
+        .await;
+        b.type_into(
+            &format!("form[action='{here}/devices'] input[name=password]"),
+            "gh-pw-12345",
+        )
+        .await;
+        b.click(&format!("form[action='{here}/devices'] button"))
+            .await;
+        b.wait_text("#devices", serial).await;
+    }
+    let row = format!("form[action='{here}/devices/gh-1/status']");
+    b.click(&format!(
+        "{row} option[value=verified], {row} option:nth-child(2)"
+    ))
+    .await;
+    b.script(&format!(
+        "const s = document.querySelector(\"{row} select\"); s.value = 'verified';"
+    ))
+    .await;
+    b.click(&format!("{row} button")).await;
+    b.wait_text("#notice", "gh-1 is now verified").await;
+    assert_eq!(
+        store.get_device(pid, "gh-1").await.unwrap().status.as_str(),
+        "verified"
+    );
+    b.type_into("form[role=search] input[name=q]", "gh-2").await;
+    b.click("form[role=search] button").await;
+    b.wait_text("#device-count", "1 of 2").await;
+    b.click("#bulk-action option[value=block]").await;
+    b.click("#bulk-confirm").await;
+    b.click("#bulk-apply").await;
+    b.wait_text("#notice", "block 1 devices").await;
+    assert_eq!(
+        store.get_device(pid, "gh-2").await.unwrap().status.as_str(),
+        "blocked"
+    );
+    assert_eq!(
+        store.get_device(pid, "gh-1").await.unwrap().status.as_str(),
+        "verified"
+    );
+
+    // From gh-1's workspace: moved to north, given a new password.
+    b.go(&server.url(&format!("/workspace/{pid}/gh-1"))).await;
+    b.click(&format!("#device-group option[value='{gid}']"))
+        .await;
+    b.click("#device-move").await;
+    b.wait_text("#device-id", "gh-1").await;
+    assert_eq!(store.get_device(pid, "gh-1").await.unwrap().group_id, gid);
+    b.type_into("#device-password", "gh-pw-new-678").await;
+    b.click("#device-set-password").await;
+    b.wait_text("#device-id", "gh-1").await;
+    bot_signs_in(&server, "gh-1", "gh-pw-new-678", true).await;
+
+    // Firmware: two releases uploaded, the first assigned to north.
+    for name in ["app-v1.bin", "app-v2.bin"] {
+        b.go(&server.url(&here)).await;
+        let id = b.find("#firmware-file").await;
+        let path = support::fixtures().join(name);
+        b.cmd(
+            Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": path.to_str().unwrap()}),
+        )
+        .await;
+        b.click("#firmware-upload button").await;
+        b.wait_text("#notice", "uploaded").await;
+    }
+    let firmware = store.list_firmware(pid).await.unwrap();
+    let v1 = firmware.iter().find(|f| f.version == "1.0.0").unwrap().id;
+    let v2 = firmware.iter().find(|f| f.version == "2.0.0").unwrap().id;
+    let assign = format!("form[action='{here}/groups/{gid}/assign']");
+    b.click(&format!(
+        "{assign} select[name=firmware_id] option[value='{v1}']"
+    ))
+    .await;
+    b.click(&format!("{assign} button")).await;
+    b.wait_text("#notice", "firmware assigned").await;
+    assert_eq!(
+        store.get_group(pid, gid).await.unwrap().firmware_id,
+        Some(v1)
+    );
+
+    // A rollout: planned (the dry run), started, paused, resumed, cancelled.
+    b.click("#new-rollout").await;
+    b.click(&format!(
+        "#rollout-plan select[name=firmware_id] option[value='{v2}']"
+    ))
+    .await;
+    b.click(&format!(
+        "#rollout-plan select[name=group_id] option[value='{gid}']"
+    ))
+    .await;
+    b.type_into("#rollout-plan input[name=stages]", "rest")
+        .await;
+    b.click("#rollout-plan button").await;
+    b.wait_text("main", "firmware 2.0.0 to 1 devices").await;
+    assert!(b.text("#dry-run").await.contains("gh-1"));
+    b.click("#rollout-start input[name=confirm]").await;
+    b.click("#start-rollout").await;
+    b.wait_text("#rollout-state", "RUNNING").await;
+    for (action, state) in [
+        ("pause", "PAUSED"),
+        ("resume", "RUNNING"),
+        ("cancel", "CANCELLED"),
+    ] {
+        b.click("#action-confirm").await;
+        b.click(&format!("#action-{action}")).await;
+        b.wait_text("#rollout-state", state).await;
+    }
+
+    // An account (a viewer) and an API token.
+    b.go(&server.url("/accounts")).await;
+    b.type_into("#new-username", "vera").await;
+    b.type_into("#new-password", "vera-pw-1234").await;
+    b.click("#new-role option[value=viewer]").await;
+    b.click("#create-account").await;
+    b.wait_text("#notice", "account vera added (viewer)").await;
+    b.click("#make-token button").await;
+    b.wait_text("#new-token", "Shown this once").await;
+    let token = b.text("#token-value").await;
+    let r = server
+        .http
+        .get(server.url("/api/v1/products"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the token made on the page works");
+
+    // Deletions: the device from its workspace, the unused firmware, then the product.
+    b.go(&server.url(&format!("/workspace/{pid}/gh-2"))).await;
+    b.click("#device-admin input[name=confirm]").await;
+    b.click("#device-delete").await;
+    b.wait_text("main h1", "greenhouse two").await;
+    assert!(store.find_device(pid, "gh-2").await.unwrap().is_none());
+    b.click(&format!("#delete-firmware option[value='{v2}']"))
+        .await;
+    b.click("#delete-firmware input[name=confirm]").await;
+    b.click("#delete-firmware button").await;
+    // The cancelled rollout still names it: refused, with the reason.
+    b.wait_text("main h1", "Not deleted").await;
+    assert!(
+        b.text("main").await.contains("rollout"),
+        "{}",
+        b.text("main").await
+    );
+    assert!(
+        store
+            .list_firmware(pid)
+            .await
+            .unwrap()
+            .iter()
+            .any(|f| f.id == v2)
+    );
+    b.go(&server.url(&here)).await;
+    b.type_into("#delete-product input[name=confirm_name]", "greenhouse two")
+        .await;
+    b.click("#delete-product button").await;
+    b.wait_text("main h1", "Products").await;
+    assert!(store.list_products().await.unwrap().is_empty());
+    b.shot("operator-jobs-done").await;
+    browser.quit().await;
+    server.finish().await;
+}
