@@ -27,6 +27,9 @@ pub struct Product {
     pub created_at: Millis,
     /// Public keys (PEM) its Linux artifacts must be signed with; empty: not required.
     pub artifact_keys: Vec<String>,
+    /// Key digests (hex SHA-256 of the public key, as eFuse and espsecure name them) its
+    /// firmware must be signed with (ESP-IDF Secure Boot V2); empty: not required.
+    pub firmware_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -181,6 +184,18 @@ impl Firmware {
             .get(key)
             .and_then(|v| v.as_str())
             .unwrap_or_default()
+    }
+
+    /// The key digests of the verified Secure Boot V2 blocks the image carries.
+    pub fn signers(&self) -> Vec<&str> {
+        self.metadata
+            .get("signatures")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .filter(|b| b.get("verified").and_then(|v| v.as_bool()) == Some(true))
+            .filter_map(|b| b.get("key_digest").and_then(|v| v.as_str()))
+            .collect()
     }
 }
 

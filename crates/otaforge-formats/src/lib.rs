@@ -35,5 +35,6 @@ pub mod flash;
 pub mod mender;
 pub mod otadata;
 pub mod partition;
+pub mod sbv2;
 pub mod swu;
 pub mod w800;

@@ -59,6 +59,10 @@ pub fn routes() -> Router<AppState> {
             axum::routing::put(set_artifact_keys),
         )
         .route(
+            "/api/v1/products/{product}/firmware-keys",
+            axum::routing::put(set_firmware_keys),
+        )
+        .route(
             "/api/v1/products/{product}/groups",
             get(list_groups).post(create_group),
         )
@@ -280,6 +284,8 @@ pub struct ProductBody {
     created_at: Millis,
     /// Public keys (PEM) its Linux artifacts must be signed with; empty: not required.
     artifact_keys: Vec<String>,
+    /// Key digests its firmware must be signed with (Secure Boot V2); empty: not required.
+    firmware_keys: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<String>,
 }
@@ -292,6 +298,7 @@ impl ProductBody {
             default_group_id: product.default_group_id,
             created_at: product.created_at,
             artifact_keys: product.artifact_keys,
+            firmware_keys: product.firmware_keys,
             api_key,
         }
     }
@@ -385,6 +392,31 @@ pub async fn set_artifact_keys(
 ) -> ApiResult<Json<ProductBody>> {
     let product = state
         .set_artifact_keys(&op.actor()?, product, body.keys)
+        .await?;
+    Ok(Json(ProductBody::new(product, None)))
+}
+
+/// The key digests a product's firmware must be signed with.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareKeysBody {
+    /// Hex SHA-256 digests of the public keys (`espsecure digest-sbv2-public-key`); empty:
+    /// signatures are checked when present, not required.
+    #[schema(max_items = 16)]
+    digests: Vec<String>,
+}
+
+#[utoipa::path(put, path = "/api/v1/products/{product}/firmware-keys", tag = "products",
+    security(("bearer" = [])), params(("product" = i64, Path)), request_body = FirmwareKeysBody,
+    responses((status = 200, body = ProductBody), Refusals))]
+pub async fn set_firmware_keys(
+    State(state): State<AppState>,
+    op: Operator,
+    ApiPath(product): ApiPath<Id>,
+    ApiJson(body): ApiJson<FirmwareKeysBody>,
+) -> ApiResult<Json<ProductBody>> {
+    let product = state
+        .set_firmware_keys(&op.actor()?, product, body.digests)
         .await?;
     Ok(Json(ProductBody::new(product, None)))
 }

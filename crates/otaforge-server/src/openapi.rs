@@ -94,6 +94,7 @@ impl Modify for Bearer {
         crate::api::delete_product,
         crate::api::rotate_key,
         crate::api::set_artifact_keys,
+        crate::api::set_firmware_keys,
         crate::api::list_groups,
         crate::api::create_group,
         crate::api::get_group,

@@ -66,6 +66,8 @@ pub struct Described {
     pub metadata: serde_json::Value,
     /// A Mender artifact's manifest and `manifest.sig` contents (when it is signed).
     pub signed_manifest: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    /// An ESP32-family image's Secure Boot V2 blocks, each verified (`None`: unsigned).
+    pub sbv2: Option<Vec<crate::core::signatures::BlockCheck>>,
 }
 
 /// Inspects firmware bytes. A file that claims a known format but is corrupted is a 422.
@@ -143,11 +145,20 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
         Inspected::Mender(info) => Some((info.manifest.clone(), info.signature.clone())),
         _ => None,
     };
+    let sbv2 = match &inspected {
+        Inspected::Esp32(_) => crate::core::signatures::check_sbv2(bytes),
+        _ => None,
+    };
+    let mut metadata = metadata;
+    if let Some(checks) = &sbv2 {
+        metadata["signatures"] = serde_json::to_value(checks).unwrap_or_default();
+    }
     Ok(Described {
         format,
         version,
         metadata,
         signed_manifest,
+        sbv2,
     })
 }
 

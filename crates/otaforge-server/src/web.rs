@@ -42,6 +42,7 @@ pub fn routes() -> Router<AppState> {
         .route("/products/{product}", get(product_page))
         .route("/products/{product}/rotate-key", post(rotate_key))
         .route("/products/{product}/rename", post(rename_product))
+        .route("/products/{product}/firmware-keys", post(set_firmware_keys))
         .route("/products/{product}/devices/bulk", post(bulk_devices))
         .route("/products/{product}/delete", post(delete_product))
         .route("/products/{product}/firmware/delete", post(delete_firmware))
@@ -778,6 +779,44 @@ struct RotateForm {
 }
 
 /// A new API key for the product (the old one stops working at once).
+#[derive(Deserialize)]
+struct FirmwareKeysForm {
+    csrf: String,
+    /// One key digest per line.
+    #[serde(default)]
+    digests: String,
+}
+
+/// Sets the key digests the product's firmware must be signed with.
+async fn set_firmware_keys(
+    State(state): State<AppState>,
+    web: Web,
+    ApiPath(product): ApiPath<Id>,
+    axum::Form(form): axum::Form<FirmwareKeysForm>,
+) -> Response {
+    let actor = match web.operator_form(&form.csrf).and_then(|()| web.actor()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let back = format!("/products/{product}");
+    let digests = form.digests.lines().map(str::to_string).collect();
+    match state.set_firmware_keys(&actor, product, digests).await {
+        Ok(p) if p.firmware_keys.is_empty() => {
+            Redirect::to(&notice_url(&back, "signed firmware is no longer required"))
+                .into_response()
+        }
+        Ok(p) => Redirect::to(&notice_url(
+            &back,
+            &format!(
+                "firmware must now be signed with one of {} key(s)",
+                p.firmware_keys.len()
+            ),
+        ))
+        .into_response(),
+        Err(e) => titled_error(e, "Not saved", &back),
+    }
+}
+
 /// Renames the product.
 async fn rename_product(
     State(state): State<AppState>,
@@ -933,6 +972,8 @@ struct DeviceRow {
 struct ProductPage {
     id: Id,
     name: String,
+    /// Key digests its firmware must be signed with.
+    firmware_keys: Vec<String>,
     username: String,
     csrf: String,
     notice: Option<String>,
@@ -1143,6 +1184,7 @@ async fn product_page(
     let new_key = secret_shown_once(&state, &web, &headers, &format!("/products/{product}"));
     let mut response = page(ProductPage {
         id: p.id,
+        firmware_keys: p.firmware_keys,
         name: p.name,
         username: web.name(),
         csrf: web.csrf.clone(),

@@ -2059,3 +2059,234 @@ on_both_backends!(
     product_page_pages_firmware,
     product_page_pages_firmware_story
 );
+
+/// CRC-32 as zlib computes it (what a signature block's last word holds).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Runs a tool of the fixtures' esptool install (`espsecure` beside `esptool`).
+fn esp_tool(name: &str, args: &[&str], dir: &std::path::Path) {
+    let argv = std::fs::read_to_string(support::fixtures().join("image-info.argv")).unwrap();
+    let esptool = std::path::PathBuf::from(argv.lines().next().unwrap());
+    let sibling = esptool.with_file_name(name);
+    let program = if sibling.exists() {
+        sibling
+    } else {
+        name.into()
+    };
+    let out = std::process::Command::new(&program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program:?} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Firmware signed for ESP-IDF Secure Boot V2 by espsecure (RSA-3072 and ECDSA P-256): each
+/// block is verified on upload and its key digest shown, equal to espsecure's; a product that
+/// lists firmware keys takes only images one of them signed: unsigned, tampered and
+/// other-key (revoked) images are refused with a 422 naming the problem; a tampered
+/// signature is refused by every product.
+async fn signed_firmware_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let dir = support::temp_dir("sbv2");
+    let elf = support::fixtures().join("app-v1.elf");
+    esp_tool(
+        "esptool",
+        &[
+            "--chip",
+            "esp32c3",
+            "elf2image",
+            "--secure-pad-v2",
+            "-o",
+            "app.bin",
+            elf.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    let mut digests = std::collections::BTreeMap::new();
+    for (key, scheme) in [("rsa", "rsa3072"), ("ec", "ecdsa256"), ("old", "rsa3072")] {
+        let pem = format!("{key}.pem");
+        esp_tool(
+            "espsecure",
+            &[
+                "generate-signing-key",
+                "--version",
+                "2",
+                "--scheme",
+                scheme,
+                &pem,
+            ],
+            &dir,
+        );
+        esp_tool(
+            "espsecure",
+            &[
+                "sign-data",
+                "--version",
+                "2",
+                "--keyfile",
+                &pem,
+                "--output",
+                &format!("{key}.bin"),
+                "app.bin",
+            ],
+            &dir,
+        );
+        let dig = format!("{key}.dig");
+        esp_tool(
+            "espsecure",
+            &[
+                "digest-sbv2-public-key",
+                "--keyfile",
+                &pem,
+                "--output",
+                &dig,
+            ],
+            &dir,
+        );
+        digests.insert(key, hex::encode(std::fs::read(dir.join(&dig)).unwrap()));
+    }
+    // Two blocks: the old key's and the RSA key's.
+    esp_tool(
+        "espsecure",
+        &[
+            "sign-data",
+            "--version",
+            "2",
+            "--keyfile",
+            "rsa.pem",
+            "--append-signatures",
+            "--output",
+            "both.bin",
+            "old.bin",
+        ],
+        &dir,
+    );
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    // Tampered: a reserved header byte changed and the image's own appended SHA-256 made
+    // right again, so the image itself parses; only the signature tells.
+    let mut tampered = read("rsa.bin");
+    let sector = tampered.len() - 4096;
+    tampered[20] ^= 0x01;
+    let hash = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&tampered[..sector - 32])
+    };
+    tampered[sector - 32..sector].copy_from_slice(&hash);
+    // Changed and not re-hashed: the image's own check refuses it first.
+    let mut broken = read("rsa.bin");
+    broken[1000] ^= 0x01;
+    // Forged: the signature changed and the block's CRC made right again.
+    let mut forged = read("rsa.bin");
+    forged[sector + 812 + 10] ^= 0x01;
+    let crc = crc32(&forged[sector..sector + 1196]);
+    forged[sector + 1196..sector + 1200].copy_from_slice(&crc.to_le_bytes());
+
+    let (pid, _, _) = server.product("signed").await;
+    let keys = format!("/api/v1/products/{pid}/firmware-keys");
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &keys,
+            Some(json!({"digests": ["not-a-digest"]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let upload = |name: &'static str, bytes: Vec<u8>, version: &'static str| {
+        let server = &server;
+        let _ = name;
+        async move {
+            server
+                .upload(
+                    &format!("/api/v1/products/{pid}/firmware?version={version}"),
+                    bytes,
+                )
+                .await
+        }
+    };
+    // No keys yet: a good signature is shown, a tampered one refused.
+    let (status, fw) = upload("rsa", read("rsa.bin"), "1.0.0").await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(
+        fw["metadata"]["signatures"][0]["key_digest"], digests["rsa"],
+        "{fw}"
+    );
+    assert_eq!(fw["metadata"]["signatures"][0]["scheme"], "rsa3072");
+    assert_eq!(fw["metadata"]["signatures"][0]["verified"], true);
+    let (status, body) = upload("tampered", tampered.clone(), "1.0.1").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("does not verify"),
+        "{body}"
+    );
+    let (status, body) = upload("broken", broken, "1.0.1").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("mismatch"),
+        "{body}"
+    );
+
+    // Keys: the RSA and the ECDSA key.
+    let (status, product) = server
+        .call(
+            Method::PUT,
+            &keys,
+            Some(json!({"digests": [digests["rsa"].to_uppercase(), digests["ec"]]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{product}");
+    assert_eq!(
+        product["firmware_keys"][0], digests["rsa"],
+        "stored lowercase"
+    );
+    for (name, bytes, said) in [
+        ("unsigned", read("app.bin"), "carries no signature"),
+        (
+            "other key",
+            read("old.bin"),
+            "not one of this product's firmware keys",
+        ),
+        ("tampered", tampered, "it signs other bytes"),
+        ("forged", forged, "RSA-PSS signature does not match"),
+    ] {
+        let (status, body) = upload(name, bytes, "2.0.0").await;
+        assert_eq!(status, 422, "{name}: {body}");
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains(said), "{name}: {message}");
+    }
+    let (status, fw) = upload("ecdsa", read("ec.bin"), "2.0.1").await;
+    assert_eq!(status, 201, "{fw}");
+    assert_eq!(
+        fw["metadata"]["signatures"][0]["key_digest"], digests["ec"],
+        "{fw}"
+    );
+    assert_eq!(fw["metadata"]["signatures"][0]["scheme"], "ecdsa256");
+    let (status, fw) = upload("both", read("both.bin"), "2.0.2").await;
+    assert_eq!(status, 201, "{fw}");
+    let blocks = fw["metadata"]["signatures"].as_array().unwrap();
+    assert_eq!(blocks.len(), 2, "{fw}");
+    assert_eq!(blocks[0]["key_digest"], digests["old"]);
+    assert_eq!(blocks[1]["key_digest"], digests["rsa"]);
+    let (_, audit) = server.call(Method::GET, "/api/v1/audit", None).await;
+    assert!(audit.to_string().contains("set firmware keys"), "{audit}");
+    server.finish().await;
+}
+on_both_backends!(signed_firmware, signed_firmware_story);

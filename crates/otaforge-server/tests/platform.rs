@@ -2291,6 +2291,31 @@ async fn uploads_bulk_changes_and_renames_from_the_pages() {
     assert_eq!(r.status, 303, "{}", r.text());
     assert!(store.list_resources(group).await.unwrap().is_empty());
 
+    // Firmware keys from the page: a bad digest is refused with the rule, good ones kept.
+    let keys = format!("/products/{pid}/firmware-keys");
+    let r = server
+        .raw(&form_post(
+            &keys,
+            &operator,
+            &format!("csrf={csrf}&digests=nope"),
+        ))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("64 hex digits"), "{}", r.text());
+    let digest = "ab".repeat(32);
+    let r = server
+        .raw(&form_post(
+            &keys,
+            &operator,
+            &format!("csrf={csrf}&digests={digest}%0A"),
+        ))
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(
+        store.get_product(pid).await.unwrap().firmware_keys,
+        vec![digest]
+    );
+
     // Rename: a taken name is refused with the reason; a free one lands.
     let rename = format!("/products/{pid}/rename");
     let r = server

@@ -9,7 +9,8 @@ use crate::model::*;
 use crate::store::Store;
 use otaforge_domain::rollout_plan::{FleetOrder, ORDER_PRIME};
 
-const PRODUCT_COLS: &str = "id, name, api_key_digest, default_group_id, created_at, artifact_keys";
+const PRODUCT_COLS: &str =
+    "id, name, api_key_digest, default_group_id, created_at, artifact_keys, firmware_keys";
 const GROUP_COLS: &str =
     "id, product_id, name, is_default, firmware_id, other_firmware, config, created_at";
 const DEVICE_COLS: &str = "id, product_id, group_id, serial, status, password_hash, created_at, \
@@ -291,6 +292,8 @@ macro_rules! sql_store {
                     default_group_id: row.try_get("default_group_id")?,
                     created_at: row.try_get("created_at")?,
                     artifact_keys: serde_json::from_str(&row.try_get::<String, _>("artifact_keys")?)
+                        .unwrap_or_default(),
+                    firmware_keys: serde_json::from_str(&row.try_get::<String, _>("firmware_keys")?)
                         .unwrap_or_default(),
                 })
             }
@@ -1588,6 +1591,19 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn set_product_firmware_keys(&self, id: Id, keys: &[String]) -> Result<Product> {
+                sqlx::query(&format!(
+                    "UPDATE products SET firmware_keys = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
+                ))
+                .bind(to_json(&keys))
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await?
+                .map(|row| Self::product(&row))
+                .transpose()?
+                .ok_or(StoreError::NotFound("product"))
+            }
+
             async fn set_product_artifact_keys(&self, id: Id, keys: &[String]) -> Result<Product> {
                 sqlx::query(&format!(
                     "UPDATE products SET artifact_keys = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
@@ -2592,6 +2608,7 @@ const SQLITE_MIGRATIONS: &[(&str, &str)] = &[
         "operator roles",
         include_str!("../migrations/sqlite_17.sql"),
     ),
+    ("firmware keys", include_str!("../migrations/sqlite_18.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
@@ -2654,6 +2671,10 @@ const POSTGRES_MIGRATIONS: &[(&str, &str)] = &[
     (
         "operator roles",
         include_str!("../migrations/postgres_19.sql"),
+    ),
+    (
+        "firmware keys",
+        include_str!("../migrations/postgres_20.sql"),
     ),
 ];
 

@@ -153,6 +153,7 @@ pub trait Store: Send + Sync + 'static {
     async fn set_device_open_firmware(&self, device_id: Id, firmware_id: Option<Id>) -> Result<()>;
     /// The public keys (PEM) the product's Linux artifacts must be signed with.
     async fn set_product_artifact_keys(&self, id: Id, keys: &[String]) -> Result<Product>;
+    async fn set_product_firmware_keys(&self, id: Id, keys: &[String]) -> Result<Product>;
     async fn set_device_secrets(&self, device_id: Id, sealed: Option<&str>) -> Result<()>;
 
     async fn save_revision(

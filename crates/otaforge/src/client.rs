@@ -81,11 +81,25 @@ pub enum TokenAction {
 
 #[derive(Subcommand)]
 pub enum ProductAction {
-    Create { name: String },
+    Create {
+        name: String,
+    },
     List,
-    Show { id: i64 },
-    Delete { id: i64 },
-    RotateKey { id: i64 },
+    Show {
+        id: i64,
+    },
+    Delete {
+        id: i64,
+    },
+    RotateKey {
+        id: i64,
+    },
+    /// Set the key digests the product's firmware must be signed with (Secure Boot V2;
+    /// `espsecure digest-sbv2-public-key` prints one); none: signatures are not required.
+    FirmwareKeys {
+        id: i64,
+        digests: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -396,6 +410,14 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 ProductAction::RotateKey { id } => {
                     api.json(M::POST, &format!("/api/v1/products/{id}/rotate-key"), None)
                         .await?
+                }
+                ProductAction::FirmwareKeys { id, digests } => {
+                    api.json(
+                        M::PUT,
+                        &format!("/api/v1/products/{id}/firmware-keys"),
+                        Some(serde_json::json!({ "digests": digests })),
+                    )
+                    .await?
                 }
             };
             print(&answer);

@@ -166,6 +166,16 @@ fn operator_session_from_the_terminal() {
     assert_eq!(product["name"], "demo");
     assert_eq!(product["api_key"].as_str().unwrap().len(), 32);
     let pid = product["id"].to_string();
+    // Firmware keys (Secure Boot V2 key digests) are set and cleared from the CLI.
+    let digest = "5e7a94ebe20ddf7f4f5eedf1bddddd429e41db6f19475fe599006a4d41ec3f13";
+    let keyed = cli(
+        &server,
+        Some(&token),
+        &["product", "firmware-keys", &pid, digest],
+    );
+    assert_eq!(keyed["firmware_keys"][0], digest, "{keyed}");
+    let cleared = cli(&server, Some(&token), &["product", "firmware-keys", &pid]);
+    assert_eq!(cleared["firmware_keys"].as_array().map(Vec::len), Some(0));
 
     let firmware = cli(
         &server,

@@ -62,8 +62,10 @@ impl AppState {
         if let Some(device) = personal_to {
             described.metadata["personal_to"] = device.into();
         }
+        let owner = self.store().get_product(product).await?;
+        crate::core::signatures::admit(&owner.firmware_keys, described.sbv2.as_deref())?;
         if let Some((manifest, signature)) = &described.signed_manifest {
-            let keys = self.store().get_product(product).await?.artifact_keys;
+            let keys = owner.artifact_keys;
             if !keys.is_empty() {
                 check_artifact_signature(&keys, manifest, signature.as_deref())?;
                 described.metadata["signature"] = "verified".into();

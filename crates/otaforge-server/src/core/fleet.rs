@@ -315,6 +315,30 @@ impl AppState {
         Ok(product)
     }
 
+    /// The key digests the product's firmware must be signed with (none: signatures are
+    /// checked when present, not required).
+    pub async fn set_firmware_keys(
+        &self,
+        actor: &Actor,
+        product: Id,
+        keys: Vec<String>,
+    ) -> ApiResult<Product> {
+        let keys = crate::core::signatures::check_firmware_keys(keys)?;
+        let product = self
+            .store()
+            .set_product_firmware_keys(product, &keys)
+            .await?;
+        self.changed();
+        self.audited(
+            actor,
+            "set firmware keys",
+            &format!("product {}", product.name),
+            &keys.join(", "),
+        )
+        .await;
+        Ok(product)
+    }
+
     /// Deletes the product with everything that belongs to it (groups, devices, firmware,
     /// resources, rollouts, builds).
     pub async fn delete_product(&self, actor: &Actor, product: Id) -> ApiResult<()> {

@@ -9,4 +9,5 @@ pub mod device_auth;
 pub mod firmware;
 pub mod fleet;
 pub mod passwords;
+pub mod signatures;
 pub mod sketch;
