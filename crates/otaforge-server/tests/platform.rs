@@ -496,6 +496,22 @@ async fn sign_in(browser: &Browser, server: &Server, kind: &str, user: &str, pas
     browser.click("#signin").await;
 }
 
+/// A new admin account, and a browser signed in with it on the dashboard.
+async fn admin_in_a_browser(server: &Server, name: &str) -> Browser {
+    let password = format!("{name}-browser-pw");
+    let hash = otaforge_server::auth::hash_password(&password).unwrap();
+    server
+        .state
+        .store()
+        .create_user(name, &hash, otaforge_store::model::Role::Admin)
+        .await
+        .unwrap();
+    let browser = Browser::start().await;
+    sign_in(&browser, server, "operator", name, &password).await;
+    browser.wait_text("main h1", "Products").await;
+    browser
+}
+
 /// Replaces the editor's text by typing, as a person does.
 async fn type_sketch(browser: &Browser, code: &str) {
     browser.click(".cm-content").await;
@@ -1926,12 +1942,6 @@ async fn rollouts_start_from_the_page_after_a_dry_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workspace_and_rollout_pages_update_themselves() {
     let server = Server::start(Backend::Sqlite).await;
-    let store = server.state.store();
-    let hash = otaforge_server::auth::hash_password("live-pw").unwrap();
-    store
-        .create_user("lou", &hash, otaforge_store::model::Role::Admin)
-        .await
-        .unwrap();
     let (pid, _, group) = server.product("live").await;
     let (status, body) = server
         .call(
@@ -1941,9 +1951,7 @@ async fn workspace_and_rollout_pages_update_themselves() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
-    let browser = Browser::start().await;
-    sign_in(&browser, &server, "operator", "lou", "live-pw").await;
-    browser.wait_text("main h1", "Products").await;
+    let browser = admin_in_a_browser(&server, "lou").await;
     browser
         .go(&server.url(&format!("/workspace/{pid}/live_01")))
         .await;
@@ -2196,16 +2204,9 @@ async fn the_editor_keeps_tabs_saves_restores_and_verifies() {
 async fn uploads_bulk_changes_and_renames_from_the_pages() {
     let server = Server::start(Backend::Sqlite).await;
     let store = server.state.store();
-    let hash = otaforge_server::auth::hash_password("up-pw").unwrap();
-    store
-        .create_user("uma", &hash, otaforge_store::model::Role::Admin)
-        .await
-        .unwrap();
     let (pid, _, group) = server.product("uploads").await;
     server.product("taken").await;
-    let browser = Browser::start().await;
-    sign_in(&browser, &server, "operator", "uma", "up-pw").await;
-    browser.wait_text("main h1", "Products").await;
+    let browser = admin_in_a_browser(&server, "uma").await;
 
     // Firmware through the form, its progress recorded across the redirect.
     let record = "const bar = document.querySelector(arguments[0] + ' progress'); \
@@ -2942,15 +2943,8 @@ fn improv_wifi_answers_the_esp_web_tools_client() {
 async fn operator_jobs_in_a_real_browser() {
     let server = Server::start(Backend::Sqlite).await;
     let store = server.state.store();
-    let hash = otaforge_server::auth::hash_password("jobs-pw").unwrap();
-    store
-        .create_user("jo", &hash, otaforge_store::model::Role::Admin)
-        .await
-        .unwrap();
-    let browser = Browser::start().await;
+    let browser = admin_in_a_browser(&server, "jo").await;
     let b = &browser;
-    sign_in(b, &server, "operator", "jo", "jobs-pw").await;
-    b.wait_text("main h1", "Products").await;
 
     // Product: created (its key shown once), renamed.
     b.type_into("form[action='/products'] input[name=name]", "greenhouse")

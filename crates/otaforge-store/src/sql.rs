@@ -284,6 +284,26 @@ fn stage_case(sizes: &[u64], args: &mut Vec<Arg>) -> (String, String) {
 macro_rules! sql_store {
     ($store:ident, $db:ty, $row:ty, $backend:literal, $begin:literal) => {
         impl $store {
+            /// Replaces one of a product's key lists (`column`: `artifact_keys` or
+            /// `firmware_keys`, JSON text).
+            async fn set_product_keys(
+                &self,
+                id: Id,
+                column: &'static str,
+                keys: &[String],
+            ) -> Result<Product> {
+                sqlx::query(&format!(
+                    "UPDATE products SET {column} = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
+                ))
+                .bind(to_json(&keys))
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await?
+                .map(|row| Self::product(&row))
+                .transpose()?
+                .ok_or(StoreError::NotFound("product"))
+            }
+
             fn product(row: &$row) -> Result<Product> {
                 Ok(Product {
                     id: row.try_get("id")?,
@@ -1592,29 +1612,11 @@ macro_rules! sql_store {
             }
 
             async fn set_product_firmware_keys(&self, id: Id, keys: &[String]) -> Result<Product> {
-                sqlx::query(&format!(
-                    "UPDATE products SET firmware_keys = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
-                ))
-                .bind(to_json(&keys))
-                .bind(id)
-                .fetch_optional(&self.write)
-                .await?
-                .map(|row| Self::product(&row))
-                .transpose()?
-                .ok_or(StoreError::NotFound("product"))
+                self.set_product_keys(id, "firmware_keys", keys).await
             }
 
             async fn set_product_artifact_keys(&self, id: Id, keys: &[String]) -> Result<Product> {
-                sqlx::query(&format!(
-                    "UPDATE products SET artifact_keys = $1 WHERE id = $2 RETURNING {PRODUCT_COLS}"
-                ))
-                .bind(to_json(&keys))
-                .bind(id)
-                .fetch_optional(&self.write)
-                .await?
-                .map(|row| Self::product(&row))
-                .transpose()?
-                .ok_or(StoreError::NotFound("product"))
+                self.set_product_keys(id, "artifact_keys", keys).await
             }
 
             async fn set_device_open_firmware(
