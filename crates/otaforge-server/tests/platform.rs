@@ -2934,11 +2934,12 @@ fn improv_wifi_answers_the_esp_web_tools_client() {
 }
 
 /// Every operator job of the pages, driven in a real browser as an operator does them, one
-/// after the other on one product: create and rename it, a group with its configuration
-/// (a refused one keeps what was typed), a device registered, verified, caught by a filter
-/// and blocked in bulk, moved and re-passworded from its workspace; firmware uploaded and
-/// assigned; a rollout planned, started, paused, resumed and cancelled; an account and an
-/// API token made; then the device, the firmware and the product deleted.
+/// after the other on one product: create and rename it and make it a new API key, a group
+/// with its configuration (a refused one keeps what was typed) renamed and another deleted,
+/// a device registered, verified, caught by a filter and blocked in bulk, moved and
+/// re-passworded from its workspace; firmware uploaded and assigned; a rollout planned,
+/// started, paused, resumed and cancelled; an account and an API token made, the token
+/// revoked; then the device, the firmware and the product deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_jobs_in_a_real_browser() {
     let server = Server::start(Backend::Sqlite).await;
@@ -2957,6 +2958,18 @@ async fn operator_jobs_in_a_real_browser() {
     b.click("#rename-product button").await;
     b.wait_text("#notice", "renamed to greenhouse two").await;
     b.wait_text("main h1", "greenhouse two").await;
+    let first_key = store.get_product(pid).await.unwrap().api_key_digest;
+    b.click("#rotate-key input[name=confirm]").await;
+    b.click("#rotate-key button").await;
+    b.wait_text("#notice", "a new API key was made").await;
+    assert!(
+        b.exists("#copy-key").await,
+        "shown once, with its Copy button"
+    );
+    assert_ne!(
+        store.get_product(pid).await.unwrap().api_key_digest,
+        first_key
+    );
 
     // A group, and its configuration: bad JSON is refused and kept as typed.
     b.type_into(
@@ -2991,6 +3004,32 @@ async fn operator_jobs_in_a_real_browser() {
         store.get_group(pid, gid).await.unwrap().config,
         json!({"interval": 60})
     );
+    b.type_into("#group-rename input[name=name]", "north-east")
+        .await;
+    b.click("#group-rename button").await;
+    b.wait_text("main h1", "Group north-east").await;
+    b.go(&server.url(&here)).await;
+    b.type_into(
+        &format!("form[action='{here}/groups'] input[name=name]"),
+        "spare",
+    )
+    .await;
+    b.click(&format!("form[action='{here}/groups'] button"))
+        .await;
+    b.wait_text("main", "spare").await;
+    let spare = store
+        .list_groups(pid)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|g| g.name == "spare")
+        .unwrap()
+        .id;
+    b.go(&server.url(&format!("{here}/groups/{spare}"))).await;
+    b.click("#group-delete input[name=confirm]").await;
+    b.click("#group-delete button").await;
+    b.wait_text("main h1", "greenhouse two").await;
+    assert!(store.get_group(pid, spare).await.is_err(), "deleted");
 
     // Devices: registered, verified, then blocked in bulk through a filter.
     for serial in ["gh-1", "gh-2"] {
@@ -3127,6 +3166,16 @@ async fn operator_jobs_in_a_real_browser() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "the token made on the page works");
+    b.click("#tokens button.danger").await;
+    b.wait_text("#notice", "token revoked").await;
+    let r = server
+        .http
+        .get(server.url("/api/v1/products"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "revoked on the page");
 
     // Deletions: the device from its workspace, the unused firmware, then the product.
     b.go(&server.url(&format!("/workspace/{pid}/gh-2"))).await;
