@@ -7,6 +7,9 @@
 #   app-v1.bin            small image (~70 KB), app version "1.0.0", SHA-256 appended
 #   app-v2.bin            ~400 KB image (large const array in DROM), app version "2.0.0"
 #   app-v1-nodigest.bin   like app-v1.bin but built with --dont-append-digest
+#   app-v2-func.bin, app-v2-const.bin, app-v2-grown.bin
+#                         app-v2.bin with one function changed, with one constant changed,
+#                         and with its data grown by 12 KiB: realistic pairs for delta patches
 #   *.info.txt            `esptool image-info` output for each image
 #   *.elf                 the ELF each image was made from
 #   image-info.argv       the esptool image-info command used, one argument per line (append a
@@ -133,7 +136,7 @@ fi
 
 OUTPUTS=(app-v1.bin app-v2.bin app-v1-nodigest.bin app-v1.info.txt app-v2.info.txt
     app-v1-nodigest.info.txt app-v1.elf app-v2.elf app-v1-nodigest.elf image-info.argv
-    esptool-version.txt)
+    esptool-version.txt app-v2-func.bin app-v2-const.bin app-v2-grown.bin)
 STAMP_VALUE="$(sha256sum "$SCRIPT_PATH" | cut -d' ' -f1) esptool $ESPTOOL_VERSION"
 
 all_present() {
@@ -189,13 +192,20 @@ const struct esp_app_desc esp_app_desc = {
 extern const u8 big_blob[];
 extern const u8 big_blob_end[];
 
-u32 counter = 0x1234567;
+#ifndef FIXTURE_COUNTER
+#define FIXTURE_COUNTER 0x1234567
+#endif
+u32 counter = FIXTURE_COUNTER;
 volatile u32 sink;
 
 __attribute__((section(".iram0.text"), noinline))
 u32 mix(u32 x)
 {
+#ifdef FIXTURE_MIX_VARIANT
+    return (x ^ (x >> 15)) * 2246822519u + counter;
+#else
     return x * 2654435761u + counter;
+#endif
 }
 
 __attribute__((section(".text.entry"), noreturn))
@@ -261,7 +271,7 @@ build() {
     make_blob "$dir/blob.bin" "$blob_bytes"
     cp "$BUILD_DIR/blob.S" "$dir/blob.S"
     "$CC" -march=rv32imc -mabi=ilp32 -nostdlib -ffreestanding -O2 -msmall-data-limit=0 \
-        -fno-pic -Wall -Werror \
+        -fno-pic -Wall -Werror ${FIXTURE_CFLAGS:-} \
         "-DFIXTURE_VERSION=\"$version\"" "-DFIXTURE_SECURE_VERSION=$secure" \
         -Wl,--no-relax -Wl,-T,"$BUILD_DIR/app.ld" -Wl,--build-id=none \
         -o "$dir/$name.elf" "$BUILD_DIR/app.c" -I"$dir" -x assembler-with-cpp "$dir/blob.S" \
@@ -285,6 +295,9 @@ build() {
 build app-v1 "1.0.0" 1 4096
 build app-v2 "2.0.0" 2 $((380 * 1024)) --min-rev-full 3 --max-rev-full 199
 build app-v1-nodigest "1.0.0" 1 4096 --dont-append-digest
+FIXTURE_CFLAGS=-DFIXTURE_MIX_VARIANT build app-v2-func "2.0.0" 2 $((380 * 1024)) --min-rev-full 3 --max-rev-full 199
+FIXTURE_CFLAGS=-DFIXTURE_COUNTER=0x7654321 build app-v2-const "2.0.0" 2 $((380 * 1024)) --min-rev-full 3 --max-rev-full 199
+build app-v2-grown "2.1.0" 2 $((392 * 1024)) --min-rev-full 3 --max-rev-full 199
 
 printf '%s\n' "${ESPTOOL_CMD[@]}" "${IMAGE_INFO[@]}" >"$OUT_DIR/image-info.argv"
 echo "$ESPTOOL_VERSION" >"$OUT_DIR/esptool-version.txt"

@@ -60,6 +60,15 @@ export OTAFORGE_TEST_RCLONE="$PWD/$S3_VENV/bin/rclone"
 rclone_version="$("$OTAFORGE_TEST_RCLONE" version)"
 printf '%s\n' "${rclone_version%%$'\n'*}"
 
+log "PyPI detools (the delta patch cross-checks)"
+DETOOLS_VENV=target/tools/detools-venv
+if [[ ! -x "$DETOOLS_VENV/bin/python" ]] || ! "$DETOOLS_VENV/bin/python" -c "import detools" 2>/dev/null; then
+    rm -rf "$DETOOLS_VENV"
+    python3 -m venv "$DETOOLS_VENV"
+    "$DETOOLS_VENV/bin/pip" install --quiet --disable-pip-version-check "detools==0.53.0"
+fi
+export OTAFORGE_TEST_DETOOLS="$PWD/$DETOOLS_VENV/bin/python"
+
 log "axe-core (the pages' accessibility checks) and improv-wifi-serial-sdk (the Improv client): npm ci in web/, from its lockfile"
 command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 if [[ ! -f web/node_modules/axe-core/axe.min.js || ! -d web/node_modules/improv-wifi-serial-sdk ]]; then

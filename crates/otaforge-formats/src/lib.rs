@@ -29,6 +29,7 @@
 extern crate alloc;
 
 mod bytes;
+pub mod delta;
 pub mod detect;
 pub mod esp;
 pub mod flash;

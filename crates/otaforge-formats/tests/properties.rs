@@ -153,6 +153,40 @@ proptest! {
         parse_everything(&bytes);
     }
 
+    /// A patch of arbitrary bytes (behind a valid head, so the stream is reached) applied
+    /// to an arbitrary base never panics and never writes more than the size it declares.
+    #[test]
+    fn delta_patches_of_arbitrary_bytes_never_panic(
+        base in vec(any::<u8>(), 0..2048),
+        stream in vec(any::<u8>(), 0..2048),
+        to_size in 0u32..5000,
+        chunk in 1usize..300,
+    ) {
+        use otaforge_formats::delta;
+        let mut patch = vec![0x04];
+        delta::put_size(&mut patch, i64::from(to_size));
+        patch.push(0x44);
+        patch.extend_from_slice(&stream);
+        let mut applier = delta::Applier::new(base.len() as u64);
+        let mut written = 0u64;
+        let mut read = |at: u64, buf: &mut [u8]| match base.get(at as usize..at as usize + buf.len()) {
+            Some(src) => { buf.copy_from_slice(src); true }
+            None => false,
+        };
+        let mut write = |b: &[u8]| { written += b.len() as u64; true };
+        let mut failed = false;
+        for piece in patch.chunks(chunk) {
+            if applier.feed(piece, &mut read, &mut write).is_err() { failed = true; break; }
+        }
+        if !failed {
+            let _ = applier.finish(&mut read, &mut write);
+        }
+        prop_assert!(written <= u64::from(to_size));
+        let _ = delta::apply(&base, &stream);
+        let _ = delta::header_base_id(&stream);
+        let _ = otaforge_formats::sbv2::signature_sector(&stream);
+    }
+
     #[test]
     fn built_esp32_images_parse(chip in chip(), entry in any::<u32>(), segs in segments(), hash in any::<bool>()) {
         let bytes = esp32_image(chip, entry, &segs, hash);

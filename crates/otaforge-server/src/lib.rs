@@ -15,6 +15,7 @@ mod config;
 pub mod core;
 pub use otaforge_domain::decision;
 mod delivery;
+pub mod delta;
 mod device;
 mod diagnostics;
 mod error;
