@@ -329,6 +329,37 @@ pub enum EspError {
     RollbackNotPossible,
     #[error("no otadata sequence number is left for {slot}")]
     SequenceExhausted { slot: BootSlot },
+    #[error("not an esp_delta_ota patch: its first 64 bytes are not the header (magic 0xfccdde10)")]
+    DeltaHeader,
+    #[error(
+        "this patch is for the base image {patch_base}, but the running app is {running}; nothing was written"
+    )]
+    DeltaForAnotherBase { patch_base: String, running: String },
+    #[error("the running app has no appended SHA-256, so no patch can name it as its base")]
+    DeltaBaseUnnamed,
+    #[error("delta patch: {0}")]
+    Delta(otaforge_formats::delta::DeltaError),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An esp_delta_ota update in progress, from [`EspOta::begin_delta`] to
+/// [`EspOta::end_delta`]: the patch is applied as it arrives, reading the running slot and
+/// writing the update slot through the same path as a full image.
+#[derive(Debug)]
+pub struct DeltaHandle {
+    ota: OtaHandle,
+    base: Region,
+    applier: otaforge_formats::delta::Applier,
+}
+
+impl DeltaHandle {
+    /// Target bytes written so far.
+    pub fn written(&self) -> u32 {
+        self.ota.written
+    }
 }
 
 /// The ESP-IDF OTA API and bootloader over one flash.
@@ -731,50 +762,96 @@ impl<F: Flash> EspOta<F> {
 
     /// Erases the slot's sectors from `handle.erased_to` up to `to` (rounded up to a sector).
     fn erase_in_slot(&mut self, handle: &mut OtaHandle, to: u32) -> Result<(), EspError> {
-        let to = sector_ceil(to).min(handle.region.size);
-        while handle.erased_to < to {
-            let at = handle
-                .region
-                .at(handle.erased_to)
-                .ok_or(EspError::NoSuchSlot {
-                    slot: BootSlot::Ota(handle.slot),
-                })?;
-            self.flash.erase_sector(at)?;
-            handle.erased_to = handle.erased_to.saturating_add(SECTOR_SIZE);
-        }
-        Ok(())
+        erase_in_slot(&mut self.flash, handle, to)
     }
 
     /// `esp_ota_write`: appends `data` to the image, erasing sectors not erased yet. The first
     /// byte of the image must be 0xE9; a write past the end of the slot is refused whole.
     pub fn write(&mut self, handle: &mut OtaHandle, data: &[u8]) -> Result<(), EspError> {
-        let Some(&first) = data.first() else {
-            return Ok(());
-        };
-        if handle.written == 0 && first != esp_image::IMAGE_MAGIC {
-            return Err(EspError::BadMagic { found: first });
-        }
-        let end = u64::from(handle.written).saturating_add(data.len() as u64);
-        if end > u64::from(handle.region.size) {
-            return Err(EspError::WritePastSlot {
-                offset: handle.written,
-                len: data.len(),
-                slot_size: handle.region.size,
+        write_image(&mut self.flash, handle, data)
+    }
+
+    /// Starts an esp_delta_ota update into `slot` from the patch's 64-byte header: the
+    /// header must name the running app (its appended SHA-256), else nothing is erased or
+    /// written. Then [`EspOta::write_delta`] with the rest of the patch, and
+    /// [`EspOta::end_delta`], which verifies the result like [`EspOta::end`].
+    pub fn begin_delta(&mut self, slot: u8, header: &[u8]) -> Result<DeltaHandle, EspError> {
+        use otaforge_formats::delta;
+        let running = self.running_app().ok_or(EspError::NotBooted)?.clone();
+        let patch_base = delta::header_base_id(header).ok_or(EspError::DeltaHeader)?;
+        let ours = running.sha256.ok_or(EspError::DeltaBaseUnnamed)?;
+        if patch_base != ours {
+            return Err(EspError::DeltaForAnotherBase {
+                patch_base: hex(&patch_base),
+                running: hex(&ours),
             });
         }
-        let end = end as u32;
-        self.erase_in_slot(handle, end)?;
-        let at = handle
-            .region
-            .at(handle.written)
-            .ok_or(EspError::WritePastSlot {
-                offset: handle.written,
-                len: data.len(),
-                slot_size: handle.region.size,
-            })?;
-        self.flash.write(at, data)?;
-        handle.written = end;
-        Ok(())
+        let base = self
+            .slot_region(running.slot)
+            .ok_or(EspError::NoSuchSlot { slot: running.slot })?;
+        let base = Region::new(base.offset, running.len.min(base.size));
+        let ota = self.begin(slot, ImageSize::Unknown)?;
+        Ok(DeltaHandle {
+            ota,
+            base,
+            applier: delta::Applier::new(u64::from(base.size)),
+        })
+    }
+
+    /// Applies more of the patch (any chunk size).
+    pub fn write_delta(&mut self, handle: &mut DeltaHandle, patch: &[u8]) -> Result<(), EspError> {
+        self.delta_step(handle, Some(patch)).map(|_| ())
+    }
+
+    /// Ends the patch: the target must be complete, then it is verified like a full image.
+    pub fn end_delta(&mut self, mut handle: DeltaHandle) -> Result<AppImage, EspError> {
+        self.delta_step(&mut handle, None)?;
+        self.end(handle.ota)
+    }
+
+    /// Feeds patch bytes (`Some`) or finishes (`None`), reading the base from flash and
+    /// writing the target with [`write_image`].
+    fn delta_step(
+        &mut self,
+        handle: &mut DeltaHandle,
+        patch: Option<&[u8]>,
+    ) -> Result<(), EspError> {
+        let DeltaHandle { ota, base, applier } = handle;
+        let base = *base;
+        let flash = core::cell::RefCell::new(&mut self.flash);
+        let mut failure: Option<EspError> = None;
+        let mut read = |at: u64, buf: &mut [u8]| {
+            let Some(addr) = u32::try_from(at).ok().and_then(|at| base.at(at)) else {
+                return false;
+            };
+            match flash.borrow_mut().read(addr, buf) {
+                Ok(()) => true,
+                Err(e) => {
+                    failure = Some(e.into());
+                    false
+                }
+            }
+        };
+        let mut written_failure: Option<EspError> = None;
+        let mut write = |bytes: &[u8]| match write_image(&mut **flash.borrow_mut(), ota, bytes) {
+            Ok(()) => true,
+            Err(e) => {
+                written_failure = Some(e);
+                false
+            }
+        };
+        let result = match patch {
+            Some(bytes) => applier.feed(bytes, &mut read, &mut write),
+            None => {
+                let done = core::mem::replace(applier, otaforge_formats::delta::Applier::new(0));
+                done.finish(&mut read, &mut write).map(|_| ())
+            }
+        };
+        match (result, failure.or(written_failure)) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(io)) => Err(io),
+            (Err(e), None) => Err(EspError::Delta(e)),
+        }
     }
 
     /// `esp_ota_end`: verifies the written image (header, segments, checksum, SHA-256, chip,
@@ -892,4 +969,59 @@ impl<F: Flash> EspOta<F> {
         self.flash.read(self.otadata.offset, &mut bytes)?;
         Ok(bytes)
     }
+}
+
+/// Erases a slot's sectors from `handle.erased_to` up to `to` (rounded up to a sector).
+fn erase_in_slot<F: Flash + ?Sized>(
+    flash: &mut F,
+    handle: &mut OtaHandle,
+    to: u32,
+) -> Result<(), EspError> {
+    let to = sector_ceil(to).min(handle.region.size);
+    while handle.erased_to < to {
+        let at = handle
+            .region
+            .at(handle.erased_to)
+            .ok_or(EspError::NoSuchSlot {
+                slot: BootSlot::Ota(handle.slot),
+            })?;
+        flash.erase_sector(at)?;
+        handle.erased_to = handle.erased_to.saturating_add(SECTOR_SIZE);
+    }
+    Ok(())
+}
+
+/// `esp_ota_write` over a flash: the one write path of full images and of deltas.
+fn write_image<F: Flash + ?Sized>(
+    flash: &mut F,
+    handle: &mut OtaHandle,
+    data: &[u8],
+) -> Result<(), EspError> {
+    let Some(&first) = data.first() else {
+        return Ok(());
+    };
+    if handle.written == 0 && first != esp_image::IMAGE_MAGIC {
+        return Err(EspError::BadMagic { found: first });
+    }
+    let end = u64::from(handle.written).saturating_add(data.len() as u64);
+    if end > u64::from(handle.region.size) {
+        return Err(EspError::WritePastSlot {
+            offset: handle.written,
+            len: data.len(),
+            slot_size: handle.region.size,
+        });
+    }
+    let end = end as u32;
+    erase_in_slot(flash, handle, end)?;
+    let at = handle
+        .region
+        .at(handle.written)
+        .ok_or(EspError::WritePastSlot {
+            offset: handle.written,
+            len: data.len(),
+            slot_size: handle.region.size,
+        })?;
+    flash.write(at, data)?;
+    handle.written = end;
+    Ok(())
 }

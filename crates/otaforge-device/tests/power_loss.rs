@@ -115,11 +115,45 @@ fn boot_after_cut(flash: &mut SimFlash, old: &[u8], new: &[u8], tally: &mut Tall
     }
 }
 
+/// The update as an app applying an esp_delta_ota patch (header, then the detools patch in
+/// chunks) and the bootloader run it; stops at the first error.
+fn esp_delta_update(flash: &mut SimFlash, patch: &[u8], chunk: usize) -> Result<(), EspError> {
+    let mut ota = EspOta::open(&mut *flash, esp_config())?;
+    ota.boot()?;
+    let slot = ota.next_update_slot().unwrap();
+    let mut handle = ota.begin_delta(slot, &patch[..64])?;
+    for piece in patch[64..].chunks(chunk) {
+        ota.write_delta(&mut handle, piece)?;
+    }
+    ota.end_delta(handle)?;
+    ota.set_boot_partition(BootSlot::Ota(slot))?;
+    ota.boot()?;
+    ota.mark_app_valid_cancel_rollback()?;
+    Ok(())
+}
+
 /// Runs the update once to count its operations, then cuts power at each of them.
 fn esp_sweep(name: &str, base: &SimFlash, old: &[u8], new: &[u8], size: ImageSize, chunk: usize) {
+    esp_sweep_with(
+        &format!("{name} {size:?} chunk {chunk}"),
+        base,
+        old,
+        new,
+        &|flash| esp_update(flash, new, size, chunk),
+    );
+}
+
+/// `esp_sweep` for any update.
+fn esp_sweep_with(
+    name: &str,
+    base: &SimFlash,
+    old: &[u8],
+    new: &[u8],
+    update: &dyn Fn(&mut SimFlash) -> Result<(), EspError>,
+) {
     let mut clean = base.clone();
     let before = clean.ops();
-    esp_update(&mut clean, new, size, chunk).unwrap();
+    update(&mut clean).unwrap();
     let total = clean.ops() - before;
     {
         let mut ota = EspOta::open(&mut clean, esp_config()).unwrap();
@@ -129,11 +163,11 @@ fn esp_sweep(name: &str, base: &SimFlash, old: &[u8], new: &[u8], size: ImageSiz
     let mut tally = Tally::default();
     for k in 0..total {
         for effect in CutEffect::ALL {
-            let what = format!("{name} {size:?} chunk {chunk}: cut at op {k}/{total} {effect:?}");
+            let what = format!("{name}: cut at op {k}/{total} {effect:?}");
             let mut flash = base.clone();
             flash.set_cut_effect(effect);
             flash.set_power_cut(Some(k));
-            let result = esp_update(&mut flash, new, size, chunk);
+            let result = update(&mut flash);
             assert!(
                 result.is_err() && !flash.is_powered(),
                 "{what}: the cut did not stop the update"
@@ -143,12 +177,86 @@ fn esp_sweep(name: &str, base: &SimFlash, old: &[u8], new: &[u8], size: ImageSiz
             tally.cut_points += 1;
         }
     }
-    eprintln!("{name} {size:?} chunk {chunk}: {total} ops, {tally:?}");
+    eprintln!("{name}: {total} ops, {tally:?}");
     assert!(
         tally.old > 0 && tally.new_kept > 0 && tally.new_rolled_back > 0,
         "{name}: {tally:?}"
     );
     assert_eq!(tally.cut_points, total as usize * 9);
+}
+
+/// An esp_delta_ota file from `base` to `target`, as the server makes one.
+fn esp_delta(base: &[u8], target: &[u8]) -> Vec<u8> {
+    use otaforge_formats::delta;
+    let mut raw = Vec::new();
+    bsdiff::diff(base, target, &mut raw).unwrap();
+    let steps = delta::steps_from_bsdiff(&raw).unwrap();
+    let mut file = delta::header(&delta::base_id(base).unwrap()).to_vec();
+    file.extend_from_slice(&delta::encode(target.len() as u64, &steps));
+    file
+}
+
+/// A delta update, applied from the running slot into the other, cut at every flash
+/// operation: the device always boots the old image or the new one, byte for byte.
+#[test]
+fn esp_delta_update_survives_power_loss() {
+    let layout = Layout::small(0x8000);
+    let v1 = esp_app(CHIP, "1.0.0", 7000, 1);
+    let v2 = esp_app(CHIP, "1.0.1", 7000, 1);
+    let patch = esp_delta(&v1, &v2);
+    assert!(
+        patch.len() < v2.len() / 4,
+        "{} of {}",
+        patch.len(),
+        v2.len()
+    );
+    let base = esp_device(&layout, &v1);
+    for chunk in [1, 200, 4096] {
+        esp_sweep_with(&format!("delta chunk {chunk}"), &base, &v1, &v2, &|flash| {
+            esp_delta_update(flash, &patch, chunk)
+        });
+    }
+}
+
+/// A patch made for another base is refused at its header, with both ids named, before
+/// anything is erased; a truncated patch fails at the end and the old app still runs.
+#[test]
+fn esp_delta_for_another_base_changes_nothing() {
+    let layout = Layout::small(0x8000);
+    let v1 = esp_app(CHIP, "1.0.0", 7000, 1);
+    let other = esp_app(CHIP, "0.9.0", 7000, 3);
+    let v2 = esp_app(CHIP, "1.0.1", 7000, 1);
+    let base = esp_device(&layout, &v1);
+    let mut flash = base.clone();
+    let before = flash.clone();
+    let mut ota = EspOta::open(&mut flash, esp_config()).unwrap();
+    ota.boot().unwrap();
+    let slot = ota.next_update_slot().unwrap();
+    let wrong = esp_delta(&other, &v2);
+    let err = ota.begin_delta(slot, &wrong[..64]).unwrap_err();
+    assert!(matches!(err, EspError::DeltaForAnotherBase { .. }), "{err}");
+    let said = err.to_string();
+    assert!(
+        said.contains("but the running app is") && said.contains("nothing was written"),
+        "{said}"
+    );
+    assert!(matches!(
+        ota.begin_delta(slot, &[0u8; 64]).unwrap_err(),
+        EspError::DeltaHeader
+    ));
+    drop(ota);
+    assert!(flash == before, "the refused patch changed the flash");
+    // Truncated: the end says so; the old app still boots.
+    let patch = esp_delta(&v1, &v2);
+    let mut ota = EspOta::open(&mut flash, esp_config()).unwrap();
+    ota.boot().unwrap();
+    let mut handle = ota.begin_delta(slot, &patch[..64]).unwrap();
+    ota.write_delta(&mut handle, &patch[64..patch.len() - 10])
+        .unwrap();
+    let err = ota.end_delta(handle).unwrap_err();
+    assert!(err.to_string().contains("patch ended"), "{err}");
+    ota.boot().unwrap();
+    assert_eq!(running_bytes(&mut ota), v1);
 }
 
 fn sizes(image: &[u8]) -> [(ImageSize, usize); 4] {

@@ -174,6 +174,40 @@ fn heatshrink(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Reads the `bsdiff` crate's raw output as steps: repeated 24-byte controls (diff length,
+/// literal length, seek; each a sign-and-magnitude i64 LE), each followed by its diff and
+/// literal bytes. `None` when it is malformed.
+pub fn steps_from_bsdiff(raw: &[u8]) -> Option<Vec<Step>> {
+    let number = |at: usize| -> Option<i64> {
+        let v = u64::from_le_bytes(array(raw, at)?);
+        let magnitude = i64::try_from(v & !(1 << 63)).ok()?;
+        Some(if v >> 63 == 1 {
+            magnitude.checked_neg()?
+        } else {
+            magnitude
+        })
+    };
+    let mut steps = Vec::new();
+    let mut at = 0usize;
+    while at < raw.len() {
+        let diff = usize::try_from(number(at)?).ok()?;
+        let extra = usize::try_from(number(at.checked_add(8)?)?).ok()?;
+        let seek = number(at.checked_add(16)?)?;
+        at = at.checked_add(24)?;
+        let diff_end = at.checked_add(diff)?;
+        let diff_bytes = raw.get(at..diff_end)?.to_vec();
+        let extra_end = diff_end.checked_add(extra)?;
+        let extra_bytes = raw.get(diff_end..extra_end)?.to_vec();
+        at = extra_end;
+        steps.push(Step {
+            diff: diff_bytes,
+            extra: extra_bytes,
+            seek,
+        });
+    }
+    Some(steps)
+}
+
 /// A detools sequential heatshrink patch making `to_size` bytes from the steps.
 pub fn encode(to_size: u64, steps: &[Step]) -> Vec<u8> {
     let mut stream = Vec::new();
@@ -220,6 +254,15 @@ pub struct Applier {
     base_len: u64,
     size: SizeReader,
     decoder: Option<HeatshrinkDecoder>,
+}
+
+impl core::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Applier")
+            .field("to_size", &self.to_size)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A size being read byte by byte.

@@ -2,49 +2,14 @@
 //! sequential heatshrink patch (`otaforge_formats::delta::encode`), behind the 64-byte
 //! header naming the base by its id, and checked by applying it before it is handed out.
 
-use otaforge_formats::delta::{self, Step};
-
-/// Reads the `bsdiff` crate's raw output: repeated 24-byte controls (diff length, literal
-/// length, seek; each a sign-and-magnitude i64 LE), each followed by its diff and literal
-/// bytes.
-fn steps(raw: &[u8]) -> Result<Vec<Step>, String> {
-    let number = |b: &[u8]| -> Result<i64, String> {
-        let v = u64::from_le_bytes(b.try_into().map_err(|_| "short control")?);
-        let magnitude = i64::try_from(v & !(1 << 63)).map_err(|_| "control out of range")?;
-        Ok(if v >> 63 == 1 { -magnitude } else { magnitude })
-    };
-    let mut steps = Vec::new();
-    let mut at = 0usize;
-    while at < raw.len() {
-        let control = raw.get(at..at + 24).ok_or("truncated bsdiff control")?;
-        let diff = usize::try_from(number(&control[..8])?).map_err(|_| "negative length")?;
-        let extra = usize::try_from(number(&control[8..16])?).map_err(|_| "negative length")?;
-        let seek = number(&control[16..24])?;
-        at += 24;
-        let diff_bytes = raw
-            .get(at..at + diff)
-            .ok_or("truncated diff bytes")?
-            .to_vec();
-        at += diff;
-        let extra_bytes = raw
-            .get(at..at + extra)
-            .ok_or("truncated literal bytes")?
-            .to_vec();
-        at += extra;
-        steps.push(Step {
-            diff: diff_bytes,
-            extra: extra_bytes,
-            seek,
-        });
-    }
-    Ok(steps)
-}
+use otaforge_formats::delta;
 
 /// The detools sequential heatshrink patch from `base` to `target`, checked by applying it.
 pub fn detools_patch(base: &[u8], target: &[u8]) -> Result<Vec<u8>, String> {
     let mut raw = Vec::new();
     bsdiff::diff(base, target, &mut raw).map_err(|e| format!("bsdiff: {e}"))?;
-    let patch = delta::encode(target.len() as u64, &steps(&raw)?);
+    let steps = delta::steps_from_bsdiff(&raw).ok_or("bsdiff's output does not read")?;
+    let patch = delta::encode(target.len() as u64, &steps);
     match delta::apply(base, &patch) {
         Ok(made) if made == target => Ok(patch),
         Ok(_) => Err("the patch does not give the target back".into()),
