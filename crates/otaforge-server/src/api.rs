@@ -396,6 +396,12 @@ pub async fn set_artifact_keys(
     Ok(Json(ProductBody::new(product, None)))
 }
 
+/// A key digest: the SHA-256 of a public key, 64 hex digits.
+#[derive(Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String, pattern = r"^[0-9A-Fa-f]{64}$")]
+pub struct KeyDigest(String);
+
 /// The key digests a product's firmware must be signed with.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -403,7 +409,7 @@ pub struct FirmwareKeysBody {
     /// Hex SHA-256 digests of the public keys (`espsecure digest-sbv2-public-key`); empty:
     /// signatures are checked when present, not required.
     #[schema(max_items = 16)]
-    digests: Vec<String>,
+    digests: Vec<KeyDigest>,
 }
 
 #[utoipa::path(put, path = "/api/v1/products/{product}/firmware-keys", tag = "products",
@@ -416,7 +422,11 @@ pub async fn set_firmware_keys(
     ApiJson(body): ApiJson<FirmwareKeysBody>,
 ) -> ApiResult<Json<ProductBody>> {
     let product = state
-        .set_firmware_keys(&op.actor()?, product, body.digests)
+        .set_firmware_keys(
+            &op.actor()?,
+            product,
+            body.digests.into_iter().map(|d| d.0).collect(),
+        )
         .await?;
     Ok(Json(ProductBody::new(product, None)))
 }

@@ -799,7 +799,14 @@ async fn set_firmware_keys(
         Err(r) => return r,
     };
     let back = format!("/products/{product}");
-    let digests = form.digests.lines().map(str::to_string).collect();
+    // One digest a line; blank lines and the spaces around a digest are not part of it.
+    let digests = form
+        .digests
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
     match state.set_firmware_keys(&actor, product, digests).await {
         Ok(p) if p.firmware_keys.is_empty() => {
             Redirect::to(&notice_url(&back, "signed firmware is no longer required"))

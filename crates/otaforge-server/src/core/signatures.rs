@@ -135,14 +135,10 @@ pub fn admit(required: &[String], checks: Option<&[BlockCheck]>) -> ApiResult<()
     )))
 }
 
-/// Firmware keys as given (hex SHA-256 key digests, any case, blank entries dropped), checked
-/// and normalised to lowercase.
+/// Firmware keys (hex SHA-256 key digests, 64 hex digits in either case, as the OpenAPI
+/// document's pattern says), checked and normalised to lowercase.
 pub fn check_firmware_keys(keys: Vec<String>) -> ApiResult<Vec<String>> {
-    let keys: Vec<String> = keys
-        .iter()
-        .map(|k| k.trim().to_ascii_lowercase())
-        .filter(|k| !k.is_empty())
-        .collect();
+    let keys: Vec<String> = keys.iter().map(|k| k.to_ascii_lowercase()).collect();
     if keys.len() > MAX_FIRMWARE_KEYS {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -171,11 +167,10 @@ mod tests {
     #[test]
     fn keys_are_hex_digests() {
         let d = "AB".repeat(32);
-        assert_eq!(
-            check_firmware_keys(vec![format!(" {d} "), String::new()]).unwrap(),
-            vec!["ab".repeat(32)]
-        );
+        assert_eq!(check_firmware_keys(vec![d]).unwrap(), vec!["ab".repeat(32)]);
         assert!(check_firmware_keys(vec!["xyz".into()]).is_err());
+        assert!(check_firmware_keys(vec![String::new()]).is_err());
+        assert!(check_firmware_keys(vec![format!(" {} ", "ab".repeat(32))]).is_err());
         assert!(check_firmware_keys(vec!["0".repeat(64); 17]).is_err());
     }
 
