@@ -10,33 +10,28 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const assets = path.resolve(here, "../crates/otaforge-server/assets");
 await mkdir(assets, { recursive: true });
 
-await build({
-  entryPoints: [path.join(here, "src/editor.js")],
-  outfile: path.join(assets, "editor.js"),
-  bundle: true,
-  minify: true,
-  format: "iife",
-  target: ["es2020"],
-  legalComments: "none",
-  banner: {
-    js: "/* OTAForge editor bundle, built from web/ by `npm run build`. Includes CodeMirror 6 and Lezer (MIT, (c) Marijn Haverbeke and others). */",
-  },
-  logLevel: "warning",
-});
+// One minified IIFE bundle per page script, its licences named in a banner.
+const bundle = (entry, banner) =>
+  build({
+    entryPoints: [path.join(here, "src", entry)],
+    outfile: path.join(assets, entry),
+    bundle: true,
+    minify: true,
+    format: "iife",
+    target: ["es2020"],
+    legalComments: "none",
+    banner: { js: banner },
+    logLevel: "warning",
+  });
 
-await build({
-  entryPoints: [path.join(here, "src/webtools.js")],
-  outfile: path.join(assets, "webtools.js"),
-  bundle: true,
-  minify: true,
-  format: "iife",
-  target: ["es2020"],
-  legalComments: "none",
-  banner: {
-    js: "/* OTAForge browser flashing, built from web/ by `npm run build`. Includes ESP Web Tools (Apache-2.0, (c) ESPHome), esptool-js (Apache-2.0, (c) Espressif), improv-wifi-serial-sdk (Apache-2.0), Lit and Material Web (BSD-3-Clause / Apache-2.0, (c) Google). */",
-  },
-  logLevel: "warning",
-});
+await bundle(
+  "editor.js",
+  "/* OTAForge editor bundle, built from web/ by `npm run build`. Includes CodeMirror 6 and Lezer (MIT, (c) Marijn Haverbeke and others). */",
+);
+await bundle(
+  "webtools.js",
+  "/* OTAForge browser flashing, built from web/ by `npm run build`. Includes ESP Web Tools (Apache-2.0, (c) ESPHome), esptool-js (Apache-2.0, (c) Espressif), improv-wifi-serial-sdk (Apache-2.0), Lit and Material Web (BSD-3-Clause / Apache-2.0, (c) Google). */",
+);
 
 await copyFile(path.join(here, "src/app.css"), path.join(assets, "app.css"));
 await copyFile(path.join(here, "src/copy.js"), path.join(assets, "copy.js"));

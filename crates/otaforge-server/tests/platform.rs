@@ -2972,22 +2972,27 @@ async fn operator_jobs_in_a_real_browser() {
     );
 
     // A group, and its configuration: bad JSON is refused and kept as typed.
-    b.type_into(
-        &format!("form[action='{here}/groups'] input[name=name]"),
-        "north",
-    )
-    .await;
-    b.click(&format!("form[action='{here}/groups'] button"))
+    // A group made through the product page's form; its id.
+    let new_group = async |name: &str| {
+        b.go(&server.url(&here)).await;
+        b.type_into(
+            &format!("form[action='{here}/groups'] input[name=name]"),
+            name,
+        )
         .await;
-    b.wait_text("main", "north").await;
-    let gid = store
-        .list_groups(pid)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|g| g.name == "north")
-        .unwrap()
-        .id;
+        b.click(&format!("form[action='{here}/groups'] button"))
+            .await;
+        b.wait_text("main", name).await;
+        store
+            .list_groups(pid)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|g| g.name == name)
+            .unwrap()
+            .id
+    };
+    let gid = new_group("north").await;
     b.go(&server.url(&format!("{here}/groups/{gid}"))).await;
     b.type_into("#config", "{\"interval\": ").await;
     b.click("#group-config button").await;
@@ -3008,23 +3013,7 @@ async fn operator_jobs_in_a_real_browser() {
         .await;
     b.click("#group-rename button").await;
     b.wait_text("main h1", "Group north-east").await;
-    b.go(&server.url(&here)).await;
-    b.type_into(
-        &format!("form[action='{here}/groups'] input[name=name]"),
-        "spare",
-    )
-    .await;
-    b.click(&format!("form[action='{here}/groups'] button"))
-        .await;
-    b.wait_text("main", "spare").await;
-    let spare = store
-        .list_groups(pid)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|g| g.name == "spare")
-        .unwrap()
-        .id;
+    let spare = new_group("spare").await;
     b.go(&server.url(&format!("{here}/groups/{spare}"))).await;
     b.click("#group-delete input[name=confirm]").await;
     b.click("#group-delete button").await;
