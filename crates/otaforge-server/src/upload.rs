@@ -68,6 +68,10 @@ pub struct Described {
     pub signed_manifest: Option<(Vec<u8>, Option<Vec<u8>>)>,
     /// An ESP32-family image's Secure Boot V2 blocks, each verified (`None`: unsigned).
     pub sbv2: Option<Vec<crate::core::signatures::BlockCheck>>,
+    /// An ESP8266 image (whose core signs the Arduino way).
+    pub esp8266: bool,
+    /// The signature an Arduino core's updater checks, when the image carries one.
+    pub arduino: Option<crate::core::signatures::Arduino>,
 }
 
 /// Inspects firmware bytes. A file that claims a known format but is corrupted is a 422.
@@ -149,6 +153,20 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
         Inspected::Esp32(_) => crate::core::signatures::check_sbv2(bytes),
         _ => None,
     };
+    use crate::core::signatures::{Arduino, ESP32_SIGNATURE_LEN};
+    let arduino = match &inspected {
+        Inspected::Esp8266(image) => {
+            esp8266_signed_payload(bytes, image).map(|payload| Arduino::Esp8266 {
+                payload_len: payload.len(),
+            })
+        }
+        // arduino-esp32 appends exactly 512 bytes after the image: its signature, padded.
+        Inspected::Esp32(image) if image.trailing_len == ESP32_SIGNATURE_LEN => {
+            Some(Arduino::Esp32)
+        }
+        _ => None,
+    };
+    let esp8266 = matches!(inspected, Inspected::Esp8266(_));
     let mut metadata = metadata;
     if let Some(checks) = &sbv2 {
         metadata["signatures"] = serde_json::to_value(checks).unwrap_or_default();
@@ -159,6 +177,8 @@ pub fn describe(bytes: &[u8]) -> ApiResult<Described> {
         metadata,
         signed_manifest,
         sbv2,
+        esp8266,
+        arduino,
     })
 }
 

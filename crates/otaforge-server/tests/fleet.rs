@@ -2290,3 +2290,164 @@ async fn signed_firmware_story(backend: Backend) {
     server.finish().await;
 }
 on_both_backends!(signed_firmware, signed_firmware_story);
+
+/// Runs openssl in `dir`.
+fn openssl(args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Images signed the way the Arduino cores' updaters check them, with keys and signatures
+/// made by OpenSSL: the ESP8266 core's (RSA PKCS#1 v1.5 over the payload, then the
+/// signature and its length) and arduino-esp32's `UPDATE_SIGN` (RSA-PSS with the largest
+/// salt, or ECDSA P-256 in DER, zero-padded to 512 bytes). A product with public keys takes
+/// only ESP8266 images signed with one of them and refuses any such signature that does not
+/// verify; a product without keys takes them as they are.
+async fn arduino_signed_images_story(backend: Backend) {
+    let server = Server::start(backend).await;
+    let dir = support::temp_dir("arduino-sign");
+    for key in ["rsa", "other"] {
+        openssl(
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                &format!("{key}.pem"),
+            ],
+            &dir,
+        );
+    }
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "ec.pem",
+        ],
+        &dir,
+    );
+    for key in ["rsa", "other", "ec"] {
+        openssl(
+            &[
+                "pkey",
+                "-in",
+                &format!("{key}.pem"),
+                "-pubout",
+                "-out",
+                &format!("{key}.pub"),
+            ],
+            &dir,
+        );
+    }
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let sign = |key: &str, data: &[u8], pss: bool| -> Vec<u8> {
+        std::fs::write(dir.join("data.bin"), data).unwrap();
+        let mut args = vec!["dgst", "-sha256"];
+        if pss {
+            args.extend([
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:max",
+            ]);
+        }
+        let pem = format!("{key}.pem");
+        args.extend(["-sign", &pem, "-out", "sig.bin", "data.bin"]);
+        openssl(&args, &dir);
+        read("sig.bin")
+    };
+    let esp8266 = |key: &str| {
+        let payload = esp8266_bin(0x33);
+        let sig = sign(key, &payload, false);
+        let mut signed = payload.clone();
+        signed.extend_from_slice(&sig);
+        signed.extend_from_slice(&(sig.len() as u32).to_le_bytes());
+        signed
+    };
+    let esp32 = |key: &str, pss: bool| {
+        let app = support::fixture("app-v1.bin");
+        let mut sig = sign(key, &app, pss);
+        sig.resize(512, 0);
+        let mut signed = app;
+        signed.extend_from_slice(&sig);
+        signed
+    };
+
+    let (pid, _, _) = server.product("arduino-signed").await;
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &format!("/api/v1/products/{pid}/artifact-keys"),
+            Some(json!({"keys": [
+                String::from_utf8(read("rsa.pub")).unwrap(),
+                String::from_utf8(read("ec.pub")).unwrap(),
+            ]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let upload = |pid: i64, bytes: Vec<u8>, version: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .upload(
+                    &format!("/api/v1/products/{pid}/firmware?version={version}"),
+                    bytes,
+                )
+                .await
+        }
+    };
+    let mut forged = esp8266("rsa");
+    let at = forged.len() - 10;
+    forged[at] ^= 0x01;
+    for (name, bytes, said) in [
+        (
+            "unsigned ESP8266",
+            esp8266_bin(0x33),
+            "only signed ESP8266 images",
+        ),
+        ("ESP8266, another key", esp8266("other"), "does not verify"),
+        ("ESP8266, signature changed", forged, "does not verify"),
+        (
+            "ESP32, another key",
+            esp32("other", true),
+            "does not verify",
+        ),
+    ] {
+        let (status, body) = upload(pid, bytes, "9.9.9").await;
+        assert_eq!(status, 422, "{name}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(said),
+            "{name}: {body}"
+        );
+    }
+    for (name, bytes, version) in [
+        ("ESP8266", esp8266("rsa"), "1.0.0"),
+        ("ESP32 RSA-PSS", esp32("rsa", true), "1.0.1"),
+        ("ESP32 ECDSA", esp32("ec", false), "1.0.2"),
+    ] {
+        let (status, fw) = upload(pid, bytes, version).await;
+        assert_eq!(status, 201, "{name}: {fw}");
+        assert_eq!(fw["metadata"]["signature"], "verified", "{name}: {fw}");
+    }
+    // Without keys: taken as they are, nothing claimed verified.
+    let (open, _, _) = server.product("arduino-open").await;
+    let (status, fw) = upload(open, esp8266("other"), "1.0.0").await;
+    assert_eq!(status, 201, "{fw}");
+    assert!(fw["metadata"].get("signature").is_none(), "{fw}");
+    server.finish().await;
+}
+on_both_backends!(arduino_signed_images, arduino_signed_images_story);

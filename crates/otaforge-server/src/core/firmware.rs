@@ -64,6 +64,14 @@ impl AppState {
         }
         let owner = self.store().get_product(product).await?;
         crate::core::signatures::admit(&owner.firmware_keys, described.sbv2.as_deref())?;
+        if crate::core::signatures::admit_arduino(
+            &owner.artifact_keys,
+            &bytes,
+            described.esp8266,
+            described.arduino,
+        )? {
+            described.metadata["signature"] = "verified".into();
+        }
         if let Some((manifest, signature)) = &described.signed_manifest {
             let keys = owner.artifact_keys;
             if !keys.is_empty() {

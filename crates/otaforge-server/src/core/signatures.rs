@@ -135,6 +135,101 @@ pub fn admit(required: &[String], checks: Option<&[BlockCheck]>) -> ApiResult<()
     )))
 }
 
+/// A signature the Arduino cores' own updaters check, appended to the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arduino {
+    /// The ESP8266 core's `Updater`: payload, signature, its length as a u32 LE; RSA PKCS#1
+    /// v1.5 with SHA-256 over the payload (`tools/signing.py`). `payload_len` bytes signed.
+    Esp8266 { payload_len: usize },
+    /// arduino-esp32's `UPDATE_SIGN`: the firmware, then its signature zero-padded to 512
+    /// bytes; RSA-PSS (SHA-256, MGF1, the largest salt) or ECDSA P-256 (DER) over SHA-256 of
+    /// the firmware (`Updater_Signing.cpp`).
+    Esp32,
+}
+
+/// The length of arduino-esp32's signature trailer.
+pub const ESP32_SIGNATURE_LEN: usize = 512;
+
+fn verify_esp32(key_pem: &str, firmware: &[u8], signature: &[u8]) -> Result<(), String> {
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    use sha2::Digest;
+    let hashed = sha2::Sha256::digest(firmware);
+    if let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(key_pem) {
+        let k = key.size();
+        let sig = signature.get(..k).ok_or("the RSA signature is short")?;
+        let salt = k.saturating_sub(32 + 2);
+        return key
+            .verify(rsa::Pss::new_with_salt::<sha2::Sha256>(salt), &hashed, sig)
+            .map_err(|_| "the RSA-PSS signature does not match".to_string());
+    }
+    if let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_pem(key_pem) {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        // DER: 0x30, the length, then that many bytes; zeros pad it to 512.
+        let len = usize::from(*signature.get(1).ok_or("the ECDSA signature is short")?) + 2;
+        let der = signature.get(..len).ok_or("the ECDSA signature is short")?;
+        let sig = p256::ecdsa::Signature::from_der(der)
+            .map_err(|_| "the ECDSA signature is malformed".to_string())?;
+        return key
+            .verify_prehash(&hashed, &sig)
+            .map_err(|_| "the ECDSA signature does not match".to_string());
+    }
+    Err("the key is not an RSA or ECDSA P-256 public key".into())
+}
+
+/// The rule for images the Arduino updaters check, on a product with public keys (its
+/// artifact keys): an ESP8266 image must carry a signature, and a signature an ESP8266 or
+/// ESP32 image carries must verify with one of the keys. Without keys nothing is checked
+/// (the board checks what it was built to).
+pub fn admit_arduino(
+    keys: &[String],
+    file: &[u8],
+    esp8266: bool,
+    signed: Option<Arduino>,
+) -> ApiResult<bool> {
+    let refuse = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    if keys.is_empty() {
+        return Ok(false);
+    }
+    let verified = match signed {
+        None if esp8266 => {
+            return Err(refuse(
+                "this product takes only signed ESP8266 images (signed with one of its public                  keys, as the ESP8266 core's signing.py does); the image carries no signature"
+                    .into(),
+            ));
+        }
+        None => return Ok(false),
+        Some(Arduino::Esp8266 { payload_len }) => {
+            let payload = file.get(..payload_len).unwrap_or_default();
+            let signature = file
+                .get(payload_len..file.len().saturating_sub(4))
+                .unwrap_or_default();
+            keys.iter().any(|key| {
+                crate::core::device_auth::verify_bytes(
+                    key,
+                    payload,
+                    signature,
+                    crate::core::device_auth::Ecdsa::Der,
+                )
+                .is_ok()
+            })
+        }
+        Some(Arduino::Esp32) => {
+            let cut = file.len().saturating_sub(ESP32_SIGNATURE_LEN);
+            let (firmware, signature) = file.split_at(cut);
+            keys.iter()
+                .any(|key| verify_esp32(key, firmware, signature).is_ok())
+        }
+    };
+    if verified {
+        Ok(true)
+    } else {
+        Err(refuse(
+            "the image's signature does not verify with any of the product's public keys".into(),
+        ))
+    }
+}
+
 /// Firmware keys (hex SHA-256 key digests, 64 hex digits in either case, as the OpenAPI
 /// document's pattern says), checked and normalised to lowercase.
 pub fn check_firmware_keys(keys: Vec<String>) -> ApiResult<Vec<String>> {
