@@ -2318,8 +2318,11 @@ async fn device_action(
     }
 }
 
+/// The longest text field an upload form takes.
+const MAX_TEXT_FIELD: usize = 4096;
+
 /// A multipart form with one file (field `file`, at most the server's upload limit) and
-/// text fields, its CSRF token checked.
+/// text fields (at most `MAX_TEXT_FIELD` bytes each), its CSRF token checked.
 struct UploadForm {
     fields: Vec<(String, String)>,
     /// The file's name as the browser gave it, and its bytes (never empty).
@@ -2349,8 +2352,24 @@ impl UploadForm {
         while let Some(mut field) = multipart.next_field().await.map_err(failed)? {
             let name = field.name().unwrap_or_default().to_string();
             if name != "file" {
-                let text = field.text().await.map_err(failed)?;
-                form.fields.push((name, text));
+                // A form's text fields are short (a token, a version, a name): read at most
+                // 4 KiB of each, whatever the request says.
+                let mut text = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(failed)? {
+                    if text.len() + chunk.len() > MAX_TEXT_FIELD {
+                        return Err(message(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "Too large",
+                            format!(
+                                "the form field {name:?} is longer than {MAX_TEXT_FIELD} bytes"
+                            ),
+                            back,
+                        ));
+                    }
+                    text.extend_from_slice(&chunk);
+                }
+                form.fields
+                    .push((name, String::from_utf8_lossy(&text).into_owned()));
                 continue;
             }
             let filename = field.file_name().unwrap_or_default().to_string();

@@ -2292,6 +2292,32 @@ async fn uploads_bulk_changes_and_renames_from_the_pages() {
     assert_eq!(r.status, 303, "{}", r.text());
     assert!(store.list_resources(group).await.unwrap().is_empty());
 
+    // An upload form's text field is bounded whatever the request says.
+    let boundary = "xBOUNDARYx";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"version\"\r\n\r\n{}\r\n\
+         --{boundary}--\r\n",
+        "9".repeat(5000)
+    );
+    let r = server
+        .raw(
+            format!(
+                "POST /products/{pid}/firmware HTTP/1.1\r\nHost: x\r\nCookie: {operator}\r\n\
+                 Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(
+        r.text().contains("is longer than 4096 bytes"),
+        "{}",
+        r.text()
+    );
+
     // Firmware keys from the page: a bad digest is refused with the rule, good ones kept.
     let keys = format!("/products/{pid}/firmware-keys");
     let r = server
