@@ -529,10 +529,12 @@ async fn compile_build(
             .await;
         return Ok((compiled.diagnostics, None));
     };
+    // Shared, not copied: the merged image below reads the same bytes.
+    let binary = bytes::Bytes::from(compiled.binary);
     let firmware = state
         .store_firmware_for(
             product,
-            bytes::Bytes::from(compiled.binary.clone()),
+            binary.clone(),
             Some(format!("build-{}", build.id)),
             personal_to,
         )
@@ -552,7 +554,7 @@ async fn compile_build(
     // table and application) is kept with the build.
     if build.files.contains_key(crate::setup::SETUP_SKETCH_FILE) && !compiled.images.is_empty() {
         let mut images = compiled.images;
-        match crate::setup::merged_image(&images, &compiled.binary) {
+        match crate::setup::merged_image(&images, &binary) {
             Ok(Some(merged)) => {
                 images.push(("merged.bin".to_string(), merged));
                 let _ = state

@@ -144,6 +144,9 @@ pub fn has_update_client(image: &[u8]) -> bool {
         .any(|w| w == CLIENT_MARKER.as_bytes())
 }
 
+/// The name a build's stored application is downloaded under (beside its kept images).
+pub const BUILT_APP: &str = "firmware.bin";
+
 /// Seconds ESP Web Tools waits after flashing for the setup firmware to answer Improv.
 pub const IMPROV_WAIT_S: u32 = 15;
 
@@ -159,7 +162,7 @@ pub fn install_parts(build: &Build, images: &[BuildImage]) -> Option<Vec<(&'stat
     if images.iter().any(|i| i.name == "merged.bin") {
         Some(vec![("merged.bin", 0)])
     } else if build.fqbn.starts_with("esp8266:") && build.firmware_id.is_some() {
-        Some(vec![(crate::web::BUILT_APP, 0)])
+        Some(vec![(BUILT_APP, 0)])
     } else {
         None
     }

@@ -2703,8 +2703,7 @@ async fn workspace(
         .is_some_and(|b| b.files.get(&current_file) == Some(&content));
     let install = build
         .as_ref()
-        .and_then(|b| crate::setup::install_parts(b, &build_images))
-        .and(build.as_ref())
+        .filter(|b| crate::setup::install_parts(b, &build_images).is_some())
         .map(|b| {
             format!(
                 "/workspace/{product}/{}/builds/{}/manifest.json",
@@ -2987,9 +2986,6 @@ async fn build_status(
     }
 }
 
-/// The name a build's stored application is downloaded under.
-pub(crate) const BUILT_APP: &str = "firmware.bin";
-
 /// `GET .../builds/{id}/{name}`: an image the build kept for flashing by wire.
 async fn build_image(
     State(state): State<AppState>,
@@ -3010,7 +3006,9 @@ async fn build_image(
             }
         }
         // A deployed build's application, as stored (and served on the device's link).
-        Ok(b) if b.device_id == Some(device.id) && name == BUILT_APP => match b.firmware_id {
+        Ok(b) if b.device_id == Some(device.id) && name == crate::setup::BUILT_APP => match b
+            .firmware_id
+        {
             Some(firmware) => match state.firmware_part(product, firmware, None).await {
                 Ok((f, part)) => crate::delivery::render(
                     part,

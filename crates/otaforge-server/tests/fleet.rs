@@ -2060,6 +2060,16 @@ on_both_backends!(
     product_page_pages_firmware_story
 );
 
+/// Uploads firmware to a product under a given version; the status and the answer.
+async fn upload_as(server: &Server, pid: i64, bytes: Vec<u8>, version: &str) -> (u16, Value) {
+    server
+        .upload(
+            &format!("/api/v1/products/{pid}/firmware?version={version}"),
+            bytes,
+        )
+        .await
+}
+
 /// CRC-32 as zlib computes it (what a signature block's last word holds).
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
@@ -2210,20 +2220,8 @@ async fn signed_firmware_story(backend: Backend) {
         )
         .await;
     assert_eq!(status, 422, "{body}");
-    let upload = |name: &'static str, bytes: Vec<u8>, version: &'static str| {
-        let server = &server;
-        let _ = name;
-        async move {
-            server
-                .upload(
-                    &format!("/api/v1/products/{pid}/firmware?version={version}"),
-                    bytes,
-                )
-                .await
-        }
-    };
     // No keys yet: a good signature is shown, a tampered one refused.
-    let (status, fw) = upload("rsa", read("rsa.bin"), "1.0.0").await;
+    let (status, fw) = upload_as(&server, pid, read("rsa.bin"), "1.0.0").await;
     assert_eq!(status, 201, "{fw}");
     assert_eq!(
         fw["metadata"]["signatures"][0]["key_digest"], digests["rsa"],
@@ -2231,13 +2229,13 @@ async fn signed_firmware_story(backend: Backend) {
     );
     assert_eq!(fw["metadata"]["signatures"][0]["scheme"], "rsa3072");
     assert_eq!(fw["metadata"]["signatures"][0]["verified"], true);
-    let (status, body) = upload("tampered", tampered.clone(), "1.0.1").await;
+    let (status, body) = upload_as(&server, pid, tampered.clone(), "1.0.1").await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("does not verify"),
         "{body}"
     );
-    let (status, body) = upload("broken", broken, "1.0.1").await;
+    let (status, body) = upload_as(&server, pid, broken, "1.0.1").await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("mismatch"),
@@ -2267,19 +2265,19 @@ async fn signed_firmware_story(backend: Backend) {
         ("tampered", tampered, "it signs other bytes"),
         ("forged", forged, "RSA-PSS signature does not match"),
     ] {
-        let (status, body) = upload(name, bytes, "2.0.0").await;
+        let (status, body) = upload_as(&server, pid, bytes, "2.0.0").await;
         assert_eq!(status, 422, "{name}: {body}");
         let message = body["error"].as_str().unwrap();
         assert!(message.contains(said), "{name}: {message}");
     }
-    let (status, fw) = upload("ecdsa", read("ec.bin"), "2.0.1").await;
+    let (status, fw) = upload_as(&server, pid, read("ec.bin"), "2.0.1").await;
     assert_eq!(status, 201, "{fw}");
     assert_eq!(
         fw["metadata"]["signatures"][0]["key_digest"], digests["ec"],
         "{fw}"
     );
     assert_eq!(fw["metadata"]["signatures"][0]["scheme"], "ecdsa256");
-    let (status, fw) = upload("both", read("both.bin"), "2.0.2").await;
+    let (status, fw) = upload_as(&server, pid, read("both.bin"), "2.0.2").await;
     assert_eq!(status, 201, "{fw}");
     let blocks = fw["metadata"]["signatures"].as_array().unwrap();
     assert_eq!(blocks.len(), 2, "{fw}");
@@ -2399,17 +2397,6 @@ async fn arduino_signed_images_story(backend: Backend) {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let upload = |pid: i64, bytes: Vec<u8>, version: &'static str| {
-        let server = &server;
-        async move {
-            server
-                .upload(
-                    &format!("/api/v1/products/{pid}/firmware?version={version}"),
-                    bytes,
-                )
-                .await
-        }
-    };
     let mut forged = esp8266("rsa");
     let at = forged.len() - 10;
     forged[at] ^= 0x01;
@@ -2427,7 +2414,7 @@ async fn arduino_signed_images_story(backend: Backend) {
             "does not verify",
         ),
     ] {
-        let (status, body) = upload(pid, bytes, "9.9.9").await;
+        let (status, body) = upload_as(&server, pid, bytes, "9.9.9").await;
         assert_eq!(status, 422, "{name}: {body}");
         assert!(
             body["error"].as_str().unwrap().contains(said),
@@ -2439,13 +2426,13 @@ async fn arduino_signed_images_story(backend: Backend) {
         ("ESP32 RSA-PSS", esp32("rsa", true), "1.0.1"),
         ("ESP32 ECDSA", esp32("ec", false), "1.0.2"),
     ] {
-        let (status, fw) = upload(pid, bytes, version).await;
+        let (status, fw) = upload_as(&server, pid, bytes, version).await;
         assert_eq!(status, 201, "{name}: {fw}");
         assert_eq!(fw["metadata"]["signature"], "verified", "{name}: {fw}");
     }
     // Without keys: taken as they are, nothing claimed verified.
     let (open, _, _) = server.product("arduino-open").await;
-    let (status, fw) = upload(open, esp8266("other"), "1.0.0").await;
+    let (status, fw) = upload_as(&server, open, esp8266("other"), "1.0.0").await;
     assert_eq!(status, 201, "{fw}");
     assert!(fw["metadata"].get("signature").is_none(), "{fw}");
     server.finish().await;

@@ -119,10 +119,6 @@ impl Actor {
         })
     }
 
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
